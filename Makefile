@@ -1,0 +1,31 @@
+# `make test` and `make demo` set up everything themselves on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch lies on this machine's disk; pin it before anything else pulls a CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: venv test lint bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
+
+bench: venv
+	$(PY) benchmarks/bench_pipeline.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,11 @@
+from .attention_processor import forward_ad_is_active, jvp_safe_attention
+from .transformer_sana_sprint import SanaSprintTransformer2DModel, SanaSprintTransformerOutput, flow_time_from_trigflow
+
+
+__all__ = [
+    "SanaSprintTransformer2DModel",
+    "SanaSprintTransformerOutput",
+    "flow_time_from_trigflow",
+    "forward_ad_is_active",
+    "jvp_safe_attention",
+]

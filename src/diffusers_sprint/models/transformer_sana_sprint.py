@@ -1,0 +1,232 @@
+"""SanaSprintTransformer2DModel: diffusers' Sana transformer that speaks TrigFlow."""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import register_to_config
+
+# diffusers' pipeline loader looks up `ModelMixin` in a component's module to pick its load method.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
+from diffusers.models.transformers.sana_transformer import SanaTransformer2DModel
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from .attention_processor import jvp_safe_attention
+
+
+@dataclass
+class SanaSprintTransformerOutput(BaseOutput):
+    """
+    Output of [`SanaSprintTransformer2DModel.trigflow_forward`].
+
+    Args:
+        sample (`torch.Tensor` of shape `(batch_size, channels, height, width)`):
+            The TrigFlow velocity `F` (unit scale: `x0_hat = cos(t) x_t - sin(t) sigma_data F`).
+        logvar (`torch.Tensor` of shape `(batch_size, 1)`, *optional*):
+            The adaptive-weight log-variance, when requested and the model has a logvar head.
+    """
+
+    sample: torch.Tensor
+    logvar: torch.Tensor | None = None
+
+
+def flow_time_from_trigflow(t: torch.Tensor) -> torch.Tensor:
+    """Map TrigFlow time `t` (radians, `[0, pi/2]`) to flow-matching time `s = sin t / (sin t + cos t)` in `[0, 1]`."""
+    return torch.sin(t) / (torch.cos(t) + torch.sin(t))
+
+
+class SanaSprintTransformer2DModel(SanaTransformer2DModel):
+    r"""
+    The Sana transformer of diffusers, with a TrigFlow entry point for SANA-Sprint
+    ([arXiv 2503.09641](https://huggingface.co/papers/2503.09641)).
+
+    Parameters, blocks and state-dict keys are those of [`~diffusers.SanaTransformer2DModel`], so every released
+    diffusers-format Sana or Sana-Sprint transformer loads unchanged with `from_pretrained`. `forward` is diffusers'
+    flow-matching forward; [`trigflow_forward`] wraps it with the training-free flow<->TrigFlow transform (paper
+    Prop. 3.1). `torch.func.jvp` works through both: while forward-mode AD is active, attention runs on the math SDPA
+    kernel (the fused kernels have no forward-mode rule).
+
+    Args beyond [`~diffusers.SanaTransformer2DModel`]:
+        flow_time_scale (`float`, *optional*):
+            Factor applied to the flow time `s in [0, 1]` before the time embedding. `None` picks the released
+            convention: `1.0` ("dense time") for models with a guidance embedder (Sana-Sprint), `1000 *
+            timestep_scale` otherwise (flow-matching Sana teachers).
+        logvar_head (`bool`, defaults to `False`):
+            Adds `logvar_linear`, a linear map from the time(+guidance) embedding to the adaptive-weight log-variance
+            of the sCM loss. It is zero-initialised (weight 1 at start) and, when a checkpoint lacks it, initialised
+            rather than reported missing.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 32,
+        out_channels: int | None = 32,
+        num_attention_heads: int = 70,
+        attention_head_dim: int = 32,
+        num_layers: int = 20,
+        num_cross_attention_heads: int | None = 20,
+        cross_attention_head_dim: int | None = 112,
+        cross_attention_dim: int | None = 2240,
+        caption_channels: int = 2304,
+        mlp_ratio: float = 2.5,
+        dropout: float = 0.0,
+        attention_bias: bool = False,
+        sample_size: int = 32,
+        patch_size: int = 1,
+        norm_elementwise_affine: bool = False,
+        norm_eps: float = 1e-6,
+        interpolation_scale: int | None = None,
+        guidance_embeds: bool = False,
+        guidance_embeds_scale: float = 0.1,
+        qk_norm: str | None = None,
+        timestep_scale: float = 1.0,
+        flow_time_scale: float | None = None,
+        logvar_head: bool = False,
+    ) -> None:
+        super().__init__(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            num_layers=num_layers,
+            num_cross_attention_heads=num_cross_attention_heads,
+            cross_attention_head_dim=cross_attention_head_dim,
+            cross_attention_dim=cross_attention_dim,
+            caption_channels=caption_channels,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
+            attention_bias=attention_bias,
+            sample_size=sample_size,
+            patch_size=patch_size,
+            norm_elementwise_affine=norm_elementwise_affine,
+            norm_eps=norm_eps,
+            interpolation_scale=interpolation_scale,
+            guidance_embeds=guidance_embeds,
+            guidance_embeds_scale=guidance_embeds_scale,
+            qk_norm=qk_norm,
+            timestep_scale=timestep_scale,
+        )
+        self.logvar_linear = None
+        if logvar_head:
+            self.logvar_linear = nn.Linear(num_attention_heads * attention_head_dim, 1)
+            self._init_logvar_head()
+
+    def _init_logvar_head(self) -> None:
+        nn.init.zeros_(self.logvar_linear.weight)
+        nn.init.zeros_(self.logvar_linear.bias)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' `from_pretrained`; a logvar head the checkpoint lacks is initialised, not left on `meta`."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if model.logvar_linear is not None and model.logvar_linear.weight.is_meta:
+            reference = model.proj_out.weight
+            model.logvar_linear.to_empty(device=reference.device).to(reference.dtype)
+            model._init_logvar_head()
+        return loaded
+
+    @property
+    def effective_flow_time_scale(self) -> float:
+        """The factor the flow time `s in [0, 1]` is multiplied by before the time embedding."""
+        if self.config.flow_time_scale is not None:
+            return float(self.config.flow_time_scale)
+        return 1.0 if self.config.guidance_embeds else 1000.0 * float(self.config.timestep_scale)
+
+    def forward(self, *args, **kwargs):
+        """diffusers' flow-matching forward (see [`~diffusers.SanaTransformer2DModel.forward`]), JVP-safe."""
+        with jvp_safe_attention():
+            return super().forward(*args, **kwargs)
+
+    def trigflow_forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        guidance_scale: torch.Tensor | float | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        return_logvar: bool = False,
+        return_dict: bool = True,
+    ) -> SanaSprintTransformerOutput | tuple:
+        r"""
+        The TrigFlow velocity `F(x_t / sigma_data, t)`.
+
+        Args:
+            sample (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`):
+                The noisy latent divided by sigma_data, `x_t / sigma_data`, with `x_t = cos(t) x0 + sin(t) z`.
+            timestep (`torch.Tensor` of shape `(batch_size,)` or a scalar):
+                TrigFlow time `t` in radians, `0` (data) to `pi/2` (noise).
+            encoder_hidden_states (`torch.Tensor` of shape `(batch_size, seq_len, caption_channels)`):
+                Text-encoder hidden states.
+            encoder_attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*):
+                1 for tokens to attend to, 0 for padding.
+            guidance_scale (`torch.Tensor` of shape `(batch_size,)` or a float, *optional*):
+                The classifier-free guidance scale `w` the student imitates; it is multiplied by
+                `config.guidance_embeds_scale` (0.1) before the guidance embedding. Required exactly when the model
+                has a guidance embedder.
+            attention_kwargs (`dict`, *optional*):
+                Passed to the attention processors; `{"scale": s}` scales LoRA adapters.
+            return_logvar (`bool`, defaults to `False`):
+                Also return the adaptive-weight log-variance (needs `logvar_head=True`).
+
+        Returns:
+            [`SanaSprintTransformerOutput`] or a tuple `(F,)` / `(F, logvar)`.
+        """
+        batch_size = sample.shape[0]
+        if self.config.guidance_embeds and guidance_scale is None:
+            raise ValueError(
+                "`guidance_scale` is required: this model has a guidance embedder (`guidance_embeds=True`)."
+            )
+        if not self.config.guidance_embeds and guidance_scale is not None:
+            raise ValueError(
+                "`guidance_scale` was given but this model has no guidance embedder (`guidance_embeds=False`); "
+                "pass `guidance_scale=None` and apply classifier-free guidance outside the model."
+            )
+        if return_logvar and self.logvar_linear is None:
+            raise ValueError("`return_logvar=True` needs a model built with `logvar_head=True`.")
+
+        timestep = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32).expand(batch_size)
+        flow_time = flow_time_from_trigflow(timestep)
+        flow_time_4d = flow_time.view(-1, 1, 1, 1)
+        # x_s = x_t / (sigma_data (sin t + cos t)); note sqrt(s^2 + (1-s)^2) = 1 / (sin t + cos t).
+        flow_norm = torch.sqrt(flow_time_4d**2 + (1 - flow_time_4d) ** 2)
+        flow_sample = sample * flow_norm
+
+        guidance = None
+        if guidance_scale is not None:
+            guidance_scale = torch.as_tensor(guidance_scale, device=sample.device, dtype=torch.float32)
+            guidance = guidance_scale.expand(batch_size) * self.config.guidance_embeds_scale
+
+        time_scale = self.effective_flow_time_scale
+        model_timestep = flow_time if time_scale == 1.0 else flow_time * time_scale
+        velocity = self(
+            flow_sample.to(self.dtype),
+            encoder_hidden_states=encoder_hidden_states.to(self.dtype),
+            encoder_attention_mask=encoder_attention_mask,
+            timestep=model_timestep,
+            guidance=guidance,
+            attention_kwargs=attention_kwargs,
+            return_dict=False,
+        )[0]
+        trigflow_velocity = (
+            (1 - 2 * flow_time_4d) * flow_sample + (1 - 2 * flow_time_4d + 2 * flow_time_4d**2) * velocity
+        ) / flow_norm
+
+        logvar = None
+        if return_logvar:
+            logvar = self.logvar_linear(self._time_embedding(model_timestep, guidance, batch_size))
+
+        if not return_dict:
+            return (trigflow_velocity,) if logvar is None else (trigflow_velocity, logvar)
+        return SanaSprintTransformerOutput(sample=trigflow_velocity, logvar=logvar)
+
+    def _time_embedding(self, model_timestep: torch.Tensor, guidance: torch.Tensor | None, batch_size: int):
+        """The `(batch_size, inner_dim)` time(+guidance) embedding that modulates the output norm."""
+        if guidance is not None:
+            _, embedded = self.time_embed(model_timestep, guidance=guidance, hidden_dtype=self.dtype)
+        else:
+            _, embedded = self.time_embed(model_timestep, batch_size=batch_size, hidden_dtype=self.dtype)
+        return embedded

@@ -1,0 +1,4 @@
+from .pipeline_sana_sprint import SanaSprintPipeline
+
+
+__all__ = ["SanaSprintPipeline"]

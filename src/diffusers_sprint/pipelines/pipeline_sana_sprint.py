@@ -1,0 +1,368 @@
+"""SanaSprintPipeline: one- and few-step text-to-image with a SANA-Sprint TrigFlow student."""
+
+import inspect
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models import AutoencoderDC
+from diffusers.pipelines.sana.pipeline_output import SanaPipelineOutput
+from diffusers.pipelines.sana.pipeline_sana_sprint import SanaSprintPipeline as DiffusersSanaSprintPipeline
+from transformers import Gemma2PreTrainedModel, GemmaTokenizer, GemmaTokenizerFast
+
+from ..models.transformer_sana_sprint import SanaSprintTransformer2DModel
+from ..schedulers.scheduling_trigflow import TrigFlowScheduler
+from .resolution_bins import aspect_ratio_bins
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Sana's prompt-enhancing instruction, the default of diffusers' pipeline: taken from its signature, not re-typed.
+DEFAULT_COMPLEX_HUMAN_INSTRUCTION = (
+    inspect.signature(DiffusersSanaSprintPipeline.__call__).parameters["complex_human_instruction"].default
+)
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+_MODEL_KWARGS = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage")
+
+
+class SanaSprintPipeline(DiffusersSanaSprintPipeline):
+    r"""
+    Text-to-image with a SANA-Sprint student ([arXiv 2503.09641](https://huggingface.co/papers/2503.09641)) in 1 to
+    4 steps.
+
+    A drop-in for diffusers' `SanaSprintPipeline` (same components, same call signature, same images on the same
+    weights, seed and timesteps) that also runs any number of steps with default arguments, takes custom
+    `timesteps` in radians, bins resolutions at the model's own base size, and validates its arguments. Prompt
+    encoding is inherited from diffusers; LoRA loading comes from diffusers' `SanaLoraLoaderMixin`.
+
+    Args:
+        tokenizer, text_encoder: a Gemma(-like) tokenizer and text encoder.
+        vae ([`~diffusers.AutoencoderDC`]): the deep-compression autoencoder.
+        transformer ([`SanaSprintTransformer2DModel`]): the TrigFlow student.
+        scheduler ([`TrigFlowScheduler`]): a diffusers `SCMScheduler` is converted from its config.
+    """
+
+    def __init__(
+        self,
+        tokenizer: GemmaTokenizer | GemmaTokenizerFast,
+        text_encoder: Gemma2PreTrainedModel,
+        vae: AutoencoderDC,
+        transformer: SanaSprintTransformer2DModel,
+        scheduler: TrigFlowScheduler,
+    ):
+        if not isinstance(transformer, SanaSprintTransformer2DModel):
+            raise TypeError(
+                f"`transformer` must be a SanaSprintTransformer2DModel, got {type(transformer).__name__}; "
+                "load it with `SanaSprintTransformer2DModel.from_pretrained(path, subfolder='transformer')`."
+            )
+        if not isinstance(scheduler, TrigFlowScheduler):
+            scheduler = TrigFlowScheduler.from_config(scheduler.config)
+        super().__init__(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        r"""
+        Loads a diffusers-format SANA-Sprint repository (Hub id or local folder), including ones written by
+        diffusers' own `SanaSprintPipeline`: the transformer is loaded as [`SanaSprintTransformer2DModel`] and the
+        scheduler as [`TrigFlowScheduler`] (same weights and config). Other arguments are those of
+        [`~diffusers.DiffusionPipeline.from_pretrained`].
+        """
+        folder = str(pretrained_model_name_or_path)
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        if not os.path.isdir(folder):
+            folder = cls.download(folder, **hub_kwargs, **{k: kwargs[k] for k in ("variant",) if k in kwargs})
+        if "transformer" not in kwargs:
+            model_kwargs = {key: kwargs[key] for key in _MODEL_KWARGS if key in kwargs}
+            kwargs["transformer"] = SanaSprintTransformer2DModel.from_pretrained(
+                folder, subfolder="transformer", **model_kwargs
+            )
+        if "scheduler" not in kwargs:
+            kwargs["scheduler"] = TrigFlowScheduler.from_pretrained(folder, subfolder="scheduler")
+        return super().from_pretrained(folder, **kwargs)
+
+    @property
+    def latent_scale(self) -> int:
+        """Pixels per latent token along each side: the VAE's downsampling times the transformer's patch size."""
+        return self.vae_scale_factor * self.transformer.config.patch_size
+
+    def check_inputs(
+        self,
+        prompt,
+        height,
+        width,
+        num_inference_steps,
+        guidance_scale=None,
+        num_images_per_prompt=1,
+        generator=None,
+        latents=None,
+        prompt_embeds=None,
+        prompt_attention_mask=None,
+        output_type="pil",
+        callback_on_step_end_tensor_inputs=None,
+        max_sequence_length=300,
+    ):
+        """Raises a `ValueError`/`TypeError` naming the first bad argument."""
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise TypeError(f"`{name}` must be a positive int, got {value!r}.")
+            if value % self.latent_scale != 0:
+                raise ValueError(
+                    f"`{name}` must be divisible by {self.latent_scale} (VAE scale {self.vae_scale_factor} x patch "
+                    f"size {self.transformer.config.patch_size}), got {value}."
+                )
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+            raise TypeError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
+        has_guidance_embedder = self.transformer.config.guidance_embeds
+        if has_guidance_embedder and guidance_scale is None:
+            raise ValueError("`guidance_scale` is required: the transformer has a guidance embedder.")
+        if not has_guidance_embedder and guidance_scale is not None:
+            raise ValueError(
+                "`guidance_scale` must be None: the transformer has no guidance embedder (`guidance_embeds=False`)."
+            )
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
+            raise TypeError(f"`num_images_per_prompt` must be an int >= 1, got {num_images_per_prompt!r}.")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if not isinstance(max_sequence_length, int) or max_sequence_length < 1:
+            raise ValueError(f"`max_sequence_length` must be a positive int, got {max_sequence_length!r}.")
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, "
+                    f"got {unknown}."
+                )
+
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass one of `prompt` or `prompt_embeds`.")
+        if prompt is not None and not (
+            isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
+        ):
+            raise TypeError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}.")
+        if isinstance(prompt, list) and len(prompt) == 0:
+            raise ValueError("`prompt` must not be an empty list.")
+        if prompt_embeds is not None:
+            if prompt_attention_mask is None:
+                raise ValueError("`prompt_attention_mask` is required with `prompt_embeds`.")
+            if prompt_embeds.ndim != 3:
+                raise ValueError(
+                    f"`prompt_embeds` must be (batch, seq_len, dim), got shape {tuple(prompt_embeds.shape)}."
+                )
+            if tuple(prompt_attention_mask.shape) != tuple(prompt_embeds.shape[:2]):
+                raise ValueError(
+                    f"`prompt_attention_mask` must have shape {tuple(prompt_embeds.shape[:2])} to match "
+                    f"`prompt_embeds`, got {tuple(prompt_attention_mask.shape)}."
+                )
+
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        total = batch_size * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != total:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators but batch size x num_images_per_prompt = "
+                f"{total}; pass one generator per image or a single one."
+            )
+        if latents is not None:
+            expected = (
+                total,
+                self.transformer.config.in_channels,
+                height // self.vae_scale_factor,
+                width // self.vae_scale_factor,
+            )
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}.")
+
+    def resolution_bins(self) -> dict[str, list[float]]:
+        """The aspect-ratio bins at this model's base resolution (`sample_size x VAE scale` pixels)."""
+        base_size = self.transformer.config.sample_size * self.vae_scale_factor
+        return aspect_ratio_bins(base_size, self.latent_scale)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        num_inference_steps: int = 2,
+        timesteps: Sequence[float] | torch.Tensor | None = None,
+        max_timesteps: float = 1.57080,
+        intermediate_timesteps: float | Sequence[float] | None = 1.3,
+        guidance_scale: float | None = 4.5,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        clean_caption: bool = False,
+        use_resolution_binning: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers signature)
+        max_sequence_length: int = 300,
+        complex_human_instruction: list[str] | None = DEFAULT_COMPLEX_HUMAN_INSTRUCTION,
+    ) -> SanaPipelineOutput | tuple:
+        r"""
+        Generates images.
+
+        Args:
+            prompt (`str` or `list[str]`): the prompt(s); or pass `prompt_embeds` + `prompt_attention_mask`.
+            num_inference_steps (`int`, defaults to 2): any number >= 1. Ignored when `timesteps` is given.
+            timesteps (sequence of `float`, *optional*): custom descending times in radians within `[0, pi/2]`,
+                with or without the final 0 (e.g. the paper's 4-step `[1.5683, 1.3, 1.1, 0.6]`).
+            max_timesteps (`float`, defaults to 1.57080): the first time (radians).
+            intermediate_timesteps (`float` or sequence, defaults to 1.3): a float is the middle time of 2-step
+                sampling (ignored for other step counts); a sequence gives all `num_inference_steps - 1` inner times.
+                Without one, 3+ steps are spaced evenly in `t`.
+            guidance_scale (`float`, defaults to 4.5): the embedded CFG scale the student was distilled with; `None`
+                for models without a guidance embedder.
+            num_images_per_prompt (`int`, defaults to 1): images per prompt.
+            height, width (`int`, *optional*): output size in pixels, multiples of the latent scale; default
+                `sample_size x vae_scale_factor`.
+            eta (`float`): accepted for signature compatibility; the TrigFlow samplers do not use it.
+            generator (`torch.Generator` or list): one, or one per image.
+            latents (`torch.Tensor`, *optional*): initial unit-variance noise of shape `(batch, C, H/f, W/f)`.
+            prompt_embeds, prompt_attention_mask (`torch.Tensor`, *optional*): precomputed text conditioning.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            return_dict (`bool`, defaults to `True`): return a `SanaPipelineOutput` instead of a tuple.
+            clean_caption (`bool`, defaults to `False`): diffusers' caption cleaning (needs bs4 and ftfy).
+            use_resolution_binning (`bool`, defaults to `True`): generate at the nearest aspect-ratio bin of the
+                model's base resolution, then resize and crop to `height x width`.
+            attention_kwargs (`dict`, *optional*): passed to attention processors; `{"scale": s}` scales LoRA.
+            callback_on_step_end: called as `callback(pipe, step, timestep, callback_kwargs)` after each step.
+            callback_on_step_end_tensor_inputs (`list[str]`): tensors passed to the callback (`latents`,
+                `prompt_embeds`).
+            max_sequence_length (`int`, defaults to 300): text tokens kept.
+            complex_human_instruction (`list[str]`, *optional*): Sana's prompt-enhancing instruction prepended to each
+                prompt (diffusers' default); `None` encodes the prompt alone.
+
+        Returns:
+            `SanaPipelineOutput` with `.images`, or a tuple `(images,)`.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        default_size = self.transformer.config.sample_size * self.vae_scale_factor
+        height = default_size if height is None else height
+        width = default_size if width is None else width
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            latents=latents,
+            prompt_embeds=prompt_embeds,
+            prompt_attention_mask=prompt_attention_mask,
+            output_type=output_type,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length,
+        )
+        if use_resolution_binning:
+            orig_height, orig_width = height, width
+            height, width = self.image_processor.classify_height_width_bin(height, width, self.resolution_bins())
+            if latents is not None and (height, width) != (orig_height, orig_width):
+                raise ValueError(
+                    f"`latents` were given for {orig_height}x{orig_width} but resolution binning generates at "
+                    f"{height}x{width}; pass `use_resolution_binning=False` or latents of the binned size."
+                )
+
+        device = self._execution_device
+        self.scheduler.set_timesteps(
+            num_inference_steps,
+            timesteps=timesteps,
+            device=device,
+            max_timesteps=max_timesteps,
+            intermediate_timesteps=intermediate_timesteps,
+        )
+        self.scheduler.set_begin_index(0)
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._interrupt = False
+
+        # 1. Text conditioning.
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        lora_scale = attention_kwargs.get("scale") if attention_kwargs is not None else None
+        prompt_embeds, prompt_attention_mask = self.encode_prompt(
+            prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            device=device,
+            prompt_embeds=prompt_embeds,
+            prompt_attention_mask=prompt_attention_mask,
+            clean_caption=clean_caption,
+            max_sequence_length=max_sequence_length,
+            complex_human_instruction=complex_human_instruction,
+            lora_scale=lora_scale,
+        )
+
+        # 2. Noise x_{t_0} with standard deviation sigma_data.
+        sigma_data = self.scheduler.config.sigma_data
+        latents = self.prepare_latents(
+            batch_size * num_images_per_prompt,
+            self.transformer.config.in_channels,
+            height,
+            width,
+            torch.float32,
+            device,
+            generator,
+            latents,
+        )
+        latents = latents * sigma_data
+        guidance = None
+        if guidance_scale is not None:
+            guidance = torch.full((latents.shape[0],), float(guidance_scale), device=device, dtype=torch.float32)
+
+        # 3. Sampling: evaluate F at every time of the grid but the final 0.
+        timesteps = self.scheduler.timesteps[:-1]
+        self._num_timesteps = len(timesteps)
+        denoised = latents
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                velocity = self.transformer.trigflow_forward(
+                    latents / sigma_data,
+                    t.expand(latents.shape[0]),
+                    encoder_hidden_states=prompt_embeds,
+                    encoder_attention_mask=prompt_attention_mask,
+                    guidance_scale=guidance,
+                    attention_kwargs=attention_kwargs,
+                    return_dict=False,
+                )[0]
+                latents, denoised = self.scheduler.step(
+                    velocity.float() * sigma_data, t, latents, generator=generator, return_dict=False
+                )
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                progress_bar.update()
+
+        # 4. Decode x0_hat / sigma_data (the VAE latent times its scaling factor).
+        latents = denoised / sigma_data
+        if output_type == "latent":
+            image = latents
+        else:
+            latents = latents.to(self.vae.dtype)
+            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            if use_resolution_binning:
+                image = self.image_processor.resize_and_crop_tensor(image, orig_width, orig_height)
+            image = self.image_processor.postprocess(image, output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return SanaPipelineOutput(images=image)

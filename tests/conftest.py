@@ -1,0 +1,16 @@
+import os
+
+import pytest
+import torch
+
+
+# No Hub, ever: pytest-socket (see pyproject addopts) blocks sockets; these make the HF libraries fail fast too.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,119 @@
+"""Tiny, offline components for tests: a word-level Gemma tokenizer, Gemma2 encoder, DC-AE and Sana transformers.
+
+Nothing here touches the network; every weight is drawn from a seeded generator.
+"""
+
+import torch
+from diffusers import AutoencoderDC, SanaTransformer2DModel
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
+
+
+WORDS = (
+    "a an the of on in with and red green blue yellow black white small big cat dog car tree house apple "
+    "emoji icon photo drawing smiling face heart star moon sun flower bird fish boat"
+).split()
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+TEXT_HIDDEN = 16
+TEXT_VOCAB = 256
+TRANSFORMER_DIM = 16  # heads x head_dim
+
+
+def make_tokenizer() -> GemmaTokenizerFast:
+    """A BPE tokenizer trained on `WORDS`, in Gemma's layout so `save_pretrained`/`from_pretrained` round-trip."""
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    trainer = trainers.BpeTrainer(vocab_size=TEXT_VOCAB - 8, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    backend.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))], trainer)
+    tokenizer = GemmaTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        add_bos_token=True,
+    )
+    tokenizer.padding_side = "right"
+    assert len(tokenizer) <= TEXT_VOCAB
+    return tokenizer
+
+
+def make_text_encoder(seed: int = 0) -> Gemma2Model:
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        vocab_size=TEXT_VOCAB,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=512,
+        attn_implementation="eager",
+    )
+    return Gemma2Model(config).eval()
+
+
+def make_vae(seed: int = 0) -> AutoencoderDC:
+    """DC-AE with spatial compression 2 and 4 latent channels."""
+    torch.manual_seed(seed)
+    return AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1),
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    ).eval()
+
+
+def transformer_config(student: bool = True, **overrides) -> dict:
+    """Config of a 2-layer Sana transformer; `student=True` is the Sprint form (guidance embedder + QK-norm)."""
+    config = dict(
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=TRANSFORMER_DIM,
+        caption_channels=TEXT_HIDDEN,
+        sample_size=16,
+        qk_norm="rms_norm_across_heads" if student else None,
+        guidance_embeds=student,
+    )
+    config.update(overrides)
+    return config
+
+
+def make_diffusers_transformer(student: bool = True, seed: int = 0, **overrides) -> SanaTransformer2DModel:
+    """A diffusers `SanaTransformer2DModel` with non-trivial weights (default init zeroes nothing that matters)."""
+    torch.manual_seed(seed)
+    model = SanaTransformer2DModel(**transformer_config(student, **overrides))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def text_conditioning(batch_size: int = 2, seq_len: int = 6, seed: int = 0, padded: bool = True):
+    """Random `(embeds, mask)`; with `padded`, the first row masks its last half."""
+    generator = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(batch_size, seq_len, TEXT_HIDDEN, generator=generator)
+    mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+    if padded:
+        mask[0, seq_len // 2 :] = 0
+    return embeds, mask
