@@ -188,7 +188,9 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
         if return_logvar and self.logvar_linear is None:
             raise ValueError("`return_logvar=True` needs a model built with `logvar_head=True`.")
 
-        timestep = torch.as_tensor(timestep, device=sample.device, dtype=torch.float32).expand(batch_size)
+        # The time path runs in at least fp32, whatever the model's dtype (bf16 time embeddings diverge in training).
+        time_dtype = torch.promote_types(sample.dtype, torch.float32)
+        timestep = torch.as_tensor(timestep, device=sample.device, dtype=time_dtype).expand(batch_size)
         flow_time = flow_time_from_trigflow(timestep)
         flow_time_4d = flow_time.view(-1, 1, 1, 1)
         # x_s = x_t / (sigma_data (sin t + cos t)); note sqrt(s^2 + (1-s)^2) = 1 / (sin t + cos t).
@@ -197,7 +199,7 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
 
         guidance = None
         if guidance_scale is not None:
-            guidance_scale = torch.as_tensor(guidance_scale, device=sample.device, dtype=torch.float32)
+            guidance_scale = torch.as_tensor(guidance_scale, device=sample.device, dtype=time_dtype)
             guidance = guidance_scale.expand(batch_size) * self.config.guidance_embeds_scale
 
         time_scale = self.effective_flow_time_scale
