@@ -1,0 +1,454 @@
+"""The sCM loss: JVP tangent, closed-form toy, teacher as student, gradient reach, reuse_jvp_primal, config."""
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers.models.embeddings import Timesteps
+from tiny_components import make_diffusers_transformer, text_conditioning, transformer_config
+from torch import nn
+
+from diffusers_sprint import SanaSprintTransformer2DModel
+from diffusers_sprint.models.transformer_sana_sprint import SanaSprintTransformerOutput
+from diffusers_sprint.training.scm import (
+    SCMLossConfig,
+    normalize_tangent,
+    pf_ode_tangents,
+    sample_guidance_scales,
+    scm_loss,
+    tangent_warmup,
+    teacher_cfg_velocity,
+    trigflow_velocity_jvp,
+)
+
+
+SIGMA_DATA = 0.5
+
+
+# ----------------------------------------------------------------------------------------------------
+# Builders
+
+
+def _student(logvar_head: bool = True, seed: int = 0) -> SanaSprintTransformer2DModel:
+    """Tiny Sprint student (guidance embedder, QK-norm) with non-trivial weights; its logvar head is perturbed too."""
+    model = SanaSprintTransformer2DModel(**transformer_config(student=True), logvar_head=logvar_head)
+    model.load_state_dict(make_diffusers_transformer(student=True, seed=seed).state_dict(), strict=False)
+    if logvar_head:
+        with torch.no_grad():
+            model.logvar_linear.weight.normal_(std=0.1)
+            model.logvar_linear.bias.fill_(0.2)
+    return model.eval()
+
+
+def _teacher(seed: int = 1, logvar_head: bool = False) -> SanaSprintTransformer2DModel:
+    """Tiny flow-matching teacher (no guidance embedder) seen through TrigFlow; frozen."""
+    model = SanaSprintTransformer2DModel(**transformer_config(student=False), logvar_head=logvar_head)
+    model.load_state_dict(make_diffusers_transformer(student=False, seed=seed).state_dict(), strict=False)
+    return model.eval().requires_grad_(False)
+
+
+def _batch(batch_size: int = 2, seed: int = 0, dtype=torch.float32):
+    """`(x0, z, t, w)`: sigma_data-scaled latents and noise, t in radians inside (0, pi/2), w per sample."""
+    generator = torch.Generator().manual_seed(seed)
+    x0 = SIGMA_DATA * torch.randn(batch_size, 4, 16, 16, generator=generator, dtype=dtype)
+    z = SIGMA_DATA * torch.randn(batch_size, 4, 16, 16, generator=generator, dtype=dtype)
+    t = torch.linspace(0.3, 1.3, batch_size, dtype=dtype)
+    w = torch.tensor([4.0, 5.0, 4.5, 4.0][:batch_size], dtype=dtype)
+    return x0, z, t, w
+
+
+def _null_prompt(seq_len: int = 6):
+    embeds, mask = text_conditioning(batch_size=1, seq_len=seq_len, seed=7, padded=False)
+    mask[0, 2:] = 0  # an empty prompt is short: bos + eos, the rest padding
+    return embeds, mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. JVP tangent vs finite differences along the PF-ODE direction
+
+
+def _float64_timestep_projection(module: Timesteps):
+    """diffusers' sinusoidal time projection in float64 (diffusers computes it in fp32 even in a float64 model)."""
+
+    def forward(timesteps):
+        half = module.num_channels // 2
+        exponent = -math.log(10000) * torch.arange(half, dtype=torch.float64) / (half - module.downscale_freq_shift)
+        angles = timesteps.double()[:, None] * torch.exp(exponent)[None] * module.scale
+        sin, cos = torch.sin(angles), torch.cos(angles)
+        return torch.cat([cos, sin] if module.flip_sin_to_cos else [sin, cos], dim=-1)
+
+    return forward
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padded-mask"])
+def test_jvp_tangent_matches_finite_differences_along_pf_ode(padded):
+    student, teacher = _student(), _teacher()
+    x0, z, t, w = _batch()
+    embeds, mask = text_conditioning(padded=padded)
+    null_embeds, null_mask = _null_prompt()
+    x_t = torch.cos(t).view(-1, 1, 1, 1) * x0 + torch.sin(t).view(-1, 1, 1, 1) * z
+    dxt_dt = teacher_cfg_velocity(teacher, x_t / SIGMA_DATA, t, embeds, mask, null_embeds, null_mask, w)
+    v_x, v_t = pf_ode_tangents(x_t, t, dxt_dt, SIGMA_DATA)
+    with torch.no_grad():
+        _, dF = trigflow_velocity_jvp(student, x_t / SIGMA_DATA, t, v_x, v_t, embeds, mask, w)
+
+    # Central differences of F(x_t / sigma_d + h v_x, t + h v_t) on a float64 copy. Sana's linear attention still
+    # casts to fp32, so small steps meet fp32 rounding: measured rel err 3.6e-5 at h = 1e-3, 1.6e-4 at 1e-4, 2.7e-3
+    # at 1e-5 (both masks).
+    student64 = copy.deepcopy(student).double()
+    for module in student64.modules():
+        if isinstance(module, Timesteps):
+            module.forward = _float64_timestep_projection(module)
+
+    def velocity64(x, time):
+        return student64.trigflow_forward(x, time, embeds.double(), mask, guidance_scale=w.double()).sample
+
+    x64, t64, vx64, vt64 = (a.double() for a in (x_t / SIGMA_DATA, t, v_x, v_t))
+    h = 1e-3
+    with torch.no_grad():
+        finite_difference = velocity64(x64 + h * vx64, t64 + h * vt64) - velocity64(x64 - h * vx64, t64 - h * vt64)
+    finite_difference = finite_difference / (2 * h)
+    relative_error = ((dF.double() - finite_difference).norm() / finite_difference.norm()).item()
+    assert relative_error <= 1e-3, relative_error
+    # The direction matters: the derivative along x alone (v_t = 0) is a different vector.
+    with torch.no_grad():
+        _, dF_x_only = trigflow_velocity_jvp(student, x_t / SIGMA_DATA, t, v_x, torch.zeros_like(t), embeds, mask, w)
+    assert ((dF_x_only.double() - finite_difference).norm() / finite_difference.norm()).item() > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. A toy whose F and dF/dt are known in closed form
+
+
+class ToyVelocity(nn.Module):
+    """
+    `F(x, t | y, w) = a x cos t + b sin t + e ybar + k w`, `logvar = c + d t`; `ybar` = masked mean of the prompt.
+
+    Speaks the `trigflow_forward` protocol of `SanaSprintTransformer2DModel`; float64 scalars.
+    """
+
+    def __init__(self, a, b, e, k=0.0, c=0.0, d=0.0, guidance_embeds=True, logvar_head=True):
+        super().__init__()
+        for name, value in dict(a=a, b=b, e=e, k=k, c=c, d=d).items():
+            setattr(self, name, nn.Parameter(torch.tensor(float(value), dtype=torch.float64)))
+        self.config = SimpleNamespace(guidance_embeds=guidance_embeds, logvar_head=logvar_head)
+
+    @staticmethod
+    def prompt_mean(embeds, mask):
+        mask = torch.ones(embeds.shape[:2], dtype=embeds.dtype) if mask is None else mask.to(embeds.dtype)
+        return (embeds.mean(-1) * mask).sum(-1) / mask.sum(-1)
+
+    def trigflow_forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        encoder_attention_mask=None,
+        guidance_scale=None,
+        return_logvar=False,
+        return_dict=True,
+    ):
+        assert (guidance_scale is not None) == self.config.guidance_embeds
+        t = timestep.reshape(-1, 1, 1, 1)
+        ybar = self.prompt_mean(encoder_hidden_states, encoder_attention_mask).reshape(-1, 1, 1, 1)
+        F = self.a * sample * torch.cos(t) + self.b * torch.sin(t) + self.e * ybar
+        if guidance_scale is not None:
+            F = F + self.k * guidance_scale.reshape(-1, 1, 1, 1)
+        logvar = (self.c + self.d * timestep).reshape(-1, 1) if return_logvar else None
+        return SanaSprintTransformerOutput(sample=F, logvar=logvar)
+
+
+def _hand_scm(student, teacher, x0, z, t, cond, cond_mask, null, w, r, norm, adaptive):
+    """The sCM loss and its gradients for `ToyVelocity`, written out by hand (float64)."""
+    sd = SIGMA_DATA
+    cos, sin, tan = (f(t).reshape(-1, 1, 1, 1) for f in (torch.cos, torch.sin, torch.tan))
+    w4 = w.reshape(-1, 1, 1, 1)
+    yc = ToyVelocity.prompt_mean(cond, cond_mask).reshape(-1, 1, 1, 1)
+    yn = ToyVelocity.prompt_mean(null, None).reshape(-1, 1, 1, 1)
+    a, b, e, k, c, d = (p.detach() for p in (student.a, student.b, student.e, student.k, student.c, student.d))
+    aT, bT, eT = (p.detach() for p in (teacher.a, teacher.b, teacher.e))
+
+    x_t = cos * x0 + sin * z
+    x = x_t / sd
+    teacher_c = aT * x * cos + bT * sin + eT * yc
+    teacher_n = aT * x * cos + bT * sin + eT * yn
+    dxt_dt = sd * (teacher_n + w4 * (teacher_c - teacher_n))
+    F = a * x * cos + b * sin + e * yc + k * w4
+    # dF/dt along the ODE: dx/dt = dxt_dt / sd, so dF/dt = a cos t dxt_dt / sd - a x sin t + b cos t.
+    dF_dt = a * cos * dxt_dt / sd - a * x * sin + b * cos
+    g = -(cos**2) * (sd * F - dxt_dt) - r * (cos * sin * x_t + sd * cos * sin * dF_dt)
+    l2 = g.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+    rms = g.flatten(1).pow(2).mean(dim=1).sqrt().reshape(-1, 1, 1, 1)
+    g_hat = g / ((l2 if norm == "l2" else rms) + 0.1)
+
+    weight = 1 / (sd * tan)
+    logvar = (c + d * t).reshape(-1, 1, 1, 1) if adaptive else torch.zeros_like(weight)
+    scale = torch.exp(-logvar) * weight
+    per_element = scale * g_hat**2 + (logvar if adaptive else 0)  # value of the residual F - F_minus - g is -g_hat
+    loss = per_element.mean(dim=(1, 2, 3)).mean()
+    # d/dtheta (F - stopgrad(F + g_hat))^2 = -2 g_hat dF/dtheta; the logvar terms give (1 - scale g_hat^2).
+    residual_grad = -2 * scale * g_hat
+    grads = {
+        "a": (residual_grad * x * cos).mean(),
+        "b": (residual_grad * sin).mean(),
+        "e": (residual_grad * yc).mean(),
+        "k": (residual_grad * w4).mean(),
+    }
+    if adaptive:
+        grads["c"] = (1 - scale * g_hat**2).mean()
+        grads["d"] = ((1 - scale * g_hat**2) * t.reshape(-1, 1, 1, 1)).mean()
+    diagnostics = dict(
+        g_norm_mean=l2.mean(),
+        g_rms_mean=rms.mean(),
+        dF_dt_abs_mean=dF_dt.abs().mean(),
+        teacher_velocity_abs_mean=dxt_dt.abs().mean() / sd,
+        loss_no_logvar=(weight * g_hat**2).mean(),
+        loss_unweighted=(g_hat**2).mean(),
+    )
+    return loss, grads, diagnostics
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["two-passes", "reuse-primal"])
+@pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "plain"])
+@pytest.mark.parametrize("norm", ["l2", "rms"])
+@pytest.mark.parametrize("step", [0, 50, 100], ids=["r=0", "r=0.5", "r=1"])
+def test_toy_loss_and_gradients_match_hand_computation(norm, step, adaptive, reuse):
+    """Tolerance 1e-9 (float64; the closed form and the library differ only in rounding)."""
+    student = ToyVelocity(a=0.7, b=-0.3, e=0.5, k=0.2, c=0.3, d=-0.4, logvar_head=adaptive)
+    teacher = ToyVelocity(a=0.9, b=0.4, e=1.5, guidance_embeds=False, logvar_head=False).requires_grad_(False)
+    x0, z, t, w = _batch(batch_size=3, dtype=torch.float64)
+    cond, cond_mask = text_conditioning(batch_size=3)
+    null, _ = _null_prompt()
+    cond, null = cond.double(), null.double()
+    config = SCMLossConfig(
+        tangent_warmup_steps=100, tangent_norm=norm, adaptive_weight=adaptive, reuse_jvp_primal=reuse
+    )
+
+    out = scm_loss(student, teacher, x0, z, t, cond, cond_mask, null, None, w, step, config)
+    out.loss.backward()
+    r = step / 100
+    loss, grads, diagnostics = _hand_scm(student, teacher, x0, z, t, cond, cond_mask, null, w, r, norm, adaptive)
+
+    assert out.tangent_warmup_r == r
+    torch.testing.assert_close(out.loss.detach(), loss, rtol=1e-9, atol=1e-12)
+    for name, expected in grads.items():
+        torch.testing.assert_close(getattr(student, name).grad, expected, rtol=1e-9, atol=1e-12, msg=name)
+    for name, expected in diagnostics.items():
+        torch.testing.assert_close(getattr(out, name), expected, rtol=1e-9, atol=1e-12, msg=name)
+    if adaptive:
+        torch.testing.assert_close(out.logvar_mean, (student.c + student.d * t).mean().detach(), rtol=1e-12, atol=0)
+    else:
+        assert out.logvar_mean is None and student.c.grad is None
+    assert out.loss.detach().item() != 0 and grads["a"].abs().item() > 1e-6  # the case tests something
+
+
+def test_normalize_tangent_norms():
+    g = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    l2 = g.flatten(1).norm(dim=1)
+    torch.testing.assert_close(normalize_tangent(g, "l2", 0.1), g / (l2 + 0.1).view(-1, 1, 1, 1))
+    torch.testing.assert_close(normalize_tangent(g, "rms", 0.1), g / (l2 / 16 + 0.1).view(-1, 1, 1, 1))  # sqrt(256)
+    # "rms" is invariant to the latent size: tiling a sample 4x leaves its normalised entries unchanged.
+    tiled = g.repeat(1, 1, 2, 2)
+    torch.testing.assert_close(normalize_tangent(tiled, "rms")[..., :8, :8], normalize_tangent(g, "rms"))
+    with pytest.raises(ValueError, match="norm"):
+        normalize_tangent(g, "max")
+
+
+def test_sample_guidance_scales_draws_from_the_set_reproducibly():
+    draw = sample_guidance_scales(600, (4.0, 4.5, 5.0), generator=torch.Generator().manual_seed(0))
+    again = sample_guidance_scales(600, (4.0, 4.5, 5.0), generator=torch.Generator().manual_seed(0))
+    assert draw.shape == (600,) and draw.dtype == torch.float32 and torch.equal(draw, again)
+    counts = [(draw == w).sum().item() for w in (4.0, 4.5, 5.0)]
+    assert sum(counts) == 600 and min(counts) > 150  # uniform: 200 each, 150 is > 4 standard deviations away
+
+
+def test_tangent_warmup_schedule():
+    assert [tangent_warmup(s, 4000) for s in (0, 1000, 4000, 9000)] == [0.0, 0.25, 1.0, 1.0]
+    assert tangent_warmup(0, 0) == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The teacher as the student
+
+
+def _teacher_as_student(teacher: SanaSprintTransformer2DModel) -> SanaSprintTransformer2DModel:
+    """A guidance-free copy of the teacher with a (random) logvar head: its F is exactly the teacher's."""
+    student = _teacher(logvar_head=True).requires_grad_(True)
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    with torch.no_grad():
+        student.logvar_linear.weight.normal_(std=0.5)
+        student.logvar_linear.bias.fill_(-0.3)
+    return student
+
+
+def test_teacher_as_student_without_guidance_loss_is_logvar_only():
+    r"""
+    Student = teacher (guidance-free copy), w = 1, r = 0.
+
+    CFG with w = 1 is the identity, so `dxt_dt = sigma_d F_T(c) = sigma_d F_minus` and
+    `g = -cos^2 t (sigma_d F_minus - dxt_dt) - 0 = 0`; normalised, `g / (0 + c) = 0`. The residual
+    `F - F_minus - g` is then 0, so
+
+        loss = mean_b mean_elements( exp(-logvar_b) / (sigma_d tan t_b) * 0 + logvar_b ) = mean_b logvar_b,
+
+    and its gradient reaches only the logvar path: the transformer body (everything but the logvar head and the time
+    embedding feeding it) gets zero gradient. Float error: the batched CFG (2B forward, null + (c - null)) and the
+    single student forward differ by ~1e-7, giving g ~ 1e-6 after normalisation and loss terms ~1e-12.
+    """
+    teacher = _teacher()
+    student = _teacher_as_student(teacher)
+    x0, z, t, _ = _batch(batch_size=3)
+    embeds, mask = text_conditioning(batch_size=3)
+    null_embeds, null_mask = _null_prompt()
+    out = scm_loss(student, teacher, x0, z, t, embeds, mask, null_embeds, null_mask, 1.0, 0, SCMLossConfig())
+    out.loss.backward()
+
+    with torch.no_grad():
+        logvar = student.trigflow_forward(
+            (torch.cos(t).view(-1, 1, 1, 1) * x0 + torch.sin(t).view(-1, 1, 1, 1) * z) / SIGMA_DATA,
+            t,
+            embeds,
+            mask,
+            return_logvar=True,
+        ).logvar
+    assert logvar.std() > 0.05  # the head makes logvar depend on t, so the mean is a real check
+    torch.testing.assert_close(out.loss.detach(), logvar.mean(), rtol=0, atol=1e-7)
+    assert out.g_norm_mean.item() < 1e-4 and out.loss_unweighted.item() < 1e-10
+    body = [p.grad for n, p in student.named_parameters() if not n.startswith(("logvar_linear", "time_embed"))]
+    assert max(grad.abs().max().item() for grad in body) < 1e-6
+    # d mean(logvar) / d bias = 1 exactly.
+    torch.testing.assert_close(student.logvar_linear.bias.grad, torch.ones(1), rtol=0, atol=1e-6)
+
+
+def test_teacher_as_student_with_guidance_closed_form():
+    r"""
+    Student = teacher (guidance-free copy), w > 1, r = 0.
+
+    Now `dxt_dt = sigma_d (F_n + w (F_c - F_n))` and the student's `F_minus = F_c`, so
+
+        g = -cos^2 t (sigma_d F_c - dxt_dt) = sigma_d (w - 1) cos^2 t (F_c - F_n),
+
+    the guidance direction. With `g_hat = g / (||g|| + 0.1)` and the residual's value `-g_hat`:
+
+        loss = mean_b [ exp(-logvar_b) / (sigma_d tan t_b) mean_elements(g_hat^2) + logvar_b ].
+
+    `F_c`, `F_n` come from two separate (un-batched) teacher forwards, which also checks the batched CFG. Tolerance:
+    rel 1e-5 (fp32).
+    """
+    teacher = _teacher()
+    student = _teacher_as_student(teacher)
+    x0, z, t, w = _batch(batch_size=3)
+    embeds, mask = text_conditioning(batch_size=3)
+    null_embeds, null_mask = _null_prompt()
+    out = scm_loss(student, teacher, x0, z, t, embeds, mask, null_embeds, null_mask, w, 0, SCMLossConfig())
+
+    cos, tan = torch.cos(t).view(-1, 1, 1, 1), torch.tan(t).view(-1, 1, 1, 1)
+    x_scaled = (cos * x0 + torch.sin(t).view(-1, 1, 1, 1) * z) / SIGMA_DATA
+    with torch.no_grad():
+        F_c = teacher.trigflow_forward(x_scaled, t, embeds, mask).sample
+        F_n = teacher.trigflow_forward(x_scaled, t, null_embeds.expand(3, -1, -1), null_mask.expand(3, -1)).sample
+        logvar = student.trigflow_forward(x_scaled, t, embeds, mask, return_logvar=True).logvar.view(-1, 1, 1, 1)
+    g = SIGMA_DATA * (w.view(-1, 1, 1, 1) - 1) * cos**2 * (F_c - F_n)
+    g_hat = g / (g.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 0.1)
+    expected = (torch.exp(-logvar) / (SIGMA_DATA * tan) * g_hat**2 + logvar).mean()
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.g_norm_mean, g.flatten(1).norm(dim=1).mean(), rtol=1e-5, atol=0)
+    assert (out.loss.detach() - logvar.mean()).abs() > 1e-3  # the guidance term is really there
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4./5. Gradients reach every student parameter; reuse_jvp_primal is the same loss and gradients
+
+
+def _loss_and_grads(student, teacher, config, seed=0):
+    x0, z, t, w = _batch(seed=seed)
+    embeds, mask = text_conditioning()
+    null_embeds, null_mask = _null_prompt()
+    student.zero_grad(set_to_none=True)
+    out = scm_loss(student, teacher, x0, z, t, embeds, mask, null_embeds, null_mask, w, 2000, config)
+    out.loss.backward()
+    return out, {name: p.grad for name, p in student.named_parameters()}
+
+
+def test_gradients_reach_every_student_parameter_including_guidance_embedder_and_logvar_head():
+    student, teacher = _student(), _teacher()
+    out, grads = _loss_and_grads(student, teacher, SCMLossConfig())
+    assert torch.isfinite(out.loss) and out.tangent_warmup_r == 0.5
+    dead = [name for name, grad in grads.items() if grad is None or not torch.any(grad != 0)]
+    assert dead == []
+    guidance = [name for name in grads if name.startswith("time_embed.guidance_embedder.")]
+    assert len(guidance) == 4  # linear_1 / linear_2, weight and bias
+    assert {"logvar_linear.weight", "logvar_linear.bias"} <= set(grads)
+    assert all(torch.isfinite(grad).all() for grad in grads.values())
+    assert not any(p.grad is not None for p in teacher.parameters())
+
+
+def test_reuse_jvp_primal_gives_same_loss_and_gradients():
+    """Same values in fp32 to rtol 1e-4 / atol 1e-7 per gradient tensor (measured max abs diff ~1e-8)."""
+    student, teacher = _student(), _teacher()
+    default, grads = _loss_and_grads(student, teacher, SCMLossConfig())
+    reused, reused_grads = _loss_and_grads(student, teacher, SCMLossConfig(reuse_jvp_primal=True))
+    torch.testing.assert_close(reused.loss, default.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(reused.velocity, default.velocity, rtol=0, atol=1e-5)
+    assert default.jvp_primal_max_abs_diff < 1e-5 and reused.jvp_primal_max_abs_diff == 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(reused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_gradient_checkpointing_works_with_default_path_and_is_refused_with_reuse():
+    """The JVP runs under no_grad, so checkpointing the grad forward is fine; a grad-enabled JVP cannot recompute."""
+    student, teacher = _student(), _teacher()
+    _, grads = _loss_and_grads(student, teacher, SCMLossConfig())
+    student.enable_gradient_checkpointing()
+    _, checkpointed = _loss_and_grads(student, teacher, SCMLossConfig())
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-8, msg=name)
+    with pytest.raises(ValueError, match="reuse_jvp_primal"):
+        _loss_and_grads(student, teacher, SCMLossConfig(reuse_jvp_primal=True))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Config and argument errors
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("sigma_data", 0.0),
+        ("p_std", -1.0),
+        ("p_mean", float("nan")),
+        ("tangent_warmup_steps", -1),
+        ("tangent_warmup_steps", 10.5),
+        ("tangent_norm", "l1"),
+        ("tangent_norm_eps", 0.0),
+        ("guidance_scales", ()),
+        ("guidance_scales", (4.0, float("inf"))),
+        ("adaptive_weight", "yes"),
+        ("reuse_jvp_primal", 1),
+    ],
+)
+def test_config_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SCMLossConfig(**{field: value})
+
+
+def test_config_defaults_are_the_official_recipe():
+    config = SCMLossConfig(guidance_scales=[4.0, 4.5, 5.0])
+    assert (config.sigma_data, config.p_mean, config.p_std, config.tangent_warmup_steps) == (0.5, 0.2, 1.6, 4000)
+    assert (config.tangent_norm, config.tangent_norm_eps, config.guidance_scales) == ("l2", 0.1, (4.0, 4.5, 5.0))
+    assert config.adaptive_weight and not config.reuse_jvp_primal
+
+
+def test_argument_errors():
+    x0, z, t, w = _batch()
+    embeds, mask = text_conditioning()
+    null_embeds, null_mask = _null_prompt()
+    teacher = _teacher()
+    with pytest.raises(ValueError, match="logvar_head"):
+        scm_loss(_student(logvar_head=False), teacher, x0, z, t, embeds, mask, null_embeds, null_mask, w, 0)
+    with pytest.raises(ValueError, match="guidance embedder"):
+        teacher_cfg_velocity(_student(), x0, t, embeds, mask, null_embeds, null_mask, w)
+    with pytest.raises(ValueError, match="max_length"):
+        teacher_cfg_velocity(teacher, x0, t, embeds, mask, null_embeds[:, :4], null_mask[:, :4], w)
