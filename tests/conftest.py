@@ -8,7 +8,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models on a shared 2-core machine: OpenMP spin-waiting across threads costs 10-50x; one thread is fastest.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,60 @@
 """Pure training building blocks for SANA-Sprint distillation (no accelerate inside)."""
 
+from .distill import (
+    DiscriminatorStepOutput,
+    DistillationBatch,
+    DistillationConfig,
+    DistillationState,
+    GeneratorStepOutput,
+    UpdateOutcome,
+    discriminator_step,
+    generator_step,
+    optimizer_update,
+)
+from .ladd import (
+    DiscriminatorHead,
+    SanaDiscriminator,
+    default_head_block_ids,
+    discriminator_loss,
+    generator_adversarial_loss,
+    misaligned_pairs,
+    r1_penalty,
+    renoise_for_discriminator,
+)
+from .scm import SCMLossConfig, SCMLossOutput, sample_guidance_scales, scm_loss, teacher_cfg_velocity
+from .teacher import build_student, prepare_sprint_teacher, teacher_finetune_loss
 from .trigflow import MAX_TIME, add_trigflow_noise, denoise_trigflow, replace_with_max_time, sample_trigflow_time
 
 
-__all__ = ["MAX_TIME", "add_trigflow_noise", "denoise_trigflow", "replace_with_max_time", "sample_trigflow_time"]
+__all__ = [
+    "MAX_TIME",
+    "DiscriminatorHead",
+    "DiscriminatorStepOutput",
+    "DistillationBatch",
+    "DistillationConfig",
+    "DistillationState",
+    "GeneratorStepOutput",
+    "SCMLossConfig",
+    "SCMLossOutput",
+    "SanaDiscriminator",
+    "UpdateOutcome",
+    "add_trigflow_noise",
+    "build_student",
+    "default_head_block_ids",
+    "denoise_trigflow",
+    "discriminator_loss",
+    "discriminator_step",
+    "generator_adversarial_loss",
+    "generator_step",
+    "misaligned_pairs",
+    "optimizer_update",
+    "prepare_sprint_teacher",
+    "r1_penalty",
+    "renoise_for_discriminator",
+    "replace_with_max_time",
+    "sample_guidance_scales",
+    "sample_trigflow_time",
+    "scm_loss",
+    "teacher_cfg_velocity",
+    "teacher_finetune_loss",
+]

@@ -1,0 +1,362 @@
+"""One SANA-Sprint distillation iteration: the generator (sCM + LADD) step and the discriminator step.
+
+Pure functions over models and a batch; no accelerate inside. The caller (e.g. `examples/train_sana_sprint.py`)
+owns devices, mixed precision, EMA and checkpoints, and applies each loss with [`optimizer_update`].
+
+Step counting. The official loop increments one `global_step` in both phases, so its `tangent_warmup_steps=4000`
+is reached after 2000 generator updates. Here [`DistillationState`] counts generator and discriminator updates
+separately and the tangent warm-up reads `generator_steps`: a warm-up of N means N generator updates. To reproduce
+the official schedule exactly, halve `SCMLossConfig.tangent_warmup_steps`.
+"""
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .ladd import (
+    ADVERSARIAL_LOSS_TYPES,
+    DISCRIMINATOR_P_MEAN,
+    DISCRIMINATOR_P_STD,
+    SanaDiscriminator,
+    discriminator_loss,
+    generator_adversarial_loss,
+    misaligned_pairs,
+    r1_penalty,
+    renoise_for_discriminator,
+)
+from .scm import SCMLossConfig, sample_guidance_scales, scm_loss
+from .trigflow import add_trigflow_noise, denoise_trigflow, replace_with_max_time, sample_trigflow_time
+
+
+@dataclass
+class DistillationConfig:
+    """
+    The SANA-Sprint recipe; defaults are the official ones.
+
+    Args:
+        scm ([`SCMLossConfig`]): sCM loss options (sigma_data, generator time distribution, tangent warm-up and norm,
+            CFG scales, adaptive weight).
+        scm_lambda (`float`, defaults to 1.0): weight of the sCM loss; 0 trains LADD only.
+        adversarial_lambda (`float`, defaults to 0.5): weight of the generator's adversarial loss; 0 trains sCM only
+            (and the discriminator step is not needed).
+        adversarial_loss (`str`, defaults to `"hinge"`): `"hinge"` or `"bce"`.
+        discriminator_p_mean, discriminator_p_std (`float`, defaults to -0.6, 1.0): re-noising time of the
+            discriminator inputs, `t_D = atan(exp(p_mean + p_std n) / sigma_data)`.
+        max_time_probability (`float`, defaults to 0.5): the student sample judged by the discriminator comes from
+            `t = pi/2` (pure noise) with this probability, in both phases (max-time weighting).
+        misaligned_pairs (`bool`, defaults to `True`): real latents with rolled captions as extra fakes (D phase).
+        share_discriminator_timesteps (`bool`, defaults to `False`): one `t_D` for the real and fake branches.
+        r1_gamma (`float`, defaults to 0): R1 penalty weight (`loss_D + gamma / 2 * r1`), w.r.t. head features.
+    """
+
+    scm: SCMLossConfig = field(default_factory=SCMLossConfig)
+    scm_lambda: float = 1.0
+    adversarial_lambda: float = 0.5
+    adversarial_loss: str = "hinge"
+    discriminator_p_mean: float = DISCRIMINATOR_P_MEAN
+    discriminator_p_std: float = DISCRIMINATOR_P_STD
+    max_time_probability: float = 0.5
+    misaligned_pairs: bool = True
+    share_discriminator_timesteps: bool = False
+    r1_gamma: float = 0.0
+
+    def __post_init__(self):
+        if self.scm_lambda < 0 or self.adversarial_lambda < 0:
+            raise ValueError("`scm_lambda` and `adversarial_lambda` must be >= 0.")
+        if self.scm_lambda == 0 and self.adversarial_lambda == 0:
+            raise ValueError("At least one of `scm_lambda` and `adversarial_lambda` must be > 0.")
+        if self.adversarial_loss not in ADVERSARIAL_LOSS_TYPES:
+            raise ValueError(
+                f"`adversarial_loss` must be one of {ADVERSARIAL_LOSS_TYPES}, got {self.adversarial_loss!r}."
+            )
+        if not 0.0 <= self.max_time_probability <= 1.0:
+            raise ValueError(f"`max_time_probability` must be in [0, 1], got {self.max_time_probability}.")
+        if self.discriminator_p_std < 0:
+            raise ValueError(f"`discriminator_p_std` must be >= 0, got {self.discriminator_p_std}.")
+        if self.r1_gamma < 0:
+            raise ValueError(f"`r1_gamma` must be >= 0, got {self.r1_gamma}.")
+        if self.share_discriminator_timesteps and self.misaligned_pairs:
+            raise ValueError(
+                "`share_discriminator_timesteps=True` needs equal real/fake batches: set `misaligned_pairs=False`."
+            )
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.adversarial_lambda > 0
+
+
+@dataclass
+class DistillationBatch:
+    """
+    One training batch.
+
+    Args:
+        latents (`torch.Tensor` of shape `(batch, C, H, W)`): data `x0` in sigma_data units
+            (`vae_latent * scaling_factor * sigma_data`).
+        prompt_embeds (`torch.Tensor` of shape `(batch, seq_len, caption_channels)`), prompt_attention_mask
+            (`torch.Tensor` of shape `(batch, seq_len)`): the captions.
+        null_prompt_embeds, null_prompt_attention_mask: the empty prompt, `(1 or batch, seq_len, ...)`, for the
+            teacher's classifier-free guidance.
+    """
+
+    latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+    prompt_attention_mask: torch.Tensor
+    null_prompt_embeds: torch.Tensor
+    null_prompt_attention_mask: torch.Tensor
+
+
+@dataclass
+class DistillationState:
+    """Update counters; checkpointable by `state_dict`/`load_state_dict` (`accelerator.register_for_checkpointing`)."""
+
+    generator_steps: int = 0
+    discriminator_steps: int = 0
+    skipped_generator_updates: int = 0
+    skipped_discriminator_updates: int = 0
+
+    def record(self, phase: str, outcome: "UpdateOutcome") -> None:
+        """Count one `"generator"` or `"discriminator"` update; a skipped one (NaN/Inf) counts as skipped only."""
+        if phase not in ("generator", "discriminator"):
+            raise ValueError(f"`phase` must be 'generator' or 'discriminator', got {phase!r}.")
+        counter = f"skipped_{phase}_updates" if outcome.skipped else f"{phase}_steps"
+        setattr(self, counter, getattr(self, counter) + 1)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+@dataclass
+class GeneratorStepOutput:
+    """`loss = scm_lambda * scm_loss + adversarial_lambda * adversarial_loss` (with grad) and detached parts."""
+
+    loss: torch.Tensor
+    scm_loss: torch.Tensor | None
+    adversarial_loss: torch.Tensor | None
+    logs: dict
+
+
+@dataclass
+class DiscriminatorStepOutput:
+    """The discriminator loss (with grad w.r.t. the heads) and detached logit statistics."""
+
+    loss: torch.Tensor
+    logs: dict
+
+
+def _student_x0(student, x_t, t, batch: DistillationBatch, guidance_scale, sigma_data):
+    """`x0_hat = cos t x_t - sin t sigma_data F(x_t / sigma_data, t)` with the student's own guidance input."""
+    guidance = guidance_scale if student.config.guidance_embeds else None
+    velocity = student.trigflow_forward(
+        x_t / sigma_data, t, batch.prompt_embeds, batch.prompt_attention_mask, guidance_scale=guidance
+    ).sample
+    return denoise_trigflow(x_t, velocity, t, sigma_data)
+
+
+def _draw_generator_inputs(batch: DistillationBatch, config: DistillationConfig, generator):
+    x0 = batch.latents
+    device = x0.device
+    scm_config = config.scm
+    t = sample_trigflow_time(
+        x0.shape[0], scm_config.p_mean, scm_config.p_std, scm_config.sigma_data, device=device, generator=generator
+    )
+    noise_device = generator.device if generator is not None else device
+    z = (
+        torch.randn(x0.shape, generator=generator, device=noise_device, dtype=x0.dtype).to(device)
+        * scm_config.sigma_data
+    )
+    w = sample_guidance_scales(x0.shape[0], scm_config.guidance_scales, device=device, generator=generator)
+    return t, z, w
+
+
+def generator_step(
+    student,
+    teacher,
+    discriminator: SanaDiscriminator | None,
+    batch: DistillationBatch,
+    state: DistillationState,
+    config: DistillationConfig,
+    generator: torch.Generator | None = None,
+) -> GeneratorStepOutput:
+    r"""
+    The generator loss of one iteration: `scm_lambda * L_sCM + adversarial_lambda * L_adv`.
+
+    `t ~ atan(exp(N(P_mean, P_std)) / sigma_data)`, `z ~ N(0, sigma_data^2)`, `w` uniform over the CFG scales.
+    L_sCM: [`scm_loss`] at `(x0, z, t)`. L_adv: the student's `x0_hat` from `t'` (`t` replaced by `pi/2` with
+    `max_time_probability`, same `z`), re-noised at `t_D`, judged by the discriminator with its caption. Without
+    max-time replacement the sCM forward's `F` is reused (no extra student forward). The discriminator heads receive
+    gradients here too; zero them before the discriminator's backward ([`optimizer_update`] does).
+    """
+    if config.uses_discriminator and discriminator is None:
+        raise ValueError("`discriminator` is required when `config.adversarial_lambda > 0`.")
+    sigma_data = config.scm.sigma_data
+    t, z, w = _draw_generator_inputs(batch, config, generator)
+    logs = {"t_mean": t.mean().detach()}
+
+    scm_part = None
+    velocity = None
+    if config.scm_lambda > 0:
+        scm_out = scm_loss(
+            student,
+            teacher,
+            batch.latents,
+            z,
+            t,
+            batch.prompt_embeds,
+            batch.prompt_attention_mask,
+            batch.null_prompt_embeds,
+            batch.null_prompt_attention_mask,
+            w,
+            state.generator_steps,
+            config.scm,
+        )
+        scm_part, velocity = scm_out.loss, scm_out.velocity
+        logs.update(
+            scm_loss=scm_out.loss.detach(),
+            g_norm_mean=scm_out.g_norm_mean,
+            dF_dt_abs_mean=scm_out.dF_dt_abs_mean,
+            tangent_warmup_r=scm_out.tangent_warmup_r,
+        )
+        if scm_out.logvar_mean is not None:
+            logs["logvar_mean"] = scm_out.logvar_mean
+
+    adversarial_part = None
+    if config.uses_discriminator:
+        if velocity is not None and config.max_time_probability == 0:
+            fake_x0 = denoise_trigflow(add_trigflow_noise(batch.latents, z, t), velocity, t, sigma_data)
+        else:
+            t_fake = replace_with_max_time(t, config.max_time_probability, generator=generator)
+            x_t = add_trigflow_noise(batch.latents, z, t_fake)
+            fake_x0 = _student_x0(student, x_t, t_fake, batch, w, sigma_data)
+        renoised = renoise_for_discriminator(
+            fake_x0=fake_x0,
+            p_mean=config.discriminator_p_mean,
+            p_std=config.discriminator_p_std,
+            sigma_data=sigma_data,
+            generator=generator,
+        )
+        fake_logits = discriminator(
+            renoised.fake_x_t / sigma_data, renoised.fake_t, batch.prompt_embeds, batch.prompt_attention_mask
+        )
+        adversarial_part = generator_adversarial_loss(fake_logits, config.adversarial_loss)
+        logs.update(adversarial_loss=adversarial_part.detach(), fake_logits_mean_g=fake_logits.detach().mean())
+
+    loss = 0.0
+    if scm_part is not None:
+        loss = loss + config.scm_lambda * scm_part
+    if adversarial_part is not None:
+        loss = loss + config.adversarial_lambda * adversarial_part
+    logs["generator_loss"] = loss.detach()
+    return GeneratorStepOutput(loss=loss, scm_loss=scm_part, adversarial_loss=adversarial_part, logs=logs)
+
+
+def discriminator_step(
+    student,
+    discriminator: SanaDiscriminator,
+    batch: DistillationBatch,
+    config: DistillationConfig,
+    generator: torch.Generator | None = None,
+) -> DiscriminatorStepOutput:
+    r"""
+    The discriminator loss of one iteration: real `x0` vs the student's `x0_hat` (no grad to the student), both
+    re-noised at independent `t_D`; the fake is generated from `t = pi/2` with `max_time_probability` (the same
+    max-time weighting as the generator phase, at pi/2 itself); misaligned pairs (real latents with rolled
+    captions) join the fakes. `loss = L_D (+ r1_gamma / 2 * R1)`.
+    """
+    sigma_data = config.scm.sigma_data
+    t, z, w = _draw_generator_inputs(batch, config, generator)
+    t = replace_with_max_time(t, config.max_time_probability, generator=generator)
+    with torch.no_grad():
+        fake_x0 = _student_x0(student, add_trigflow_noise(batch.latents, z, t), t, batch, w, sigma_data)
+    fake_embeds, fake_mask = batch.prompt_embeds, batch.prompt_attention_mask
+    if config.misaligned_pairs:
+        pairs = misaligned_pairs(batch.latents, batch.prompt_embeds, batch.prompt_attention_mask)
+        fake_x0 = torch.cat([fake_x0, pairs.latents.to(fake_x0.dtype)])
+        fake_embeds = torch.cat([fake_embeds, pairs.encoder_hidden_states])
+        fake_mask = torch.cat([fake_mask, pairs.encoder_attention_mask])
+    renoised = renoise_for_discriminator(
+        real_x0=batch.latents,
+        fake_x0=fake_x0,
+        p_mean=config.discriminator_p_mean,
+        p_std=config.discriminator_p_std,
+        sigma_data=sigma_data,
+        share_timesteps=config.share_discriminator_timesteps,
+        generator=generator,
+    )
+    real_inputs = renoised.real_x_t / sigma_data
+    real_logits = discriminator(real_inputs, renoised.real_t, batch.prompt_embeds, batch.prompt_attention_mask)
+    fake_logits = discriminator(renoised.fake_x_t / sigma_data, renoised.fake_t, fake_embeds, fake_mask)
+    loss = discriminator_loss(real_logits, fake_logits, config.adversarial_loss)
+    logs = {
+        "discriminator_loss": loss.detach(),
+        "real_logits_mean": real_logits.detach().mean(),
+        "fake_logits_mean": fake_logits.detach().mean(),
+        "max_time_fraction": (t == torch.pi / 2).float().mean(),
+    }
+    if config.r1_gamma > 0:
+        r1 = r1_penalty(
+            discriminator,
+            real_inputs,
+            renoised.real_t,
+            batch.prompt_embeds,
+            batch.prompt_attention_mask,
+            with_respect_to="features",
+        )
+        loss = loss + config.r1_gamma / 2 * r1
+        logs["r1"] = r1.detach()
+    return DiscriminatorStepOutput(loss=loss, logs=logs)
+
+
+@dataclass
+class UpdateOutcome:
+    """What [`optimizer_update`] did: `skipped` when the gradient norm was NaN/Inf (no parameter changed)."""
+
+    skipped: bool
+    grad_norm: float
+
+
+def optimizer_update(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    parameters: Iterable[torch.nn.Parameter],
+    max_grad_norm: float | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    clip_grad_norm: Callable[..., torch.Tensor] | None = None,
+) -> UpdateOutcome:
+    """
+    zero_grad -> backward -> clip -> finite check -> step, for one of the two phases.
+
+    Gradients are zeroed *before* the backward, so gradients the other phase left on shared modules (the generator's
+    adversarial loss reaches the discriminator heads) never leak into this update. A NaN/Inf gradient norm skips
+    the step and zeroes the gradients. `backward`/`clip_grad_norm` default to torch's and take accelerate's
+    (`accelerator.backward`, `accelerator.clip_grad_norm_`) under accelerate.
+    """
+    parameters = [p for p in parameters if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    (backward or torch.Tensor.backward)(loss)
+    clip = clip_grad_norm or torch.nn.utils.clip_grad_norm_
+    grad_norm = clip(parameters, max_grad_norm if max_grad_norm is not None else float("inf"))
+    grad_norm = float(grad_norm)
+    if not torch.isfinite(torch.tensor(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return UpdateOutcome(skipped=True, grad_norm=grad_norm)
+    optimizer.step()
+    return UpdateOutcome(skipped=False, grad_norm=grad_norm)
+
+
+__all__ = [
+    "DistillationBatch",
+    "DistillationConfig",
+    "DistillationState",
+    "DiscriminatorStepOutput",
+    "GeneratorStepOutput",
+    "UpdateOutcome",
+    "discriminator_step",
+    "generator_step",
+    "optimizer_update",
+]

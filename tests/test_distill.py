@@ -1,0 +1,253 @@
+"""Generator/discriminator steps: the anchors' defects as regression tests, and an honest learning test."""
+
+import math
+
+import pytest
+import torch
+from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
+from tiny_components import transformer_config
+
+from diffusers_sprint import SanaSprintTransformer2DModel, TrigFlowScheduler
+from diffusers_sprint.training import (
+    DistillationBatch,
+    DistillationConfig,
+    DistillationState,
+    SanaDiscriminator,
+    SCMLossConfig,
+    build_student,
+    discriminator_step,
+    generator_step,
+    optimizer_update,
+)
+
+
+SIGMA_DATA = 0.5
+GUIDANCE = 2.0
+NUM_PROMPTS, SEQ_LEN = 4, 6
+
+
+class ToyProblem:
+    """A random 3-layer flow teacher on 8x8x4 latents, 4 prompts, and data = its own CFG ODE samples."""
+
+    def __init__(self, num_data: int = 64, num_eval: int = 16):
+        torch.manual_seed(0)
+        self.teacher = SanaSprintTransformer2DModel(
+            **transformer_config(student=False, sample_size=8, num_layers=3), flow_time_scale=1.0
+        )
+        with torch.no_grad():
+            for parameter in self.teacher.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        self.teacher.eval().requires_grad_(False)
+        self.prompts = torch.randn(NUM_PROMPTS, SEQ_LEN, 16)
+        self.mask = torch.ones(NUM_PROMPTS, SEQ_LEN, dtype=torch.long)
+        self.null = torch.zeros(1, SEQ_LEN, 16)
+        self.null_mask = torch.ones(1, SEQ_LEN, dtype=torch.long)
+        generator = torch.Generator().manual_seed(1)
+        self.data_prompt = torch.arange(num_data) % NUM_PROMPTS
+        self.data = self.teacher_ode(torch.randn(num_data, 4, 8, 8, generator=generator), self.data_prompt, 16)
+        self.eval_prompt = torch.arange(num_eval) % NUM_PROMPTS
+        self.eval_noise = torch.randn(num_eval, 4, 8, 8, generator=generator)
+        self.eval_target = self.teacher_ode(self.eval_noise, self.eval_prompt, 32)
+
+    @torch.no_grad()
+    def teacher_ode(self, noise, prompt_index, steps):
+        """The teacher's CFG probability-flow ODE solution from unit noise (deterministic TrigFlow sampler)."""
+        scheduler = TrigFlowScheduler(sampler="ode", sigma_data=SIGMA_DATA)
+        scheduler.set_timesteps(timesteps=torch.linspace(math.pi / 2 - 1e-3, 0, steps + 1))
+        x, batch = noise * SIGMA_DATA, noise.shape[0]
+        null, null_mask = self.null.expand(batch, -1, -1), self.null_mask.expand(batch, -1)
+        for t in scheduler.timesteps[:-1]:
+            t_batch = t.expand(batch)
+            cond = self.teacher.trigflow_forward(
+                x / SIGMA_DATA, t_batch, self.prompts[prompt_index], self.mask[prompt_index]
+            )
+            uncond = self.teacher.trigflow_forward(x / SIGMA_DATA, t_batch, null, null_mask)
+            x = scheduler.step(
+                SIGMA_DATA * (uncond.sample + GUIDANCE * (cond.sample - uncond.sample)), t, x
+            ).prev_sample
+        return x
+
+    @torch.no_grad()
+    def one_step_error(self, student) -> float:
+        """RMS distance of the student's 1-step sample (t = pi/2) to the teacher's ODE solution, same noise."""
+        batch = self.eval_noise.shape[0]
+        velocity = student.trigflow_forward(
+            self.eval_noise,
+            torch.full((batch,), math.pi / 2),
+            self.prompts[self.eval_prompt],
+            self.mask[self.eval_prompt],
+            guidance_scale=GUIDANCE,
+        ).sample
+        return (-SIGMA_DATA * velocity - self.eval_target).square().mean().sqrt().item()
+
+    def batch(self, index) -> DistillationBatch:
+        prompt = self.data_prompt[index]
+        return DistillationBatch(self.data[index], self.prompts[prompt], self.mask[prompt], self.null, self.null_mask)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return ToyProblem()
+
+
+def _config(**overrides):
+    scm = SCMLossConfig(tangent_warmup_steps=50, guidance_scales=(GUIDANCE,), adaptive_weight=False)
+    return DistillationConfig(scm=scm, **overrides)
+
+
+def _train(toy, student, config, steps, discriminator=None, seed=2):
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=1e-3) if discriminator is not None else None
+    state, generator = DistillationState(), torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = toy.batch(torch.randint(len(toy.data), (16,), generator=generator))
+        out = generator_step(student, toy.teacher, discriminator, batch, state, config, generator=generator)
+        state.record("generator", optimizer_update(out.loss, optimizer, student.parameters(), max_grad_norm=1.0))
+        if discriminator is not None:
+            d_out = discriminator_step(student, discriminator, batch, config, generator=generator)
+            state.record("discriminator", optimizer_update(d_out.loss, d_optimizer, discriminator.parameters(), 1.0))
+    return state
+
+
+def test_scm_distillation_brings_the_one_step_student_to_the_teacher_ode(toy):
+    """150 sCM steps: the 1-step error to the teacher's 32-step ODE solution falls by >= 3x (seen: 0.135 -> 0.030)."""
+    student = build_student(toy.teacher, logvar_head=False, generator=torch.Generator().manual_seed(0))
+    before = toy.one_step_error(student)
+    state = _train(toy, student, _config(adversarial_lambda=0.0), steps=150)
+    after = toy.one_step_error(student)
+    assert state.generator_steps == 150 and state.discriminator_steps == 0
+    assert after < before / 3, (before, after)
+
+
+def test_scm_plus_ladd_also_learns(toy):
+    """60 sCM+LADD iterations (G and D alternate): error falls by >= 2x (seen: 0.135 -> 0.044 at 50)."""
+    student = build_student(toy.teacher, logvar_head=False, generator=torch.Generator().manual_seed(0))
+    discriminator = SanaDiscriminator(toy.teacher, head_block_ids=(0, 1, 2))
+    before = toy.one_step_error(student)
+    state = _train(toy, student, _config(), steps=60, discriminator=discriminator)
+    assert state.generator_steps == state.discriminator_steps == 60
+    assert toy.one_step_error(student) < before / 2
+
+
+def test_generator_gradients_reach_every_student_parameter_and_never_the_teacher(toy):
+    student = build_student(toy.teacher, logvar_head=True, generator=torch.Generator().manual_seed(0))
+    discriminator = SanaDiscriminator(toy.teacher, head_block_ids=(0, 2))
+    teacher_before = {k: v.clone() for k, v in toy.teacher.state_dict().items()}
+    config = DistillationConfig(scm=SCMLossConfig(tangent_warmup_steps=10, guidance_scales=(GUIDANCE,)))
+    out = generator_step(
+        student,
+        toy.teacher,
+        discriminator,
+        toy.batch(torch.arange(4)),
+        DistillationState(5),
+        config,
+        torch.Generator(),
+    )
+    out.loss.backward()
+    for name, parameter in student.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert any(name.startswith("time_embed.guidance_embedder") for name, _ in student.named_parameters())
+    assert all(parameter.grad is None for parameter in toy.teacher.parameters())
+    assert torch.isfinite(out.scm_loss) and torch.isfinite(out.adversarial_loss)
+    torch.testing.assert_close(out.loss, out.scm_loss + 0.5 * out.adversarial_loss)
+    for key, value in toy.teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), key
+
+
+def test_discriminator_update_ignores_gradients_left_by_the_generator_phase(toy):
+    """Defect 4 of diffusers' script: D grads were never zeroed, so the G phase leaked into the D update."""
+    student = build_student(toy.teacher, logvar_head=False, generator=torch.Generator().manual_seed(0))
+    config = _config()
+    batch = toy.batch(torch.arange(4))
+
+    def d_update(leak_first: bool):
+        torch.manual_seed(0)
+        discriminator = SanaDiscriminator(toy.teacher, head_block_ids=(0, 2))
+        optimizer = torch.optim.SGD(discriminator.parameters(), lr=0.1)
+        if leak_first:
+            g_out = generator_step(student, toy.teacher, discriminator, batch, DistillationState(), config)
+            g_out.loss.backward()  # leaves gradients on the heads
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in discriminator.parameters())
+        d_out = discriminator_step(student, discriminator, batch, config, generator=torch.Generator().manual_seed(7))
+        optimizer_update(d_out.loss, optimizer, discriminator.parameters())
+        return [p.detach().clone() for p in discriminator.parameters()]
+
+    for leaked, clean in zip(d_update(True), d_update(False)):
+        torch.testing.assert_close(leaked, clean, rtol=0, atol=1e-6)
+
+
+def test_discriminator_phase_uses_pi_over_2_for_max_time(toy, monkeypatch):
+    """Defect 3: diffusers' D phase used `largest_timestep_prob` (0.5) as the time instead of pi/2."""
+    student = build_student(toy.teacher, logvar_head=False, generator=torch.Generator().manual_seed(0))
+    seen = []
+    original = student.trigflow_forward
+
+    def record(sample, timestep, *args, **kwargs):
+        seen.append(torch.as_tensor(timestep).clone())
+        return original(sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(student, "trigflow_forward", record)
+    discriminator = SanaDiscriminator(toy.teacher, head_block_ids=(1,))
+    out = discriminator_step(student, discriminator, toy.batch(torch.arange(8)), _config(max_time_probability=1.0))
+    assert len(seen) == 1 and torch.equal(seen[0], torch.full((8,), math.pi / 2))
+    assert out.logs["max_time_fraction"] == 1.0
+    seen.clear()
+    discriminator_step(student, discriminator, toy.batch(torch.arange(8)), _config(max_time_probability=0.0))
+    assert (seen[0] < math.pi / 2).all()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_misaligned_pairs_work_at_any_batch_size(toy, batch_size):
+    """Defect 5: diffusers' misaligned pairs crashed at batch size > 1."""
+    student = build_student(toy.teacher, logvar_head=False, generator=torch.Generator().manual_seed(0))
+    discriminator = SanaDiscriminator(toy.teacher, head_block_ids=(0,))
+    out = discriminator_step(student, discriminator, toy.batch(torch.arange(batch_size)), _config())
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in discriminator.parameters())
+
+
+def test_student_linear_self_attention_is_never_replaced_by_softmax(toy):
+    """Defect 2: diffusers' script swapped every processor, turning the student's linear attention into softmax."""
+    student = build_student(toy.teacher, logvar_head=True, generator=torch.Generator().manual_seed(0))
+    discriminator = SanaDiscriminator(toy.teacher, head_block_ids=(0,))
+    config = DistillationConfig(scm=SCMLossConfig(tangent_warmup_steps=1, guidance_scales=(GUIDANCE,)))
+    generator_step(student, toy.teacher, discriminator, toy.batch(torch.arange(2)), DistillationState(), config)
+    discriminator_step(student, discriminator, toy.batch(torch.arange(2)), config)
+    for model in (student, toy.teacher):
+        for block in model.transformer_blocks:
+            assert isinstance(block.attn1.processor, SanaLinearAttnProcessor2_0)
+
+
+def test_non_finite_loss_skips_the_update_and_is_counted():
+    model = torch.nn.Linear(3, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = DistillationState()
+    loss = model(torch.tensor([[float("nan"), 1.0, 1.0]])).sum()
+    outcome = optimizer_update(loss, optimizer, model.parameters(), max_grad_norm=1.0)
+    state.record("generator", outcome)
+    assert outcome.skipped and state.skipped_generator_updates == 1 and state.generator_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    outcome = optimizer_update(model(torch.ones(1, 3)).sum(), optimizer, model.parameters(), max_grad_norm=1.0)
+    state.record("discriminator", outcome)
+    assert not outcome.skipped and state.discriminator_steps == 1
+    restored = DistillationState()
+    restored.load_state_dict(state.state_dict())
+    assert restored == state
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="adversarial_loss"):
+        DistillationConfig(adversarial_loss="wgan")
+    with pytest.raises(ValueError, match="max_time_probability"):
+        DistillationConfig(max_time_probability=1.5)
+    with pytest.raises(ValueError, match="adversarial_lambda"):
+        DistillationConfig(scm_lambda=0.0, adversarial_lambda=0.0)
+    with pytest.raises(ValueError, match="misaligned_pairs"):
+        DistillationConfig(share_discriminator_timesteps=True)
+    with pytest.raises(ValueError, match="phase"):
+        DistillationState().record("teacher", None)
+    with pytest.raises(ValueError, match="discriminator"):
+        generator_step(None, None, None, None, DistillationState(), DistillationConfig())
