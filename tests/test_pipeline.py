@@ -263,3 +263,18 @@ def test_lora_load_scale_and_fuse(pipe, tmp_path):
     lora_pipe.unload_lora_weights()
     fused = lora_pipe(**kwargs, generator=_seeded()).images
     assert np.abs(fused - with_lora).max() <= 1e-5
+
+
+def test_prompt_encoding_skips_trailing_padding_but_matches_diffusers(reference, pipe):
+    seen_lengths = []
+    hook = pipe.text_encoder.register_forward_pre_hook(lambda module, args: seen_lengths.append(args[0].shape[1]))
+    try:
+        ours, our_mask = pipe.encode_prompt(PROMPTS, complex_human_instruction=None, max_sequence_length=300)
+    finally:
+        hook.remove()
+    theirs, their_mask = reference.encode_prompt(PROMPTS, complex_human_instruction=None, max_sequence_length=300)
+    assert seen_lengths == [int(their_mask.sum(dim=1).max())] and seen_lengths[0] < 20
+    assert torch.equal(our_mask, their_mask) and ours.shape == theirs.shape == (2, 300, 16)
+    real = their_mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], rtol=0, atol=1e-6)
+    assert ours[~real].abs().max() == 0
