@@ -209,3 +209,21 @@ def test_lora_scale_changes_output_and_zero_restores_base():
     assert (full - base).abs().max() > 1e-3
     assert (half - base).abs().max() > 1e-4 and (half - full).abs().max() > 1e-4
     torch.testing.assert_close(off, base, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("student", [True, False], ids=["guidance-embedder", "adaln-single"])
+def test_time_embedding_stays_fp32_under_bf16_autocast(student):
+    reference = make_diffusers_transformer(student=student)
+    ours = SanaSprintTransformer2DModel(**transformer_config(student=student)).eval()
+    ours.load_state_dict(reference.state_dict())
+    timestep = torch.tensor([0.31, 0.77]) * (1.0 if student else 1000.0)
+    kwargs = dict(guidance=torch.tensor([0.45, 0.4])) if student else dict(batch_size=2)
+    with torch.no_grad():
+        exact = [o.to(torch.bfloat16) for o in ours.time_embed(timestep, hidden_dtype=torch.float32, **kwargs)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours_autocast = ours.time_embed(timestep, hidden_dtype=torch.bfloat16, **kwargs)
+            diffusers_autocast = reference.time_embed(timestep, hidden_dtype=torch.bfloat16, **kwargs)
+    for got, want, half in zip(ours_autocast, exact, diffusers_autocast):
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, want)  # only the final rounding to bf16
+        assert not torch.equal(half, want)  # diffusers' path rounds inside the MLP too

@@ -13,6 +13,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .attention_processor import jvp_safe_attention
+from .embeddings import Float32AdaLayerNormSingle, Float32TimestepGuidanceEmbeddings
 
 
 @dataclass
@@ -108,9 +109,14 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
             qk_norm=qk_norm,
             timestep_scale=timestep_scale,
         )
+        inner_dim = num_attention_heads * attention_head_dim
+        # Same parameters and keys as diffusers' time embeddings, but computed in fp32 under autocast.
+        self.time_embed = (
+            Float32TimestepGuidanceEmbeddings(inner_dim) if guidance_embeds else Float32AdaLayerNormSingle(inner_dim)
+        )
         self.logvar_linear = None
         if logvar_head:
-            self.logvar_linear = nn.Linear(num_attention_heads * attention_head_dim, 1)
+            self.logvar_linear = nn.Linear(inner_dim, 1)
             self._init_logvar_head()
 
     def _init_logvar_head(self) -> None:
