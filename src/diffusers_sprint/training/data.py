@@ -1,0 +1,483 @@
+"""Training data for SANA-Sprint: captioned images, VAE latents, prompt embeddings, and a deterministic batch order.
+
+Everything random here (shuffling, random crop, random flip, the choice among several captions) is a fixed function
+of `(seed, epoch, sample index)` via `training.parallel.derive_seed`, never of a global RNG, a worker id or the
+number of processes. Two consequences the training script relies on:
+
+- a run resumed from a checkpoint sees exactly the batches and augmentations of the uninterrupted run;
+- with [`LayoutInvariantBatchSampler`], `P` processes with accumulation `A` see the same micro-batches as one process
+  with accumulation `P * A` (see `training.parallel`).
+
+Latents are in the units of the training library: `x0 = vae_latent * scaling_factor * sigma_data`
+([`encode_images`]). Prompts are encoded by the inference pipeline's own code ([`PromptEncoder`]), so training and
+sampling see identical text conditioning.
+"""
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from PIL import Image
+
+from ..pipelines.pipeline_sana_sprint import DEFAULT_COMPLEX_HUMAN_INSTRUCTION, SanaSprintPipeline
+from .parallel import make_generator
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batch order
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LayoutInvariantBatchSampler(torch.utils.data.Sampler):
+    r"""
+    Batches of `(epoch, index)` keys for one process, in an order that does not depend on the process layout.
+
+    Each epoch is a permutation of the dataset (`derive_seed(seed, "data_order", epoch)`; identity without
+    `shuffle`) cut into global batches of `batch_size`. An optimisation step consumes `num_processes *
+    gradient_accumulation_steps` consecutive global batches: micro-batch `m` of this process in step `k` is global
+    batch `k * num_processes * gradient_accumulation_steps + m * num_processes + process_index`. Samples that do not
+    fill a whole step at the end of an epoch are dropped, so every process yields the same number of batches.
+
+    The keys carry the epoch so that a dataset can draw its per-sample augmentation from `(seed, epoch, index)`.
+
+    Args:
+        num_samples (`int`): Dataset size.
+        batch_size (`int`): Samples per micro-batch (per process).
+        num_processes (`int`, defaults to 1), process_index (`int`, defaults to 0): The data-parallel layout.
+        gradient_accumulation_steps (`int`, defaults to 1): Micro-batches per process and step.
+        seed (`int`, defaults to 0): Base seed of the shuffling.
+        shuffle (`bool`, defaults to `True`): Shuffle each epoch.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        num_processes: int = 1,
+        process_index: int = 0,
+        gradient_accumulation_steps: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
+        for name, value in (
+            ("num_samples", num_samples),
+            ("batch_size", batch_size),
+            ("num_processes", num_processes),
+            ("gradient_accumulation_steps", gradient_accumulation_steps),
+        ):
+            if int(value) != value or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"`process_index` must be in [0, {num_processes}), got {process_index}.")
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.num_processes = int(num_processes)
+        self.process_index = int(process_index)
+        self.gradient_accumulation_steps = int(gradient_accumulation_steps)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.micro_batches_per_step = self.num_processes * self.gradient_accumulation_steps
+        self.steps_per_epoch = (self.num_samples // self.batch_size) // self.micro_batches_per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"The dataset has {num_samples} samples, fewer than one step's global batch of "
+                f"{self.batch_size * self.micro_batches_per_step} (batch_size {batch_size} x {num_processes} "
+                f"processes x {gradient_accumulation_steps} accumulation steps)."
+            )
+        self.epoch = 0
+        self.start_step = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Iterate epoch `epoch` from its step `start_step` on (to resume mid-epoch)."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"`start_step` must be in [0, {self.steps_per_epoch}], got {start_step}.")
+        self.epoch = int(epoch)
+        self.start_step = int(start_step)
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The permutation of sample indices of `epoch`."""
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        return torch.randperm(self.num_samples, generator=make_generator(self.seed, "data_order", epoch))
+
+    def __iter__(self):
+        order = self.epoch_order(self.epoch).tolist()
+        for step in range(self.start_step, self.steps_per_epoch):
+            for micro in range(self.gradient_accumulation_steps):
+                global_batch = step * self.micro_batches_per_step + micro * self.num_processes + self.process_index
+                start = global_batch * self.batch_size
+                yield [(self.epoch, index) for index in order[start : start + self.batch_size]]
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.gradient_accumulation_steps
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images and captions
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def augmentation_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of one sample's augmentation draws, in this order: flip, crop offsets, caption choice."""
+    return make_generator(seed, "augment", epoch, index)
+
+
+def _draw_flip(generator: torch.Generator, random_flip: bool) -> bool:
+    draw = torch.rand((), generator=generator).item()  # always drawn: the later draws do not depend on the flag
+    return random_flip and draw < 0.5
+
+
+def preprocess_image(
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool = False,
+    flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""
+    diffusers' text-to-image preprocessing: resize the shorter side to `resolution` (bilinear, antialiased), crop a
+    `resolution x resolution` square (centred, or at an offset drawn from `generator`), optionally flip left-right,
+    and map to `[-1, 1]`.
+
+    Returns:
+        `torch.Tensor` of shape `(3, resolution, resolution)`, float32.
+    """
+    image = image.convert("RGB")
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.BILINEAR)
+    width, height = image.size
+    if center_crop:
+        top = int(round((height - resolution) / 2.0))
+        left = int(round((width - resolution) / 2.0))
+    else:
+        top = int(torch.randint(0, height - resolution + 1, (), generator=generator))
+        left = int(torch.randint(0, width - resolution + 1, (), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _pick_caption(caption, generator: torch.Generator | None) -> str:
+    if isinstance(caption, str):
+        return caption
+    if isinstance(caption, (list, tuple, np.ndarray)) and len(caption) > 0:
+        if generator is None:
+            return str(caption[0])
+        return str(caption[int(torch.randint(0, len(caption), (), generator=generator))])
+    raise ValueError(f"Captions must be strings or non-empty lists of strings, got {caption!r}.")
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    r"""
+    Map-style dataset of `(epoch, index)` keys -> `{"pixel_values": (3, R, R) in [-1, 1], "caption": str}`.
+
+    Flip, crop offsets and (for a list of captions) the caption are drawn from
+    [`augmentation_generator`]`(seed, epoch, index)`. A plain integer key means epoch 0.
+
+    Args:
+        dataset: Anything indexable by int returning a dict (e.g. a `datasets.Dataset`).
+        image_column (`str`), caption_column (`str`): Column names.
+        resolution (`int`): Output side in pixels.
+        center_crop (`bool`, defaults to `False`): Centre crop instead of a random crop.
+        random_flip (`bool`, defaults to `False`): Flip left-right with probability 0.5.
+        seed (`int`, defaults to 0): Base seed of the augmentations.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        image_column: str,
+        caption_column: str,
+        resolution: int,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        seed: int = 0,
+    ):
+        self.dataset = dataset
+        self.image_column = image_column
+        self.caption_column = caption_column
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, index: int, epoch: int = 0, flip: bool | None = None, pick_caption: bool = True) -> dict:
+        """One sample; `flip` overrides the drawn flip (the crop stays that of `(epoch, index)`)."""
+        generator = augmentation_generator(self.seed, epoch, index)
+        drawn_flip = _draw_flip(generator, self.random_flip)
+        row = self.dataset[int(index)]
+        image = row[self.image_column]
+        if not isinstance(image, Image.Image):
+            image = Image.open(image) if isinstance(image, (str, os.PathLike)) else Image.fromarray(np.asarray(image))
+        pixel_values = preprocess_image(
+            image, self.resolution, self.center_crop, drawn_flip if flip is None else flip, generator
+        )
+        caption = _pick_caption(row[self.caption_column], generator if pick_caption else None)
+        return {"pixel_values": pixel_values, "caption": caption}
+
+    def __getitem__(self, key) -> dict:
+        epoch, index = (0, key) if isinstance(key, (int, np.integer)) else key
+        return self.load(index, epoch)
+
+
+class CachedLatentDataset(torch.utils.data.Dataset):
+    r"""
+    Precomputed training inputs: `(epoch, index)` -> `{"latents", "prompt_embeds", "prompt_attention_mask"}`.
+
+    With `flipped_latents`, the flip is drawn per `(epoch, index)` exactly as [`ImageCaptionDataset`] draws it; the
+    crop is the one fixed when the cache was built (epoch 0). Build it with [`build_latent_cache`].
+    """
+
+    def __init__(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        prompt_attention_mask: torch.Tensor,
+        flipped_latents: torch.Tensor | None = None,
+        seed: int = 0,
+    ):
+        if not latents.shape[0] == prompt_embeds.shape[0] == prompt_attention_mask.shape[0]:
+            raise ValueError("`latents`, `prompt_embeds` and `prompt_attention_mask` need the same length.")
+        if flipped_latents is not None and flipped_latents.shape != latents.shape:
+            raise ValueError("`flipped_latents` must have the shape of `latents`.")
+        self.latents = latents
+        self.flipped_latents = flipped_latents
+        self.prompt_embeds = prompt_embeds
+        self.prompt_attention_mask = prompt_attention_mask
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def __getitem__(self, key) -> dict:
+        epoch, index = (0, key) if isinstance(key, (int, np.integer)) else key
+        flip = _draw_flip(augmentation_generator(self.seed, epoch, index), self.flipped_latents is not None)
+        latents = self.flipped_latents[index] if flip else self.latents[index]
+        return {
+            "latents": latents,
+            "prompt_embeds": self.prompt_embeds[index],
+            "prompt_attention_mask": self.prompt_attention_mask[index],
+        }
+
+
+def collate_examples(examples: Sequence[dict]) -> dict:
+    """Stack the tensors of a list of samples; strings become a list."""
+    batch = {}
+    for key in examples[0]:
+        values = [example[key] for example in examples]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else list(values)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoders
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_images(vae, pixel_values: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    r"""
+    Data latents in the training library's units: `x0 = vae_latent * scaling_factor * sigma_data` (float32).
+
+    Works with Sana's `AutoencoderDC` (deterministic `latent`); a KL autoencoder's posterior mode is used otherwise.
+    """
+    encoded = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype))
+    latent = encoded.latent if hasattr(encoded, "latent") else encoded.latent_dist.mode()
+    return latent.float() * vae.config.scaling_factor * sigma_data
+
+
+class _TextEncodingPipeline(SanaSprintPipeline):
+    """`SanaSprintPipeline`'s prompt encoding without a transformer, VAE or scheduler."""
+
+    def __init__(self, tokenizer, text_encoder):
+        DiffusionPipeline.__init__(self)
+        modules = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, transformer=None, scheduler=None)
+        self.register_modules(**modules)
+
+
+class PromptEncoder:
+    r"""
+    Encodes captions with the exact code of [`SanaSprintPipeline`] (right padding to `max_sequence_length`, Sana's
+    prompt-enhancing instruction, first + last tokens selection), so training and inference conditioning match.
+
+    The empty prompt for classifier-free guidance ([`null`]) is encoded without the instruction, as diffusers'
+    `SanaPipeline` encodes its negative prompt.
+
+    Args:
+        tokenizer, text_encoder: Gemma(-like) tokenizer and text encoder (frozen).
+        max_sequence_length (`int`, defaults to 300): Tokens kept per prompt.
+        complex_human_instruction (`list[str]`, *optional*): Defaults to Sana's instruction; `None` encodes the
+            prompt alone.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        max_sequence_length: int = 300,
+        complex_human_instruction: list[str] | None = DEFAULT_COMPLEX_HUMAN_INSTRUCTION,
+    ):
+        self.pipeline = _TextEncodingPipeline(tokenizer, text_encoder)
+        self.max_sequence_length = max_sequence_length
+        self.complex_human_instruction = complex_human_instruction
+
+    @torch.no_grad()
+    def __call__(
+        self, prompts: str | list[str], device: torch.device | str | None = None, instruction: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(prompt_embeds (B, L, D), prompt_attention_mask (B, L))`, `L = max_sequence_length`."""
+        device = device if device is not None else self.pipeline.text_encoder.device
+        return self.pipeline.encode_prompt(
+            [prompts] if isinstance(prompts, str) else list(prompts),
+            device=device,
+            max_sequence_length=self.max_sequence_length,
+            complex_human_instruction=self.complex_human_instruction if instruction else None,
+        )
+
+    def null(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty prompt, `(1, L, D)` and `(1, L)`."""
+        return self([""], device=device, instruction=False)
+
+
+def trim_prompt_padding(
+    prompt_embeds: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    null_prompt_embeds: torch.Tensor,
+    null_prompt_attention_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""
+    Drop the trailing token columns that are padding in every row of the batch and of the empty prompt.
+
+    Sana's cross-attention gives masked keys an additive bias of -10000, whose softmax weight underflows to exactly 0,
+    so these columns change no output; cutting them saves the cross-attention cost of up to `max_sequence_length`
+    padded tokens per sample. The conditional and empty prompts keep a common length (the teacher's CFG batches them).
+    """
+    if prompt_attention_mask.shape[1] != null_prompt_attention_mask.shape[1]:
+        raise ValueError("The prompt and the empty prompt must be padded to the same length.")
+    used = prompt_attention_mask.bool().any(dim=0) | null_prompt_attention_mask.bool().any(dim=0)
+    columns = used.nonzero()
+    length = int(columns.max()) + 1 if columns.numel() else 1
+    return (
+        prompt_embeds[:, :length],
+        prompt_attention_mask[:, :length],
+        null_prompt_embeds[:, :length],
+        null_prompt_attention_mask[:, :length],
+    )
+
+
+@torch.no_grad()
+def build_latent_cache(
+    dataset: ImageCaptionDataset,
+    vae,
+    prompt_encoder: PromptEncoder,
+    sigma_data: float = 0.5,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress=None,
+) -> CachedLatentDataset:
+    r"""
+    Encode every sample once: latents of the epoch-0 crop (and of its mirror image when the dataset flips), the
+    prompt embeddings of the first caption. Tensors are kept on the CPU. `progress` is an optional callable
+    `progress(num_done)` (e.g. a tqdm `update`).
+    """
+    device = device if device is not None else vae.device
+    latents, flipped, embeds, masks = [], [], [], []
+    for start in range(0, len(dataset), batch_size):
+        indices = range(start, min(start + batch_size, len(dataset)))
+        samples = [dataset.load(index, epoch=0, flip=False, pick_caption=False) for index in indices]
+        pixels = torch.stack([sample["pixel_values"] for sample in samples]).to(device)
+        latents.append(encode_images(vae, pixels, sigma_data).cpu())
+        if dataset.random_flip:
+            flipped.append(encode_images(vae, pixels.flip(-1), sigma_data).cpu())
+        prompt_embeds, prompt_mask = prompt_encoder([sample["caption"] for sample in samples], device=device)
+        embeds.append(prompt_embeds.cpu())
+        masks.append(prompt_mask.cpu())
+        if progress is not None:
+            progress(len(samples))
+    return CachedLatentDataset(
+        torch.cat(latents),
+        torch.cat(embeds),
+        torch.cat(masks),
+        torch.cat(flipped) if dataset.random_flip else None,
+        seed=dataset.seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading a captioned image dataset
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_image_caption_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | None = None,
+    cache_dir: str | None = None,
+    image_column: str = "image",
+    caption_column: str = "text",
+    max_train_samples: int | None = None,
+    split: str = "train",
+):
+    r"""
+    A `datasets.Dataset` of images and captions, from one of:
+
+    - `dataset_name`: a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (`load_from_disk`), or
+      any name or path `datasets.load_dataset` understands (a Hub dataset id, a local script or data folder);
+    - `train_data_dir`: an image folder with a `metadata.jsonl` holding `file_name` and the caption column
+      (`load_dataset("imagefolder", data_dir=...)`).
+
+    `max_train_samples` keeps the first samples (for debugging). Raises a `ValueError` naming the available columns
+    when `image_column` or `caption_column` is missing.
+    """
+    try:
+        import datasets
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("Loading training data needs the `datasets` package: `pip install datasets`.") from error
+    if (dataset_name is None) == (train_data_dir is None):
+        raise ValueError("Give exactly one of `dataset_name` and `train_data_dir`.")
+    if dataset_name is not None:
+        saved = os.path.isdir(dataset_name) and any(
+            os.path.exists(os.path.join(dataset_name, name))
+            for name in ("dataset_info.json", "state.json", "dataset_dict.json")
+        )
+        if saved:
+            data = datasets.load_from_disk(dataset_name)
+        else:
+            data = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+    else:
+        data = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"The dataset has no {split!r} split; splits: {list(data)}.")
+        data = data[split]
+    for role, column in (("image_column", image_column), ("caption_column", caption_column)):
+        if column not in data.column_names:
+            raise ValueError(f"`{role}` {column!r} is not a column of the dataset; columns: {data.column_names}.")
+    if max_train_samples is not None:
+        data = data.select(range(min(max_train_samples, len(data))))
+    return data
+
+
+__all__ = [
+    "CachedLatentDataset",
+    "ImageCaptionDataset",
+    "LayoutInvariantBatchSampler",
+    "PromptEncoder",
+    "augmentation_generator",
+    "build_latent_cache",
+    "collate_examples",
+    "encode_images",
+    "load_image_caption_dataset",
+    "preprocess_image",
+    "trim_prompt_padding",
+]

@@ -1,0 +1,229 @@
+"""training.data: batch order independent of the process layout, seeded augmentations, caches, prompt encoding."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
+from tiny_components import make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae, transformer_config
+
+from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel, TrigFlowScheduler
+from diffusers_sprint.pipelines.pipeline_sana_sprint import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
+from diffusers_sprint.training.data import (
+    CachedLatentDataset,
+    ImageCaptionDataset,
+    LayoutInvariantBatchSampler,
+    PromptEncoder,
+    build_latent_cache,
+    collate_examples,
+    encode_images,
+    load_image_caption_dataset,
+    preprocess_image,
+    trim_prompt_padding,
+)
+
+
+def _layout_batches(num_samples, batch_size, num_processes, accumulation, epoch=0, start_step=0):
+    """{(step, micro-batch number j): keys} over all processes of a layout."""
+    batches = {}
+    for process in range(num_processes):
+        sampler = LayoutInvariantBatchSampler(
+            num_samples, batch_size, num_processes, process, accumulation, seed=3, shuffle=True
+        )
+        sampler.set_epoch(epoch, start_step)
+        for position, keys in enumerate(sampler):
+            step = start_step + position // accumulation
+            micro = position % accumulation
+            batches[(step, micro * num_processes + process)] = keys
+    return batches
+
+
+def test_every_layout_with_the_same_global_batch_sees_the_same_micro_batches():
+    reference = _layout_batches(26, 2, 1, 4)
+    assert len(reference) == 12  # 26 // 2 = 13 batches -> 3 steps of 4, the 13th dropped
+    for num_processes, accumulation in ((2, 2), (4, 1)):
+        assert _layout_batches(26, 2, num_processes, accumulation) == reference
+    keys = [key for step_keys in reference.values() for key in step_keys]
+    assert len(set(keys)) == 24 and all(epoch == 0 for epoch, _ in keys)
+
+
+def test_epochs_reshuffle_and_resume_mid_epoch():
+    first, second = _layout_batches(16, 2, 2, 1, epoch=0), _layout_batches(16, 2, 2, 1, epoch=1)
+    assert first != second
+    order = lambda batches: [i for k in sorted(batches) for _, i in batches[k]]  # noqa: E731
+    assert sorted(order(first)) == sorted(order(second)) == list(range(16))
+    resumed = _layout_batches(16, 2, 2, 1, epoch=1, start_step=2)
+    assert resumed == {key: value for key, value in second.items() if key[0] >= 2}
+    sampler = LayoutInvariantBatchSampler(16, 2, 2, 0, 1)
+    sampler.set_epoch(0, 3)
+    assert len(sampler) == len(list(sampler)) == 1
+    with pytest.raises(ValueError, match="fewer than one step"):
+        LayoutInvariantBatchSampler(7, 2, 2, 0, 2)
+    with pytest.raises(ValueError, match="process_index"):
+        LayoutInvariantBatchSampler(16, 2, 2, 2)
+
+
+def test_preprocess_image_resizes_the_shorter_side_and_crops():
+    image = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8)[None, :, None] * 6, (20, 1, 3)))  # 40 x 20
+    centre = preprocess_image(image, 10, center_crop=True)
+    assert centre.shape == (3, 10, 10) and centre.min() >= -1 and centre.max() <= 1
+    # Horizontal ramp resized to 20 x 10: the centre crop starts at column 5.
+    resized = np.asarray(image.resize((20, 10), Image.Resampling.BILINEAR), dtype=np.float32) / 127.5 - 1
+    np.testing.assert_allclose(centre.permute(1, 2, 0).numpy(), resized[:, 5:15], atol=1e-6)
+    flipped = preprocess_image(image, 10, center_crop=True, flip=True)
+    assert torch.equal(flipped, centre.flip(-1))
+    offsets = {
+        float(preprocess_image(image, 10, generator=torch.Generator().manual_seed(s))[0, 0, 0]) for s in range(20)
+    }
+    assert len(offsets) > 3  # random crops move
+
+
+class _Rows:
+    def __init__(self, num):
+        generator = np.random.default_rng(0)
+        self.rows = [
+            {
+                "img": Image.fromarray(generator.integers(0, 255, (12, 14, 3), dtype=np.uint8)),
+                "txt": ["a red cat", "a red dog"] if i == 0 else f"a small {('red', 'blue', 'green')[i % 3]} house",
+            }
+            for i in range(num)
+        ]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+
+def test_augmentations_are_functions_of_seed_epoch_and_index():
+    dataset = ImageCaptionDataset(_Rows(6), "img", "txt", 8, random_flip=True, seed=1)
+    a, b = dataset[(2, 3)], dataset[(2, 3)]
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["caption"] == b["caption"]
+    per_epoch = [dataset[(epoch, 0)] for epoch in range(12)]
+    assert len({sample["caption"] for sample in per_epoch}) == 2  # the caption list is sampled
+    assert len({tuple(sample["pixel_values"][0, 0].tolist()) for sample in per_epoch}) > 2  # crops and flips vary
+    other_seed = ImageCaptionDataset(_Rows(6), "img", "txt", 8, random_flip=True, seed=2)
+    assert any(not torch.equal(other_seed[(e, 1)]["pixel_values"], dataset[(e, 1)]["pixel_values"]) for e in range(4))
+    batch = collate_examples([dataset[(0, i)] for i in range(3)])
+    assert batch["pixel_values"].shape == (3, 3, 8, 8) and len(batch["caption"]) == 3
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    return make_vae(), PromptEncoder(make_tokenizer(), make_text_encoder(), max_sequence_length=12)
+
+
+def test_latent_cache_holds_both_flips_and_draws_them_like_the_image_dataset(encoders):
+    vae, prompt_encoder = encoders
+    dataset = ImageCaptionDataset(_Rows(5), "img", "txt", 8, random_flip=True, seed=4)
+    done = []
+    cache = build_latent_cache(dataset, vae, prompt_encoder, sigma_data=0.5, batch_size=2, progress=done.append)
+    assert isinstance(cache, CachedLatentDataset) and sum(done) == 5 and len(cache) == 5
+    for index in range(5):
+        sample = dataset.load(index, epoch=0, flip=False, pick_caption=False)
+        pixels = sample["pixel_values"][None]
+        torch.testing.assert_close(cache.latents[index], encode_images(vae, pixels)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            cache.flipped_latents[index], encode_images(vae, pixels.flip(-1))[0], rtol=1e-5, atol=1e-5
+        )
+        embeds, mask = prompt_encoder([sample["caption"]])
+        assert torch.equal(cache.prompt_attention_mask[index], mask[0])
+        used = mask[0].bool()  # masked positions depend on the batch's longest caption; they are never attended
+        torch.testing.assert_close(cache.prompt_embeds[index][used], embeds[0][used])
+        for epoch in range(4):
+            flipped = torch.equal(
+                dataset[(epoch, index)]["pixel_values"], dataset.load(index, epoch, flip=True)["pixel_values"]
+            )
+            expected = cache.flipped_latents[index] if flipped else cache.latents[index]
+            assert torch.equal(cache[(epoch, index)]["latents"], expected)
+
+
+def test_encode_images_is_in_sigma_data_units(encoders):
+    vae, _ = encoders
+    pixels = torch.rand(2, 3, 8, 8) * 2 - 1
+    expected = vae.encode(pixels).latent * vae.config.scaling_factor * 0.5
+    torch.testing.assert_close(encode_images(vae, pixels, sigma_data=0.5), expected)
+
+
+@pytest.mark.parametrize("instruction", [True, False])
+def test_prompt_encoder_matches_the_pipeline(instruction):
+    tokenizer, text_encoder = make_tokenizer(), make_text_encoder()
+    pipe = SanaSprintPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=make_vae(),
+        transformer=SanaSprintTransformer2DModel(**transformer_config(sample_size=8)),
+        scheduler=TrigFlowScheduler(),
+    )
+    kwargs = {"complex_human_instruction": DEFAULT_COMPLEX_HUMAN_INSTRUCTION if instruction else None}
+    encoder = PromptEncoder(tokenizer, text_encoder, max_sequence_length=20, **kwargs)
+    prompts = ["a red cat", "a big blue dog with a small green tree"]
+    embeds, mask = encoder(prompts)
+    expected = pipe.encode_prompt(prompts, max_sequence_length=20, **kwargs)
+    torch.testing.assert_close(embeds, expected[0])
+    assert torch.equal(mask, expected[1]) and embeds.shape[1] == 20
+    null_embeds, null_mask = encoder.null()
+    no_instruction = pipe.encode_prompt([""], max_sequence_length=20, complex_human_instruction=None)
+    torch.testing.assert_close(null_embeds, no_instruction[0])
+    assert null_mask.sum() == no_instruction[1].sum() >= 1
+
+
+def test_trimming_padding_columns_changes_no_output():
+    teacher = SanaSprintTransformer2DModel.from_config(transformer_config(student=False, sample_size=8))
+    with torch.no_grad():
+        for parameter in teacher.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    embeds, mask = torch.randn(3, 10, 16), torch.zeros(3, 10, dtype=torch.long)
+    mask[0, :3], mask[1, :5], mask[2, :2] = 1, 1, 1
+    null, null_mask = torch.randn(1, 10, 16), torch.zeros(1, 10, dtype=torch.long)
+    null_mask[0, :2] = 1
+    trimmed = trim_prompt_padding(embeds, mask, null, null_mask)
+    assert [tuple(x.shape[:2]) for x in trimmed] == [(3, 5), (3, 5), (1, 5), (1, 5)]
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([0.2, 0.9, 1.4])
+    with torch.no_grad():
+        full = teacher.trigflow_forward(x, t, embeds, mask).sample
+        cut = teacher.trigflow_forward(x, t, trimmed[0], trimmed[1]).sample
+    torch.testing.assert_close(cut, full, rtol=1e-6, atol=1e-6)
+
+
+def _write_imagefolder(folder, num=4):
+    folder.mkdir()
+    rows = []
+    for i in range(num):
+        Image.fromarray(np.full((10, 10, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"caption {i}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_load_image_caption_dataset_from_imagefolder_and_save_to_disk(tmp_path):
+    _write_imagefolder(tmp_path / "images")
+    data = load_image_caption_dataset(train_data_dir=str(tmp_path / "images"), cache_dir=str(tmp_path / "cache"))
+    assert len(data) == 4 and sorted(data["text"]) == [f"caption {i}" for i in range(4)]
+    data.save_to_disk(str(tmp_path / "saved"))
+    again = load_image_caption_dataset(dataset_name=str(tmp_path / "saved"), max_train_samples=3)
+    assert len(again) == 3 and isinstance(again[0]["image"], Image.Image)
+    with pytest.raises(ValueError, match="'caption' is not a column"):
+        load_image_caption_dataset(dataset_name=str(tmp_path / "saved"), caption_column="caption")
+    with pytest.raises(ValueError, match="exactly one"):
+        load_image_caption_dataset()
+
+
+def test_diffusers_teacher_pipeline_builds(tmp_path):
+    """The tiny teacher the script tests use is a plain diffusers SanaPipeline (sanity of the fixtures)."""
+    from diffusers import SanaPipeline
+
+    pipe = SanaPipeline(
+        tokenizer=make_tokenizer(),
+        text_encoder=make_text_encoder(),
+        vae=make_vae(),
+        transformer=make_diffusers_transformer(student=False, sample_size=8),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    pipe.save_pretrained(tmp_path)
+    assert math.isclose(
+        SanaSprintTransformer2DModel.from_pretrained(tmp_path / "transformer").effective_flow_time_scale, 1000.0
+    )
