@@ -278,3 +278,9 @@ def test_prompt_encoding_skips_trailing_padding_but_matches_diffusers(reference,
     real = their_mask.bool()
     torch.testing.assert_close(ours[real], theirs[real], rtol=0, atol=1e-6)
     assert ours[:, seen_lengths[0] :].abs().max() == 0  # never encoded
+
+
+@pytest.mark.parametrize("dtype_argument", ["torch_dtype", "dtype"])
+def test_from_pretrained_dtype_reaches_the_transformer(diffusers_dir, dtype_argument):
+    pipe = SanaSprintPipeline.from_pretrained(diffusers_dir, **{dtype_argument: torch.bfloat16})
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16

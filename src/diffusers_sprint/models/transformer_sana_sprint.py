@@ -208,11 +208,12 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
             guidance_scale = torch.as_tensor(guidance_scale, device=sample.device, dtype=time_dtype)
             guidance = guidance_scale.expand(batch_size) * self.config.guidance_embeds_scale
 
+        model_dtype = self.dtype  # walks the parameters: read once per call
         time_scale = self.effective_flow_time_scale
         model_timestep = flow_time if time_scale == 1.0 else flow_time * time_scale
         velocity = self(
-            flow_sample.to(self.dtype),
-            encoder_hidden_states=encoder_hidden_states.to(self.dtype),
+            flow_sample.to(model_dtype),
+            encoder_hidden_states=encoder_hidden_states.to(model_dtype),
             encoder_attention_mask=encoder_attention_mask,
             timestep=model_timestep,
             guidance=guidance,
@@ -225,16 +226,16 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
 
         logvar = None
         if return_logvar:
-            logvar = self.logvar_linear(self._time_embedding(model_timestep, guidance, batch_size))
+            logvar = self.logvar_linear(self._time_embedding(model_timestep, guidance, batch_size, model_dtype))
 
         if not return_dict:
             return (trigflow_velocity,) if logvar is None else (trigflow_velocity, logvar)
         return SanaSprintTransformerOutput(sample=trigflow_velocity, logvar=logvar)
 
-    def _time_embedding(self, model_timestep: torch.Tensor, guidance: torch.Tensor | None, batch_size: int):
+    def _time_embedding(self, model_timestep, guidance, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
         """The `(batch_size, inner_dim)` time(+guidance) embedding that modulates the output norm."""
         if guidance is not None:
-            _, embedded = self.time_embed(model_timestep, guidance=guidance, hidden_dtype=self.dtype)
+            _, embedded = self.time_embed(model_timestep, guidance=guidance, hidden_dtype=dtype)
         else:
-            _, embedded = self.time_embed(model_timestep, batch_size=batch_size, hidden_dtype=self.dtype)
+            _, embedded = self.time_embed(model_timestep, batch_size=batch_size, hidden_dtype=dtype)
         return embedded

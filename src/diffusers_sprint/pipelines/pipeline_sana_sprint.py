@@ -23,7 +23,7 @@ DEFAULT_COMPLEX_HUMAN_INSTRUCTION = (
     inspect.signature(DiffusersSanaSprintPipeline.__call__).parameters["complex_human_instruction"].default
 )
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
-_MODEL_KWARGS = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage")
+_MODEL_KWARGS = ("torch_dtype", "dtype", "variant", "use_safetensors", "low_cpu_mem_usage")
 
 
 class SanaSprintPipeline(DiffusersSanaSprintPipeline):
