@@ -1,0 +1,497 @@
+"""examples/train_sana_sprint.py end to end, offline, on tiny models and a generated image dataset.
+
+Every run is a subprocess (`python` or `accelerate launch`) with one thread per process and the Hub switched off
+(`HF_HUB_OFFLINE=1`), except the push test, whose Hub is a local stand-in server (tests/hub_stand_in.py).
+"""
+
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+from diffusers.utils import make_image_grid
+from peft.utils import get_peft_model_state_dict
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_components import make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae
+
+from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel
+
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "train_sana_sprint.py"
+TESTS = Path(__file__).resolve().parent
+PROMPTS = ["a red house", "a small blue house"]
+COLORS = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (230, 220, 30), (10, 10, 10), (250, 250, 250)]
+WORDS = ["red", "green", "blue", "yellow", "black", "white"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny diffusers `SanaPipeline` teacher, 8 captioned PNGs as an imagefolder and as a `save_to_disk` dataset."""
+    root = tmp_path_factory.mktemp("assets")
+    SanaPipeline(
+        tokenizer=make_tokenizer(),
+        text_encoder=make_text_encoder(),
+        vae=make_vae(),
+        transformer=make_diffusers_transformer(student=False, sample_size=8),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    ).save_pretrained(root / "teacher")
+    images = root / "images"
+    images.mkdir()
+    rows = []
+    for i in range(8):
+        array = np.full((20, 24, 3), 128, np.uint8)
+        array[3 + i % 4 : 14 + i % 4, 5:19] = COLORS[i % len(COLORS)]
+        Image.fromarray(array).save(images / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a {'small' if i % 2 else 'big'} {WORDS[i % 6]} house"})
+    (images / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    import datasets
+
+    datasets.load_dataset("imagefolder", data_dir=str(images), cache_dir=str(root / "hf_cache"))["train"].save_to_disk(
+        str(root / "saved_dataset")
+    )
+    return root
+
+
+def _env(tmp_path, **extra):
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HOME=str(tmp_path / "hf_home"),  # no user accelerate config, no user token
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    """A free local port, found by a child process (this process has sockets disabled)."""
+    code = "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
+    return int(subprocess.check_output([sys.executable, "-c", code], text=True))
+
+
+def run_script(tmp_path, args, launcher="python", num_processes=1, env=None, timeout=300):
+    if launcher == "python":
+        command = [sys.executable, str(SCRIPT)]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no"]
+        command += ["--mixed_precision", "no", "--num_processes", str(num_processes)]
+        if num_processes > 1:
+            command += ["--multi_gpu", "--main_process_port", str(_free_port())]
+        command.append(str(SCRIPT))
+    start = time.perf_counter()
+    result = subprocess.run(
+        command + [str(a) for a in args],
+        cwd=REPO,
+        env=env or _env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def base_args(assets, output_dir, steps, resolution=16, **flags):
+    args = [
+        "--pretrained_teacher_model_name_or_path",
+        assets / "teacher",
+        "--train_data_dir",
+        assets / "images",
+        "--cache_dir",
+        assets / "hf_cache",
+        "--resolution",
+        resolution,
+        "--train_batch_size",
+        2,
+        "--max_train_steps",
+        steps,
+        "--max_sequence_length",
+        16,
+        "--no-complex_human_instruction",
+        "--seed",
+        0,
+        "--learning_rate",
+        1e-3,
+        "--tangent_warmup_steps",
+        2,
+        "--report_to",
+        "none",
+        "--output_dir",
+        output_dir,
+    ]
+    for key, value in flags.items():
+        args += [f"--{key}"] + ([] if value is True else list(value) if isinstance(value, (list, tuple)) else [value])
+    return args
+
+
+def read_log(output_dir):
+    with open(Path(output_dir) / "training_log.jsonl") as file:
+        return [json.loads(line) for line in file]
+
+
+def _generate(pipe, steps, **kwargs):
+    kwargs = {
+        "height": 16,
+        "width": 16,
+        "use_resolution_binning": False,
+        "complex_human_instruction": None,
+        "max_sequence_length": 16,
+        "output_type": "pil",
+        **kwargs,
+    }
+    return pipe(PROMPTS, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (7) teacher preparation, then (1) distillation from it
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared_teacher(assets, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("prepare")
+    output = tmp_path / "teacher"
+    run_script(
+        tmp_path,
+        base_args(
+            assets,
+            output,
+            2,
+            resolution=32,  # diffusers' SanaPipeline (teacher validation) needs multiples of 32
+            stage="prepare_teacher",
+            calibrate_qk_norm=True,
+            validation_prompts=PROMPTS,
+            validation_inference_steps=[3],
+        ),
+    )
+    return output
+
+
+def test_prepare_teacher_writes_a_sprint_teacher_that_sana_pipeline_loads(prepared_teacher, assets):
+    log = read_log(prepared_teacher)
+    assert [row["step"] for row in log] == [1, 2]
+    assert all(math.isfinite(row["finetune_loss"]) and row["skipped"] == 0 for row in log)
+    pipe = SanaPipeline.from_pretrained(prepared_teacher)  # `import diffusers_sprint` registered the class
+    transformer = pipe.transformer
+    assert isinstance(transformer, SanaSprintTransformer2DModel)
+    assert transformer.config.qk_norm == "rms_norm_across_heads" and not transformer.config.guidance_embeds
+    assert transformer.effective_flow_time_scale == 1.0 and math.isclose(transformer.config.timestep_scale, 1e-3)
+    flow = SanaSprintTransformer2DModel.from_pretrained(assets / "teacher", subfolder="transformer")
+    assert flow.effective_flow_time_scale == 1000.0 and flow.config.qk_norm is None
+    images = pipe(
+        PROMPTS[0],
+        height=32,
+        width=32,
+        num_inference_steps=3,
+        use_resolution_binning=False,
+        complex_human_instruction=None,
+        max_sequence_length=16,
+        output_type="np",
+    ).images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    assert (prepared_teacher / "validation_grid.png").exists()
+    assert not (prepared_teacher / "checkpoint-2" / "discriminator_heads").exists()
+
+
+def test_distill_end_to_end(prepared_teacher, assets, tmp_path):
+    """accelerate launch, tensorboard, EMA, flips, checkpoint + validation at step 2, final pipeline and grid."""
+    output = tmp_path / "out"
+    args = base_args(
+        assets,
+        output,
+        3,
+        checkpointing_steps=2,
+        validation_steps=2,
+        validation_prompts=PROMPTS,
+        use_ema=True,
+        ema_decay=0.5,
+        random_flip=True,
+    )
+    args[args.index("--pretrained_teacher_model_name_or_path") + 1] = prepared_teacher
+    args[args.index("--report_to") + 1] = "tensorboard"
+    result = run_script(tmp_path, args, launcher="accelerate")
+    print(f"distill run: {result.seconds:.1f} s")
+
+    log = read_log(output)
+    assert [row["step"] for row in log] == [1, 2, 3]
+    for row in log:
+        for key in ("generator_loss", "scm_loss", "adversarial_loss", "discriminator_loss"):
+            assert math.isfinite(row[key]), (key, row)
+    assert [row["generator_steps"] for row in log] == [1, 2, 3]  # G and D updates are counted apart
+    assert [row["discriminator_steps"] for row in log] == [1, 2, 3]
+    assert list((output / "logs").rglob("events.out.tfevents.*"))
+    assert (output / "validation" / "step_000002.png").exists() and (output / "validation_grid.png").exists()
+
+    # The checkpoint holds the student and the heads, never the frozen teacher (diffusers #12444).
+    checkpoint = output / "checkpoint-2"
+    weights = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*.safetensors"))
+    assert weights == ["discriminator_heads/heads.safetensors", "transformer/diffusion_pytorch_model.safetensors"]
+    assert all(key.startswith("heads.") for key in load_file(checkpoint / "discriminator_heads/heads.safetensors"))
+    saved = SanaSprintTransformer2DModel.from_pretrained(checkpoint / "transformer")
+    assert saved.config.guidance_embeds and saved.config.logvar_head
+    teacher = SanaSprintTransformer2DModel.from_pretrained(prepared_teacher / "transformer")
+    assert not teacher.config.guidance_embeds
+    assert json.loads((checkpoint / "training_state.json").read_text())["global_step"] == 2
+
+    # The output is a complete SanaSprintPipeline; its images are the final validation grid (same seed, 1 and 2
+    # steps through the real pipeline).
+    pipe = SanaSprintPipeline.from_pretrained(output)
+    assert isinstance(pipe.transformer, SanaSprintTransformer2DModel) and pipe.transformer.dtype == torch.float32
+    columns = [_generate(pipe, steps, guidance_scale=4.5) for steps in (1, 2)]
+    grid = make_image_grid([column[row] for row in range(2) for column in columns], rows=2, cols=2)
+    difference = np.abs(np.asarray(grid, np.int16) - np.asarray(Image.open(output / "validation_grid.png"), np.int16))
+    assert difference.max() <= 1
+    assert not np.array_equal(np.asarray(columns[0][0]), np.asarray(columns[1][0]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (2) resume equality
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(assets, tmp_path):
+    """4 steps straight vs 3 steps (checkpoint at 2, then 'killed') + resume from the checkpoint to 4."""
+    flags = dict(use_ema=True, ema_decay=0.5, random_flip=True, gradient_accumulation_steps=1)
+    straight = tmp_path / "straight"
+    run_script(tmp_path, base_args(assets, straight, 4, checkpointing_steps=1, checkpoints_total_limit=2, **flags))
+    assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+
+    resumed = tmp_path / "resumed"
+    run_script(tmp_path, base_args(assets, resumed, 3, checkpointing_steps=2, **flags))
+    assert [row["step"] for row in read_log(resumed)] == [1, 2, 3]
+    run_script(
+        tmp_path, base_args(assets, resumed, 4, checkpointing_steps=2, resume_from_checkpoint="latest", **flags)
+    )
+
+    expected, got = read_log(straight), read_log(resumed)
+    assert [row["step"] for row in got] == [1, 2, 3, 4]  # the log was cut back to the checkpoint
+    assert got == expected  # every logged float, bit for bit
+    final = load_file(resumed / "transformer" / "diffusion_pytorch_model.safetensors")
+    for key, value in load_file(straight / "transformer" / "diffusion_pytorch_model.safetensors").items():
+        assert torch.equal(final[key], value), key
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (3) LoRA round trip
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_distillation_round_trip(assets, tmp_path):
+    output = tmp_path / "lora"
+    args = base_args(
+        assets,
+        output,
+        2,
+        lora_rank=4,
+        lora_alpha=4,
+        guidance_scales=[4.5],
+        cache_latents=True,
+        validation_prompts=PROMPTS,
+        validation_inference_steps=[1],
+    )
+    args[args.index("--train_data_dir") : args.index("--train_data_dir") + 2] = [
+        "--dataset_name",
+        assets / "saved_dataset",
+    ]
+    run_script(tmp_path, args)
+    assert (output / "pytorch_lora_weights.safetensors").exists() and not (output / "transformer").exists()
+    lora = load_file(output / "pytorch_lora_weights.safetensors")
+    assert lora and all(".lora_A." in key or ".lora_B." in key for key in lora)
+
+    pipe = SanaSprintPipeline.from_pretrained(assets / "teacher")  # the teacher is the LoRA's base
+    base = _generate(pipe, 1, guidance_scale=None)
+    pipe.load_lora_weights(output)
+    with_lora = _generate(pipe, 1, guidance_scale=None)
+    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name=pipe.get_active_adapters()[0])
+    assert {f"transformer.{key}" for key in loaded} == set(lora)
+    for key, value in loaded.items():
+        assert torch.equal(lora[f"transformer.{key}"], value), key
+    grid = make_image_grid(with_lora, rows=2, cols=1)
+    difference = np.abs(np.asarray(grid, np.int16) - np.asarray(Image.open(output / "validation_grid.png"), np.int16))
+    assert difference.max() <= 1  # the saved adapter is the trained student
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(base, with_lora))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = _generate(pipe, 1, guidance_scale=None, output_type="np")
+    unfused = np.stack([np.asarray(image, np.float32) / 255 for image in with_lora])
+    assert np.abs(fused - unfused).max() <= 1 / 255 + 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (4) two processes (gloo) vs one process, same global batch
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_path):
+    """Global batch 4 = 2 processes x 2 samples vs 1 process x 2 samples x 2 accumulation steps, 3 steps (crossing an
+    epoch): same micro-batches and noise by construction; only float summation order differs. Seen on CPU: losses
+    within 3e-8, weights within 3e-6 after 3 AdamW steps at lr 1e-3. Asserted: 1e-5 relative and 1e-4 absolute."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script(tmp_path, base_args(assets, one, 3, gradient_accumulation_steps=2, random_flip=True))
+    env = _env(tmp_path, ACCELERATE_USE_CPU="1")
+    result = run_script(
+        tmp_path,
+        base_args(assets, two, 3, gradient_accumulation_steps=1, random_flip=True),
+        launcher="accelerate",
+        num_processes=2,
+        env=env,
+    )
+    assert "MULTI_CPU" in result.stdout + result.stderr and "Num processes: 2" in result.stdout + result.stderr
+    log_one, log_two = read_log(one), read_log(two)
+    assert [row["step"] for row in log_two] == [1, 2, 3] and log_two[-1]["epoch"] == 1
+    for row_one, row_two in zip(log_one, log_two):
+        for key in ("generator_loss", "scm_loss", "adversarial_loss", "discriminator_loss", "generator_grad_norm"):
+            assert math.isclose(row_one[key], row_two[key], rel_tol=1e-5, abs_tol=1e-7), (key, row_one, row_two)
+    weights_one = load_file(one / "transformer" / "diffusion_pytorch_model.safetensors")
+    weights_two = load_file(two / "transformer" / "diffusion_pytorch_model.safetensors")
+    difference = max((weights_one[k] - weights_two[k]).abs().max().item() for k in weights_one)
+    print(f"1 vs 2 processes: max weight difference {difference:.2e}")
+    assert difference < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (5) push to a local stand-in Hub
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stand_in_hub(tmp_path):
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    server = subprocess.Popen([sys.executable, str(TESTS / "hub_stand_in.py"), str(folder)])
+    try:
+        for _ in range(200):
+            if (folder / "port").exists():
+                break
+            time.sleep(0.05)
+        yield folder, int((folder / "port").read_text())
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_push_to_hub_uploads_pipeline_and_card_but_no_checkpoints(assets, tmp_path, stand_in_hub):
+    """Also: bf16 autocast + gradient checkpointing, with the trained weights saved in fp32."""
+    hub, port = stand_in_hub
+    output = tmp_path / "push"
+    env = _env(
+        tmp_path,
+        HF_HUB_OFFLINE="0",
+        HF_ENDPOINT=f"http://127.0.0.1:{port}",
+        HF_HUB_DISABLE_XET="1",
+        HF_TOKEN="hf_stand_in_token",
+    )
+    args = base_args(
+        assets,
+        output,
+        2,
+        checkpointing_steps=1,
+        validation_prompts=PROMPTS[:1],
+        push_to_hub=True,
+        hub_model_id="stand-in-user/sana-sprint-tiny",
+        mixed_precision="bf16",
+        gradient_checkpointing=True,
+    )
+    run_script(tmp_path, args, env=env)
+    repo = hub / "repos" / "stand-in-user" / "sana-sprint-tiny"
+    uploaded = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
+    assert (output / "checkpoint-1").is_dir() and (output / "checkpoint-2").is_dir()
+    assert not any(name.startswith("checkpoint-") for name in uploaded)
+    for name in (
+        "README.md",
+        "model_index.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "validation_grid.png",
+    ):
+        assert name in uploaded, uploaded
+    card = (repo / "README.md").read_text()
+    assert "base_model:" in card and str(assets / "teacher") in card and "sana-sprint" in card
+    assert "validation_grid.png" in card and "SanaSprintPipeline.from_pretrained" in card
+    requests = [json.loads(line) for line in (hub / "requests.jsonl").read_text().splitlines()]
+    assert all(request["known"] for request in requests)
+    weights = load_file(repo / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(value.dtype == torch.float32 for value in weights.values())
+    assert all(math.isfinite(row["generator_loss"]) for row in read_log(output))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (6) flags
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _load_script_module():
+    spec = importlib.util.spec_from_file_location("train_sana_sprint", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_flag_has_help_and_is_read():
+    module = _load_script_module()
+    parser = module.build_parser()
+    source = SCRIPT.read_text()
+    help_text = parser.format_help()
+    actions = [action for action in parser._actions if action.dest != "help"]
+    assert len(actions) > 80
+    unread = [a.dest for a in actions if not re.search(rf"\bargs\.{re.escape(a.dest)}\b", source)]
+    assert unread == [], f"flags never read: {unread}"
+    for action in actions:
+        assert action.help and action.help.strip(), action.dest
+        assert action.option_strings[0] in help_text
+    official = {
+        "sigma_data": 0.5,
+        "p_mean": 0.2,
+        "p_std": 1.6,
+        "discriminator_p_mean": -0.6,
+        "discriminator_p_std": 1.0,
+        "tangent_warmup_steps": 4000,
+        "tangent_norm": "l2",
+        "tangent_norm_eps": 0.1,
+        "guidance_scales": [4.0, 4.5, 5.0],
+        "scm_lambda": 1.0,
+        "adversarial_lambda": 0.5,
+        "adversarial_loss": "hinge",
+        "misaligned_pairs": True,
+        "max_time_probability": 0.5,
+        "max_grad_norm": 0.1,
+        "adaptive_weight": True,
+        "guidance_embeds_scale": 0.1,
+        "report_to": "tensorboard",
+    }
+    args = module.parse_args(["--pretrained_teacher_model_name_or_path", "x", "--dataset_name", "y"])
+    assert {key: getattr(args, key) for key in official} == official
+    assert args.validation_inference_steps == [1, 2]
+    for bad, message in (
+        ([], "exactly one"),
+        (["--dataset_name", "y", "--train_data_dir", "z"], "exactly one"),
+        (["--dataset_name", "y", "--stage", "prepare_teacher", "--lora_rank", "4"], "lora_rank"),
+        (["--dataset_name", "y", "--gradient_checkpointing", "--reuse_jvp_primal"], "reuse_jvp_primal"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            module.parse_args(["--pretrained_teacher_model_name_or_path", "x"] + bad)
+    for optimizer, package in (("adamw8bit", "bitsandbytes"), ("came", "came_pytorch")):
+        flags = ["--pretrained_teacher_model_name_or_path", "x", "--dataset_name", "y", "--optimizer", optimizer]
+        if importlib.util.find_spec(package) is None:  # optional packages: a clear error before anything loads
+            with pytest.raises(ImportError, match="pip install"):
+                module.parse_args(flags)
+        else:
+            assert module.parse_args(flags).optimizer == optimizer
