@@ -999,6 +999,8 @@ def main(args):
                 generator = make_generator(seed, "generator", step, indices[i], device=device)
                 return generator_step(student, teacher, discriminator, batches[i], state, config, generator=generator)
 
+            if discriminator is not None:
+                discriminator.eval()  # the heads' spectral-norm power iteration advances on D updates only
             outcome, g_logs = accumulated_update(generator_loss, num_micro, optimizer, trainable)
             state.record("generator", outcome)
             logs.update(g_logs, generator_grad_norm=outcome.grad_norm, generator_skipped=float(outcome.skipped))
@@ -1008,6 +1010,7 @@ def main(args):
                     generator = make_generator(seed, "discriminator", step, indices[i], device=device)
                     return discriminator_step(student, discriminator, batches[i], config, generator=generator)
 
+                discriminator.train()
                 outcome_d, d_logs = accumulated_update(discriminator_loss, num_micro, optimizer_d, head_parameters)
                 state.record("discriminator", outcome_d)
                 logs.update(
