@@ -1,0 +1,627 @@
+"""Cost of one SANA-Sprint distillation iteration, in units of one student forward ("forward-equivalents").
+
+A mid-size Sprint teacher (random weights, dense time, QK-norm, no guidance embedder) is built offline; the student
+comes from `build_student` (guidance embedder + logvar head) and the discriminator is `SanaDiscriminator` on the
+teacher with `default_head_block_ids(layers)` (4 heads from 4 layers up). The script times, interleaved:
+
+- the units: one student `trigflow_forward` under `torch.no_grad()` on the batch ("fwd", the unit everything is
+  divided by) and one grad-enabled forward + backward of the same call ("fwd+bwd", for reference);
+- the generator step (`generator_step` + `optimizer_update`, AdamW on the student) for sCM only and sCM + LADD, each
+  with `reuse_jvp_primal` off and on, plus sCM + LADD with `max_time_probability=0` (the LADD fake then reuses the
+  sCM forward, no fresh student forward);
+- the discriminator step (`discriminator_step` + `optimizer_update`, AdamW on the heads; misaligned pairs on);
+- the pieces the G step is made of (teacher CFG forward on 2B, JVP without grad, JVP with grad + backward,
+  discriminator forward + backward through the frozen teacher to its input, student fwd+bwd on half the batch,
+  clip + AdamW step), so that the G step can be accounted for.
+
+Time. CPU: `time.process_time()` (user + system CPU time) of this single-threaded process (`torch.set_num_threads(1)`),
+which a machine shared with other jobs inflates far less than wall-clock time. CUDA: wall clock around
+`torch.cuda.synchronize()`. After one untimed pass over everything, each repeat runs
+`fwd, v1, fwd, v2, ..., fwd, vn, fwd` with the variants in a rotated order; a variant's forward-equivalents are its
+time divided by the mean of the two unit forwards around it (this cancels slow load drifts), and the table gives the
+median and inter-quartile range of those ratios over the repeats, plus the median raw time.
+
+Memory. Peak memory of one call per variant, after one untimed warm-up call of the same variant (which creates the
+optimizer states). CPU: each variant runs in a fresh `fork()`ed child of this process (a private copy of the built
+models, before this process has run any backward), which pins glibc's mmap threshold (`mallopt(M_MMAP_THRESHOLD,
+64 KiB)`, so that freed tensor buffers are unmapped at once and RSS tracks live memory), resets the resident-set
+high-water mark (`echo 5 > /proc/self/clear_refs`), and reports `VmHWM - VmRSS` from `/proc/self/status` after the
+call: the peak resident growth, i.e. everything the call allocates and touches at its peak (activations, saved
+tensors, gradients, temporaries) plus allocator slack. `resource.ru_maxrss` cannot be reset and `tracemalloc` does
+not see torch's allocations, hence this method. CUDA: `torch.cuda.max_memory_allocated()` minus the allocated bytes
+before the call, in this process. Without `/proc` (not Linux) memory is not reported.
+
+    python benchmarks/bench_train_step.py            # 8 layers, dim 128, 16x16 latent, batch 4: ~2 CPU-minutes
+    python benchmarks/bench_train_step.py --layers 6 --dim 256 --latent 16 --batch 8 --repeats 3 --json out.json
+"""
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import diffusers  # noqa: E402
+import torch  # noqa: E402
+
+from diffusers_sprint import SanaSprintTransformer2DModel  # noqa: E402
+from diffusers_sprint.training import (  # noqa: E402
+    DistillationBatch,
+    DistillationConfig,
+    DistillationState,
+    SanaDiscriminator,
+    SCMLossConfig,
+    build_student,
+    default_head_block_ids,
+    discriminator_step,
+    generator_step,
+    optimizer_update,
+    sample_trigflow_time,
+    teacher_cfg_velocity,
+)
+from diffusers_sprint.training.scm import trigflow_velocity_jvp  # noqa: E402
+
+
+SIGMA_DATA = 0.5
+HEAD_DIM = 32
+LATENT_CHANNELS = 32
+GUIDANCE = 4.5
+TARGET_G_STEP = 9.0  # forward-equivalents (issue 3); the official loop is about 13
+M_MMAP_THRESHOLD = -3  # mallopt parameter
+MMAP_THRESHOLD = 65536
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    teacher: SanaSprintTransformer2DModel
+    student: SanaSprintTransformer2DModel
+    discriminator: SanaDiscriminator
+    batch: DistillationBatch
+    g_optimizer: torch.optim.Optimizer
+    d_optimizer: torch.optim.Optimizer
+    state: DistillationState
+    generator: torch.Generator
+    x_t_scaled: torch.Tensor
+    t: torch.Tensor
+    w: torch.Tensor
+    features: list
+
+
+def build(args) -> Setup:
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    heads = args.dim // HEAD_DIM
+    with torch.device(device):
+        teacher = SanaSprintTransformer2DModel(
+            in_channels=LATENT_CHANNELS,
+            out_channels=LATENT_CHANNELS,
+            num_layers=args.layers,
+            num_attention_heads=heads,
+            attention_head_dim=HEAD_DIM,
+            num_cross_attention_heads=heads,
+            cross_attention_head_dim=HEAD_DIM,
+            cross_attention_dim=args.dim,
+            caption_channels=args.caption_channels,
+            sample_size=args.latent,
+            patch_size=1,
+            qk_norm="rms_norm_across_heads",
+            flow_time_scale=1.0,
+        )
+    teacher.eval().requires_grad_(False)
+    student = build_student(teacher, logvar_head=True, generator=torch.Generator().manual_seed(args.seed))
+    student.train()
+    discriminator = SanaDiscriminator(
+        teacher, head_block_ids=default_head_block_ids(args.layers), head_channels=args.head_channels
+    ).to(device)
+
+    generator = torch.Generator(device).manual_seed(args.seed)
+    b, seq = args.batch, args.seq_len
+    latents = torch.randn(b, LATENT_CHANNELS, args.latent, args.latent, generator=generator, device=device)
+    embeds = torch.randn(b, seq, args.caption_channels, generator=generator, device=device)
+    mask = torch.ones(b, seq, dtype=torch.long, device=device)
+    mask[::2, seq // 2 :] = 0  # half the captions padded
+    null = torch.randn(1, seq, args.caption_channels, generator=generator, device=device)
+    null_mask = torch.zeros(1, seq, dtype=torch.long, device=device)
+    null_mask[:, :4] = 1
+    batch = DistillationBatch(latents * SIGMA_DATA, embeds, mask, null, null_mask)
+
+    t = sample_trigflow_time(b, device=device, generator=generator)
+    z = torch.randn(latents.shape, generator=generator, device=device)
+    x_t_scaled = torch.cos(t)[:, None, None, None] * latents + torch.sin(t)[:, None, None, None] * z
+    w = torch.full((b,), GUIDANCE, device=device)
+    with torch.no_grad():
+        features = discriminator.extract_features(x_t_scaled, t, embeds, mask)
+    return Setup(
+        teacher=teacher,
+        student=student,
+        discriminator=discriminator,
+        batch=batch,
+        g_optimizer=torch.optim.AdamW(student.parameters(), lr=1e-6, weight_decay=0.0),
+        d_optimizer=torch.optim.AdamW(discriminator.parameters(), lr=1e-6, weight_decay=0.0),
+        state=DistillationState(generator_steps=1000),
+        generator=generator,
+        x_t_scaled=x_t_scaled,
+        t=t,
+        w=w,
+        features=features,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Variants: each is a function of the setup doing one complete unit of work
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _config(reuse: bool, ladd: bool, max_time_probability: float = 0.5) -> DistillationConfig:
+    return DistillationConfig(
+        scm=SCMLossConfig(reuse_jvp_primal=reuse),
+        adversarial_lambda=0.5 if ladd else 0.0,
+        max_time_probability=max_time_probability,
+    )
+
+
+def generator_variant(reuse: bool, ladd: bool, max_time_probability: float = 0.5):
+    config = _config(reuse, ladd, max_time_probability)
+
+    def run(s: Setup):
+        s.discriminator.eval()  # spectral-norm power iterations advance on D steps only (docs/training/ladd.md)
+        out = generator_step(
+            s.student, s.teacher, s.discriminator if ladd else None, s.batch, s.state, config, s.generator
+        )
+        s.state.record("generator", optimizer_update(out.loss, s.g_optimizer, s.student.parameters(), 1.0))
+
+    return run
+
+
+def discriminator_variant():
+    config = _config(reuse=False, ladd=True)
+
+    def run(s: Setup):
+        s.discriminator.train()
+        out = discriminator_step(s.student, s.discriminator, s.batch, config, s.generator)
+        outcome = optimizer_update(out.loss, s.d_optimizer, s.discriminator.parameters(), 1.0)
+        s.state.record("discriminator", outcome)
+
+    return run
+
+
+def _student_call(s: Setup, rows: slice = slice(None)):
+    b = s.batch
+    return s.student.trigflow_forward(
+        s.x_t_scaled[rows], s.t[rows], b.prompt_embeds[rows], b.prompt_attention_mask[rows], guidance_scale=s.w[rows]
+    ).sample
+
+
+def unit_forward(s: Setup):
+    with torch.no_grad():
+        _student_call(s)
+
+
+def unit_forward_backward(s: Setup, rows: slice = slice(None)):
+    _student_call(s, rows).square().mean().backward()
+    s.student.zero_grad(set_to_none=True)
+
+
+def half_forward_backward(s: Setup):
+    unit_forward_backward(s, slice(0, max(1, s.batch.latents.shape[0] // 2)))
+
+
+def teacher_cfg(s: Setup):
+    b = s.batch
+    teacher_cfg_velocity(
+        s.teacher,
+        s.x_t_scaled,
+        s.t,
+        b.prompt_embeds,
+        b.prompt_attention_mask,
+        b.null_prompt_embeds,
+        b.null_prompt_attention_mask,
+        s.w,
+        SIGMA_DATA,
+    )
+
+
+def _jvp(s: Setup, return_logvar: bool):
+    b = s.batch
+    cos_sin = torch.cos(s.t) * torch.sin(s.t)
+    tangent_x = torch.ones_like(s.x_t_scaled) * cos_sin[:, None, None, None]
+    return trigflow_velocity_jvp(
+        s.student,
+        s.x_t_scaled,
+        s.t,
+        tangent_x,
+        cos_sin,
+        b.prompt_embeds,
+        b.prompt_attention_mask,
+        s.w,
+        return_logvar=return_logvar,
+    )
+
+
+def jvp_no_grad(s: Setup):
+    with torch.no_grad():
+        _jvp(s, return_logvar=False)
+
+
+def jvp_grad_backward(s: Setup):
+    velocity, logvar, _ = _jvp(s, return_logvar=True)
+    (velocity.square().mean() + logvar.mean()).backward()
+    s.student.zero_grad(set_to_none=True)
+
+
+def discriminator_to_input(s: Setup):
+    """The LADD G-phase discriminator: teacher forward with graph + heads, backward to the (fake) input."""
+    s.discriminator.eval()
+    fake = s.x_t_scaled.detach().requires_grad_(True)
+    b = s.batch
+    logits = s.discriminator(fake, s.t, b.prompt_embeds, b.prompt_attention_mask)
+    (-logits.mean()).backward()
+    s.discriminator.zero_grad(set_to_none=True)
+
+
+def discriminator_heads(s: Setup):
+    """The heads alone on cached teacher features (B samples): forward + backward to the features and head weights."""
+    s.discriminator.eval()
+    features = [feature.detach().requires_grad_(True) for feature in s.features]
+    (-s.discriminator.forward_heads(features).mean()).backward()
+    s.discriminator.zero_grad(set_to_none=True)
+
+
+def optimizer_only(s: Setup):
+    """clip_grad_norm_ + AdamW step on the student (gradients kept from the previous call)."""
+    params = [p for p in s.student.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    s.g_optimizer.step()
+
+
+# name -> (label, function)
+STEPS = {
+    "g_scm": ("G step, sCM only", generator_variant(reuse=False, ladd=False)),
+    "g_scm_reuse": ("G step, sCM only, reuse_jvp_primal", generator_variant(reuse=True, ladd=False)),
+    "g_ladd": ("G step, sCM+LADD", generator_variant(reuse=False, ladd=True)),
+    "g_ladd_reuse": ("G step, sCM+LADD, reuse_jvp_primal", generator_variant(reuse=True, ladd=True)),
+    "g_ladd_pmax0": (
+        "G step, sCM+LADD, max_time_probability=0 (fake from the sCM forward)",
+        generator_variant(reuse=False, ladd=True, max_time_probability=0.0),
+    ),
+    "d_step": ("D step (misaligned pairs)", discriminator_variant()),
+}
+UNITS = {
+    "fwd": ("student forward, no grad (the unit)", unit_forward),
+    "fwd_bwd": ("student forward + backward", unit_forward_backward),
+}
+PIECES = {
+    "teacher_cfg": ("teacher CFG forward on 2B, no grad", teacher_cfg),
+    "jvp": ("student JVP, no grad", jvp_no_grad),
+    "jvp_grad_bwd": ("student JVP with grad + backward (reuse path)", jvp_grad_backward),
+    "disc_to_input": ("discriminator fwd + bwd through the teacher to the input", discriminator_to_input),
+    "disc_heads": ("discriminator heads only, fwd + bwd (B samples)", discriminator_heads),
+    "fwd_bwd_half": ("student forward + backward on B/2", half_forward_backward),
+    "optimizer": ("clip_grad_norm_ + AdamW step (student)", optimizer_only),
+}
+ALL = {**UNITS, **STEPS, **PIECES}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _clock(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+def time_variants(s: Setup, names: list[str], repeats: int, warmup: int):
+    """
+    Per repeat: `fwd, v1, fwd, v2, ..., fwd, vn, fwd` with the variants in a rotated order. Each variant's sample is
+    divided by the mean of the two unit forwards around it (bracketing cancels slow drifts of a shared machine).
+
+    Returns `(seconds, ratios)`: per variant, the raw times and the forward-equivalents; `seconds["fwd"]` holds every
+    bracketing forward.
+    """
+    device = s.batch.latents.device
+
+    def timed(function) -> float:
+        start = _clock(device)
+        function(s)
+        return _clock(device) - start
+
+    for _ in range(warmup):
+        for name in ["fwd", *names]:
+            ALL[name][1](s)
+    seconds = {name: [] for name in ["fwd", *names]}
+    ratios = {name: [] for name in names}
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        before = timed(unit_forward)
+        seconds["fwd"].append(before)
+        for name in names[shift:] + names[:shift]:  # rotated: no variant always follows the same one
+            elapsed = timed(ALL[name][1])
+            after = timed(unit_forward)
+            seconds[name].append(elapsed)
+            seconds["fwd"].append(after)
+            ratios[name].append(elapsed / ((before + after) / 2))
+            before = after
+        print(f"  repeat {repeat + 1}/{repeats}: fwd {statistics.median(seconds['fwd']) * 1e3:.0f} ms", flush=True)
+    return seconds, ratios
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory (fresh subprocess per variant)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def _measure_call(s: Setup, run) -> dict:
+    """One warm-up call (optimizer states, allocator pools), then the measured call."""
+    run(s)
+    gc.collect()
+    if s.batch.latents.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run(s)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"method": "cuda max_memory_allocated", "peak_mib": (peak - base) / 2**20, "base_mib": base / 2**20}
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark VmHWM to the current RSS
+    base = _proc_status_kib("VmRSS")
+    run(s)
+    peak = _proc_status_kib("VmHWM")
+    return {"method": "peak RSS growth (VmHWM - VmRSS)", "peak_mib": (peak - base) / 1024, "base_mib": base / 1024}
+
+
+def _pin_malloc_mmap_threshold() -> None:
+    """glibc: a fixed mmap threshold, so freed large buffers are unmapped at once (RSS tracks live memory)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure_memory(s: Setup, names: list[str]) -> dict[str, dict | None]:
+    """
+    Peak memory of one call of each variant.
+
+    CUDA: in this process, variant after variant. CPU: each variant in a fresh `fork()`ed child holding a private
+    copy of the built setup. This process must not have run a backward before: autograd refuses to run in a child
+    forked after it started its thread pool.
+    """
+    if s.batch.latents.device.type == "cuda":
+        return {name: _measure_call(s, ALL[name][1]) for name in names}
+    if not os.path.exists("/proc/self/clear_refs") or not hasattr(os, "fork"):
+        return dict.fromkeys(names)
+    results = {}
+    for name in names:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            os.close(read_end)
+            status = 0
+            _pin_malloc_mmap_threshold()  # here only: it costs page faults, i.e. time, in the timed parent
+            try:
+                payload = json.dumps(_measure_call(s, ALL[name][1]))
+            except BaseException as error:  # reported by the parent
+                payload, status = json.dumps({"error": repr(error)}), 1
+            with os.fdopen(write_end, "w") as f:
+                f.write(payload)
+            os._exit(status)
+        os.close(write_end)
+        with os.fdopen(read_end) as f:
+            payload = f.read()
+        os.waitpid(pid, 0)
+        result = json.loads(payload) if payload else {"error": "the child died"}
+        if "error" in result:
+            print(f"  memory of {name} failed: {result['error']}", file=sys.stderr)
+            result = None
+        results[name] = result
+        print(f"  {name}: {result['peak_mib']:.1f} MiB" if result else f"  {name}: -", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def breakdown(fe: dict[str, float]) -> dict[str, dict]:
+    """The G step rebuilt from its measured pieces (forward-equivalents), against the measured step."""
+    scm = {"teacher CFG forward (2B, no grad)": fe["teacher_cfg"], "JVP (no grad)": fe["jvp"]}
+    scm["student forward + backward (sCM F)"] = fe["fwd_bwd"]
+    scm["clip + AdamW"] = fe["optimizer"]
+    scm_reuse = {
+        "teacher CFG forward (2B, no grad)": fe["teacher_cfg"],
+        "JVP with grad + backward": fe["jvp_grad_bwd"],
+        "clip + AdamW": fe["optimizer"],
+    }
+    ladd_extra = {
+        "LADD fresh student forward + backward": fe["fwd_bwd"],
+        "discriminator: teacher fwd + bwd to input": fe["disc_to_input"] - fe["disc_heads"],
+        "discriminator: heads fwd + bwd": fe["disc_heads"],
+    }
+    return {
+        "g_scm": scm,
+        "g_scm_reuse": scm_reuse,
+        "g_ladd": {**scm, **ladd_extra},
+        "g_ladd_reuse": {**scm_reuse, **ladd_extra},
+    }
+
+
+def what_if(fe: dict[str, float], layers: int, official_layers: int = 20) -> dict[str, float]:
+    """
+    Estimates for the sCM+LADD G step (reuse off) from the measured pieces.
+
+    - fake from the sCM forward where `t' = t`: only the max-time rows (`p = 0.5`: half the batch on average) get a
+      fresh student forward + backward (measured on B/2);
+    - no fresh forward at all: measured directly (`max_time_probability=0`, which `generator_step` already supports);
+    - at the official depth: the heads' cost does not grow with depth while every other piece does, so in
+      forward-equivalents it shrinks by `layers / official_layers`.
+    """
+    g = fe["g_ladd"]
+    heads_at_depth = fe["disc_heads"] * layers / official_layers
+    return {
+        "measured": g,
+        "fresh forward only for the max-time rows (estimate: fwd+bwd on B/2)": g - fe["fwd_bwd"] + fe["fwd_bwd_half"],
+        "no fresh forward, fake = sCM forward (measured, max_time_probability=0)": fe["g_ladd_pmax0"],
+        f"at {official_layers} layers, same recipe (heads rescaled, estimate)": g - fe["disc_heads"] + heads_at_depth,
+        f"at {official_layers} layers, fresh forward only for max-time rows (estimate)": (
+            g - fe["disc_heads"] + heads_at_depth - fe["fwd_bwd"] + fe["fwd_bwd_half"]
+        ),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=8, help="transformer blocks of teacher and student")
+    parser.add_argument("--dim", type=int, default=128, help="inner dim (heads x 32)")
+    parser.add_argument("--latent", type=int, default=16, help="latent height = width (32 channels, patch 1)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=64, help="caption tokens (half the captions half padded)")
+    parser.add_argument("--caption-channels", type=int, default=256)
+    parser.add_argument(
+        "--head-channels", type=int, default=None, help="discriminator head width (default: inner dim, official)"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per variant before timing")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory measurement")
+    parser.add_argument("--json", type=str, default=None, metavar="PATH", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    if args.dim % HEAD_DIM:
+        parser.error(f"--dim must be a multiple of {HEAD_DIM}")
+    torch.set_num_threads(1)
+
+    environment = {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "clock": "cuda-synchronised wall clock" if args.device.startswith("cuda") else "process_time (1 thread)",
+    }
+    keys = ("layers", "dim", "latent", "batch", "seq_len", "caption_channels", "head_channels")
+    config = {key: getattr(args, key) for key in keys}
+    print("environment:", json.dumps(environment), flush=True)
+    print("config:", json.dumps(config), flush=True)
+
+    s = build(args)
+    config["student_params_m"] = round(sum(p.numel() for p in s.student.parameters()) / 1e6, 3)
+    config["head_block_ids"] = list(s.discriminator.head_block_ids)
+    config["disc_head_params_m"] = round(sum(p.numel() for p in s.discriminator.parameters()) / 1e6, 3)
+
+    memory = {}
+    if not args.no_memory:  # first: the CPU path forks, which must happen before this process runs a backward
+        print("memory: warm-up call + measured call per variant, each in a fresh forked child on CPU ...", flush=True)
+        memory = measure_memory(s, list(UNITS) + list(STEPS))
+
+    names = [name for name in ALL if name != "fwd"]
+    print(f"timing {len(names)} variants x {args.repeats} repeats, bracketed by unit forwards ...", flush=True)
+    seconds, ratios = time_variants(s, names, args.repeats, args.warmup)
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    unit = median["fwd"]
+    ratios["fwd"] = [value / unit for value in seconds["fwd"]]
+    fe = {name: statistics.median(values) for name, values in ratios.items()}
+    skipped = s.state.skipped_generator_updates + s.state.skipped_discriminator_updates
+
+    fwd_bwd_mem = (memory.get("fwd_bwd") or {}).get("peak_mib")
+
+    rows = []
+    print()
+    print(f"unit: student forward (no grad, batch {args.batch}) = {unit * 1e3:.1f} ms median ({environment['clock']})")
+    header = f"{'variant':<72} {'ms':>8} {'fwd-eq':>7} {'IQR':>11} {'peak MiB':>9} {'x fwd+bwd':>9}"
+    print(header)
+    print("-" * len(header))
+    for name in ["fwd", *names]:
+        label = ALL[name][0]
+        values = sorted(ratios[name])
+        q1, q3 = values[len(values) // 4], values[(3 * len(values)) // 4]
+        mem = (memory.get(name) or {}).get("peak_mib")
+        mem_s = f"{mem:9.1f}" if mem is not None else f"{'':>9}"
+        ratio_s = f"{mem / fwd_bwd_mem:9.2f}" if mem is not None and fwd_bwd_mem else f"{'':>9}"
+        print(f"{label:<72} {median[name] * 1e3:8.1f} {fe[name]:7.2f} {q1:5.2f}-{q3:<5.2f} {mem_s} {ratio_s}")
+        rows.append(
+            {
+                "name": name,
+                "label": label,
+                "median_ms": median[name] * 1e3,
+                "forward_equivalents": fe[name],
+                "samples_ms": [v * 1e3 for v in seconds[name]],
+                "samples_forward_equivalents": ratios[name],
+                "memory": memory.get(name),
+            }
+        )
+        if name in ("fwd_bwd", "d_step"):
+            print()
+
+    print()
+    print("G step accounted for by its pieces (forward-equivalents):")
+    accounts = breakdown(fe)
+    for name, parts in accounts.items():
+        total = sum(parts.values())
+        print(f"  {STEPS[name][0]}: measured {fe[name]:.2f}, sum of pieces {total:.2f}")
+        for part, value in parts.items():
+            print(f"    {value:6.2f}  {part}")
+    print()
+    options = what_if(fe, args.layers)
+    print("G step (sCM+LADD, reuse off) options, forward-equivalents:")
+    for label, value in options.items():
+        print(f"  {value:6.2f}  {label}")
+    print()
+    target_met = {name: fe[name] <= TARGET_G_STEP for name in STEPS if name.startswith("g_")}
+    for name, met in target_met.items():
+        verdict = "met" if met else "MISSED"
+        print(f"  target G <= {TARGET_G_STEP:g} fwd-eq: {verdict} ({fe[name]:.2f})  {STEPS[name][0]}")
+    if skipped:
+        print(f"  note: {skipped} updates were skipped (non-finite gradients)")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                dict(
+                    environment=environment,
+                    config=config,
+                    repeats=args.repeats,
+                    unit_ms=unit * 1e3,
+                    results=rows,
+                    breakdown=accounts,
+                    options=options,
+                    target_forward_equivalents=TARGET_G_STEP,
+                    target_met=target_met,
+                ),
+                f,
+                indent=2,
+            )
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
