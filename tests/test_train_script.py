@@ -434,6 +434,70 @@ def test_push_to_hub_uploads_pipeline_and_card_but_no_checkpoints(assets, tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Other recipe switches (smoke: they run and log what they should)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, present, absent",
+    [
+        (  # sCM only (no discriminator), JVP primal reuse, RMS tangent, no adaptive weight, data/lr options
+            dict(
+                adversarial_lambda=0,
+                reuse_jvp_primal=True,
+                no_adaptive_weight=True,
+                tangent_norm="rms",
+                center_crop=True,
+                dataloader_num_workers=2,
+                max_train_samples=6,
+                lr_scheduler="cosine",
+                lr_warmup_steps=1,
+                scale_lr=True,
+                use_ema=True,
+            ),
+            ["scm_loss", "g_norm_mean"],
+            ["discriminator_loss", "logvar_mean", "adversarial_loss"],
+        ),
+        (  # LADD only, BCE, R1, shared D times without misaligned pairs, custom heads, own D learning rate
+            dict(
+                scm_lambda=0,
+                adversarial_loss="bce",
+                r1_gamma=0.1,
+                no_misaligned_pairs=True,
+                share_discriminator_timesteps=True,
+                max_time_probability=1.0,
+                head_block_ids=[1],
+                head_channels=8,
+                head_kernel_size=3,
+                head_virtual_batch_size=1,
+                discriminator_learning_rate=1e-4,
+            ),
+            ["adversarial_loss", "discriminator_loss", "r1"],
+            ["scm_loss"],
+        ),
+    ],
+    ids=["scm_only", "ladd_only"],
+)
+def test_recipe_switches(assets, tmp_path, flags, present, absent):
+    renamed = {key.replace("no_", "no-", 1) if key.startswith("no_") else key: value for key, value in flags.items()}
+    output = tmp_path / "out"
+    run_script(tmp_path, base_args(assets, output, 2, **renamed))
+    log = read_log(output)
+    assert len(log) == 2
+    for row in log:
+        assert all(key in row and math.isfinite(row[key]) for key in present), row
+        assert not any(key in row for key in absent), row
+    if flags.get("max_time_probability") == 1.0:
+        assert all(row["max_time_fraction"] == 1.0 for row in log)
+        assert all(row["discriminator_lr"] == 1e-4 for row in log)
+    if flags.get("scale_lr"):
+        assert log[0]["lr"] == pytest.approx(2e-3)  # lr x global batch 2, cosine after 1 warm-up step
+    assert SanaSprintTransformer2DModel.from_pretrained(output / "transformer").config.logvar_head == (
+        "no_adaptive_weight" not in flags
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # (6) flags
 # ---------------------------------------------------------------------------------------------------------------------
 
