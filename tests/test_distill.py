@@ -251,3 +251,26 @@ def test_config_errors():
         DistillationState().record("teacher", None)
     with pytest.raises(ValueError, match="discriminator"):
         generator_step(None, None, None, None, DistillationState(), DistillationConfig())
+
+
+@pytest.mark.parametrize("probability, expected_fresh_rows", [(0.0, []), (1.0, [4])])
+def test_ladd_fake_reuses_the_scm_forward_except_for_max_time_rows(toy, monkeypatch, probability, expected_fresh_rows):
+    """Only rows replaced by pi/2 run the student again; the rest take x0_hat from the sCM forward's F."""
+    student = build_student(toy.teacher, logvar_head=False, generator=torch.Generator().manual_seed(0))
+    discriminator = SanaDiscriminator(toy.teacher, head_block_ids=(0,))
+    calls = []
+    original = student.trigflow_forward
+
+    def record(sample, timestep, *args, **kwargs):
+        if torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(sample):
+            calls.append((sample.shape[0], bool((torch.as_tensor(timestep) == math.pi / 2).all())))
+        return original(sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(student, "trigflow_forward", record)
+    config = _config(max_time_probability=probability)
+    out = generator_step(student, toy.teacher, discriminator, toy.batch(torch.arange(4)), DistillationState(), config)
+    out.loss.backward()
+    assert calls[0] == (4, False)  # the sCM forward with grad
+    assert [rows for rows, at_max_time in calls[1:] if at_max_time] == expected_fresh_rows
+    assert len(calls) == 1 + len(expected_fresh_rows)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())

@@ -149,11 +149,11 @@ class DiscriminatorStepOutput:
     logs: dict
 
 
-def _student_x0(student, x_t, t, batch: DistillationBatch, guidance_scale, sigma_data):
+def _student_x0(student, x_t, t, prompt_embeds, prompt_attention_mask, guidance_scale, sigma_data):
     """`x0_hat = cos t x_t - sin t sigma_data F(x_t / sigma_data, t)` with the student's own guidance input."""
     guidance = guidance_scale if student.config.guidance_embeds else None
     velocity = student.trigflow_forward(
-        x_t / sigma_data, t, batch.prompt_embeds, batch.prompt_attention_mask, guidance_scale=guidance
+        x_t / sigma_data, t, prompt_embeds, prompt_attention_mask, guidance_scale=guidance
     ).sample
     return denoise_trigflow(x_t, velocity, t, sigma_data)
 
@@ -188,8 +188,9 @@ def generator_step(
 
     `t ~ atan(exp(N(P_mean, P_std)) / sigma_data)`, `z ~ N(0, sigma_data^2)`, `w` uniform over the CFG scales.
     L_sCM: [`scm_loss`] at `(x0, z, t)`. L_adv: the student's `x0_hat` from `t'` (`t` replaced by `pi/2` with
-    `max_time_probability`, same `z`), re-noised at `t_D`, judged by the discriminator with its caption. Without
-    max-time replacement the sCM forward's `F` is reused (no extra student forward). The discriminator heads receive
+    `max_time_probability`, same `z`), re-noised at `t_D`, judged by the discriminator with its caption. Rows whose
+    time was not replaced reuse the sCM forward's `F` (the same function at the same input, so the same loss and
+    gradients as a fresh forward); only the `pi/2` rows run the student again. The discriminator heads receive
     gradients here too; zero them before the discriminator's backward ([`optimizer_update`] does).
     """
     if config.uses_discriminator and discriminator is None:
@@ -227,12 +228,24 @@ def generator_step(
 
     adversarial_part = None
     if config.uses_discriminator:
-        if velocity is not None and config.max_time_probability == 0:
+        t_fake = replace_with_max_time(t, config.max_time_probability, generator=generator)
+        if velocity is None:  # LADD only: every fake needs its own forward
+            rows = torch.arange(t.shape[0], device=t.device)
+            fake_x0 = torch.zeros_like(batch.latents)
+        else:  # rows that keep t reuse the sCM forward's F (same input, same graph); only pi/2 rows run again
+            rows = (t_fake != t).nonzero().flatten()
             fake_x0 = denoise_trigflow(add_trigflow_noise(batch.latents, z, t), velocity, t, sigma_data)
-        else:
-            t_fake = replace_with_max_time(t, config.max_time_probability, generator=generator)
-            x_t = add_trigflow_noise(batch.latents, z, t_fake)
-            fake_x0 = _student_x0(student, x_t, t_fake, batch, w, sigma_data)
+        if rows.numel() > 0:
+            fresh = _student_x0(
+                student,
+                add_trigflow_noise(batch.latents[rows], z[rows], t_fake[rows]),
+                t_fake[rows],
+                batch.prompt_embeds[rows],
+                batch.prompt_attention_mask[rows],
+                w[rows],
+                sigma_data,
+            )
+            fake_x0 = fake_x0.index_put((rows,), fresh.to(fake_x0.dtype))
         renoised = renoise_for_discriminator(
             fake_x0=fake_x0,
             p_mean=config.discriminator_p_mean,
@@ -272,7 +285,8 @@ def discriminator_step(
     t, z, w = _draw_generator_inputs(batch, config, generator)
     t = replace_with_max_time(t, config.max_time_probability, generator=generator)
     with torch.no_grad():
-        fake_x0 = _student_x0(student, add_trigflow_noise(batch.latents, z, t), t, batch, w, sigma_data)
+        x_t = add_trigflow_noise(batch.latents, z, t)
+        fake_x0 = _student_x0(student, x_t, t, batch.prompt_embeds, batch.prompt_attention_mask, w, sigma_data)
     fake_embeds, fake_mask = batch.prompt_embeds, batch.prompt_attention_mask
     if config.misaligned_pairs:
         pairs = misaligned_pairs(batch.latents, batch.prompt_embeds, batch.prompt_attention_mask)
