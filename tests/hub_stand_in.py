@@ -9,6 +9,8 @@ Listens on 127.0.0.1 at a free port and writes it to `<folder>/port`. Point `HF_
 - `POST /api/validate-yaml`                         -> accepts every model card
 - `POST /api/models/<repo>/preupload/<revision>`    -> every file is a regular (inline) upload
 - `POST /api/models/<repo>/commit/<revision>`       -> writes the NDJSON commit's files into the repo folder
+- `GET /api/models/<repo>[/revision/<rev>]`        -> repository info with its file list (downloads)
+- `GET /api/models/<repo>/tree/<rev>`               -> recursive file listing (snapshot downloads)
 - `HEAD|GET /<repo>/resolve/<revision>/<path>`      -> serves a committed file, or 404 `EntryNotFound`
 
 Every request is appended to `<folder>/requests.jsonl`; unknown routes answer 404 and are logged as such.
@@ -94,6 +96,28 @@ class Handler(BaseHTTPRequestHandler):
         return self.do_GET()
 
     def do_GET(self):  # noqa: N802
+        match = re.fullmatch(rf"/api/models/{REPO}(?P<tail>/revision/[^/]+|/tree/[^/]+)?", self.path.split("?")[0])
+        if match:
+            folder = self._repo_dir(match["repo"])
+            self._record(True)
+            if not os.path.isdir(folder):
+                return self._reply(404, {"error": "repo"}, headers={"X-Error-Code": "RepoNotFound"})
+            files = sorted(
+                os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+                for root, _, names in os.walk(folder)
+                for name in names
+            )
+            if match["tail"] and match["tail"].startswith("/tree/"):  # recursive listing, files only
+                entries = []
+                for name in files:
+                    with open(os.path.join(folder, name), "rb") as file:
+                        data = file.read()
+                    entries.append(
+                        {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                    )
+                return self._reply(200, entries)
+            info = {"id": match["repo"], "sha": "0" * 40, "private": False, "tags": ["diffusers"]}
+            return self._reply(200, {**info, "siblings": [{"rfilename": name} for name in files]})
         match = re.fullmatch(rf"/{REPO}/resolve/[^/]+/(?P<file>.+)", self.path.split("?")[0])
         if match:
             self._record(True)

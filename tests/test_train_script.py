@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -369,7 +370,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# (5) push to a local stand-in Hub
+# (5) pull from and push to a local stand-in Hub
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -389,9 +390,11 @@ def stand_in_hub(tmp_path):
         server.wait(timeout=10)
 
 
-def test_push_to_hub_uploads_pipeline_and_card_but_no_checkpoints(assets, tmp_path, stand_in_hub):
-    """Also: bf16 autocast + gradient checkpointing, with the trained weights saved in fp32."""
+def test_pull_teacher_from_and_push_result_to_the_hub(assets, tmp_path, stand_in_hub):
+    """Teacher pulled by Hub id (`--revision main`), result pushed with a card and without checkpoints; also bf16
+    autocast + gradient checkpointing, with the trained weights saved in fp32."""
     hub, port = stand_in_hub
+    shutil.copytree(assets / "teacher", hub / "repos" / "stand-in-user" / "tiny-sana")
     output = tmp_path / "push"
     env = _env(
         tmp_path,
@@ -410,7 +413,9 @@ def test_push_to_hub_uploads_pipeline_and_card_but_no_checkpoints(assets, tmp_pa
         hub_model_id="stand-in-user/sana-sprint-tiny",
         mixed_precision="bf16",
         gradient_checkpointing=True,
+        revision="main",
     )
+    args[args.index("--pretrained_teacher_model_name_or_path") + 1] = "stand-in-user/tiny-sana"
     run_script(tmp_path, args, env=env)
     repo = hub / "repos" / "stand-in-user" / "sana-sprint-tiny"
     uploaded = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
@@ -424,10 +429,16 @@ def test_push_to_hub_uploads_pipeline_and_card_but_no_checkpoints(assets, tmp_pa
     ):
         assert name in uploaded, uploaded
     card = (repo / "README.md").read_text()
-    assert "base_model:" in card and str(assets / "teacher") in card and "sana-sprint" in card
+    assert "base_model: stand-in-user/tiny-sana" in card and "sana-sprint" in card
     assert "validation_grid.png" in card and "SanaSprintPipeline.from_pretrained" in card
     requests = [json.loads(line) for line in (hub / "requests.jsonl").read_text().splitlines()]
     assert all(request["known"] for request in requests)
+    pulled = {
+        r["path"].split("/resolve/")[1].split("/", 1)[1]
+        for r in requests
+        if r["method"] == "GET" and "/resolve/" in r["path"]
+    }
+    assert "transformer/diffusion_pytorch_model.safetensors" in pulled and "model_index.json" in pulled
     weights = load_file(repo / "transformer" / "diffusion_pytorch_model.safetensors")
     assert all(value.dtype == torch.float32 for value in weights.values())
     assert all(math.isfinite(row["generator_loss"]) for row in read_log(output))
