@@ -25,6 +25,7 @@ Three steps, each a short function:
 """
 
 import math
+import warnings
 
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -159,6 +160,9 @@ def remap_time_embedding(time_proj: Timesteps, embedder: TimestepEmbedding, sour
     linear.bias.add_(bias_shift.to(linear.bias.dtype))
 
 
+DENSE_TIME_WARNING_SCALE = 10.0  # SANA-Sprint's dense time is 1; Sana's original convention is 1000
+
+
 def build_student(
     teacher: SanaTransformer2DModel,
     guidance_embeds_scale: float = 0.1,
@@ -195,6 +199,16 @@ def build_student(
     config = _init_config(teacher)
     if config.get("guidance_embeds"):
         raise ValueError("`teacher` already has a guidance embedder.")
+    if flow_time_scale_of(teacher) > DENSE_TIME_WARNING_SCALE:
+        warnings.warn(
+            f"The teacher's time embedding sees {flow_time_scale_of(teacher):g} s (flow time s in [0, 1]): sCM "
+            "distillation is unstable with such a time scale (its tangent carries dF/dt, which grows with it; the "
+            "1-step error of tests/test_distill.py rises instead of falling). Distil a dense-time teacher: "
+            "`prepare_sprint_teacher` (train_sana_sprint.py --stage prepare_teacher) or a teacher trained with "
+            "timestep_scale=0.001.",
+            UserWarning,
+            stacklevel=2,
+        )
     config.update(
         guidance_embeds=True,
         guidance_embeds_scale=guidance_embeds_scale,
