@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch lies on this machine's disk; pin it before anything else pulls a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv test lint bench clean
+.PHONY: venv test lint bench demo clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: venv
 
 bench: venv
 	$(PY) benchmarks/bench_pipeline.py
+
+# Distil the embedded toy teacher on the CPU (offline, ~10 min on 2 cores); extra flags: make demo DEMO_ARGS="--seed 1"
+demo: venv
+	$(PY) examples/toy/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

