@@ -30,10 +30,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import diffusers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast  # noqa: E402
 
 import diffusers_sprint  # noqa: E402
+from diffusers_sprint.data.tokenizer import train_gemma_layout_tokenizer  # noqa: E402
 
 
 PROMPTS = ["a small red cat sitting on a blue house under the moon"]
@@ -42,7 +42,6 @@ WORDS = (
     "apple emoji icon photo drawing painting smiling face heart star moon sun flower bird fish boat sitting "
     "standing flying river mountain city street night day"
 ).split()
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 PARITY_TOLERANCE = 1e-5
 TARGET_RATIO = 0.95
 TARGET_OVERHEAD = 0.05
@@ -57,20 +56,8 @@ VAE_SCALE = 4
 
 def make_tokenizer() -> GemmaTokenizerFast:
     """A BPE tokenizer trained on `WORDS`, in Gemma's layout (so it saves and loads as a Gemma tokenizer)."""
-    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    backend.normalizer = normalizers.Replace(" ", "▁")
-    backend.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
-    trainer = trainers.BpeTrainer(vocab_size=TEXT_VOCAB - 16, special_tokens=SPECIAL_TOKENS, show_progress=False)
-    backend.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))], trainer)
-    tokenizer = GemmaTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        add_bos_token=True,
-    )
-    tokenizer.padding_side = "right"
+    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
+    tokenizer = train_gemma_layout_tokenizer(texts, vocab_size=TEXT_VOCAB - 16)
     return tokenizer
 
 

@@ -165,6 +165,19 @@ def test_fid_sample_space_formula_matches_covariance_formula():
     assert fid_from_features(a, b) == pytest.approx(expected, rel=1e-6)
 
 
+def test_reference_indices_are_a_fixed_sorted_subset():
+    from diffusers_sprint.evaluation import reference_indices
+
+    rows = reference_indices(1628, 1024)
+    assert len(rows) == 1024 and len(set(rows.tolist())) == 1024
+    assert (np.diff(rows) > 0).all() and rows.min() >= 0 and rows.max() < 1628
+    np.testing.assert_array_equal(rows, reference_indices(1628, 1024))  # the same subset every time
+    np.testing.assert_array_equal(reference_indices(40, None), np.arange(40))
+    np.testing.assert_array_equal(reference_indices(40, 100), np.arange(40))
+    with pytest.raises(ValueError, match="num_images"):
+        reference_indices(40, 1)
+
+
 def test_inception_preprocessing_matches_stylegan3():
     from diffusers_sprint.evaluation.fid import preprocess, to_uint8_tensor
 

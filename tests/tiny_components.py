@@ -5,15 +5,15 @@ Nothing here touches the network; every weight is drawn from a seeded generator.
 
 import torch
 from diffusers import AutoencoderDC, SanaTransformer2DModel
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
+
+from diffusers_sprint.data.tokenizer import train_gemma_layout_tokenizer
 
 
 WORDS = (
     "a an the of on in with and red green blue yellow black white small big cat dog car tree house apple "
     "emoji icon photo drawing smiling face heart star moon sun flower bird fish boat"
 ).split()
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 TEXT_HIDDEN = 16
 TEXT_VOCAB = 256
 TRANSFORMER_DIM = 16  # heads x head_dim
@@ -21,20 +21,8 @@ TRANSFORMER_DIM = 16  # heads x head_dim
 
 def make_tokenizer() -> GemmaTokenizerFast:
     """A BPE tokenizer trained on `WORDS`, in Gemma's layout so `save_pretrained`/`from_pretrained` round-trip."""
-    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    backend.normalizer = normalizers.Replace(" ", "▁")
-    backend.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
-    trainer = trainers.BpeTrainer(vocab_size=TEXT_VOCAB - 8, special_tokens=SPECIAL_TOKENS, show_progress=False)
-    backend.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))], trainer)
-    tokenizer = GemmaTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        add_bos_token=True,
-    )
-    tokenizer.padding_side = "right"
+    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
+    tokenizer = train_gemma_layout_tokenizer(texts, vocab_size=TEXT_VOCAB - 8)
     assert len(tokenizer) <= TEXT_VOCAB
     return tokenizer
 

@@ -38,13 +38,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
 
 from diffusers_sprint.data import load_emoji_dataset
+from diffusers_sprint.data.tokenizer import train_gemma_layout_tokenizer
 
 
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 GRID_PROMPTS = [
     "red apple",
     "grinning face",
@@ -116,26 +115,8 @@ def parse_args(argv=None):
 
 
 def build_tokenizer(captions: list[str], vocab_size: int) -> GemmaTokenizerFast:
-    """Byte-fallback BPE trained on the captions, wrapped in Gemma's layout (round-trips `save_pretrained`)."""
-    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    backend.normalizer = normalizers.Replace(" ", "▁")
-    # Split words *after* the normalizer (on "▁", sentencepiece style) so that no merge crosses a word boundary.
-    # Gemma's own layout (Split on " ", which the normalizer has already replaced) would merge "an emoji of r" into
-    # one token. transformers re-applies Gemma's pre-tokenizer on reload; without cross-word merges that is the same.
-    backend.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
-    backend.train_from_iterator(captions, trainer)
-    tokenizer = GemmaTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        add_bos_token=True,
-    )
-    tokenizer.padding_side = "right"
-    return tokenizer
+    """Byte-fallback BPE trained on the captions, in Gemma's layout; no merge crosses a word boundary."""
+    return train_gemma_layout_tokenizer(captions, vocab_size)
 
 
 def build_text_encoder(vocab_size: int, hidden: int, layers: int, embed_std: float = 0.5) -> Gemma2Model:
