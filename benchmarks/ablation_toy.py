@@ -149,7 +149,6 @@ def write_grid(args, path: str) -> None:
 
     seed = args.seeds[0]
     prompts = list(demo.GRID_PROMPTS)
-    seeds = [seed * demo.SEED_STRIDE + row for row in range(len(prompts))]
     cell, left, pad = 96, 230, 4
     font = ImageFont.load_default(size=13)
     grid = Image.new("RGB", (left + len(prompts) * (cell + pad), len(args.variants) * (cell + pad)), "white")
@@ -158,7 +157,7 @@ def write_grid(args, path: str) -> None:
         pipe = SanaSprintPipeline.from_pretrained(os.path.join(args.output_dir, f"{variant}-seed{seed}", "student"))
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
-            images = demo.sample(pipe, "student-1", prompts, seeds)
+            images = demo.sample(pipe, "student-1", prompts, seed)
         y = row * (cell + pad)
         draw.text((6, y + cell // 2 - 8), VARIANTS[variant][0], fill="black", font=font)
         for col, image in enumerate(images):

