@@ -156,6 +156,20 @@ def test_fid_sample_space_formula_matches_covariance_formula():
     assert fid_from_features(a, b) == pytest.approx(expected, rel=1e-6)
 
 
+def test_frechet_distance_matches_pytorch_fids_sqrtm_formula():
+    """pytorch-fid: ||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrtm(S1 S2)), with scipy's sqrtm, on full-rank statistics."""
+    from scipy import linalg
+
+    from diffusers_sprint.evaluation import feature_statistics, frechet_distance
+
+    rng = np.random.default_rng(1)
+    mu1, sigma1 = feature_statistics(rng.standard_normal((200, 32)) @ rng.standard_normal((32, 32)))
+    mu2, sigma2 = feature_statistics(rng.standard_normal((150, 32)) @ rng.standard_normal((32, 32)) + 0.3)
+    covmean = linalg.sqrtm(sigma1 @ sigma2).real
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-7)
+
+
 def test_reference_indices_are_a_fixed_sorted_subset():
     from diffusers_sprint.evaluation import reference_indices
 
