@@ -201,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance_embeds_scale", type=float, default=0.1, help="The full student embeds this times w."
     )
     group.add_argument(
+        "--guidance_embeds",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Give the full student a guidance embedder (the paper's CFG embedding). --no-guidance_embeds: a plain "
+        "copy of the teacher that learns one CFG scale (pass a single --guidance_scales; sample with "
+        "guidance_scale=None).",
+    )
+    group.add_argument(
         "--adaptive_weight",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -550,10 +558,11 @@ def save_model_card(
         )
     else:
         what = "a SANA-Sprint one-step **student** (sCM + LADD distillation)"
+        guidance = "" if args.guidance_embeds else ", guidance_scale=None"  # no CFG embedding: one learnt scale
         usage = (
             "from diffusers_sprint import SanaSprintPipeline\n\n"
             f'pipe = SanaSprintPipeline.from_pretrained("{repo_id}")\n'
-            'image = pipe("a red apple", num_inference_steps=1).images[0]'
+            f'image = pipe("a red apple", num_inference_steps=1{guidance}).images[0]'
         )
     dataset = args.dataset_name or Path(args.train_data_dir).name
     recipe = [
@@ -568,6 +577,7 @@ def save_model_card(
         recipe += [
             ("sCM / adversarial lambda", f"{args.scm_lambda} / {args.adversarial_lambda} ({args.adversarial_loss})"),
             ("CFG scales", " ".join(str(w) for w in args.guidance_scales)),
+            ("CFG embedding", "yes" if args.guidance_embeds and not lora else "no"),
             (
                 "P_mean, P_std (G / D)",
                 f"({args.p_mean}, {args.p_std}) / ({args.discriminator_p_mean}, {args.discriminator_p_std})",
@@ -771,17 +781,18 @@ def main(args):
             student = build_lora_student(
                 teacher, args.lora_rank, args.lora_alpha, args.lora_target_modules, logvar_head=args.adaptive_weight
             )
-            if len(args.guidance_scales) > 1:
-                logger.warning(
-                    "The LoRA student has no guidance embedder: it learns the average of the --guidance_scales "
-                    f"{args.guidance_scales}; pass a single scale to distil one."
-                )
         else:
             student = build_student(
                 teacher,
                 guidance_embeds_scale=args.guidance_embeds_scale,
                 logvar_head=args.adaptive_weight,
+                guidance_embeds=args.guidance_embeds,
                 generator=make_generator(seed, "student_init"),
+            )
+        if not student.config.guidance_embeds and len(args.guidance_scales) > 1:
+            logger.warning(
+                "The student has no guidance embedder (LoRA or --no-guidance_embeds): it learns the average of the "
+                f"--guidance_scales {args.guidance_scales}; pass a single scale to distil one."
             )
         config = DistillationConfig(
             scm=SCMLossConfig(

@@ -247,6 +247,31 @@ def _student_loss(student, seed=0):
     return (weight * (output.sample - target) ** 2).mean() + output.logvar.mean()
 
 
+def test_student_without_cfg_embedding_is_an_exact_teacher_copy(tmp_path, sprint_teacher):
+    """guidance_embeds=False: the teacher's keys and time-MLP layout (+ the logvar head), the teacher's output
+    bit-for-bit, no shared storage, gradient to every parameter; it round-trips and refuses a guidance scale."""
+    student = build_student(sprint_teacher, guidance_embeds=False)
+    assert not student.config.guidance_embeds
+    teacher_keys = set(sprint_teacher.state_dict())
+    assert set(student.state_dict()) == teacher_keys | {"logvar_linear.weight", "logvar_linear.bias"}
+    assert all(torch.equal(student.state_dict()[k], sprint_teacher.state_dict()[k]) for k in teacher_keys)
+    assert not {p.data_ptr() for p in sprint_teacher.parameters()} & {p.data_ptr() for p in student.parameters()}
+    inputs = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _trigflow(student.eval(), inputs), _trigflow(sprint_teacher, inputs), rtol=0, atol=0
+        )
+    x_scaled, t, embeds, mask = _inputs(batch_size=2, size=8)
+    output = student.train().trigflow_forward(x_scaled, t, embeds, mask, return_logvar=True)
+    (output.sample.square().mean() + output.logvar.square().mean() + output.logvar.mean()).backward()
+    assert [name for name, p in student.named_parameters() if p.grad is None or p.grad.abs().max() == 0] == []
+    with pytest.raises(ValueError, match="no guidance embedder"):
+        student.trigflow_forward(x_scaled, t, embeds, mask, guidance_scale=4.5)
+    student.save_pretrained(tmp_path)
+    loaded = SanaSprintTransformer2DModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_trigflow(loaded, inputs), _trigflow(student.eval(), inputs), rtol=0, atol=0)
+
+
 def test_every_student_parameter_gets_gradient_on_the_first_backward(sprint_teacher):
     student = build_student(sprint_teacher, generator=torch.Generator().manual_seed(0))
     _student_loss(student).backward()

@@ -452,9 +452,12 @@ def test_pull_teacher_from_and_push_result_to_the_hub(assets, tmp_path, stand_in
 @pytest.mark.parametrize(
     "flags, present, absent",
     [
-        (  # sCM only (no discriminator), JVP primal reuse, RMS tangent, no adaptive weight, data/lr options
+        (  # sCM only (no discriminator), JVP primal reuse, RMS tangent, no adaptive weight, no CFG embedding at one
+            # scale, data/lr options
             dict(
                 adversarial_lambda=0,
+                no_guidance_embeds=True,
+                guidance_scales=[4.5],
                 reuse_jvp_primal=True,
                 no_adaptive_weight=True,
                 tangent_norm="rms",
@@ -503,9 +506,9 @@ def test_recipe_switches(assets, tmp_path, flags, present, absent):
         assert all(row["discriminator_lr"] == 1e-4 for row in log)
     if flags.get("scale_lr"):
         assert log[0]["lr"] == pytest.approx(2e-3)  # lr x global batch 2, cosine after 1 warm-up step
-    assert SanaSprintTransformer2DModel.from_pretrained(output / "transformer").config.logvar_head == (
-        "no_adaptive_weight" not in flags
-    )
+    config = SanaSprintTransformer2DModel.from_pretrained(output / "transformer").config
+    assert config.logvar_head == ("no_adaptive_weight" not in flags)
+    assert config.guidance_embeds == ("no_guidance_embeds" not in flags)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -570,3 +573,32 @@ def test_every_flag_has_help_and_is_read():
                 module.parse_args(flags)
         else:
             assert module.parse_args(flags).optimizer == optimizer
+
+
+@pytest.mark.parametrize(
+    "flags, usage, cfg_row",
+    [
+        ([], "num_inference_steps=1).images[0]", "| CFG embedding | yes |"),
+        (["--no-guidance_embeds", "--guidance_scales", "4.5"], "guidance_scale=None", "| CFG embedding | no |"),
+        (["--lora_rank", "4"], "guidance_scale=None", "| CFG embedding | no |"),
+    ],
+    ids=["full", "no_cfg_embedding", "lora"],
+)
+def test_model_card_says_how_to_sample_the_student(tmp_path, flags, usage, cfg_row):
+    """The card's usage line passes guidance_scale=None exactly when the student has no guidance embedder."""
+    module = _load_script_module()
+    args = module.parse_args(
+        [
+            "--pretrained_teacher_model_name_or_path",
+            "teacher",
+            "--dataset_name",
+            "emoji",
+            "--output_dir",
+            str(tmp_path),
+        ]
+        + flags
+    )
+    module.save_model_card(args, "me/student", "distill", 10, 16, "no", has_grid=False)
+    card = (tmp_path / "README.md").read_text()
+    assert usage in card and cfg_row in card
+    assert ("guidance_scale=None" in card) == (usage == "guidance_scale=None")

@@ -169,6 +169,7 @@ def build_student(
     logvar_head: bool = True,
     guidance_init_std: float = 0.02,
     *,
+    guidance_embeds: bool = True,
     generator: torch.Generator | None = None,
 ) -> SanaSprintTransformer2DModel:
     r"""
@@ -193,6 +194,11 @@ def build_student(
         guidance_init_std (`float`, defaults to `0.02`):
             Standard deviation of the guidance MLP's initial weights (Sana's init for its time MLP). It sets how fast
             the guidance embedding departs from zero, not the initial output.
+        guidance_embeds (`bool`, defaults to `True`):
+            Graft the guidance embedder. `False` gives the paper's "w/o CFG embedding" ablation: an exact copy of the
+            teacher (plus the logvar head) that can only learn the teacher at one CFG scale (train with a single
+            `guidance_scales` entry; sample with `guidance_scale=None`); `guidance_embeds_scale` and
+            `guidance_init_std` are then unused.
         generator (`torch.Generator`, *optional*):
             Random source of the guidance-embedder initialisation.
     """
@@ -209,23 +215,21 @@ def build_student(
             UserWarning,
             stacklevel=2,
         )
-    config.update(
-        guidance_embeds=True,
-        guidance_embeds_scale=guidance_embeds_scale,
-        flow_time_scale=flow_time_scale_of(teacher),
-        logvar_head=logvar_head,
-    )
+    config.update(flow_time_scale=flow_time_scale_of(teacher), logvar_head=logvar_head)
+    if guidance_embeds:
+        config.update(guidance_embeds=True, guidance_embeds_scale=guidance_embeds_scale)
     student = _new_like(teacher, config)
     state = {}
     for key, value in teacher.state_dict().items():
-        if key.startswith(_TEACHER_TIME_PREFIX):
+        if guidance_embeds and key.startswith(_TEACHER_TIME_PREFIX):
             key = _STUDENT_TIME_PREFIX + key[len(_TEACHER_TIME_PREFIX) :]
         if key.startswith(_LOGVAR_PREFIX) and not logvar_head:
             continue
         state[key] = value
     grafted = {key for key in student.state_dict() if key.startswith((_GUIDANCE_PREFIX, _LOGVAR_PREFIX))}
     _load_checked(student, state, allowed_missing=grafted)
-    init_guidance_embedder(student.time_embed.guidance_embedder, std=guidance_init_std, generator=generator)
+    if guidance_embeds:
+        init_guidance_embedder(student.time_embed.guidance_embedder, std=guidance_init_std, generator=generator)
     return student.train(teacher.training)
 
 
