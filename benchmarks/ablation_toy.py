@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""The paper's Table 3 ablation on the emoji toy: sCM only / LADD only / sCM + LADD (and max-time weighting off).
+"""The paper's Table 3 ablation on the emoji toy: sCM only / LADD only / sCM + LADD, and sCM + LADD without max-time
+weighting or without the CFG embedding.
 
-    python benchmarks/ablation_toy.py                         # 4 variants x 3 seeds, ~1 hour on 2 CPU cores
+    python benchmarks/ablation_toy.py                         # 5 variants x 3 seeds, ~1.5 hours on 2 CPU cores
                                                               # (--jobs 2: two runs at a time, 1 thread each)
     python benchmarks/ablation_toy.py --variants scm scm_ladd --seeds 0 --max_train_steps 50   # a quick look
 
@@ -12,7 +13,7 @@ seeds both the training run and the evaluation noise. Results are written to `--
 table beside the paper's numbers, with per-seed values in `--output_dir/ablation.json`, and a grid of 1-step
 samples (one row per variant, seed 0) to `--grid`.
 
-Not in CI (it trains 12 students). Images: Twemoji by Twitter, Inc. and other contributors, CC-BY 4.0.
+Not in CI (it trains 15 students). Images: Twemoji by Twitter, Inc. and other contributors, CC-BY 4.0.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ VARIANTS = {
     "ladd": ("LADD only", ["--scm_lambda", "0"]),
     "scm_ladd": ("sCM + LADD", []),
     "scm_ladd_no_max_time": ("sCM + LADD, no max-time weighting", ["--max_time_probability", "0"]),
+    # No guidance embedder: the student can only learn one CFG scale, the one it is evaluated at (4.5).
+    "scm_ladd_no_cfg_embedding": (
+        "sCM + LADD, no CFG embedding (w = 4.5 only)",
+        ["--no-guidance_embeds", "--guidance_scales", "4.5"],
+    ),
 }
 # SANA-Sprint (arXiv 2503.09641) Table 3: FID / CLIP on MJHQ-30K, 1024 px, 0.6B, 1 step.
 PAPER_TABLE_3 = {"scm": 8.93, "ladd": 12.20, "scm_ladd": 8.11}
@@ -53,7 +59,15 @@ def parse_args(argv=None):
     parser.add_argument("--num_eval_samples", type=int, default=None, help="Default: the demo's.")
     parser.add_argument("--jobs", type=int, default=2, help="Runs at a time (each with --threads 1 when > 1).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1 if --jobs > 1).")
-    parser.add_argument("--reuse", action="store_true", help="Keep runs whose metrics.json already exists.")
+    done = parser.add_mutually_exclusive_group()
+    done.add_argument("--reuse", action="store_true", help="Keep runs whose metrics.json already exists.")
+    done.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="Runs whose metrics.json exists are not trained again: only the demo's evaluation re-runs on their "
+        "student (after a change to the sampling or metrics), keeping the earlier training record. Missing runs "
+        "are trained.",
+    )
     return parser.parse_args(argv)
 
 
@@ -63,7 +77,13 @@ def run_variant(args, variant: str, seed: int) -> dict:
     if args.reuse and os.path.isfile(metrics_path):
         with open(metrics_path) as handle:
             return json.load(handle)
+    previous = None
+    if args.reevaluate and os.path.isfile(metrics_path):
+        with open(metrics_path) as handle:
+            previous = json.load(handle)
     command = [sys.executable, DEMO, "--output_dir", out, "--seed", str(seed)]
+    if previous is not None:
+        command += ["--skip_training"]
     if args.max_train_steps is not None:
         command += ["--max_train_steps", str(args.max_train_steps)]
     if args.num_eval_samples is not None:
@@ -74,10 +94,18 @@ def run_variant(args, variant: str, seed: int) -> dict:
     command += ["--", *VARIANTS[variant][1]]
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
-    with open(os.path.join(out, "log.txt"), "w") as log:
+    log_name = "log.txt" if previous is None else "log_reevaluate.txt"
+    with open(os.path.join(out, log_name), "w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
     with open(metrics_path) as handle:
         metrics = json.load(handle)
+    if previous is not None:  # the student is the earlier run's: so are its training record, time and memory
+        metrics["training"] = previous["training"]
+        metrics["wall_seconds"]["training"] = previous["wall_seconds"]["training"]
+        metrics["peak_memory_mb"]["training_process"] = previous["peak_memory_mb"]["training_process"]
+        metrics["reevaluated"] = True
+        with open(metrics_path, "w") as handle:
+            json.dump(metrics, handle, indent=2)
     print(f"  {variant} seed {seed}: {time.perf_counter() - start:.0f}s", flush=True)
     return metrics
 
@@ -105,6 +133,7 @@ def summarize(runs: dict) -> dict:
 def markdown(summary: dict, runs: dict, args) -> str:
     first = next(iter(next(iter(runs.values())).values()))
     count, steps = first["num_eval_samples"], first["training"]["max_train_steps"]
+    two_step_grid = ", ".join(f"{t:g}" for t in first["samplers"]["student-2"]["timesteps"])
     seeds = ", ".join(str(s) for s in args.seeds)
     lines = [
         "| variant | 1-step FID | 1-step / teacher | 2-step FID | 2-step / teacher | 1-step adherence | "
@@ -133,8 +162,8 @@ def markdown(summary: dict, runs: dict, args) -> str:
         f"FID: standard Inception, {count} samples per run (dataset captions drawn by the seed, one torch.Generator "
         "per image) against the fixed 1,024-image dataset reference; mean ± std over seeds "
         f"{seeds} (each seed: its own training run and evaluation noise). {steps} distillation iterations at batch "
-        "16 per run. '/ teacher': the run's FID over the teacher's FID on the same prompts and noise, averaged over "
-        "seeds.\n"
+        f"16 per run. 2 steps: times {two_step_grid} rad. '/ teacher': the run's FID over the teacher's FID on the "
+        "same prompts and noise, averaged over seeds.\n"
     )
 
 

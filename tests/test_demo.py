@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 
@@ -96,6 +97,11 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch, capfd):
     assert saved["peak_memory_mb"]["demo_process"] > 0 and saved["peak_memory_mb"]["training_process"] > 0
     assert [saved["samplers"][f"student-{k}"]["nfe"] for k in (1, 2, 4)] == [1, 2, 4]
     assert saved["samplers"]["teacher-20"]["nfe"] == 40
+    # the students' radian grids: pi/2 alone, the tuned middle time for 2 steps, evenly spaced for 4
+    grids = [saved["samplers"][f"student-{k}"]["timesteps"] for k in (1, 2, 4)]
+    expected = [[1.5708, 0.0], [1.5708, 0.9, 0.0], [1.5708, 1.1781, 0.7854, 0.3927, 0.0]]
+    for grid, want in zip(grids, expected):
+        assert grid == pytest.approx(want, abs=1e-4)
     if saved["fid_available"]:
         fids = [row["fid"] for row in saved["samplers"].values()]
         assert all(fid is not None and fid >= 0 for fid in fids)

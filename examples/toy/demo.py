@@ -48,6 +48,10 @@ MAX_SEQUENCE_LENGTH = 32  # the longest toy caption is 16 tokens; padding beyond
 GUIDANCE_SCALE = 4.5
 TEACHER_STEPS = 20
 STUDENT_STEPS = (1, 2, 4)
+# The 2-step student's middle time (radians). diffusers' default 1.3 (the pipeline's default, kept there for parity)
+# leaves the toy's 2-step FID at 1.09x the teacher's; a sweep over the saved ablation students puts the optimum at
+# 0.7-0.9 (docs/demo.md, "Two-step time grid"). 4 steps use the default evenly spaced grid.
+TWO_STEP_INTERMEDIATE_TIME = 0.9
 GRID_PROMPTS = (
     "an emoji of red apple",
     "an emoji of grinning face",
@@ -207,15 +211,20 @@ def sample(pipe, name: str, prompts: list[str], seed: int) -> list:
     `seed * SEED_STRIDE + i` (`diffusers_sprint.evaluation.toy.generate`), so every sampler gets the same noise."""
     from diffusers_sprint.evaluation.toy import generate
 
+    steps = int(name.split("-")[1])
+    extra = {"intermediate_timesteps": TWO_STEP_INTERMEDIATE_TIME} if name == "student-2" else {}
+    # teacher: the CFG scale; student: the embedded scale, or None for one distilled without CFG embedding
+    embeds_guidance = name.startswith("teacher") or pipe.transformer.config.guidance_embeds
     return generate(
         pipe,
         prompts,
         seed,
         height=RESOLUTION,
         width=RESOLUTION,
-        num_inference_steps=int(name.split("-")[1]),
-        guidance_scale=GUIDANCE_SCALE,  # teacher: the CFG scale; student: the embedded scale
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE_SCALE if embeds_guidance else None,
         max_sequence_length=MAX_SEQUENCE_LENGTH,
+        **extra,
     )
 
 
@@ -381,6 +390,8 @@ def main(argv=None):
             "sampling_seconds": round(seconds, 3),
             "seconds_per_image": round(seconds / count, 5),
         }
+        if name.startswith("student"):  # the time grid the sampler ran on, radians (last entry 0)
+            rows[name]["timesteps"] = [round(t, 5) for t in pipe.scheduler.timesteps.tolist()]
         print(f"      {name}: {count} images in {seconds:.1f}s", flush=True)
     wall["sampling"] = time.perf_counter() - t0
 
@@ -491,6 +502,7 @@ def main(argv=None):
         '    image = pipe("an emoji of red apple", num_inference_steps=1, height=32, width=32, '
         "use_resolution_binning=False, complex_human_instruction=None).images[0]"
     )
+    print(f"    # 2 steps: num_inference_steps=2, intermediate_timesteps={TWO_STEP_INTERMEDIATE_TIME}")
     return metrics
 
 
