@@ -215,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Adaptive loss weight exp(-logvar) + logvar from a logvar head (official).",
     )
     group.add_argument(
+        "--detach_logvar_embedding",
+        action="store_true",
+        help="The adaptive weight's logvar terms train the logvar head only, not the shared time/guidance "
+        "embedders (official: they train both; that stalls short, high-learning-rate runs, docs/training/scm.md).",
+    )
+    group.add_argument(
         "--reuse_jvp_primal",
         action="store_true",
         help="Take F from a grad-enabled JVP's primal instead of a second forward (not with gradient checkpointing).",
@@ -804,6 +810,7 @@ def main(args):
                 tangent_norm_eps=args.tangent_norm_eps,
                 guidance_scales=tuple(args.guidance_scales),
                 adaptive_weight=args.adaptive_weight,
+                detach_logvar_embedding=args.detach_logvar_embedding,
                 reuse_jvp_primal=args.reuse_jvp_primal,
             ),
             scm_lambda=args.scm_lambda,

@@ -22,6 +22,7 @@ from diffusers_sprint.training.scm import (
     teacher_cfg_velocity,
     trigflow_velocity_jvp,
 )
+from diffusers_sprint.training.trigflow import add_trigflow_noise
 
 
 SIGMA_DATA = 0.5
@@ -397,6 +398,50 @@ def test_reuse_jvp_primal_gives_same_loss_and_gradients():
         torch.testing.assert_close(reused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("reuse", [False, True], ids=["two_forwards", "reuse_jvp_primal"])
+def test_detach_logvar_embedding_cuts_only_the_logvar_path_into_the_embedders(reuse):
+    """Same loss; same gradients outside the time/guidance embedders (the velocity path does not change); in the
+    embedders (not the modulation `time_embed.linear`, which the head does not read), the official gradient minus the
+    detached one is exactly the gradient of the logvar terms alone."""
+    student, teacher = _student(), _teacher()
+    official, grads = _loss_and_grads(student, teacher, SCMLossConfig(reuse_jvp_primal=reuse))
+    config = SCMLossConfig(reuse_jvp_primal=reuse, detach_logvar_embedding=True)
+    detached, detached_grads = _loss_and_grads(student, teacher, config)
+    torch.testing.assert_close(detached.loss, official.loss, rtol=1e-6, atol=0)
+
+    # The logvar terms by themselves: d loss / d logvar_i = (1 - exp(-logvar_i) e_i) / batch with e_i the sample's
+    # mean weighted squared error (each sample's scm_loss on its own: `loss_no_logvar`), back-propagated through
+    # the head into the embedders only.
+    x0, z, t, w = _batch()
+    embeds, mask = text_conditioning()
+    null_embeds, null_mask = _null_prompt()
+    errors = []
+    for i in range(x0.shape[0]):
+        one = slice(i, i + 1)
+        out = scm_loss(
+            student, teacher, x0[one], z[one], t[one], embeds[one], mask[one], null_embeds, null_mask, w[one], 2000,
+            SCMLossConfig(adaptive_weight=False),
+        )  # fmt: skip
+        errors.append(out.loss_no_logvar)
+    student.zero_grad(set_to_none=True)
+    logvar = student.trigflow_forward(
+        add_trigflow_noise(x0, z, t) / SIGMA_DATA, t, embeds, mask, guidance_scale=w, return_logvar=True
+    ).logvar.reshape(-1)
+    d_loss_d_logvar = (1 - torch.exp(-logvar.detach()) * torch.stack(errors)) / logvar.numel()
+    (logvar * d_loss_d_logvar).sum().backward()
+    logvar_only = {name: p.grad for name, p in student.named_parameters() if p.grad is not None}
+    embedders = {"time_embed.timestep_embedder.", "time_embed.guidance_embedder."}
+    assert {name for name in logvar_only if not name.startswith("logvar_linear.")} == {
+        name for name in grads if name.startswith(tuple(embedders))
+    }
+    for name, grad in grads.items():
+        if name.startswith(tuple(embedders)):
+            assert logvar_only[name].abs().max() > 0, name
+            torch.testing.assert_close(grad - detached_grads[name], logvar_only[name], rtol=1e-4, atol=1e-9, msg=name)
+        else:
+            torch.testing.assert_close(detached_grads[name], grad, rtol=1e-5, atol=1e-9, msg=name)
+
+
 def test_gradient_checkpointing_works_with_default_path_and_is_refused_with_reuse():
     """The JVP runs under no_grad, so checkpointing the grad forward is fine; a grad-enabled JVP cannot recompute."""
     student, teacher = _student(), _teacher()
@@ -426,6 +471,7 @@ def test_gradient_checkpointing_works_with_default_path_and_is_refused_with_reus
         ("guidance_scales", ()),
         ("guidance_scales", (4.0, float("inf"))),
         ("adaptive_weight", "yes"),
+        ("detach_logvar_embedding", None),
         ("reuse_jvp_primal", 1),
     ],
 )
@@ -438,7 +484,7 @@ def test_config_defaults_are_the_official_recipe():
     config = SCMLossConfig(guidance_scales=[4.0, 4.5, 5.0])
     assert (config.sigma_data, config.p_mean, config.p_std, config.tangent_warmup_steps) == (0.5, 0.2, 1.6, 4000)
     assert (config.tangent_norm, config.tangent_norm_eps, config.guidance_scales) == ("l2", 0.1, (4.0, 4.5, 5.0))
-    assert config.adaptive_weight and not config.reuse_jvp_primal
+    assert config.adaptive_weight and not config.reuse_jvp_primal and not config.detach_logvar_embedding
 
 
 def test_argument_errors():

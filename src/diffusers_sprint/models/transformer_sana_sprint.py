@@ -155,6 +155,7 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
         guidance_scale: torch.Tensor | float | None = None,
         attention_kwargs: dict[str, Any] | None = None,
         return_logvar: bool = False,
+        detach_logvar_input: bool = False,
         return_dict: bool = True,
     ) -> SanaSprintTransformerOutput | tuple:
         r"""
@@ -177,6 +178,10 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
                 Passed to the attention processors; `{"scale": s}` scales LoRA adapters.
             return_logvar (`bool`, defaults to `False`):
                 Also return the adaptive-weight log-variance (needs `logvar_head=True`).
+            detach_logvar_input (`bool`, defaults to `False`):
+                Feed the logvar head a detached time(+guidance) embedding, so that gradients of `logvar` train the
+                head only. `False` is SANA-Sprint's own model: `logvar` also trains the embedders the whole network
+                is modulated by (docs/training/scm.md, "Adaptive weight and the shared embedding").
 
         Returns:
             [`SanaSprintTransformerOutput`] or a tuple `(F,)` / `(F, logvar)`.
@@ -226,7 +231,8 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
 
         logvar = None
         if return_logvar:
-            logvar = self.logvar_linear(self._time_embedding(model_timestep, guidance, batch_size, model_dtype))
+            embedding = self._time_embedding(model_timestep, guidance, batch_size, model_dtype)
+            logvar = self.logvar_linear(embedding.detach() if detach_logvar_input else embedding)
 
         if not return_dict:
             return (trigflow_velocity,) if logvar is None else (trigflow_velocity, logvar)

@@ -53,6 +53,12 @@ class SCMLossConfig:
             The CFG scales `w` the training loop draws per sample (see [`sample_guidance_scales`]).
         adaptive_weight (`bool`, defaults to `True`):
             Weight each sample by `exp(-logvar)` and add `logvar` (the student needs `logvar_head=True`).
+        detach_logvar_embedding (`bool`, defaults to `False`):
+            The `logvar` terms train the logvar head only, not the shared time(+guidance) embedders (the student's
+            `trigflow_forward(detach_logvar_input=True)`). `False` is the official recipe, where their gradient,
+            of order 1 per element whatever the error, also moves the embedders: at the learning rates of short
+            runs this stalls distillation (tests/test_distill.py; docs/training/scm.md, "Adaptive weight and the shared
+            embedding").
         reuse_jvp_primal (`bool`, defaults to `False`):
             Take `F` from the primal of a grad-enabled JVP instead of a second student forward. Same loss and
             gradients; the trade-offs are in `docs/training/scm.md`.
@@ -66,6 +72,7 @@ class SCMLossConfig:
     tangent_norm_eps: float = 0.1
     guidance_scales: tuple[float, ...] = (4.0, 4.5, 5.0)
     adaptive_weight: bool = True
+    detach_logvar_embedding: bool = False
     reuse_jvp_primal: bool = False
 
     def __post_init__(self):
@@ -89,7 +96,7 @@ class SCMLossConfig:
             raise ValueError(
                 f"`guidance_scales` must be a non-empty sequence of finite numbers, got {self.guidance_scales!r}."
             )
-        for name in ("adaptive_weight", "reuse_jvp_primal"):
+        for name in ("adaptive_weight", "detach_logvar_embedding", "reuse_jvp_primal"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
 
@@ -242,6 +249,11 @@ def pf_ode_tangents(x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor, si
     return _expand_4d(cos_sin, dxt_dt) * dxt_dt / sigma_data, cos_sin
 
 
+def _detach_kwargs(detach_logvar_input: bool) -> dict:
+    """`trigflow_forward`'s `detach_logvar_input`, passed only when set (students may be any model with the method)."""
+    return {"detach_logvar_input": True} if detach_logvar_input else {}
+
+
 def trigflow_velocity_jvp(
     student,
     x_t_scaled: torch.Tensor,
@@ -252,6 +264,7 @@ def trigflow_velocity_jvp(
     encoder_attention_mask: torch.Tensor | None,
     guidance_scale: torch.Tensor | float | None,
     return_logvar: bool = False,
+    detach_logvar_input: bool = False,
 ):
     """
     `torch.func.jvp` of the student's `F(x_t / sigma_d, t)` along `(tangent_x, tangent_t)`.
@@ -274,6 +287,7 @@ def trigflow_velocity_jvp(
             encoder_attention_mask,
             guidance_scale=guidance,
             return_logvar=return_logvar,
+            **_detach_kwargs(detach_logvar_input),
         )
         return (out.sample, out.logvar) if return_logvar else out.sample
 
@@ -391,7 +405,11 @@ def scm_loss(
     logvar = None
     if config.reuse_jvp_primal:
         # One grad-enabled JVP: its primal is F with autograd history; the tangent's history is dropped unused.
-        outputs = trigflow_velocity_jvp(*jvp_args, return_logvar=config.adaptive_weight)
+        outputs = trigflow_velocity_jvp(
+            *jvp_args,
+            return_logvar=config.adaptive_weight,
+            detach_logvar_input=config.detach_logvar_embedding,
+        )
         F, dF = outputs[0], outputs[-1].detach()
         logvar = outputs[1] if config.adaptive_weight else None
         del outputs
@@ -406,6 +424,7 @@ def scm_loss(
             encoder_attention_mask,
             guidance_scale=student_guidance,
             return_logvar=config.adaptive_weight,
+            **_detach_kwargs(config.detach_logvar_embedding),
         )
         F, logvar = out.sample, out.logvar
         jvp_primal_max_abs_diff = (F_jvp - F.detach()).abs().max()
