@@ -1,12 +1,11 @@
 """`make demo` (examples/toy/demo.py) end to end on a subset: `--quick` (32 dataset rows, 2 training iterations
 through `accelerate launch`, 4 evaluation samples per sampler) writes the grid, the metrics and a loadable student.
 
-Uses the embedded toy teacher when it is there, else a tiny stand-in teacher (tests/tiny_components.py).
+Runs on the embedded toy teacher, as `make demo` does.
 """
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -54,32 +53,13 @@ def _load_demo():
     return module
 
 
-def _teacher(tmp_path) -> str:
-    from diffusers_sprint.data import TOY_TEACHER_PATH
-
-    if os.path.isfile(os.path.join(TOY_TEACHER_PATH, "model_index.json")):
-        return TOY_TEACHER_PATH
-    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
-    from tiny_components import make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae
-
-    path = tmp_path / "stand_in_teacher"
-    SanaPipeline(
-        tokenizer=make_tokenizer(),
-        text_encoder=make_text_encoder(),
-        vae=make_vae(),
-        transformer=make_diffusers_transformer(student=False, sample_size=16),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-    ).save_pretrained(path)
-    return str(path)
-
-
 def test_demo_quick_end_to_end(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no user accelerate config
     monkeypatch.setenv("DIFFUSERS_SPRINT_CACHE", str(tmp_path / "cache"))
     output_dir = tmp_path / "demo-output"
 
-    metrics = _load_demo().main(["--quick", "--output_dir", str(output_dir), "--teacher", _teacher(tmp_path)])
+    metrics = _load_demo().main(["--quick", "--output_dir", str(output_dir)])
 
     # grid.png: 6 prompt rows x (dataset, teacher, student 1/2/4) columns of 32 px images upscaled 4x
     with Image.open(output_dir / "grid.png") as grid:

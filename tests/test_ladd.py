@@ -253,11 +253,14 @@ def test_invalid_head_block_ids():
 
 
 def test_default_head_block_ids():
-    assert default_head_block_ids(20) == [2, 8, 14, 19]
+    """The documented examples; for every depth, the blocks nearest to the official (2, 8, 14, 19) / 19 fractions of
+    the last block (no ties occur), without repeats."""
+    documented = {20: [2, 8, 14, 19], 28: [3, 11, 20, 27], 4: [0, 1, 2, 3], 2: [0, 1], 1: [0]}
+    assert {n: default_head_block_ids(n) for n in documented} == documented
     for num_layers in range(1, 40):
-        ids = default_head_block_ids(num_layers)
-        assert 1 <= len(ids) <= 4 and ids == sorted(set(ids))
-        assert ids[0] >= 0 and ids[-1] == num_layers - 1
+        last = num_layers - 1
+        nearest = {min(range(num_layers), key=lambda b: abs(b - f * last)) for f in (2 / 19, 8 / 19, 14 / 19, 1)}
+        assert default_head_block_ids(num_layers) == sorted(nearest), num_layers
 
 
 # ---------------------------------------------------------------------------------------------------------------------

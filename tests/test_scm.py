@@ -149,6 +149,7 @@ class ToyVelocity(nn.Module):
         encoder_attention_mask=None,
         guidance_scale=None,
         return_logvar=False,
+        detach_logvar_input=False,  # the logvar head reads t alone: nothing shared to detach
         return_dict=True,
     ):
         assert (guidance_scale is not None) == self.config.guidance_embeds

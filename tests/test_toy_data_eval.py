@@ -132,8 +132,8 @@ def test_fid_is_zero_for_identical_sets(emoji_pixels, inception_features_of):
 
 def test_fid_is_large_for_shuffled_pixels(emoji_pixels, inception_features_of):
     """16 emoji vs 16 others: ~244 (FID of tiny sets is dominated by their sample covariance); vs the first 16 with
-    their pixels shuffled: ~420."""
-    from diffusers_sprint.evaluation import fid_from_features
+    their pixels shuffled: ~420. `compute_fid` on the images equals the FID of their features."""
+    from diffusers_sprint.evaluation import compute_fid, fid_from_features
 
     real_a, real_b = emoji_pixels[0:1600:100], emoji_pixels[50:1600:100]  # 16 + 16 different emoji
     rng = np.random.default_rng(0)
@@ -144,6 +144,22 @@ def test_fid_is_large_for_shuffled_pixels(emoji_pixels, inception_features_of):
     real_vs_real, real_vs_shuffled = fid_from_features(fa, fb), fid_from_features(fb, fs)
     assert real_vs_shuffled > 350
     assert real_vs_shuffled > 1.5 * real_vs_real
+    assert compute_fid(real_b, shuffled) == pytest.approx(real_vs_shuffled, rel=1e-4)  # other batch size: rounding
+
+
+def test_classifier_fid_separates_real_from_shuffled_pixels(emoji_pixels):
+    """In the classifier's feature space: two halves of the dataset are close (seen 0.25), real vs pixel-shuffled
+    far apart (seen 15.7)."""
+    from diffusers_sprint.evaluation import classifier_fid, load_classifier
+
+    model = load_classifier()
+    real_a, real_b = emoji_pixels[0::2], emoji_pixels[1::2]
+    rng = np.random.default_rng(0)
+    flat = real_b.reshape(len(real_b), -1, 3)
+    shuffled = np.stack([image[rng.permutation(len(image))] for image in flat]).reshape(real_b.shape)
+    assert abs(classifier_fid(real_a, real_a, model)) < 1e-6
+    real_vs_real, real_vs_shuffled = classifier_fid(real_a, real_b, model), classifier_fid(real_a, shuffled, model)
+    assert real_vs_shuffled > 20 * real_vs_real
 
 
 def test_fid_sample_space_formula_matches_covariance_formula():

@@ -15,13 +15,12 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 from diffusers import SanaPipeline
 
 from diffusers_sprint.data import TOY_TEACHER_PATH, load_emoji_dataset
 from diffusers_sprint.evaluation import emoji_reference_features, fid_from_features, inception_features
-from diffusers_sprint.evaluation.classifier import load_classifier, prompt_adherence
+from diffusers_sprint.evaluation.classifier import images_to_tensor, load_classifier, prompt_adherence
 from diffusers_sprint.evaluation.toy import dataset_prompts, evaluate_pipeline
 
 
@@ -41,7 +40,7 @@ def parse_args(argv=None):
 def autoencoded(pipe, images: list) -> list:
     from PIL import Image
 
-    x = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = images_to_tensor(images)
     y = torch.cat([pipe.vae.decode(pipe.vae.encode(x[i : i + 256]).latent).sample for i in range(0, len(x), 256)])
     y = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in y]

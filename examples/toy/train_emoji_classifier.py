@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusers_sprint.data import CATEGORIES, load_emoji_dataset
-from diffusers_sprint.evaluation.classifier import WEIGHTS_PATH, EmojiClassifier, save_classifier
+from diffusers_sprint.evaluation.classifier import WEIGHTS_PATH, EmojiClassifier, images_to_tensor, save_classifier
 
 
 def parse_args(argv=None):
@@ -85,8 +85,7 @@ def main(argv=None):
     start = time.time()
 
     dataset = load_emoji_dataset(resolution=32)
-    pixels = np.stack([np.asarray(image, dtype=np.uint8) for image in dataset["image"]])
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = images_to_tensor(dataset["image"])
     labels = np.array([CATEGORIES.index(c) for c in dataset["category"]])
     y = torch.from_numpy(labels)
     train, held = stratified_split(labels, args.holdout, args.seed)
@@ -112,7 +111,7 @@ def main(argv=None):
             held_acc = accuracy(model, x[held], y[held])
             print(f"step {step:5d}  loss {loss.item():.3f}  held-out acc {held_acc:.3f}  {time.time() - start:.0f}s")
 
-    train_acc, held_acc, all_acc = accuracy(model, x[train], y[train]), accuracy(model, x[held], y[held]), None
+    train_acc, held_acc = accuracy(model, x[train], y[train]), accuracy(model, x[held], y[held])
     all_acc = accuracy(model, x, y)
     seconds = round(time.time() - start)
     print(f"train acc {train_acc:.3f}  held-out acc {held_acc:.3f}  all {all_acc:.3f}  ({seconds}s)")

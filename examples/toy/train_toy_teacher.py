@@ -28,20 +28,20 @@ Images: Twemoji by Twitter, Inc. and other contributors, CC-BY 4.0.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
-from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
+from diffusers.training_utils import EMAModel
+from transformers import Gemma2Config, Gemma2Model
 
 from diffusers_sprint.data import load_emoji_dataset
 from diffusers_sprint.data.tokenizer import train_gemma_layout_tokenizer
+from diffusers_sprint.evaluation.classifier import images_to_tensor
 
 
 GRID_PROMPTS = [
@@ -112,11 +112,6 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # components
-
-
-def build_tokenizer(captions: list[str], vocab_size: int) -> GemmaTokenizerFast:
-    """Byte-fallback BPE trained on the captions, in Gemma's layout; no merge crosses a word boundary."""
-    return train_gemma_layout_tokenizer(captions, vocab_size)
 
 
 def build_text_encoder(vocab_size: int, hidden: int, layers: int, embed_std: float = 0.5) -> Gemma2Model:
@@ -195,8 +190,10 @@ def lr_at(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_vae(vae: AutoencoderDC, images: torch.Tensor, args, log) -> float:
-    """Plain autoencoder (DC-AE has no KL): L1 + MSE; decoder input noised by up to `vae_latent_noise` x std."""
+def train_vae(vae: AutoencoderDC, images: torch.Tensor, args, log) -> tuple[float, torch.Tensor]:
+    """Plain autoencoder (DC-AE has no KL): L1 + MSE; decoder input noised by up to `vae_latent_noise` x std.
+
+    Returns the reconstruction PSNR (dB) and the latents of all `images` (unscaled)."""
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     vae.train()
@@ -224,7 +221,7 @@ def train_vae(vae: AutoencoderDC, images: torch.Tensor, args, log) -> float:
     mse = F.mse_loss(recon.clamp(-1, 1), images).item()
     psnr = 10 * math.log10(4.0 / mse)
     log(f"vae done in {time.time() - start:.0f}s: PSNR {psnr:.2f} dB, latent std {latents.std().item():.3f}")
-    return psnr
+    return psnr, latents
 
 
 @torch.no_grad()
@@ -244,10 +241,11 @@ def encode_captions(pipe: SanaPipeline, captions: list[str], max_length: int):
 
 def train_transformer(transformer, latents, embeds, masks, null_embed, null_mask, args, log):
     """Rectified flow: x_s = (1 - s) x0 + s z, v = z - x0, timestep = 1000 s * timestep_scale (as SanaPipeline feeds
-    it); captions -> empty prompt w.p. 10%."""
+    it); captions -> empty prompt w.p. 10%. Returns the transformer holding its EMA weights (diffusers' `EMAModel`,
+    decay min(ema_decay, (1 + step) / (10 + step)))."""
     generator = torch.Generator().manual_seed(args.seed + 1)
-    ema = copy.deepcopy(transformer).requires_grad_(False)
     params = [p for p in transformer.parameters() if p.requires_grad]
+    ema = EMAModel(params, decay=args.ema_decay)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     transformer.train()
     start, running = time.time(), None
@@ -269,15 +267,13 @@ def train_transformer(transformer, latents, embeds, masks, null_embed, null_mask
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), transformer.parameters()):
-                p_ema.lerp_(p, 1 - decay)
+        ema.step(params)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == args.steps - 1:
             log(f"transformer step {step:5d}  loss {running:.4f}  {time.time() - start:6.0f}s")
     log(f"transformer done in {time.time() - start:.0f}s")
-    return ema.eval()
+    ema.copy_to(params)
+    return transformer.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -328,11 +324,10 @@ def main(argv=None):
 
     dataset = load_emoji_dataset(resolution=args.resolution)
     captions = list(dataset["caption"])
-    pixels = np.stack([np.asarray(image, dtype=np.uint8) for image in dataset["image"]])
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    images = images_to_tensor(dataset["image"])
     log(f"dataset: {len(captions)} emoji at {args.resolution}px ({time.time() - t0:.0f}s)")
 
-    tokenizer = build_tokenizer(captions, args.vocab_size)
+    tokenizer = train_gemma_layout_tokenizer(captions, args.vocab_size)
     text_encoder = build_text_encoder(len(tokenizer), args.text_hidden, args.text_layers)
     max_length = max(len(ids) for ids in tokenizer(captions).input_ids)
     log(f"tokenizer: {len(tokenizer)} tokens, longest caption {max_length} tokens")
@@ -346,12 +341,10 @@ def main(argv=None):
         vae.load_state_dict(load_file(args.vae_weights))
         vae.eval()
         args.vae_steps = 0
-    psnr = train_vae(vae, images, args, log)
+    psnr, latents = train_vae(vae, images, args, log)
     t_vae = time.time() - t_vae
     if args.stop_after_vae:
         return
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i : i + 256]).latent for i in range(0, len(images), 256)])
     scaling_factor = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling_factor)
     latents = latents * scaling_factor
@@ -368,8 +361,7 @@ def main(argv=None):
     embeds, masks = encode_captions(pipe, captions, max_length)
     null_embed, null_mask = encode_captions(pipe, [""], max_length)
     t_tr = time.time()
-    pipe.transformer = train_transformer(transformer, latents, embeds, masks, null_embed[0], null_mask[0], args, log)
-    pipe.register_modules(transformer=pipe.transformer)
+    train_transformer(transformer, latents, embeds, masks, null_embed[0], null_mask[0], args, log)
     t_tr = time.time() - t_tr
 
     pipe.save_pretrained(args.output_dir, safe_serialization=True)

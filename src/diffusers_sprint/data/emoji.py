@@ -109,7 +109,7 @@ def load_emoji_dataset(
     caption_template: str = CAPTION_TEMPLATE,
     limit: int | None = None,
 ):
-    """The Twemoji set as a `datasets.Dataset` (1,629 rows with the default filters).
+    """The Twemoji set as a `datasets.Dataset` (1,628 rows with the default filters).
 
     Columns:
         image (PIL.Image, RGB, `resolution` x `resolution`): the emoji composited over `background`.
@@ -134,10 +134,11 @@ def load_emoji_dataset(
 
     records = list(emoji_records())
     if categories is not None:
-        unknown = set(categories) - set(CATEGORIES)
+        wanted = set(categories)
+        unknown = wanted - set(CATEGORIES)
         if unknown:
             raise ValueError(f"Unknown categories {sorted(unknown)}; choose from {CATEGORIES}.")
-        records = [r for r in records if r["category"] in set(categories)]
+        records = [r for r in records if r["category"] in wanted]
     if limit is not None:
         records = records[:limit]
 

@@ -64,14 +64,14 @@ def save_classifier(model: EmojiClassifier, path: str = WEIGHTS_PATH, metadata: 
 def load_classifier(path: str = WEIGHTS_PATH, device: str = "cpu") -> EmojiClassifier:
     """The shipped classifier (eval mode). Its metadata records the held-out accuracy it was trained to."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: train it with examples/toy/train_emoji_classifier.py")
     with safe_open(path, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    model = EmojiClassifier(**json.loads(metadata["config"]))
-    model.load_state_dict(load_file(path))
+        config = json.loads((handle.metadata() or {})["config"])
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    model = EmojiClassifier(**config)
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -195,8 +194,3 @@ def emoji_reference_features(
         np.save(partial, features)
         os.replace(partial, path)
     return features
-
-
-def images_as_list(batches: Iterable) -> list:
-    """Flatten an iterable of PIL-image lists (e.g. several pipeline calls) into one list."""
-    return [image for batch in batches for image in batch]

@@ -249,11 +249,6 @@ def pf_ode_tangents(x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor, si
     return _expand_4d(cos_sin, dxt_dt) * dxt_dt / sigma_data, cos_sin
 
 
-def _detach_kwargs(detach_logvar_input: bool) -> dict:
-    """`trigflow_forward`'s `detach_logvar_input`, passed only when set (students may be any model with the method)."""
-    return {"detach_logvar_input": True} if detach_logvar_input else {}
-
-
 def trigflow_velocity_jvp(
     student,
     x_t_scaled: torch.Tensor,
@@ -271,7 +266,7 @@ def trigflow_velocity_jvp(
 
     Runs under the caller's grad mode: under `torch.no_grad()` nothing is recorded; with grad enabled the primal
     outputs carry autograd history (used by `reuse_jvp_primal`). `guidance_scale` is ignored for a student without
-    guidance embedder.
+    guidance embedder; `detach_logvar_input` goes to the student's `trigflow_forward`.
 
     Returns:
         `(F, dF)`, or `(F, logvar, dF)` with `return_logvar`; `F`, `dF` of shape `(batch, C, H, W)`, `logvar`
@@ -287,7 +282,7 @@ def trigflow_velocity_jvp(
             encoder_attention_mask,
             guidance_scale=guidance,
             return_logvar=return_logvar,
-            **_detach_kwargs(detach_logvar_input),
+            detach_logvar_input=detach_logvar_input,
         )
         return (out.sample, out.logvar) if return_logvar else out.sample
 
@@ -424,7 +419,7 @@ def scm_loss(
             encoder_attention_mask,
             guidance_scale=student_guidance,
             return_logvar=config.adaptive_weight,
-            **_detach_kwargs(config.detach_logvar_embedding),
+            detach_logvar_input=config.detach_logvar_embedding,
         )
         F, logvar = out.sample, out.logvar
         jvp_primal_max_abs_diff = (F_jvp - F.detach()).abs().max()
