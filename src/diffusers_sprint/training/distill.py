@@ -1,7 +1,9 @@
 """One SANA-Sprint distillation iteration: the generator (sCM + LADD) step and the discriminator step.
 
 Pure functions over models and a batch; no accelerate inside. The caller (e.g. `examples/train_sana_sprint.py`)
-owns devices, mixed precision, EMA and checkpoints, and applies each loss with [`optimizer_update`].
+owns devices, mixed precision, distribution, accumulation, EMA and checkpoints. The student is called through a
+[`~models.TrigFlowModel`] (pass the accelerate-prepared one: DDP / FSDP2 see every call); a bare transformer is
+wrapped on the fly.
 
 Step counting. The official loop increments one `global_step` in both phases, so its `tangent_warmup_steps=4000`
 is reached after 2000 generator updates. Here [`DistillationState`] counts generator and discriminator updates
@@ -9,11 +11,13 @@ separately and the tangent warm-up reads `generator_steps`: a warm-up of N means
 the official schedule exactly, halve `SCMLossConfig.tangent_warmup_steps`.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..models.trigflow_model import as_trigflow_model
 from .ladd import (
     ADVERSARIAL_LOSS_TYPES,
     DISCRIMINATOR_P_MEAN,
@@ -116,11 +120,11 @@ class DistillationState:
     skipped_generator_updates: int = 0
     skipped_discriminator_updates: int = 0
 
-    def record(self, phase: str, outcome: "UpdateOutcome") -> None:
+    def record(self, phase: str, skipped: bool) -> None:
         """Count one `"generator"` or `"discriminator"` update; a skipped one (NaN/Inf) counts as skipped only."""
         if phase not in ("generator", "discriminator"):
             raise ValueError(f"`phase` must be 'generator' or 'discriminator', got {phase!r}.")
-        counter = f"skipped_{phase}_updates" if outcome.skipped else f"{phase}_steps"
+        counter = f"skipped_{phase}_updates" if skipped else f"{phase}_steps"
         setattr(self, counter, getattr(self, counter) + 1)
 
     def state_dict(self) -> dict:
@@ -149,12 +153,25 @@ class DiscriminatorStepOutput:
     logs: dict
 
 
+@contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """
+    Parameters of `module` do not require grad inside the block (restored after): a graph built there carries
+    gradients through `module` to its inputs but never into its parameters.
+    """
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+
+
 def _student_x0(student, x_t, t, prompt_embeds, prompt_attention_mask, guidance_scale, sigma_data):
-    """`x0_hat = cos t x_t - sin t sigma_data F(x_t / sigma_data, t)` with the student's own guidance input."""
-    guidance = guidance_scale if student.config.guidance_embeds else None
-    velocity = student.trigflow_forward(
-        x_t / sigma_data, t, prompt_embeds, prompt_attention_mask, guidance_scale=guidance
-    ).sample
+    """`x0_hat = cos t x_t - sin t sigma_data F(x_t / sigma_data, t)` (`w` used by a student with an embedder)."""
+    (velocity,) = student(x_t / sigma_data, t, prompt_embeds, prompt_attention_mask, guidance_scale=guidance_scale)
     return denoise_trigflow(x_t, velocity, t, sigma_data)
 
 
@@ -190,11 +207,15 @@ def generator_step(
     L_sCM: [`scm_loss`] at `(x0, z, t)`. L_adv: the student's `x0_hat` from `t'` (`t` replaced by `pi/2` with
     `max_time_probability`, same `z`), re-noised at `t_D`, judged by the discriminator with its caption. Rows whose
     time was not replaced reuse the sCM forward's `F` (the same function at the same input, so the same loss and
-    gradients as a fresh forward); only the `pi/2` rows run the student again. The discriminator heads receive
-    gradients here too; zero them before the discriminator's backward ([`optimizer_update`] does).
+    gradients as a fresh forward); only the `pi/2` rows run the student again.
+
+    The discriminator is judged [`frozen`]: its heads get no gradient from this loss (the adversarial gradient
+    reaches the student through heads and teacher), so nothing leaks into the discriminator's next update. Pass the
+    bare [`SanaDiscriminator`], not a DDP-wrapped one (it is not trained here).
     """
     if config.uses_discriminator and discriminator is None:
         raise ValueError("`discriminator` is required when `config.adversarial_lambda > 0`.")
+    student = as_trigflow_model(student)
     sigma_data = config.scm.sigma_data
     t, z, w = _draw_generator_inputs(batch, config, generator)
     logs = {"t_mean": t.mean().detach()}
@@ -253,9 +274,10 @@ def generator_step(
             sigma_data=sigma_data,
             generator=generator,
         )
-        fake_logits = discriminator(
-            renoised.fake_x_t / sigma_data, renoised.fake_t, batch.prompt_embeds, batch.prompt_attention_mask
-        )
+        with frozen(discriminator):
+            fake_logits = discriminator(
+                renoised.fake_x_t / sigma_data, renoised.fake_t, batch.prompt_embeds, batch.prompt_attention_mask
+            )
         adversarial_part = generator_adversarial_loss(fake_logits, config.adversarial_loss)
         logs.update(adversarial_loss=adversarial_part.detach(), fake_logits_mean_g=fake_logits.detach().mean())
 
@@ -279,8 +301,9 @@ def discriminator_step(
     The discriminator loss of one iteration: real `x0` vs the student's `x0_hat` (no grad to the student), both
     re-noised at independent `t_D`; the fake is generated from `t = pi/2` with `max_time_probability` (the same
     max-time weighting as the generator phase, at pi/2 itself); misaligned pairs (real latents with rolled
-    captions) join the fakes. `loss = L_D (+ r1_gamma / 2 * R1)`.
+    captions) join the fakes. `loss = L_D (+ r1_gamma / 2 * R1)`. `discriminator` may be the prepared (DDP) one.
     """
+    student = as_trigflow_model(student)
     sigma_data = config.scm.sigma_data
     t, z, w = _draw_generator_inputs(batch, config, generator)
     t = replace_with_max_time(t, config.max_time_probability, generator=generator)
@@ -314,7 +337,7 @@ def discriminator_step(
     }
     if config.r1_gamma > 0:
         r1 = r1_penalty(
-            discriminator,
+            getattr(discriminator, "module", discriminator),  # DDP: the heads' graph is armed by the calls above
             real_inputs,
             renoised.real_t,
             batch.prompt_embeds,
@@ -326,41 +349,20 @@ def discriminator_step(
     return DiscriminatorStepOutput(loss=loss, logs=logs)
 
 
-@dataclass
-class UpdateOutcome:
-    """What [`optimizer_update`] did: `skipped` when the gradient norm was NaN/Inf (no parameter changed)."""
-
-    skipped: bool
-    grad_norm: float
-
-
-def optimizer_update(
-    loss: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    parameters: Iterable[torch.nn.Parameter],
-    max_grad_norm: float | None = None,
-    backward: Callable[[torch.Tensor], None] | None = None,
-    clip_grad_norm: Callable[..., torch.Tensor] | None = None,
-) -> UpdateOutcome:
+def step_if_finite(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor | float) -> bool:
     """
-    zero_grad -> backward -> clip -> finite check -> step, for one of the two phases.
-
-    Gradients are zeroed *before* the backward, so gradients the other phase left on shared modules (the generator's
-    adversarial loss reaches the discriminator heads) never leak into this update. A NaN/Inf gradient norm skips
-    the step and zeroes the gradients. `backward`/`clip_grad_norm` default to torch's and take accelerate's
-    (`accelerator.backward`, `accelerator.clip_grad_norm_`) under accelerate.
+    `optimizer.step()` unless `grad_norm` (e.g. from `accelerator.clip_grad_norm_`) is NaN/Inf, then zero the
+    gradients either way. Returns `True` when the update was skipped. Under DDP / FSDP2 the clipped norm is the
+    global one, so every process takes the same decision.
     """
-    parameters = [p for p in parameters if p.requires_grad]
+    grad_norm = torch.as_tensor(grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm
+        grad_norm = grad_norm.full_tensor()
+    skipped = not bool(torch.isfinite(grad_norm).all())
+    if not skipped:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    (backward or torch.Tensor.backward)(loss)
-    clip = clip_grad_norm or torch.nn.utils.clip_grad_norm_
-    grad_norm = clip(parameters, max_grad_norm if max_grad_norm is not None else float("inf"))
-    grad_norm = float(grad_norm)
-    if not torch.isfinite(torch.tensor(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        return UpdateOutcome(skipped=True, grad_norm=grad_norm)
-    optimizer.step()
-    return UpdateOutcome(skipped=False, grad_norm=grad_norm)
+    return skipped
 
 
 __all__ = [
@@ -369,8 +371,8 @@ __all__ = [
     "DistillationState",
     "DiscriminatorStepOutput",
     "GeneratorStepOutput",
-    "UpdateOutcome",
     "discriminator_step",
+    "frozen",
     "generator_step",
-    "optimizer_update",
+    "step_if_finite",
 ]

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.parametrizations import spectral_norm
 
+from ..models.trigflow_model import TrigFlowModel, as_trigflow_model
 from .trigflow import add_trigflow_noise, sample_trigflow_time
 
 
@@ -210,8 +211,9 @@ class SanaDiscriminator(nn.Module):
     inputs that do not require grad (discriminator phase) no graph is built through the teacher at all.
 
     Args:
-        teacher ([`SanaSprintTransformer2DModel`]): The frozen teacher (anything with `transformer_blocks` and
-            `trigflow_forward`).
+        teacher ([`~models.TrigFlowModel`] or [`SanaSprintTransformer2DModel`]): The frozen teacher; a bare
+            transformer is wrapped. Pass the `TrigFlowModel` the sCM loss uses, so that one FSDP2-sharded teacher
+            serves both.
         head_block_ids (`Sequence[int]`, *optional*, defaults to `(2, 8, 14, 19)`): Teacher blocks to read, each
             with its own head; logits are concatenated in this order. `None` picks
             [`default_head_block_ids`]`(depth)`. Ids must be distinct and in `0..depth-1`.
@@ -229,12 +231,13 @@ class SanaDiscriminator(nn.Module):
         virtual_batch_size: int = 8,
     ):
         super().__init__()
-        if not hasattr(teacher, "transformer_blocks") or not hasattr(teacher, "trigflow_forward"):
+        teacher = as_trigflow_model(teacher)
+        if not isinstance(teacher, TrigFlowModel) or not hasattr(teacher.transformer, "transformer_blocks"):
             raise TypeError(
-                "`teacher` must be a SanaSprintTransformer2DModel (with `transformer_blocks` and "
-                f"`trigflow_forward`), got {type(teacher).__name__}."
+                "`teacher` must be a SanaSprintTransformer2DModel (with `transformer_blocks` and `trigflow_forward`) "
+                f"or a TrigFlowModel around one, got {type(teacher).__name__}."
             )
-        num_layers = len(teacher.transformer_blocks)
+        num_layers = len(teacher.transformer.transformer_blocks)
         if head_block_ids is None:
             head_block_ids = default_head_block_ids(num_layers)
         self.head_block_ids = _validate_head_block_ids(head_block_ids, num_layers)
@@ -244,7 +247,8 @@ class SanaDiscriminator(nn.Module):
         # Bypass nn.Module.__setattr__ so the teacher is not registered as a submodule (see the class docstring).
         object.__setattr__(self, "_teacher", teacher)
 
-        inner_dim = teacher.config.num_attention_heads * teacher.config.attention_head_dim
+        config = teacher.transformer.config
+        inner_dim = config.num_attention_heads * config.attention_head_dim
         self.heads = nn.ModuleList(
             DiscriminatorHead(
                 inner_dim,
@@ -257,12 +261,12 @@ class SanaDiscriminator(nn.Module):
 
     @property
     def teacher(self) -> nn.Module:
-        """The frozen teacher (not a submodule: not in `parameters()` / `state_dict()`)."""
+        """The frozen teacher's [`~models.TrigFlowModel`] (not a submodule: not in `parameters()` / `state_dict()`)."""
         return self._teacher
 
     def num_tokens(self, height: int, width: int) -> int:
         """Tokens per head for a latent of `height x width`: `(height / patch) (width / patch)`."""
-        patch_size = self.teacher.config.patch_size
+        patch_size = self.teacher.transformer.config.patch_size
         return (height // patch_size) * (width // patch_size)
 
     def _check_teacher_frozen(self) -> None:
@@ -294,7 +298,7 @@ class SanaDiscriminator(nn.Module):
             `list[torch.Tensor]`, one `(batch_size, inner_dim, num_tokens)` tensor per entry of `head_block_ids`.
         """
         self._check_teacher_frozen()
-        blocks = self.teacher.transformer_blocks
+        blocks = self.teacher.transformer.transformer_blocks
         captured: dict[int, torch.Tensor] = {}
 
         def make_hook(block_id: int):
@@ -309,14 +313,7 @@ class SanaDiscriminator(nn.Module):
         try:
             for block_id in self.head_block_ids:
                 handles.append(blocks[block_id].register_forward_hook(make_hook(block_id)))
-            self.teacher.trigflow_forward(
-                x_t_scaled,
-                t,
-                encoder_hidden_states=encoder_hidden_states,
-                encoder_attention_mask=encoder_attention_mask,
-                guidance_scale=guidance_scale,
-                return_dict=False,
-            )
+            self.teacher(x_t_scaled, t, encoder_hidden_states, encoder_attention_mask, guidance_scale=guidance_scale)
         finally:
             for handle in handles:
                 handle.remove()

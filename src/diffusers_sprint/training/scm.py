@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.trigflow_model import as_trigflow_model
 from .trigflow import add_trigflow_noise
 
 
@@ -168,10 +169,6 @@ def tangent_warmup(step: int, warmup_steps: int) -> float:
     return min(1.0, max(0, step) / warmup_steps)
 
 
-def _has_guidance_embedder(model) -> bool:
-    return bool(getattr(model.config, "guidance_embeds", False))
-
-
 @torch.no_grad()
 def teacher_cfg_velocity(
     teacher,
@@ -190,7 +187,8 @@ def teacher_cfg_velocity(
     Conditional and unconditional branches run as one batch of `2 * batch`. No grad.
 
     Args:
-        teacher ([`SanaSprintTransformer2DModel`]): A TrigFlow teacher without guidance embedder.
+        teacher ([`~models.TrigFlowModel`] or [`SanaSprintTransformer2DModel`]): A TrigFlow teacher without guidance
+            embedder (a bare transformer is wrapped in a `TrigFlowModel`).
         x_t_scaled (`torch.Tensor` of shape `(batch, C, H, W)`): `x_t / sigma_data`.
         t (`torch.Tensor` of shape `(batch,)` or a float): TrigFlow time in radians.
         cond_embeds (`torch.Tensor` of shape `(batch, seq_len, caption_channels)`): Prompt hidden states.
@@ -204,11 +202,7 @@ def teacher_cfg_velocity(
     Returns:
         `torch.Tensor` of shape `(batch, C, H, W)`: `dxt_dt` in at least float32.
     """
-    if _has_guidance_embedder(teacher):
-        raise ValueError(
-            "The teacher must be a TrigFlow model without guidance embedder (`guidance_embeds=False`): the CFG "
-            "velocity is formed from its conditional and unconditional outputs."
-        )
+    teacher = as_trigflow_model(teacher)
     batch_size = x_t_scaled.shape[0]
     if null_embeds.shape[0] == 1:
         null_embeds = null_embeds.expand(batch_size, -1, -1)
@@ -225,13 +219,12 @@ def teacher_cfg_velocity(
         mask = torch.cat([null_mask.expand(batch_size, -1), cond_mask.expand(batch_size, -1).to(null_mask.dtype)])
 
     t = _per_sample(t, batch_size, x_t_scaled)
-    velocity = teacher.trigflow_forward(
+    (velocity,) = teacher(
         torch.cat([x_t_scaled, x_t_scaled]),
         torch.cat([t, t]),
         torch.cat([null_embeds, cond_embeds.to(null_embeds.dtype)]),
         mask,
-        guidance_scale=None,
-    ).sample
+    )
     velocity_null, velocity_cond = velocity.chunk(2)
     w = _expand_4d(_per_sample(guidance_scale, batch_size, velocity), velocity)
     return sigma_data * (velocity_null + w * (velocity_cond - velocity_null))
@@ -264,27 +257,28 @@ def trigflow_velocity_jvp(
     """
     `torch.func.jvp` of the student's `F(x_t / sigma_d, t)` along `(tangent_x, tangent_t)`.
 
-    Runs under the caller's grad mode: under `torch.no_grad()` nothing is recorded; with grad enabled the primal
-    outputs carry autograd history (used by `reuse_jvp_primal`). `guidance_scale` is ignored for a student without
-    guidance embedder; `detach_logvar_input` goes to the student's `trigflow_forward`.
+    `student` is called as a [`~models.TrigFlowModel`] (a bare transformer is wrapped), so DDP / FSDP2 wrappers see
+    the call. Runs under the caller's grad mode: under `torch.no_grad()` nothing is recorded; with grad enabled the
+    primal outputs carry autograd history (used by `reuse_jvp_primal`). `guidance_scale` is used by students with
+    a guidance embedder only; `detach_logvar_input` goes to the student's `trigflow_forward`.
 
     Returns:
         `(F, dF)`, or `(F, logvar, dF)` with `return_logvar`; `F`, `dF` of shape `(batch, C, H, W)`, `logvar`
         `(batch, 1)`.
     """
-    guidance = guidance_scale if _has_guidance_embedder(student) else None
+    student = as_trigflow_model(student)
 
     def velocity(x, time):
-        out = student.trigflow_forward(
+        out = student(
             x,
             time,
             encoder_hidden_states,
             encoder_attention_mask,
-            guidance_scale=guidance,
+            guidance_scale=guidance_scale,
             return_logvar=return_logvar,
             detach_logvar_input=detach_logvar_input,
         )
-        return (out.sample, out.logvar) if return_logvar else out.sample
+        return out if return_logvar else out[0]
 
     primal, tangent = torch.func.jvp(
         velocity, (x_t_scaled, t), (tangent_x.to(x_t_scaled.dtype), tangent_t.to(t.dtype))
@@ -352,9 +346,11 @@ def scm_loss(
     The sCM consistency-distillation loss of one generator step.
 
     Args:
-        student ([`SanaSprintTransformer2DModel`]): Trained model; with a guidance embedder it receives `w`, and with
-            `config.adaptive_weight` it needs `logvar_head=True`.
-        teacher ([`SanaSprintTransformer2DModel`]): Frozen TrigFlow teacher without guidance embedder.
+        student ([`~models.TrigFlowModel`], possibly DDP / FSDP2-wrapped, or a [`SanaSprintTransformer2DModel`]):
+            Trained model; with a guidance embedder it receives `w`, and with `config.adaptive_weight` it needs
+            `logvar_head=True`.
+        teacher ([`~models.TrigFlowModel`] or [`SanaSprintTransformer2DModel`]): Frozen TrigFlow teacher without
+            guidance embedder.
         x0 (`torch.Tensor` of shape `(batch, C, H, W)`): Data latents in sigma_data units.
         z (`torch.Tensor` of shape `(batch, C, H, W)`): Noise `~ N(0, sigma_d^2 I)` (sigma_data-scaled).
         t (`torch.Tensor` of shape `(batch,)`): TrigFlow time in radians, strictly inside `(0, pi/2)` (the weight
@@ -373,22 +369,12 @@ def scm_loss(
         has the same number of elements); without adaptive weight the `logvar` terms are dropped.
     """
     config = SCMLossConfig() if config is None else config
-    if config.adaptive_weight and not getattr(student.config, "logvar_head", False):
-        raise ValueError(
-            "`SCMLossConfig.adaptive_weight=True` needs a student with a logvar head: build it with "
-            "`logvar_head=True` (or set `adaptive_weight=False`)."
-        )
-    if config.reuse_jvp_primal and getattr(student, "is_gradient_checkpointing", False):
-        raise ValueError(
-            "`SCMLossConfig.reuse_jvp_primal=True` cannot be combined with gradient checkpointing (forward-mode AD "
-            "and activation recomputation do not mix): disable one of them."
-        )
+    student, teacher = as_trigflow_model(student), as_trigflow_model(teacher)
     sigma_data = config.sigma_data
     compute_dtype = torch.promote_types(x0.dtype, torch.float32)
     x0, z, t = x0.to(compute_dtype), z.to(compute_dtype), t.to(compute_dtype)
     batch_size = x0.shape[0]
     guidance_scale = _per_sample(guidance_scale, batch_size, t)
-    student_guidance = guidance_scale if _has_guidance_embedder(student) else None
 
     x_t = add_trigflow_noise(x0, z, t)
     x_t_scaled = x_t / sigma_data
@@ -412,16 +398,16 @@ def scm_loss(
     else:
         with torch.no_grad():
             F_jvp, dF = trigflow_velocity_jvp(*jvp_args)
-        out = student.trigflow_forward(
+        out = student(
             x_t_scaled,
             t,
             encoder_hidden_states,
             encoder_attention_mask,
-            guidance_scale=student_guidance,
+            guidance_scale=guidance_scale,
             return_logvar=config.adaptive_weight,
             detach_logvar_input=config.detach_logvar_embedding,
         )
-        F, logvar = out.sample, out.logvar
+        F, logvar = out[0], (out[1] if config.adaptive_weight else None)
         jvp_primal_max_abs_diff = (F_jvp - F.detach()).abs().max()
     F, dF = F.to(compute_dtype), dF.to(compute_dtype)
     # F_minus is the grad forward's own value, so F - F_minus is exactly 0: the JVP's math-SDPA primal may differ

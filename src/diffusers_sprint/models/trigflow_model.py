@@ -1,0 +1,105 @@
+"""The TrigFlow velocity of a Sana transformer as a module's `forward`, for training engines.
+
+A training engine (DDP, FSDP2, a DeepSpeed engine, `torch.compile`) hooks a module's `__call__`: DDP arms its
+gradient reducer there, FSDP2 gathers the root's parameters there. Calling `transformer.trigflow_forward(...)` on the
+bare model goes around every such wrapper, so the training library calls the student and the teacher through a
+[`TrigFlowModel`] instead: the parameterisation sits outside the prepared network (k-diffusion's pattern) and the
+prepared object is this module.
+"""
+
+import torch
+from torch import nn
+
+from .attention_processor import forward_ad_is_active
+
+
+class TrigFlowModel(nn.Module):
+    r"""
+    `forward(x_t / sigma_data, t, ...) = transformer.trigflow_forward(...)`, returned as a tuple `(F,)` or
+    `(F, logvar)`.
+
+    `guidance_scale` is passed on when the transformer has a guidance embedder (`config.guidance_embeds`, read once
+    here) and dropped otherwise, so the training library can hand every model the per-sample CFG scale `w` without
+    reading the config of a (possibly wrapped) model.
+
+    Args:
+        transformer ([`SanaSprintTransformer2DModel`]): Registered as the submodule `transformer`, so `state_dict`
+            keys are those of the transformer prefixed with `transformer.` (checkpoints are written from the
+            transformer itself).
+    """
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        if isinstance(transformer, TrigFlowModel) or not hasattr(transformer, "trigflow_forward"):
+            raise TypeError(
+                "`transformer` must be a model with `trigflow_forward` (a SanaSprintTransformer2DModel), got "
+                f"{type(transformer).__name__}."
+            )
+        self.transformer = transformer
+        self.uses_guidance = bool(getattr(transformer.config, "guidance_embeds", False))
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        guidance_scale: torch.Tensor | float | None = None,
+        return_logvar: bool = False,
+        detach_logvar_input: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        r"""
+        Args:
+            sample (`torch.Tensor` of shape `(batch, C, H, W)`): `x_t / sigma_data`.
+            timestep (`torch.Tensor` of shape `(batch,)`): TrigFlow time in radians.
+            encoder_hidden_states (`torch.Tensor` of shape `(batch, seq_len, caption_channels)`): The prompt.
+            encoder_attention_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): 1 = attend.
+            guidance_scale (`torch.Tensor` of shape `(batch,)` or a float, *optional*): The CFG scale `w`; used only
+                by a transformer with a guidance embedder (which then requires it).
+            return_logvar, detach_logvar_input: See `SanaSprintTransformer2DModel.trigflow_forward`.
+
+        Returns:
+            `(F,)` or, with `return_logvar`, `(F, logvar)`: `F` of shape `(batch, C, H, W)`, `logvar` `(batch, 1)`.
+        """
+        if (
+            forward_ad_is_active()
+            and torch.is_grad_enabled()
+            and getattr(self.transformer, "is_gradient_checkpointing", False)
+        ):
+            raise RuntimeError(
+                "A grad-enabled JVP (e.g. `SCMLossConfig.reuse_jvp_primal=True`) cannot run through a model with "
+                "gradient checkpointing: forward-mode AD and activation recomputation do not mix. Disable one."
+            )
+        return self.transformer.trigflow_forward(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            guidance_scale=guidance_scale if self.uses_guidance else None,
+            return_logvar=return_logvar,
+            detach_logvar_input=detach_logvar_input,
+            return_dict=False,
+        )
+
+
+def as_trigflow_model(model: nn.Module) -> nn.Module:
+    """
+    `model` itself if it is ready to be called with the [`TrigFlowModel`] signature (a `TrigFlowModel`, or any
+    wrapper around one: DDP, FSDP2, `torch.compile`), else a new `TrigFlowModel(model)` around a bare transformer.
+    """
+    if hasattr(model, "trigflow_forward") and not isinstance(model, TrigFlowModel):
+        return TrigFlowModel(model)
+    return model
+
+
+def unwrap_transformer(model: nn.Module) -> nn.Module:
+    """The transformer inside a [`TrigFlowModel`] (itself possibly wrapped by DDP or `torch.compile`)."""
+    while not isinstance(model, TrigFlowModel):
+        inner = model._modules.get("module") or model._modules.get("_orig_mod")  # DDP / DeepSpeed, torch.compile
+        if inner is None:
+            return model
+        model = inner
+    return model.transformer
+
+
+__all__ = ["TrigFlowModel", "as_trigflow_model", "unwrap_transformer"]
