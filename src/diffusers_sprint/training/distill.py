@@ -52,6 +52,11 @@ class DistillationConfig:
         misaligned_pairs (`bool`, defaults to `True`): real latents with rolled captions as extra fakes (D phase).
         share_discriminator_timesteps (`bool`, defaults to `False`): one `t_D` for the real and fake branches.
         r1_gamma (`float`, defaults to 0): R1 penalty weight (`loss_D + gamma / 2 * r1`), w.r.t. head features.
+        fake_from_scm_forward (`bool`, defaults to `True`): The generator's LADD fake reuses the sCM term's `t`, `z`
+            and forward; only the rows moved to `pi/2` run the student again (same expected gradient, about half a
+            forward+backward less). `False` is the official choice: fresh `t` and `z` and one student forward on the
+            whole batch. Under FSDP2 every rank must run the same forwards (each is a collective), so sharded
+            training needs `False`: how many rows move to `pi/2` differs between ranks.
     """
 
     scm: SCMLossConfig = field(default_factory=SCMLossConfig)
@@ -64,6 +69,7 @@ class DistillationConfig:
     misaligned_pairs: bool = True
     share_discriminator_timesteps: bool = False
     r1_gamma: float = 0.0
+    fake_from_scm_forward: bool = True
 
     def __post_init__(self):
         if self.scm_lambda < 0 or self.adversarial_lambda < 0:
@@ -249,8 +255,11 @@ def generator_step(
 
     adversarial_part = None
     if config.uses_discriminator:
+        if velocity is not None and not config.fake_from_scm_forward:  # official: fresh t and z for the fake
+            t, z, _ = _draw_generator_inputs(batch, config, generator)
+            velocity = None
         t_fake = replace_with_max_time(t, config.max_time_probability, generator=generator)
-        if velocity is None:  # LADD only: every fake needs its own forward
+        if velocity is None:  # every fake needs its own forward
             rows = torch.arange(t.shape[0], device=t.device)
             fake_x0 = torch.zeros_like(batch.latents)
         else:  # rows that keep t reuse the sCM forward's F (same input, same graph); only pi/2 rows run again

@@ -1,0 +1,114 @@
+"""FSDP2 (torch `fully_shard`) for the student, the frozen teacher and the discriminator heads.
+
+One code path on CPU (gloo) and GPU (NCCL): the training script shards with these functions whenever `--fsdp` is
+given or accelerate was launched with its FSDP2 plugin (which does not engage on CPU). Every transformer block is
+one FSDP unit, the time(+guidance) embedder another (kept in fp32 under a bf16 parameter policy: a bf16 time path
+diverges, rcm#10), and the [`~models.TrigFlowModel`] is the root, whose `forward` the training library calls.
+
+States: [`full_model_state_dict`] gathers a diffusers-format state dict on rank 0 (final save, validation);
+[`save_sharded_state`] / [`load_sharded_state`] write and read each rank's shards of models and optimizers with
+`torch.distributed.checkpoint` (resumable checkpoints, no gather).
+"""
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from ..models.trigflow_model import TrigFlowModel
+
+
+def _policy(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    """Parameters gathered in `param_dtype` (None: their own dtype), gradients reduced in fp32."""
+    if param_dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+
+def shard_trigflow_model(
+    model: TrigFlowModel, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True
+) -> TrigFlowModel:
+    """
+    `fully_shard` each transformer block and the time embedder, then the `TrigFlowModel` root (in place).
+
+    Args:
+        model ([`~models.TrigFlowModel`]): The student or the frozen teacher, on its device, fp32 master weights.
+        param_dtype (`torch.dtype`, *optional*): Compute dtype of the gathered parameters (e.g. `torch.bfloat16`);
+            the time embedder always computes in fp32. `None` keeps the stored dtype.
+        reshard_after_forward (`bool`, defaults to `True`): Free gathered block (and time-embedder) parameters after
+            each forward (ZeRO-3); `False` keeps them until the backward (ZeRO-2 style, more memory, fewer
+            all-gathers). The root's own parameters always stay gathered between forward and backward.
+    """
+    if not isinstance(model, TrigFlowModel):
+        raise TypeError(f"`model` must be a TrigFlowModel, got {type(model).__name__}.")
+    transformer = model.transformer
+    for block in transformer.transformer_blocks:
+        fully_shard(block, mp_policy=_policy(param_dtype), reshard_after_forward=reshard_after_forward)
+    fully_shard(transformer.time_embed, mp_policy=_policy(None), reshard_after_forward=reshard_after_forward)
+    # The root keeps its (small: embedders, final norm and projection) parameters gathered after the forward, as
+    # torch's own default for roots does: the discriminator reads the teacher's block features and drops its output,
+    # so the root's pre-backward hook never fires while the patch embedding still needs its weight in the backward.
+    fully_shard(model, mp_policy=_policy(param_dtype), reshard_after_forward=False)
+    return model
+
+
+def shard_discriminator_heads(discriminator: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """`fully_shard` each head of a [`SanaDiscriminator`] (in place; its frozen teacher is sharded separately)."""
+    for head in discriminator.heads:
+        fully_shard(head, mp_policy=_policy(param_dtype))
+    return discriminator
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return isinstance(module, FSDPModule) or any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """
+    The unsharded state dict of an FSDP2 module, on the CPU of rank 0 (an empty dict on the other ranks).
+    Collective: every rank must call it.
+    """
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _sharded_state(models: dict[str, nn.Module], optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]]):
+    state = {name: get_model_state_dict(module) for name, module in models.items()}
+    for name, (module, optimizer) in optimizers.items():
+        state[name] = get_optimizer_state_dict(module, optimizer)
+    return state
+
+
+def save_sharded_state(
+    folder: str, models: dict[str, nn.Module], optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]]
+) -> None:
+    """Write every rank's shards of `models` and `optimizers` (`{name: (model, optimizer)}`) to `folder` (DCP)."""
+    dcp.save(_sharded_state(models, optimizers), checkpoint_id=folder)
+
+
+def load_sharded_state(
+    folder: str, models: dict[str, nn.Module], optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]]
+) -> None:
+    """Read what [`save_sharded_state`] wrote, with the same names, into the same (sharded) objects."""
+    state = _sharded_state(models, optimizers)
+    dcp.load(state, checkpoint_id=folder)
+    for name, module in models.items():
+        set_model_state_dict(module, state[name])
+    for name, (module, optimizer) in optimizers.items():
+        set_optimizer_state_dict(module, optimizer, state[name])
+
+
+__all__ = [
+    "full_model_state_dict",
+    "is_sharded",
+    "load_sharded_state",
+    "save_sharded_state",
+    "shard_discriminator_heads",
+    "shard_trigflow_model",
+]
