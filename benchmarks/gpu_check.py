@@ -94,6 +94,10 @@ class CheckContext:
     def vae_config(self) -> dict:
         return copy.deepcopy(sana_configs.TINY_DC_AE if self.smoke else sana_configs.DC_AE_F32C32)
 
+    def latent_side(self) -> int:
+        """Latent side of `image_size`: the DC-AE halves the resolution per stage after the first."""
+        return self.image_size // 2 ** (len(self.vae_config()["decoder_block_out_channels"]) - 1)
+
 
 @dataclasses.dataclass
 class Row:
@@ -238,10 +242,9 @@ def pipeline_kwargs(steps: int, size: int, seed: int) -> dict:
     )
 
 
-def transformer_inputs(pipe, config: dict, size: int, vae_scale: int, device, dtype, seed: int) -> dict:
+def transformer_inputs(pipe, config: dict, side: int, device, dtype, seed: int) -> dict:
     """What the pipelines feed the transformer at the first step: noise, the encoded prompt, t = pi/2."""
     embeds, mask = pipe.encode_prompt(PROMPT, device=device, complex_human_instruction=None)
-    side = size // vae_scale
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randn(1, config["in_channels"], side, side, generator=generator).to(device)
     return dict(sample=sample, embeds=embeds.to(dtype), mask=mask)
@@ -301,7 +304,7 @@ def time_one_model(name: str, context: CheckContext) -> list[Row]:
     reference = diffusers.SanaSprintPipeline(transformer=reference_model, **shared)
     for pipe in (ours, reference):
         pipe.set_progress_bar_config(disable=True)
-    inputs = transformer_inputs(ours, config, size, ours.vae_scale_factor, device, dtype, seed)
+    inputs = transformer_inputs(ours, config, context.latent_side(), device, dtype, seed)
     label = f"{'tiny' if context.smoke else name} {size}px {str(dtype).removeprefix('torch.')}"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -413,7 +416,7 @@ def check_jvp_math_kernel(context: CheckContext) -> list[Row]:
     config = context.transformer_config(context.jvp_model)
     torch.manual_seed(context.seed)
     ours, reference = make_transformers(config, device, torch.float32)
-    side = context.image_size // (32 if not context.smoke else 2)
+    side = context.latent_side()
     generator = torch.Generator().manual_seed(context.seed)
     batch, tokens = 2, 300 if not context.smoke else 12
     sample = torch.randn(batch, config["in_channels"], side, side, generator=generator).to(device)
@@ -487,21 +490,20 @@ def check_jvp_math_kernel(context: CheckContext) -> list[Row]:
                 note=control_note,
             )
         )
-        if device.type == "cuda" or context.smoke:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                _, tangent_bf16 = torch.func.jvp(ours_call, (sample, t), (tangent_x, tangent_t))
-            bf16_error = relative_error(tangent_bf16.float(), tangent)
-            rows.append(
-                Row(
-                    "jvp_math_kernel",
-                    f"{where}, JVP under bf16 autocast vs fp32 JVP",
-                    "tangent rel diff",
-                    ours=bf16_error,
-                    baseline=0.1,
-                    ok=bf16_error <= 0.1,
-                    note="training precision (fp32 weights, bf16 autocast)",
-                )
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            _, tangent_bf16 = torch.func.jvp(ours_call, (sample, t), (tangent_x, tangent_t))
+        bf16_error = relative_error(tangent_bf16.float(), tangent)
+        rows.append(
+            Row(
+                "jvp_math_kernel",
+                f"{where}, JVP under bf16 autocast vs fp32 JVP",
+                "tangent rel diff",
+                ours=bf16_error,
+                baseline=0.1,
+                ok=bf16_error <= 0.1,
+                note="training precision (fp32 weights, bf16 autocast)",
             )
+        )
     return rows
 
 

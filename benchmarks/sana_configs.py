@@ -6,11 +6,11 @@ the `_class_name` / `_diffusers_version` bookkeeping; every config builds with
 
 Where each one comes from (read in stored copies of the public files; no Hub access from this machine):
 
-- `sana-sprint-0.6b`: `Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers`, `transformer/config.json`
-  (`_diffusers_version` 0.33.0.dev0). The official page itself was not in the stored copies; the file was read
-  from a verbatim re-upload (`deAPI-ai/sanasprint06b1024`, `transformer/config.json`) and agrees key for key with
-  diffusers' `scripts/convert_sana_to_diffusers.py` (`SanaSprint_600M_P1_D28`: 36 x 32 heads, 16 x 72 cross heads,
-  28 layers; `qk_norm="rms_norm_across_heads"`, `guidance_embeds=True` for Sprint models).
+- `sana-sprint-0.6b`: `Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers`, `transformer/config.json`.
+  The official file itself was not in the stored copies; it was read from a third-party re-upload of the pipeline
+  (`deAPI-ai/sanasprint06b1024`, `transformer/config.json`, `_diffusers_version` 0.33.0.dev0), and every width in
+  it agrees with diffusers' `scripts/convert_sana_to_diffusers.py` (`SanaSprint_600M_P1_D28`: 36 x 32 heads,
+  16 x 72 cross heads, 28 layers; `qk_norm="rms_norm_across_heads"`, `guidance_embeds=True` for Sprint models).
 - `sana-sprint-1.6b`: `Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers`. **Not read directly**: the widths
   and depth are those of diffusers' conversion scripts (`SanaSprint_1600M_P1_D20`: 70 x 32 heads, 20 x 112 cross
   heads, cross_attention_dim 2240, 20 layers), which are also those of the official
@@ -19,8 +19,9 @@ Where each one comes from (read in stored copies of the public files; no Hub acc
 - `sana-1.5-4.8b`: `Efficient-Large-Model/SANA1.5_4.8B_1024px_diffusers`. **Not read directly**: diffusers'
   `scripts/convert_sana_to_diffusers.py` (`SanaMS1.5_4800M_P1_D60`: 70 x 32 heads, 20 x 112 cross heads, 2240,
   60 layers; QK-norm for the SANA-1.5 models) and NVlabs/Sana's `SanaMS_4800M_P1_D60` (depth 60, hidden 2240);
-  a flow-matching model, so no guidance embedder. Its released file may carry keys we cannot see; none of them
-  can change the parameter count without also changing one of the widths above.
+  a flow-matching model, so no guidance embedder. The keys the script takes as fixed for every Sana
+  (`mlp_ratio` 2.5, `caption_channels` 2304, patch size 1, 32 latent channels) are assumed; a different
+  `mlp_ratio` in the released file would change the count (QK-norm is only 4 x 2240 weights per block, 0.5 M).
 - `DC_AE_F32C32`: `mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers`, as stored in the official
   `Efficient-Large-Model/Sana_600M_1024px_diffusers/vae/config.json` (`_name_or_path` says so; read). That file
   predates diffusers' `encoder_out_shortcut` / `decoder_in_shortcut` / `decoder_conv_act_fn` keys; their diffusers
@@ -87,7 +88,7 @@ TRANSFORMER_CONFIGS: dict[str, dict] = {
 # Where each config was read (see the module docstring for what could not be verified).
 CONFIG_SOURCES: dict[str, str] = {
     "sana-sprint-0.6b": "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers transformer/config.json (read "
-    "via a verbatim re-upload); matches diffusers' convert_sana_to_diffusers.py",
+    "in a third-party re-upload); widths match diffusers' convert_sana_to_diffusers.py",
     "sana-sprint-1.6b": "widths from diffusers' convert_sana(_sprint)_to_diffusers.py and the official "
     "Sana_1600M_1024px_MultiLing_diffusers config; Sprint keys from the 0.6B Sprint config (file not read)",
     "sana-1.5-4.8b": "diffusers' convert_sana_to_diffusers.py (SanaMS1.5_4800M_P1_D60) and NVlabs/Sana "
