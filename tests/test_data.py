@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -260,6 +262,32 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     pixels = preprocess_image(Image.open(tmp_path / "grey16.png"), 16, center_crop=True)
     centre = expected[:, 8:24] / 127.5 - 1
     assert np.abs(pixels[0].numpy() - centre).max() <= 1 / 127.5 + 1e-6
+
+
+def _write_16_bit_png(path, array, color_type):
+    """A 16-bit-per-channel PNG (Pillow cannot write these for colour): `array` (H, W, C) uint16."""
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", array.shape[1], array.shape[0], 16, color_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
+
+
+def test_16_bit_colour_pngs_keep_their_levels(tmp_path):
+    ramp = (np.arange(64) * 1040).astype(np.uint16)  # 0 .. 65520
+    rgb = np.stack([ramp, ramp[::-1], np.full_like(ramp, 40000)], -1)[None].repeat(2, 0)
+    _write_16_bit_png(tmp_path / "rgb48.png", rgb, color_type=2)
+    expected = np.rint(rgb / 257)
+    assert np.abs(np.asarray(read_image(tmp_path / "rgb48.png"), dtype=np.float64) - expected).max() <= 1
+    rgba = np.concatenate([rgb, np.full((2, 64, 1), 65535, np.uint16)], -1)
+    rgba[0, :, 3] = 0  # the first row fully transparent
+    _write_16_bit_png(tmp_path / "rgba64.png", rgba, color_type=6)
+    read = np.asarray(read_image(tmp_path / "rgba64.png"), dtype=np.float64)
+    assert (read[0] == 255).all() and np.abs(read[1] - expected[1]).max() <= 1
 
 
 def test_float_images_are_read_as_zero_to_one():
