@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -15,14 +18,18 @@ from diffusers_sprint.pipelines.pipeline_sana_sprint import DEFAULT_COMPLEX_HUMA
 from diffusers_sprint.training.data import (
     CachedLatentDataset,
     ImageCaptionDataset,
+    InvalidImageError,
     LayoutInvariantBatchSampler,
     PromptEncoder,
     build_latent_cache,
     collate_examples,
     encode_images,
+    image_to_rgb,
     load_image_caption_dataset,
     preprocess_image,
+    read_image,
     trim_prompt_padding,
+    validate_image_dataset,
 )
 
 
@@ -227,3 +234,169 @@ def test_diffusers_teacher_pipeline_builds(tmp_path):
     assert math.isclose(
         SanaSprintTransformer2DModel.from_pretrained(tmp_path / "transformer").effective_flow_time_scale, 1000.0
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image reading rules and bad data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    values = np.concatenate([np.arange(256) * 257, np.random.default_rng(0).integers(0, 65536, 256)]).astype(np.uint16)
+    array = values.reshape(16, 32)
+    Image.fromarray(array).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as opened:
+        assert opened.mode == "I;16"
+        assert np.asarray(opened.convert("RGB")).mean() > 250  # Pillow's own conversion: nearly all white
+    expected = np.rint(array.astype(np.float64) * 255 / 65535)
+    rgb = np.asarray(read_image(tmp_path / "grey16.png"), dtype=np.float64)
+    assert rgb.shape == (16, 32, 3) and np.abs(rgb - expected[..., None]).max() <= 1
+    assert np.array_equal(rgb[0, :, 0], np.arange(32)) and np.array_equal(rgb[7, :, 0], np.arange(224, 256))
+    # Mode I (32-bit int: how older Pillow and datasets hand out the same data) follows the same rule.
+    as_int = Image.fromarray(array.astype(np.int32))
+    assert as_int.mode == "I"
+    assert np.abs(np.asarray(image_to_rgb(as_int), dtype=np.float64) - expected[..., None]).max() <= 1
+    with pytest.raises(ValueError, match=r"mode I\) must hold values in \[0, 65535\]"):
+        image_to_rgb(Image.fromarray(np.full((2, 2), 70000, np.int32)))
+    # The training path: preprocess_image at the native size returns the 8-bit values in [-1, 1].
+    pixels = preprocess_image(Image.open(tmp_path / "grey16.png"), 16, center_crop=True)
+    centre = expected[:, 8:24] / 127.5 - 1
+    assert np.abs(pixels[0].numpy() - centre).max() <= 1 / 127.5 + 1e-6
+
+
+def _write_16_bit_png(path, array, color_type):
+    """A 16-bit-per-channel PNG (Pillow cannot write these for colour): `array` (H, W, C) uint16."""
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", array.shape[1], array.shape[0], 16, color_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
+
+
+def test_16_bit_colour_pngs_keep_their_levels(tmp_path):
+    ramp = (np.arange(64) * 1040).astype(np.uint16)  # 0 .. 65520
+    rgb = np.stack([ramp, ramp[::-1], np.full_like(ramp, 40000)], -1)[None].repeat(2, 0)
+    _write_16_bit_png(tmp_path / "rgb48.png", rgb, color_type=2)
+    expected = np.rint(rgb / 257)
+    assert np.abs(np.asarray(read_image(tmp_path / "rgb48.png"), dtype=np.float64) - expected).max() <= 1
+    rgba = np.concatenate([rgb, np.full((2, 64, 1), 65535, np.uint16)], -1)
+    rgba[0, :, 3] = 0  # the first row fully transparent
+    _write_16_bit_png(tmp_path / "rgba64.png", rgba, color_type=6)
+    read = np.asarray(read_image(tmp_path / "rgba64.png"), dtype=np.float64)
+    assert (read[0] == 255).all() and np.abs(read[1] - expected[1]).max() <= 1
+
+
+def test_float_images_are_read_as_zero_to_one():
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    rgb = np.asarray(image_to_rgb(Image.fromarray(ramp)), dtype=np.float64)
+    assert np.abs(rgb[..., 1] - np.rint(ramp * 255)).max() == 0
+    with pytest.raises(ValueError, match=r"mode F\) must hold values in \[0, 1\]; this one spans \[0, 255\]"):
+        image_to_rgb(Image.fromarray(ramp * 255))
+
+
+def test_transparency_is_composited_onto_white(tmp_path):
+    rgba = np.zeros((2, 3, 4), np.uint8)  # black everywhere; alpha 0, 255, 128
+    rgba[:, :, 0] = 200
+    rgba[:, 0, 3], rgba[:, 1, 3], rgba[:, 2, 3] = 0, 255, 128
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    rgb = np.asarray(read_image(tmp_path / "rgba.png"), dtype=np.float64)
+    assert np.array_equal(rgb[0, 0], [255, 255, 255]) and np.array_equal(rgb[0, 1], [200, 0, 0])
+    a = 128 / 255
+    assert np.abs(rgb[0, 2] - [200 * a + 255 * (1 - a), 255 * (1 - a), 255 * (1 - a)]).max() <= 1
+    assert np.asarray(Image.open(tmp_path / "rgba.png").convert("RGB"))[0, 0].tolist() == [200, 0, 0]  # the old rule
+    grey_alpha = Image.fromarray(np.stack([np.zeros((2, 2), np.uint8), np.array([[0, 255], [0, 255]], np.uint8)], -1))
+    assert grey_alpha.mode == "LA"
+    assert np.asarray(image_to_rgb(grey_alpha))[:, :, 0].tolist() == [[255, 0], [255, 0]]
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 0, 10, 20, 30] + [0, 0, 0] * 254)
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0
+    palette.save(tmp_path / "palette.png")
+    assert np.asarray(read_image(tmp_path / "palette.png")).tolist() == [[[255, 255, 255], [10, 20, 30]]]
+    assert np.asarray(image_to_rgb(palette, background=(0, 0, 255)))[0, 0].tolist() == [0, 0, 255]
+
+
+def test_emoji_loader_and_training_data_share_the_rule(tmp_path):
+    from diffusers_sprint.data import load_emoji_image
+
+    rgba = np.random.default_rng(1).integers(0, 256, (6, 6, 4), dtype=np.uint8)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "emoji.png")
+    emoji = np.asarray(load_emoji_image(str(tmp_path / "emoji.png"), resolution=6))
+    dataset = ImageCaptionDataset([{"image": str(tmp_path / "emoji.png"), "text": "x"}], "image", "text", 6, True)
+    pixels = ((dataset[0]["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).round()
+    assert np.array_equal(emoji, pixels) and np.array_equal(emoji, np.asarray(image_to_rgb(Image.fromarray(rgba))))
+    assert (emoji[rgba[..., 3] == 0] == 255).all()
+
+
+def _write_png(path, seed=0, size=48):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def test_unreadable_images_name_the_row_and_the_file(tmp_path):
+    folder = tmp_path / "images"
+    _write_imagefolder(folder, num=5)
+    _write_png(folder / "1.png", seed=1)
+    data = (folder / "1.png").read_bytes()
+    (folder / "1.png").write_bytes(data[: len(data) * 2 // 3])  # header intact, pixel data cut
+    (folder / "3.png").write_bytes(b"not a png")
+    hf = load_image_caption_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    order = [int(os.path.basename(row["image"]["path"])[0]) for row in _undecoded(hf)]
+    dataset = ImageCaptionDataset(hf, "image", "text", 8, center_crop=True)
+    row_truncated, row_garbage = order.index(1), order.index(3)
+    with pytest.raises(InvalidImageError, match=rf"Row {row_truncated} of the training data \(.*1\.png\).*truncated"):
+        dataset[row_truncated]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, collate_fn=collate_examples)
+    with pytest.raises(InvalidImageError, match=rf"Row {min(row_truncated, row_garbage)} .*[13]\.png"):
+        next(iter(loader))
+    assert dataset[order.index(0)]["pixel_values"].shape == (3, 8, 8)  # good rows still load
+
+    bad = validate_image_dataset(hf, "image", "text")
+    assert [row.index for row in bad] == sorted([row_truncated, row_garbage])
+    assert {os.path.basename(row.path) for row in bad} == {"1.png", "3.png"}
+    assert any("truncated" in row.reason for row in bad) and any("UnidentifiedImageError" in row.reason for row in bad)
+    with pytest.raises(ValueError, match=r"2 of 5 rows .*cannot be used:\n  row \d \(.*\.png\): .*\n  row \d"):
+        validate_image_dataset(hf, "image", "text", raise_error=True)
+
+    # A saved dataset embeds the bytes; the error names the file it was made from.
+    hf.save_to_disk(str(tmp_path / "saved"))
+    saved = load_image_caption_dataset(dataset_name=str(tmp_path / "saved"))
+    with pytest.raises(InvalidImageError, match=rf"Row {row_garbage} of the training data \(3\.png\)"):
+        ImageCaptionDataset(saved, "image", "text", 8)[row_garbage]
+    good = {"img": Image.new("RGB", (4, 4)), "txt": "ok"}
+    rows = [good, {"img": None, "txt": "no image"}, {"img": b"", "txt": None}]
+    found = validate_image_dataset(rows, "img", "txt")
+    assert [(row.index, row.path) for row in found] == [(1, None), (2, None), (2, None)]
+    assert "missing" in found[0].reason and "caption None is not text" in found[2].reason
+    with pytest.raises(ValueError, match="Row 2 of the training data: Captions must be strings"):
+        ImageCaptionDataset([good, good, {"img": Image.new("RGB", (4, 4)), "txt": None}], "img", "txt", 4)[2]
+    assert validate_image_dataset(rows[:1], "img", "txt") == []
+
+
+def _undecoded(hf):
+    import datasets
+
+    return hf.cast_column("image", datasets.Image(decode=False))
+
+
+def test_empty_data_gets_a_clear_error(tmp_path):
+    import datasets
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"image folder '.*empty' \(--train_data_dir\) holds no image files"):
+        load_image_caption_dataset(train_data_dir=str(tmp_path / "empty"))
+    (tmp_path / "empty" / "metadata.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds no image files"):
+        load_image_caption_dataset(train_data_dir=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="does not exist or is not a folder"):
+        load_image_caption_dataset(train_data_dir=str(tmp_path / "missing"))
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": [], "text": []}, features=features).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"The dataset '.*saved' \(a `save_to_disk` folder\) holds no rows"):
+        load_image_caption_dataset(dataset_name=str(tmp_path / "saved"))
+    _write_imagefolder(tmp_path / "images", num=2)
+    with pytest.raises(ValueError, match="`max_train_samples` must be >= 1"):
+        load_image_caption_dataset(train_data_dir=str(tmp_path / "images"), max_train_samples=0)

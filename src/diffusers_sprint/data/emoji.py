@@ -90,13 +90,15 @@ def emoji_records() -> tuple[dict, ...]:
 
 
 def load_emoji_image(path: str, resolution: int = 32, background: Sequence[int] = (255, 255, 255)):
-    """Open a Twemoji PNG, composite its alpha over `background` (RGB) and resize to `resolution` (Lanczos)."""
+    """Open a Twemoji PNG, composite its alpha over `background` (RGB) and resize to `resolution` (Lanczos).
+
+    The conversion is the training data's (`training.data.image_to_rgb`): one rule for every loader.
+    """
     from PIL import Image
 
-    with Image.open(path) as image:
-        rgba = image.convert("RGBA")
-    canvas = Image.new("RGBA", rgba.size, tuple(int(c) for c in background) + (255,))
-    rgb = Image.alpha_composite(canvas, rgba).convert("RGB")
+    from ..training.data import read_image
+
+    rgb = read_image(path, background=background)
     if rgb.size != (resolution, resolution):
         rgb = rgb.resize((resolution, resolution), Image.Resampling.LANCZOS)
     return rgb

@@ -1,5 +1,6 @@
 """Pure training building blocks for SANA-Sprint distillation (no accelerate inside)."""
 
+from .arguments import compare_fingerprints, run_fingerprint, validate_training_args
 from .distill import (
     DiscriminatorStepOutput,
     DistillationBatch,
@@ -21,6 +22,7 @@ from .ladd import (
     r1_penalty,
     renoise_for_discriminator,
 )
+from .monitoring import SkipMonitor, check_finite_state_dict
 from .scm import SCMLossConfig, SCMLossOutput, sample_guidance_scales, scm_loss, teacher_cfg_velocity
 from .teacher import build_student, prepare_sprint_teacher, teacher_finetune_loss
 from .trigflow import MAX_TIME, add_trigflow_noise, denoise_trigflow, replace_with_max_time, sample_trigflow_time
@@ -37,8 +39,11 @@ __all__ = [
     "SCMLossConfig",
     "SCMLossOutput",
     "SanaDiscriminator",
+    "SkipMonitor",
     "add_trigflow_noise",
     "build_student",
+    "check_finite_state_dict",
+    "compare_fingerprints",
     "default_head_block_ids",
     "denoise_trigflow",
     "discriminator_loss",
@@ -51,10 +56,12 @@ __all__ = [
     "r1_penalty",
     "renoise_for_discriminator",
     "replace_with_max_time",
+    "run_fingerprint",
     "sample_guidance_scales",
     "sample_trigflow_time",
     "scm_loss",
     "step_if_finite",
     "teacher_cfg_velocity",
     "teacher_finetune_loss",
+    "validate_training_args",
 ]

@@ -13,8 +13,10 @@ Latents are in the units of the training library: `x0 = vae_latent * scaling_fac
 sampling see identical text conditioning.
 """
 
+import io
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -115,6 +117,133 @@ class LayoutInvariantBatchSampler(torch.utils.data.Sampler):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Reading images: one rule for every loader
+# ---------------------------------------------------------------------------------------------------------------------
+
+WHITE = (255, 255, 255)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+class InvalidImageError(ValueError):
+    r"""
+    A dataset row whose image cannot be read or converted. `index` is the dataset row, `path` the image file when the
+    dataset records one (else `None`). The message names both; the original error is the `__cause__`.
+    """
+
+    def __init__(self, message: str, index: int | None = None, path: str | None = None):
+        super().__init__(message)
+        self.index = index
+        self.path = path
+
+
+def image_to_rgb(image: Image.Image, background: Sequence[int] = WHITE) -> Image.Image:
+    r"""
+    The one conversion of every loader here (training data and the emoji set) to an 8-bit RGB image.
+
+    - 16-bit grey (`I;16*`, and `I`, which Pillow and `datasets` use for the same data): `round(v / 257)`, i.e. the
+      full range 0..65535 maps linearly onto 0..255 (Pillow's own `convert` clips it to white at 255). Values outside
+      0..65535 raise.
+    - Float grey (`F`): values in [0, 1] map to `round(255 v)`; values outside [0, 1] (beyond half an 8-bit level)
+      raise, since their scale cannot be told from the data.
+    - Transparency (`RGBA`, `LA`, `PA`, premultiplied `RGBa`/`La`, and a palette or grey/RGB image with a `tRNS`
+      colour): alpha-composited onto `background` (default white), as `Image.alpha_composite` does.
+    - Everything else: Pillow's `convert("RGB")` (grey, bilevel, palette, CMYK, YCbCr).
+
+    Args:
+        image (`PIL.Image.Image`): A loaded image.
+        background (`tuple[int, int, int]`, defaults to white): RGB colour under transparent pixels.
+
+    Returns:
+        `PIL.Image.Image` in mode `RGB`, same size.
+    """
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
+        array = np.asarray(image)
+        if array.size:
+            low, high = float(array.min()), float(array.max())
+            if image.mode == "F":
+                if not (np.isfinite(array).all() and low >= -0.5 / 255 and high <= 1 + 0.5 / 255):
+                    raise ValueError(
+                        f"A float image (mode F) must hold values in [0, 1]; this one spans [{low:g}, {high:g}]."
+                    )
+                scaled = array.astype(np.float64) * 255.0
+            else:
+                if low < 0 or high > 65535:
+                    raise ValueError(
+                        f"A 16-bit image (mode {image.mode}) must hold values in [0, 65535]; this one spans "
+                        f"[{low:g}, {high:g}]."
+                    )
+                scaled = array.astype(np.float64) / 257.0
+        else:
+            scaled = np.zeros(array.shape, np.float64)
+        grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1), mode="RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, tuple(int(c) for c in background) + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image(source) -> Image.Image:
+    r"""
+    A fully decoded `PIL.Image.Image` from a PIL image, a file path, encoded bytes, a `datasets` image dict
+    (`{"bytes": ..., "path": ...}`, the undecoded form of `datasets.Image`) or an array. Decoding errors (a truncated
+    or unknown file) surface here rather than later inside a resize.
+    """
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, (str, os.PathLike)):
+        image = Image.open(source)
+    elif isinstance(source, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(source))
+    elif isinstance(source, dict) and ("bytes" in source or "path" in source):
+        if source.get("bytes") is not None:
+            image = Image.open(io.BytesIO(source["bytes"]))
+        elif source.get("path") is not None:
+            image = Image.open(source["path"])
+        else:
+            raise ValueError("The image entry holds neither bytes nor a path.")
+    elif source is None:
+        raise ValueError("The image is missing (None).")
+    else:
+        image = Image.fromarray(np.asarray(source))
+    image.load()
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"The image is empty ({image.width} x {image.height} pixels).")
+    return image
+
+
+def _source_path(source) -> str | None:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, dict):
+        return source.get("path")
+    return getattr(source, "filename", None) or None
+
+
+def read_image(source, index: int | None = None, background: Sequence[int] = WHITE) -> Image.Image:
+    r"""
+    [`open_image`] then [`image_to_rgb`]; any failure becomes an [`InvalidImageError`] naming the dataset row `index`
+    and the file (when known).
+    """
+    try:
+        return image_to_rgb(open_image(source), background)
+    except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, struct.error...
+        path = _source_path(source)
+        where = "The image" if index is None else f"Row {index} of the training data"
+        where += f" ({path})" if path else ""
+        raise InvalidImageError(
+            f"{where} cannot be used: {type(error).__name__}: {error}. `validate_image_dataset` (the training "
+            "script's --validate_data) lists every such row.",
+            index=index,
+            path=path,
+        ) from error
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Images and captions
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -139,12 +268,13 @@ def preprocess_image(
     r"""
     diffusers' text-to-image preprocessing: resize the shorter side to `resolution` (bilinear, antialiased), crop a
     `resolution x resolution` square (centred, or at an offset drawn from `generator`), optionally flip left-right,
-    and map to `[-1, 1]`.
+    and map to `[-1, 1]`. The image is first made 8-bit RGB by [`image_to_rgb`] (16-bit scaled, transparency on
+    white).
 
     Returns:
         `torch.Tensor` of shape `(3, resolution, resolution)`, float32.
     """
-    image = image.convert("RGB")
+    image = image_to_rgb(image)
     width, height = image.size
     scale = resolution / min(width, height)
     new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -181,6 +311,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     Flip, crop offsets and (for a list of captions) the caption are drawn from
     [`augmentation_generator`]`(seed, epoch, index)`. A plain integer key means epoch 0.
 
+    Images go through [`read_image`]: an unreadable one raises [`InvalidImageError`] naming the row and the file. For
+    a `datasets.Dataset` the images are decoded here rather than by `datasets` (the column is read undecoded), so the
+    file is known when decoding fails.
+
     Args:
         dataset: Anything indexable by int returning a dict (e.g. a `datasets.Dataset`).
         image_column (`str`), caption_column (`str`): Column names.
@@ -201,6 +335,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         seed: int = 0,
     ):
         self.dataset = dataset
+        self.rows = _undecoded_images(dataset, image_column)
         self.image_column = image_column
         self.caption_column = caption_column
         self.resolution = resolution
@@ -215,19 +350,94 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         """One sample; `flip` overrides the drawn flip (the crop stays that of `(epoch, index)`)."""
         generator = augmentation_generator(self.seed, epoch, index)
         drawn_flip = _draw_flip(generator, self.random_flip)
-        row = self.dataset[int(index)]
-        image = row[self.image_column]
-        if not isinstance(image, Image.Image):
-            image = Image.open(image) if isinstance(image, (str, os.PathLike)) else Image.fromarray(np.asarray(image))
+        row = self.rows[int(index)]
+        image = read_image(row[self.image_column], index=int(index))
         pixel_values = preprocess_image(
             image, self.resolution, self.center_crop, drawn_flip if flip is None else flip, generator
         )
-        caption = _pick_caption(row[self.caption_column], generator if pick_caption else None)
+        try:
+            caption = _pick_caption(row[self.caption_column], generator if pick_caption else None)
+        except ValueError as error:
+            raise ValueError(f"Row {index} of the training data: {error}") from error
         return {"pixel_values": pixel_values, "caption": caption}
 
     def __getitem__(self, key) -> dict:
         epoch, index = (0, key) if isinstance(key, (int, np.integer)) else key
         return self.load(index, epoch)
+
+
+def _undecoded_images(dataset, image_column: str):
+    """`dataset` with its `datasets.Image` column left undecoded (`{"bytes", "path"}`), else `dataset` itself."""
+    if not hasattr(dataset, "cast_column") or not isinstance(getattr(dataset, "features", None), dict):
+        return dataset
+    import datasets
+
+    feature = dataset.features.get(image_column)
+    if not (isinstance(feature, datasets.Image) and feature.decode):
+        return dataset
+    return dataset.cast_column(image_column, datasets.Image(decode=False))
+
+
+@dataclass(frozen=True)
+class InvalidRow:
+    """One bad row found by [`validate_image_dataset`]: its index, image file (if known) and what is wrong."""
+
+    index: int
+    path: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row {self.index}" + (f" ({self.path})" if self.path else "") + f": {self.reason}"
+
+
+def validate_image_dataset(
+    dataset,
+    image_column: str = "image",
+    caption_column: str | None = "text",
+    raise_error: bool = False,
+    progress=None,
+) -> list[InvalidRow]:
+    r"""
+    Scan every row once and list those [`ImageCaptionDataset`] could not use: images that do not decode (truncated,
+    missing, not an image), cannot be converted by [`image_to_rgb`] or are empty, and captions that are not a string
+    or a non-empty list of strings.
+
+    Args:
+        dataset: A `datasets.Dataset` or anything indexable by int returning dicts.
+        image_column (`str`), caption_column (`str`, *optional*): Columns to check; `None` skips the captions.
+        raise_error (`bool`, defaults to `False`): Raise a `ValueError` listing every bad row instead of returning.
+        progress: Optional callable `progress(num_done)` (e.g. a tqdm `update`).
+
+    Returns:
+        `list[InvalidRow]`, empty when every row is usable. Keep the good rows with
+        `dataset.select(sorted(set(range(len(dataset))) - {row.index for row in bad}))`.
+    """
+    rows = _undecoded_images(dataset, image_column)
+    bad = []
+    for index in range(len(rows)):
+        row = rows[index]
+        try:
+            read_image(row[image_column], index=index)
+        except InvalidImageError as error:
+            cause = error.__cause__
+            bad.append(InvalidRow(index, error.path, f"{type(cause).__name__}: {cause}"))
+        if caption_column is not None:
+            caption = row[caption_column]
+            valid = isinstance(caption, str) or (
+                isinstance(caption, (list, tuple, np.ndarray))
+                and len(caption) > 0
+                and all(isinstance(c, str) for c in caption)
+            )
+            if not valid:
+                bad.append(InvalidRow(index, _source_path(row[image_column]), f"caption {caption!r} is not text"))
+        if progress is not None:
+            progress(1)
+    if bad and raise_error:
+        raise ValueError(
+            f"{len({row.index for row in bad})} of {len(rows)} rows of the training data cannot be used:\n"
+            + "\n".join(f"  {row}" for row in bad)
+        )
+    return bad
 
 
 class CachedLatentDataset(torch.utils.data.Dataset):
@@ -437,7 +647,8 @@ def load_image_caption_dataset(
       (`load_dataset("imagefolder", data_dir=...)`).
 
     `max_train_samples` keeps the first samples (for debugging). Raises a `ValueError` naming the available columns
-    when `image_column` or `caption_column` is missing.
+    when `image_column` or `caption_column` is missing, and one naming the folder or dataset when it holds no rows
+    (an image folder without images, an empty saved dataset).
     """
     try:
         import datasets
@@ -450,11 +661,24 @@ def load_image_caption_dataset(
             os.path.exists(os.path.join(dataset_name, name))
             for name in ("dataset_info.json", "state.json", "dataset_dict.json")
         )
+        source = f"The dataset {dataset_name!r}"
         if saved:
-            data = datasets.load_from_disk(dataset_name)
+            try:
+                data = datasets.load_from_disk(dataset_name)
+            except IndexError as error:  # datasets concatenates the saved Arrow files and indexes the first
+                raise ValueError(f"{source} (a `save_to_disk` folder) holds no rows.") from error
         else:
             data = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
     else:
+        source = f"The image folder {train_data_dir!r}"
+        if not os.path.isdir(train_data_dir):
+            raise ValueError(f"{source} (--train_data_dir) does not exist or is not a folder.")
+        extensions = tuple(datasets.packaged_modules.imagefolder.ImageFolder.EXTENSIONS)
+        if not any(name.lower().endswith(extensions) for _, _, names in os.walk(train_data_dir) for name in names):
+            raise ValueError(
+                f"{source} (--train_data_dir) holds no image files (none of the {len(extensions)} extensions "
+                "`imagefolder` reads, e.g. .png, .jpg, .webp)."
+            )
         data = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
@@ -463,21 +687,32 @@ def load_image_caption_dataset(
     for role, column in (("image_column", image_column), ("caption_column", caption_column)):
         if column not in data.column_names:
             raise ValueError(f"`{role}` {column!r} is not a column of the dataset; columns: {data.column_names}.")
+    if len(data) == 0:
+        raise ValueError(f"{source} holds no rows ({split!r} split).")
     if max_train_samples is not None:
+        if max_train_samples < 1:
+            raise ValueError(f"`max_train_samples` must be >= 1, got {max_train_samples}.")
         data = data.select(range(min(max_train_samples, len(data))))
     return data
 
 
 __all__ = [
+    "WHITE",
     "CachedLatentDataset",
     "ImageCaptionDataset",
+    "InvalidImageError",
+    "InvalidRow",
     "LayoutInvariantBatchSampler",
     "PromptEncoder",
     "augmentation_generator",
     "build_latent_cache",
     "collate_examples",
     "encode_images",
+    "image_to_rgb",
     "load_image_caption_dataset",
+    "open_image",
     "preprocess_image",
+    "read_image",
     "trim_prompt_padding",
+    "validate_image_dataset",
 ]

@@ -1,0 +1,92 @@
+"""training.monitoring: the skipped-update guard and the non-finite checkpoint check."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffusers_sprint.training.distill import optimizer_update
+from diffusers_sprint.training.monitoring import SkipMonitor, check_finite_state_dict
+
+
+def test_skips_warn_rate_limited_and_summarise():
+    warnings = []
+    monitor = SkipMonitor(max_consecutive_skips=5, warn_every=3, warn=warnings.append)
+    pattern = [False, True, True, False, True, True, True, False, True, False]  # 6 skips, longest streak 3
+    for step, skipped in enumerate(pattern):
+        monitor.record("generator", skipped, step, grad_norm=math.nan if skipped else 1.0)
+        monitor.record("discriminator", False, step, grad_norm=0.5)
+    assert len(warnings) == 3  # skips number 1, 3 and 6
+    assert warnings[0].startswith("Step 1: generator update skipped, non-finite gradient norm (gradient norm nan); ")
+    assert "1 in a row, 1 of 2 so far" in warnings[0]
+    assert "Step 4:" in warnings[1] and "1 in a row, 3 of 5 so far" in warnings[1]
+    assert "Step 8:" in warnings[2] and "6 of 9 so far" in warnings[2]
+    assert monitor.total_skipped == 6
+    assert monitor.summary() == "Skipped updates: generator 6 of 10 (longest streak 3), discriminator 0 of 10."
+    assert SkipMonitor().summary() == "Skipped updates: none recorded."
+
+
+def test_too_many_consecutive_skips_abort_with_a_clear_error():
+    monitor = SkipMonitor(max_consecutive_skips=4, warn=lambda message: None)
+    monitor.record("generator", True, 0)
+    monitor.record("generator", False, 1)  # a good update resets the streak
+    for step in range(2, 5):
+        monitor.record("generator", True, step, grad_norm=math.inf)
+        monitor.record("discriminator", False, step)  # the other phase's good updates do not reset it
+    with pytest.raises(RuntimeError) as error:
+        monitor.record("generator", True, 5, grad_norm=math.inf)
+    message = str(error.value)
+    assert message.startswith("Training diverged: the last 4 generator updates (steps 2 to 5) had a non-finite")
+    assert "weights have not changed since step 2" in message and "--max_consecutive_skips (now 4)" in message
+    assert "generator 5 of 6 (longest streak 4)" in message
+
+
+def test_the_streak_survives_a_checkpoint():
+    first = SkipMonitor(max_consecutive_skips=3, warn=lambda message: None)
+    first.record("generator", True, 0)
+    first.record("generator", True, 1)
+    resumed = SkipMonitor(max_consecutive_skips=3, warn=lambda message: None)
+    resumed.load_state_dict(first.state_dict())
+    with pytest.raises(RuntimeError, match="the last 3 generator updates \\(steps 0 to 2\\)"):
+        resumed.record("generator", True, 2)
+    with pytest.raises(ValueError, match="`max_consecutive_skips` must be an int >= 1, got 0"):
+        SkipMonitor(max_consecutive_skips=0)
+
+
+def test_a_diverging_run_is_stopped():
+    """The guard on real updates: a learning rate that overflows the weights makes every later gradient NaN."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e38)
+    monitor = SkipMonitor(max_consecutive_skips=5, warn=lambda message: None)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    with pytest.raises(RuntimeError, match="the last 5 generator updates"):
+        for step in range(100):
+            loss = ((model(x) * 1e3 - y) ** 2).mean()
+            outcome = optimizer_update(loss, optimizer, model.parameters(), max_grad_norm=None)
+            monitor.record("generator", outcome.skipped, step, outcome.grad_norm)
+    assert step < 10 and monitor.updates["generator"] - monitor.skipped["generator"] <= 2
+
+
+def test_non_finite_checkpoints_are_refused(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    check_finite_state_dict(model.state_dict(), "ok")
+    with torch.no_grad():
+        model[1].weight[0, 1] = math.nan
+        model[1].weight[0, 2] = -math.inf
+    path = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    path.parent.mkdir()
+    save_file(model.state_dict(), str(path))
+    with pytest.raises(ValueError) as error:
+        check_finite_state_dict(load_file(str(path)), str(path))
+    message = str(error.value)
+    assert message.startswith(f"{path}: tensor '1.weight' (1, 3) holds 1 NaN and 1 Inf of 3 values.")
+    assert "resume from an earlier one" in message
+    # Nested optimizer states: the name is the path into the dict; integer tensors are not checked.
+    state = {"state": {0: {"step": torch.tensor(3), "exp_avg": torch.tensor([0.0, math.nan])}}, "param_groups": []}
+    with pytest.raises(ValueError, match=r"optimizer.bin: tensor 'state.0.exp_avg' \(2,\) holds 1 NaN and 0 Inf"):
+        check_finite_state_dict(state, "optimizer.bin")
+    check_finite_state_dict({"step": torch.tensor([2**62]), "flags": torch.tensor([True])}, "ints")
+    with pytest.raises(ValueError, match=r"scaler.pt: 'scale' is inf"):
+        check_finite_state_dict({"scale": math.inf}, "scaler.pt")
