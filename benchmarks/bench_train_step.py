@@ -6,10 +6,12 @@ teacher with `default_head_block_ids(layers)` (4 heads from 4 layers up). The sc
 
 - the units: one student `trigflow_forward` under `torch.no_grad()` on the batch ("fwd", the unit everything is
   divided by) and one grad-enabled forward + backward of the same call ("fwd+bwd", for reference);
-- the generator step (`generator_step` + `optimizer_update`, AdamW on the student) for sCM only and sCM + LADD, each
+- the generator step (`generator_step`, backward, clip, `step_if_finite`; AdamW on the student) for sCM only and
+  sCM + LADD, each
   with `reuse_jvp_primal` off and on, plus sCM + LADD with `max_time_probability=0` (the LADD fake then reuses the
   sCM forward, no fresh student forward);
-- the discriminator step (`discriminator_step` + `optimizer_update`, AdamW on the heads; misaligned pairs on);
+- the discriminator step (`discriminator_step`, backward, clip, `step_if_finite`; AdamW on the heads; misaligned
+  pairs on);
 - the pieces the G step is made of (teacher CFG forward on 2B, JVP without grad, JVP with grad + backward,
   discriminator forward + backward through the frozen teacher to its input, student fwd+bwd on half the batch,
   clip + AdamW step), so that the G step can be accounted for.
@@ -64,8 +66,8 @@ from diffusers_sprint.training import (  # noqa: E402
     default_head_block_ids,
     discriminator_step,
     generator_step,
-    optimizer_update,
     sample_trigflow_time,
+    step_if_finite,
     teacher_cfg_velocity,
 )
 from diffusers_sprint.training.scm import trigflow_velocity_jvp  # noqa: E402
@@ -99,6 +101,13 @@ class Setup:
     t: torch.Tensor
     w: torch.Tensor
     features: list
+
+
+def _update(loss, optimizer, parameters) -> bool:
+    """What the training script does at a sync step: backward, clip to 1.0, step unless NaN/Inf; True if skipped."""
+    parameters = [p for p in parameters if p.requires_grad]
+    loss.backward()
+    return step_if_finite(optimizer, torch.nn.utils.clip_grad_norm_(parameters, 1.0))
 
 
 def build(args) -> Setup:
@@ -182,7 +191,7 @@ def generator_variant(reuse: bool, ladd: bool, max_time_probability: float = 0.5
         out = generator_step(
             s.student, s.teacher, s.discriminator if ladd else None, s.batch, s.state, config, s.generator
         )
-        s.state.record("generator", optimizer_update(out.loss, s.g_optimizer, s.student.parameters(), 1.0))
+        s.state.record("generator", _update(out.loss, s.g_optimizer, s.student.parameters()))
 
     return run
 
@@ -193,8 +202,7 @@ def discriminator_variant():
     def run(s: Setup):
         s.discriminator.train()
         out = discriminator_step(s.student, s.discriminator, s.batch, config, s.generator)
-        outcome = optimizer_update(out.loss, s.d_optimizer, s.discriminator.parameters(), 1.0)
-        s.state.record("discriminator", outcome)
+        s.state.record("discriminator", _update(out.loss, s.d_optimizer, s.discriminator.parameters()))
 
     return run
 

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -22,20 +23,34 @@ from diffusers_sprint.training.arguments import (
 )
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_sana_sprint.py"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _parser(name: str):
+    sys.path.insert(0, str(EXAMPLES))  # the scripts import training_common.py from their folder
+    try:
+        spec = importlib.util.spec_from_file_location(f"{name}_for_arguments", EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return module.build_parser()
 
 
 @pytest.fixture(scope="module")
 def parser():
-    spec = importlib.util.spec_from_file_location("train_sana_sprint_for_arguments", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_parser()
+    return _parser("train_sana_sprint")
 
 
-def script_args(parser, *extra, **overrides) -> Namespace:
+@pytest.fixture(scope="module")
+def teacher_parser():
+    return _parser("prepare_sana_sprint_teacher")
+
+
+def script_args(parser, *extra, stage="distill", **overrides) -> Namespace:
     """The script's defaults (as its parser gives them), with `overrides` set on the namespace."""
     args = parser.parse_args(["--pretrained_teacher_model_name_or_path", "teacher", "--dataset_name", "data", *extra])
+    args.stage = stage  # what each script's parse_args sets
     for name, value in overrides.items():
         setattr(args, name, value)
     return args
@@ -140,8 +155,8 @@ def test_absent_flags_are_skipped_and_every_error_is_listed():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_every_script_flag_is_classified_once(parser):
-    dests = {action.dest for action in parser._actions if action.dest != "help"}
+def test_every_script_flag_is_classified_once(parser, teacher_parser):
+    dests = {action.dest for p in (parser, teacher_parser) for action in p._actions if action.dest != "help"}
     lists = [
         FINGERPRINT_COMMON,
         FINGERPRINT_DISTILL,
@@ -152,15 +167,15 @@ def test_every_script_flag_is_classified_once(parser):
     listed = [name for names in lists for name in names]
     assert len(listed) == len(set(listed)), "a flag is listed twice"
     assert dests - set(listed) == set(), "classify the new flags in training/arguments.py"
-    assert set(listed) - dests <= {"max_consecutive_skips", "validate_data"}, "fingerprint lists name unknown flags"
+    assert set(listed) - dests <= {"stage"}, "fingerprint lists name unknown flags"  # stage: set by each script
 
 
-def test_fingerprint_holds_the_math_flags_of_the_stage(parser):
+def test_fingerprint_holds_the_math_flags_of_the_stage(parser, teacher_parser):
     distill = run_fingerprint(script_args(parser))
     assert distill["learning_rate"] == 2e-6 and distill["guidance_scales"] == [4.0, 4.5, 5.0]
     assert "caption_dropout_prob" not in distill and "seed" not in distill and "output_dir" not in distill
     assert "max_train_steps" not in distill and "lora_alpha" not in distill  # constant lr; no LoRA
-    teacher = run_fingerprint(script_args(parser, "--stage", "prepare_teacher"))
+    teacher = run_fingerprint(script_args(teacher_parser, stage="prepare_teacher"))
     assert teacher["caption_dropout_prob"] == 0.1 and "guidance_scales" not in teacher
     assert json.loads(json.dumps(distill)) == distill
     assert compare_fingerprints(json.loads(json.dumps(distill)), distill) == []

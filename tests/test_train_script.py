@@ -32,6 +32,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_sana_sprint.py"
+TEACHER_SCRIPT = REPO / "examples" / "prepare_sana_sprint_teacher.py"
+COMMON = REPO / "examples" / "training_common.py"
 TESTS = Path(__file__).resolve().parent
 PROMPTS = ["a red house", "a small blue house"]
 COLORS = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (230, 220, 30), (10, 10, 10), (250, 250, 250)]
@@ -88,15 +90,15 @@ def _free_port() -> int:
     return int(subprocess.check_output([sys.executable, "-c", code], text=True))
 
 
-def run_script(tmp_path, args, launcher="python", num_processes=1, env=None, timeout=300):
+def run_script(tmp_path, args, launcher="python", num_processes=1, env=None, timeout=300, script=SCRIPT, check=True):
     if launcher == "python":
-        command = [sys.executable, str(SCRIPT)]
+        command = [sys.executable, str(script)]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no"]
         command += ["--mixed_precision", "no", "--num_processes", str(num_processes)]
         if num_processes > 1:
             command += ["--multi_gpu", "--main_process_port", str(_free_port())]
-        command.append(str(SCRIPT))
+        command.append(str(script))
     start = time.perf_counter()
     result = subprocess.run(
         command + [str(a) for a in args],
@@ -106,7 +108,8 @@ def run_script(tmp_path, args, launcher="python", num_processes=1, env=None, tim
         text=True,
         timeout=timeout,
     )
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    if check:
+        assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     result.seconds = time.perf_counter() - start
     return result
 
@@ -171,19 +174,18 @@ def _generate(pipe, steps, **kwargs):
 def prepared_teacher(assets, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("prepare")
     output = tmp_path / "teacher"
-    run_script(
-        tmp_path,
-        base_args(
-            assets,
-            output,
-            2,
-            resolution=32,  # diffusers' SanaPipeline (teacher validation) needs multiples of 32
-            stage="prepare_teacher",
-            calibrate_qk_norm=True,
-            validation_prompts=PROMPTS,
-            validation_inference_steps=[3],
-        ),
+    args = base_args(
+        assets,
+        output,
+        2,
+        resolution=32,  # diffusers' SanaPipeline (teacher validation) needs multiples of 32
+        calibrate_qk_norm=True,
+        validation_prompts=PROMPTS,
+        validation_inference_steps=[3],
+        checkpointing_steps=2,
     )
+    cut = args.index("--tangent_warmup_steps")  # a distillation flag
+    run_script(tmp_path, args[:cut] + args[cut + 2 :], script=TEACHER_SCRIPT)
     return output
 
 
@@ -507,7 +509,8 @@ def test_recipe_switches(assets, tmp_path, flags, present, absent):
     if flags.get("scale_lr"):
         assert log[0]["lr"] == pytest.approx(2e-3)  # lr x global batch 2, cosine after 1 warm-up step
     config = SanaSprintTransformer2DModel.from_pretrained(output / "transformer").config
-    assert config.logvar_head == ("no_adaptive_weight" not in flags)
+    # the logvar head trains through the sCM term only (DDP would wait for its gradient in a LADD-only run)
+    assert config.logvar_head == ("no_adaptive_weight" not in flags and flags.get("scm_lambda", 1) != 0)
     assert config.guidance_embeds == ("no_guidance_embeds" not in flags)
 
 
@@ -516,25 +519,35 @@ def test_recipe_switches(assets, tmp_path, flags, present, absent):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _load_script_module():
-    spec = importlib.util.spec_from_file_location("train_sana_sprint", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _load_script_module(script=SCRIPT):
+    sys.path.insert(0, str(script.parent))  # the scripts import training_common.py from their own folder
+    try:
+        spec = importlib.util.spec_from_file_location(script.stem, script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(script.parent))
     return module
 
 
-def test_every_flag_has_help_and_is_read():
-    module = _load_script_module()
+@pytest.mark.parametrize("script", [SCRIPT, TEACHER_SCRIPT], ids=["distill", "teacher"])
+def test_every_flag_has_help_and_is_read(script):
+    module = _load_script_module(script)
     parser = module.build_parser()
-    source = SCRIPT.read_text()
+    source = script.read_text() + COMMON.read_text()
     help_text = parser.format_help()
     actions = [action for action in parser._actions if action.dest != "help"]
-    assert len(actions) > 80
+    assert len(actions) > (80 if script == SCRIPT else 50)
     unread = [a.dest for a in actions if not re.search(rf"\bargs\.{re.escape(a.dest)}\b", source)]
     assert unread == [], f"flags never read: {unread}"
     for action in actions:
         assert action.help and action.help.strip(), action.dest
         assert action.option_strings[0] in help_text
+    if script == TEACHER_SCRIPT:
+        args = module.parse_args(["--pretrained_teacher_model_name_or_path", "x", "--dataset_name", "y"])
+        assert args.validation_inference_steps == [20] and args.stage == "prepare_teacher"
+        assert not hasattr(args, "lora_rank") and not hasattr(args, "scm_lambda")
+        return
     official = {
         "sigma_data": 0.5,
         "p_mean": 0.2,
@@ -561,7 +574,9 @@ def test_every_flag_has_help_and_is_read():
     for bad, message in (
         ([], "exactly one"),
         (["--dataset_name", "y", "--train_data_dir", "z"], "exactly one"),
-        (["--dataset_name", "y", "--stage", "prepare_teacher", "--lora_rank", "4"], "lora_rank"),
+        (["--dataset_name", "y", "--fsdp", "--lora_rank", "4"], "lora_rank"),
+        (["--dataset_name", "y", "--fsdp", "--use_ema"], "use_ema"),
+        (["--dataset_name", "y", "--max_grad_norm", "0"], "max_grad_norm"),
         (["--dataset_name", "y", "--gradient_checkpointing", "--reuse_jvp_primal"], "reuse_jvp_primal"),
     ):
         with pytest.raises(ValueError, match=message):
@@ -598,7 +613,7 @@ def test_model_card_says_how_to_sample_the_student(tmp_path, flags, usage, cfg_r
         ]
         + flags
     )
-    module.save_model_card(args, "me/student", "distill", 10, 16, "no", has_grid=False)
+    module.common.save_model_card(args, "me/student", "distill", 10, 16, "no", has_grid=False)
     card = (tmp_path / "README.md").read_text()
     assert usage in card and cfg_row in card
     assert ("guidance_scale=None" in card) == (usage == "guidance_scale=None")

@@ -7,7 +7,7 @@
 What it does (docs/demo.md):
   1. Builds the embedded dataset (1,628 Twemoji at 32x32 px with captions "an emoji of <name>",
      `diffusers_sprint.data.load_emoji_dataset`) and saves it with `Dataset.save_to_disk` under `--output_dir`.
-  2. Runs `examples/train_sana_sprint.py --stage distill` (sCM + LADD) through `accelerate launch` on that dataset and
+  2. Runs `examples/train_sana_sprint.py` (sCM + LADD) through `accelerate launch` on that dataset and
      the embedded teacher (`diffusers_sprint.data.TOY_TEACHER_PATH`, a diffusers `SanaPipeline`), with a recipe
      tuned for the toy (`TOY_RECIPE` below). Training arguments after `--` are passed on to the script and win.
   3. Writes `grid.png`: one row per prompt; columns = the dataset image, the teacher with 20 steps (diffusers'
@@ -72,7 +72,6 @@ CLASSIFIER_NOTE = "train it with examples/toy/train_emoji_classifier.py"
 # teacher's with it vs 1.15x with no adaptive weight, docs/results.md), AdamW at 1e-4 (3e-4 was worse), the tangent
 # warm-up scaled with the run length (`--tangent_warmup_steps` = max_train_steps / 5), fp32 on the CPU.
 TOY_RECIPE = [
-    "--stage", "distill",
     "--resolution", str(RESOLUTION),
     "--max_sequence_length", str(MAX_SEQUENCE_LENGTH),
     "--no-complex_human_instruction",

@@ -162,6 +162,7 @@ FINGERPRINT_COMMON = (
     "use_ema",
     "ema_decay",
     "mixed_precision",
+    "fsdp",  # sharded checkpoints (DCP) and the official LADD fake draw: a layout of its own
 )
 FINGERPRINT_DISTILL = (
     "p_mean",
@@ -188,6 +189,7 @@ FINGERPRINT_DISTILL = (
     "share_discriminator_timesteps",
     "r1_gamma",
     "discriminator_learning_rate",
+    "fake_from_scm_forward",
     "lora_rank",
     "lora_alpha",
     "lora_target_modules",
@@ -248,12 +250,13 @@ def run_fingerprint(args: Namespace, num_processes: int | None = None) -> dict:
     r"""
     The flags of `args` that change the math of the run (see `FINGERPRINT_*`), as a JSON-ready `{flag: value}`.
 
-    With `--stage distill` the teacher-preparation flags are left out, with `--stage prepare_teacher` the
-    distillation ones; without `--stage` every listed flag present on `args` is kept. `lr_warmup_steps`,
+    With `args.stage == "distill"` (set by `train_sana_sprint.py`) the teacher-preparation flags are left out, with
+    `"prepare_teacher"` (`prepare_sana_sprint_teacher.py`) the distillation ones; without `stage` every listed flag
+    present on `args` is kept. `lr_warmup_steps`,
     `max_train_steps`, `lr_num_cycles` and `lr_power` count only for the diffusers schedulers that read them (so a
     constant-lr run may be extended), `lora_alpha` and `lora_target_modules` only with `lora_rank`. With
     `num_processes`, `gradient_accumulation_steps` is replaced by `global_batch_size` (`train_batch_size x
-    accumulation x processes`), which is what a layout change must keep (see `training.parallel`).
+    accumulation x processes`), which is what a layout change must keep (see `training.seeding`).
     """
     stage = getattr(args, "stage", None)
     names = list(FINGERPRINT_COMMON)

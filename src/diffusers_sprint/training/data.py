@@ -1,12 +1,12 @@
 """Training data for SANA-Sprint: captioned images, VAE latents, prompt embeddings, and a deterministic batch order.
 
 Everything random here (shuffling, random crop, random flip, the choice among several captions) is a fixed function
-of `(seed, epoch, sample index)` via `training.parallel.derive_seed`, never of a global RNG, a worker id or the
+of `(seed, epoch, sample index)` via `training.seeding.derive_seed`, never of a global RNG, a worker id or the
 number of processes. Two consequences the training script relies on:
 
 - a run resumed from a checkpoint sees exactly the batches and augmentations of the uninterrupted run;
 - with [`LayoutInvariantBatchSampler`], `P` processes with accumulation `A` see the same micro-batches as one process
-  with accumulation `P * A` (see `training.parallel`).
+  with accumulation `P * A` (see `training.seeding`).
 
 Latents are in the units of the training library: `x0 = vae_latent * scaling_factor * sigma_data`
 ([`encode_images`]). Prompts are encoded by the inference pipeline's own code ([`PromptEncoder`]), so training and
@@ -24,7 +24,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 
 from ..pipelines.pipeline_sana_sprint import DEFAULT_COMPLEX_HUMAN_INSTRUCTION, SanaSprintPipeline
-from .parallel import make_generator
+from .seeding import make_generator
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -4,12 +4,14 @@
 - [`teacher_calibration_inputs`]: one forward's inputs of the flow teacher, in its own units, for the QK-norm gain
   calibration of `prepare_sprint_teacher(calibration_inputs=...)`.
 - [`use_sana_pipeline_time_convention`]: store the dense time scale where diffusers' `SanaPipeline` reads it.
+- [`teacher_finetune_step`]: the loss of one fine-tune micro-batch (caption dropout, time, noise, TrigFlow loss).
 """
 
 import torch
 
 from ..models.transformer_sana_sprint import flow_time_from_trigflow
-from .teacher import flow_time_scale_of, sample_finetune_time
+from .distill import DistillationBatch
+from .teacher import flow_time_scale_of, sample_finetune_time, teacher_finetune_loss
 from .trigflow import add_trigflow_noise
 
 
@@ -105,4 +107,38 @@ def use_sana_pipeline_time_convention(model):
     return model
 
 
-__all__ = ["drop_captions", "teacher_calibration_inputs", "use_sana_pipeline_time_convention"]
+def teacher_finetune_step(
+    model,
+    batch: DistillationBatch,
+    generator: torch.Generator | None = None,
+    *,
+    sigma_data: float = 0.5,
+    caption_dropout_prob: float = 0.1,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    weighting: str = "trigflow",
+) -> tuple[torch.Tensor, dict]:
+    """
+    One micro-batch of the teacher fine-tune: captions dropped to the empty prompt at `caption_dropout_prob`, `t`
+    from [`sample_finetune_time`] (logit-normal flow time), `z ~ N(0, sigma_data^2)`, then [`teacher_finetune_loss`].
+
+    `model` is called as a [`~models.TrigFlowModel`] (pass the prepared one). Returns `(loss, logs)`, `logs` holding
+    the detached loss and the dropped fraction.
+    """
+    embeds, mask, dropped = drop_captions(
+        batch.prompt_embeds,
+        batch.prompt_attention_mask,
+        batch.null_prompt_embeds,
+        batch.null_prompt_attention_mask,
+        caption_dropout_prob,
+        generator,
+    )
+    latents = batch.latents
+    t = sample_finetune_time(latents.shape[0], logit_mean, logit_std, device=latents.device, generator=generator)
+    noise_device = generator.device if generator is not None else latents.device
+    z = torch.randn(latents.shape, generator=generator, device=noise_device).to(latents.device) * sigma_data
+    loss = teacher_finetune_loss(model, latents, z, t, embeds, mask, sigma_data=sigma_data, weighting=weighting)
+    return loss, {"finetune_loss": loss.detach(), "dropped": dropped.float().mean()}
+
+
+__all__ = ["drop_captions", "teacher_calibration_inputs", "teacher_finetune_step", "use_sana_pipeline_time_convention"]

@@ -33,6 +33,7 @@ from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.sana_transformer import SanaTransformer2DModel
 
 from ..models.transformer_sana_sprint import SanaSprintTransformer2DModel
+from ..models.trigflow_model import as_trigflow_model
 from .trigflow import add_trigflow_noise
 
 
@@ -315,7 +316,8 @@ def teacher_finetune_loss(
     - `weighting="flow"` (`lambda = (sin t + cos t)^2`): exactly the teacher's flow-matching loss `mean((v - v*)^2)`.
 
     Args:
-        model: a [`SanaSprintTransformer2DModel`] without guidance embedder (the Sprint teacher being fine-tuned).
+        model: a [`~models.TrigFlowModel`] (possibly DDP / FSDP2-wrapped) or a [`SanaSprintTransformer2DModel`]
+            without guidance embedder: the Sprint teacher being fine-tuned.
         x0: data latents in sigma_data units (`vae_latent * scaling_factor * sigma_data`).
         z: noise `~ N(0, sigma_data^2 I)`, same shape as `x0`.
         t: TrigFlow times `(batch,)` in radians, e.g. from `sample_finetune_time`.
@@ -328,7 +330,7 @@ def teacher_finetune_loss(
     if weighting not in ("trigflow", "flow"):
         raise ValueError(f"`weighting` must be 'trigflow' or 'flow', got {weighting!r}.")
     x_t = add_trigflow_noise(x0, z, t)
-    prediction = model.trigflow_forward(x_t / sigma_data, t, encoder_hidden_states, encoder_attention_mask).sample
+    (prediction,) = as_trigflow_model(model)(x_t / sigma_data, t, encoder_hidden_states, encoder_attention_mask)
     target = trigflow_velocity_target(x0, z, t, sigma_data)
     squared_error = (prediction.float() - target.float()) ** 2
     if weighting == "flow":

@@ -1,0 +1,426 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-sprint authors. Licensed under the Apache License, Version 2.0.
+"""Prepare a SANA-Sprint teacher with 🤗 accelerate: a flow-matching Sana -> QK-norm + dense time, fine-tuned briefly.
+
+    accelerate launch examples/prepare_sana_sprint_teacher.py \
+        --pretrained_teacher_model_name_or_path <Sana pipeline dir or Hub id> \
+        --dataset_name <datasets id or save_to_disk dir> --resolution 1024 --output_dir sana-sprint-teacher
+
+Writes a diffusers `SanaPipeline` folder (stock `SanaPipeline` samples it) to pass to `train_sana_sprint.py`. The
+engine is the same as there (accelerate prepare / accumulate / save_state, `--fsdp` for FSDP2); the math is
+`diffusers_sprint.training.teacher` / `.finetune`.
+"""
+
+import argparse
+import logging
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import diffusers
+import torch
+import training_common as common  # examples/training_common.py, beside this script
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from diffusers import SanaPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from huggingface_hub import create_repo
+from tqdm.auto import tqdm
+
+from diffusers_sprint import SanaSprintTransformer2DModel
+from diffusers_sprint.models import TrigFlowModel
+from diffusers_sprint.training import (
+    SkipMonitor,
+    check_finite_state_dict,
+    compare_fingerprints,
+    prepare_sprint_teacher,
+    run_fingerprint,
+)
+from diffusers_sprint.training.arguments import read_fingerprint, write_fingerprint
+from diffusers_sprint.training.checkpoints import remove_incomplete_checkpoints, save_checkpoint
+from diffusers_sprint.training.data import collate_examples
+from diffusers_sprint.training.finetune import (
+    teacher_calibration_inputs,
+    teacher_finetune_step,
+    use_sana_pipeline_time_convention,
+)
+from diffusers_sprint.training.seeding import global_micro_batch_index, make_generator
+from diffusers_sprint.training.sharding import (
+    full_model_state_dict,
+    load_sharded_state,
+    save_sharded_state,
+    shard_trigflow_model,
+)
+
+
+logger = get_logger(__name__, log_level="INFO")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="SANA-Sprint teacher preparation (QK-norm + dense time + TrigFlow fine-tune) with accelerate.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    common.add_model_arguments(
+        parser, teacher_help="The flow-matching Sana pipeline to prepare (diffusers format, Hub id or local folder)."
+    )
+    common.add_data_arguments(parser)
+    group = parser.add_argument_group("teacher preparation")
+    group.add_argument(
+        "--teacher_qk_norm",
+        type=str,
+        default="rms_norm_across_heads",
+        help="QK-norm added to the teacher (`none` keeps the attention as is).",
+    )
+    group.add_argument(
+        "--dense_time",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Dense time embedding (the network embeds s instead of 1000 s).",
+    )
+    group.add_argument(
+        "--dense_time_init",
+        type=str,
+        default="copy",
+        choices=("copy", "remap"),
+        help="Initialise the dense time MLP by copying (NVlabs) or remapping the teacher's frequencies.",
+    )
+    group.add_argument(
+        "--calibrate_qk_norm",
+        action="store_true",
+        help="Set new cross-attention QK-norm gains from the first batch (keeps the attention temperature).",
+    )
+    group.add_argument("--finetune_logit_mean", type=float, default=0.0, help="Fine-tune time: logit-normal mean.")
+    group.add_argument("--finetune_logit_std", type=float, default=1.0, help="Fine-tune time: logit-normal std.")
+    group.add_argument(
+        "--finetune_weighting",
+        type=str,
+        default="trigflow",
+        choices=("trigflow", "flow"),
+        help="Fine-tune loss weighting (TrigFlow diffusion loss or the teacher's flow-matching loss).",
+    )
+    group.add_argument(
+        "--caption_dropout_prob", type=float, default=0.1, help="Fine-tune: captions replaced by the empty prompt."
+    )
+    common.add_optimization_arguments(parser, default_learning_rate=2e-5)
+    common.add_output_arguments(parser)
+    return parser
+
+
+def parse_args(input_args=None) -> argparse.Namespace:
+    args = build_parser().parse_args(input_args)
+    args.stage = "prepare_teacher"  # not a flag: names this script's checkpoints and fingerprint
+    if args.fsdp and args.use_ema:
+        raise ValueError("--fsdp with --use_ema is not supported yet (the EMA would need sharded checkpoints too).")
+    if args.validation_prompts and args.resolution % 32:
+        raise ValueError("Validating the teacher uses diffusers' SanaPipeline, which needs --resolution % 32 == 0.")
+    if args.validation_inference_steps is None:
+        args.validation_inference_steps = [20]
+    return common.check_args(args)
+
+
+@torch.no_grad()
+def log_validation(args, accelerator, transformer, base, validation_embeds, null_prompt, seed, step, autocast):
+    """Validation images of the teacher through diffusers' own `SanaPipeline` (CFG against the empty prompt)."""
+    vae_device = base.vae.device
+    base.vae.to(accelerator.device)
+    training = transformer.training
+    transformer.eval()
+    pipeline = SanaPipeline(
+        tokenizer=None, text_encoder=None, vae=base.vae, transformer=transformer, scheduler=base.scheduler
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    embeds, mask = validation_embeds
+    null_embeds, null_mask = null_prompt
+    columns = []
+    with accelerator.autocast() if autocast else nullcontext():
+        for num_steps in args.validation_inference_steps:
+            generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+            columns.append(
+                pipeline(
+                    prompt_embeds=embeds,
+                    prompt_attention_mask=mask,
+                    negative_prompt=None,
+                    negative_prompt_embeds=null_embeds.expand(embeds.shape[0], -1, -1),
+                    negative_prompt_attention_mask=null_mask.expand(embeds.shape[0], -1),
+                    guidance_scale=args.validation_guidance_scale,
+                    height=args.resolution,
+                    width=args.resolution,
+                    use_resolution_binning=False,
+                    num_inference_steps=num_steps,
+                    generator=generator,
+                    output_type="pil",
+                ).images
+            )
+    transformer.train(training)
+    base.vae.to(vae_device)
+    return common.save_validation_grid(accelerator, args, columns, step, args.validation_inference_steps)
+
+
+def main(args):
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, args.logging_dir))
+        ),
+        step_scheduler_with_optimizer=False,
+    )
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM) or (
+        accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2
+    ):
+        raise ValueError(f"{accelerator.distributed_type} is not supported: use DDP or FSDP2 (docs/training.md).")
+    sharded = (args.fsdp or accelerator.is_fsdp2) and accelerator.num_processes > 1
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    device = accelerator.device
+    fingerprint = run_fingerprint(args, accelerator.num_processes)
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        remove_incomplete_checkpoints(args.output_dir)
+    accelerator.wait_for_everyone()
+    resume_path = common.find_resume_checkpoint(args)
+    if resume_path is not None and (saved := read_fingerprint(resume_path)) is not None:
+        if differences := compare_fingerprints(saved, fingerprint):
+            raise ValueError(f"Checkpoint {resume_path} belongs to another run:\n  " + "\n  ".join(differences))
+    seed = common.resolve_seed(args, resume_path, logger)
+    set_seed(seed)
+    repo_id = None
+    if accelerator.is_main_process and args.push_to_hub:
+        repo_id = create_repo(
+            repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
+        ).repo_id
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    base = common.load_text_and_vae(args, device, weight_dtype)
+    flow_teacher = SanaSprintTransformer2DModel.from_pretrained(
+        args.pretrained_teacher_model_name_or_path,
+        subfolder="transformer",
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+    ).to(device)
+    prompt_encoder = common.make_prompt_encoder(args, base)
+    validation_embeds = prompt_encoder(args.validation_prompts, device) if args.validation_prompts else None
+    data = common.TrainingData(args, accelerator, base, prompt_encoder, seed, flow_teacher.config.patch_size, logger)
+    null_prompt = (data.null_embeds, data.null_mask)
+
+    # ---- The Sprint teacher: QK-norm + dense time, then fine-tuned ----------------------------------------------
+    calibration = None
+    if args.calibrate_qk_norm:
+        first = data.batch(collate_examples([data.dataset[(0, i)] for i in range(args.train_batch_size)]))
+        calibration = teacher_calibration_inputs(
+            flow_teacher,
+            first.latents,
+            first.prompt_embeds,
+            first.prompt_attention_mask,
+            args.sigma_data,
+            generator=make_generator(seed, "calibration", device=device),
+        )
+    teacher = prepare_sprint_teacher(
+        flow_teacher,
+        qk_norm=None if args.teacher_qk_norm == "none" else args.teacher_qk_norm,
+        dense_time=args.dense_time,
+        dense_time_init=args.dense_time_init,
+        calibration_inputs=calibration,
+    )
+    del flow_teacher
+    use_sana_pipeline_time_convention(teacher)  # SanaPipeline samples the saved teacher correctly
+    teacher.requires_grad_(True).to(device).train()
+    if args.gradient_checkpointing:
+        teacher.enable_gradient_checkpointing()
+    model = TrigFlowModel(teacher)
+    if sharded:
+        shard_trigflow_model(model, torch.bfloat16 if accelerator.mixed_precision == "bf16" else None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = common.make_optimizer(
+        args, trainable, args.learning_rate * common.learning_rate_scale(args, accelerator.num_processes)
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=args.max_train_steps,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+    if not sharded:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    ema = EMAModel(trainable, decay=args.ema_decay) if args.use_ema else None
+    if ema is not None:
+        ema.to(device)
+    skip_monitor = SkipMonitor(args.max_consecutive_skips, warn=logger.warning)
+    progress = {"global_step": 0, "skipped": 0}
+    for obj in (lr_scheduler, ema, skip_monitor):
+        if obj is not None:
+            accelerator.register_for_checkpointing(obj)
+
+    def save_model_hook(models, weights, output_dir):
+        weights.clear()
+        if sharded:
+            save_sharded_state(
+                os.path.join(output_dir, "sharded"), {"teacher": model}, {"optimizer": (model, optimizer)}
+            )
+        elif accelerator.is_main_process:
+            teacher.save_pretrained(os.path.join(output_dir, "transformer"))
+        if accelerator.is_main_process:
+            common.write_training_state(output_dir, progress["global_step"], seed, args.stage)
+            write_fingerprint(output_dir, fingerprint)
+
+    def load_model_hook(models, input_dir):
+        models.clear()
+        saved = common.read_training_state(input_dir)
+        if saved.get("stage") != args.stage:
+            raise ValueError(f"Checkpoint {input_dir} was written by --stage {saved.get('stage')}, not {args.stage}.")
+        if sharded:
+            load_sharded_state(
+                os.path.join(input_dir, "sharded"), {"teacher": model}, {"optimizer": (model, optimizer)}
+            )
+        else:
+            path = os.path.join(input_dir, "transformer", "diffusion_pytorch_model.safetensors")
+            teacher.load_state_dict(common.load_checkpoint_file(path))
+        progress["global_step"] = saved["global_step"]
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    if resume_path is not None:
+        logger.info(f"Resuming from {resume_path}")
+        accelerator.load_state(resume_path)
+        if ema is not None:
+            ema.to(device)
+            check_finite_state_dict(ema.state_dict(), f"{resume_path} (EMA)")
+    global_step = progress["global_step"]
+    log = common.TrainingLog(args.output_dir, global_step if resume_path else None, accelerator.is_main_process)
+    accelerator.init_trackers(args.tracker_project_name, config=common.tracker_config(args))
+    global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    logger.info("***** Running teacher preparation *****")
+    logger.info(f"  Num examples = {len(data.dataset)}, global batch = {global_batch}, seed = {seed}")
+    logger.info(f"  Total iterations = {args.max_train_steps}, starting at {global_step}")
+
+    def unsharded_teacher():
+        if not sharded:
+            return teacher
+        state = full_model_state_dict(model)  # collective
+        if not accelerator.is_main_process:
+            return None
+        copy = SanaSprintTransformer2DModel.from_config(teacher.config)
+        copy.load_state_dict({key[len("transformer.") :]: value for key, value in state.items()})
+        return copy.to(device)
+
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    for epoch, micro_batches in data.steps(global_step):
+        if global_step >= args.max_train_steps:
+            break
+        step_logs = []
+        for m, batch in enumerate(micro_batches):
+            index = global_micro_batch_index(m, accelerator.process_index, accelerator.num_processes)
+            with accelerator.accumulate(model):
+                generator = make_generator(seed, "teacher_finetune", global_step, index, device=device)
+                with accelerator.autocast():
+                    loss, logs = teacher_finetune_step(
+                        model,
+                        batch,
+                        generator,
+                        sigma_data=args.sigma_data,
+                        caption_dropout_prob=args.caption_dropout_prob,
+                        logit_mean=args.finetune_logit_mean,
+                        logit_std=args.finetune_logit_std,
+                        weighting=args.finetune_weighting,
+                    )
+                accelerator.backward(loss)
+                step_logs.append(logs)
+                if accelerator.sync_gradients:
+                    skipped, grad_norm = common.clip_and_step(accelerator, optimizer, trainable, args.max_grad_norm)
+        skip_monitor.record("finetune", skipped, global_step + 1, grad_norm)
+        if not skipped:
+            lr_scheduler.step()
+            if ema is not None:
+                ema.step(trainable)
+        global_step += 1
+        progress["global_step"] = global_step
+        logs = common.mean_logs(step_logs)
+        logs.update(grad_norm=grad_norm, skipped=float(skipped), lr=lr_scheduler.get_last_lr()[0], epoch=epoch)
+        logs = common.reduce_logs(accelerator, logs)
+        accelerator.log(logs, step=global_step)
+        log.write(global_step, logs)
+        progress_bar.set_postfix(loss=logs["finetune_loss"], lr=logs["lr"])
+        progress_bar.update(1)
+        if global_step % args.checkpointing_steps == 0:
+            save_checkpoint(
+                args.output_dir,
+                global_step,
+                accelerator.save_state,
+                accelerator.is_main_process,
+                accelerator.wait_for_everyone,
+                args.checkpoints_total_limit,
+            )
+        if args.validation_prompts and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+            if ema is not None:
+                ema.store(trainable)
+                ema.copy_to(trainable)
+            transformer = unsharded_teacher()
+            if accelerator.is_main_process:
+                log_validation(
+                    args, accelerator, transformer, base, validation_embeds, null_prompt, seed, global_step, True
+                )
+            if ema is not None:
+                ema.restore(trainable)
+
+    accelerator.wait_for_everyone()
+    logger.info(skip_monitor.summary())
+    if ema is not None:
+        ema.copy_to(trainable)
+    transformer = unsharded_teacher()
+    if accelerator.is_main_process:
+        transformer.eval()
+        fresh = SanaPipeline.from_pretrained(
+            args.pretrained_teacher_model_name_or_path,
+            transformer=None,
+            revision=args.revision,
+            variant=args.variant,
+            cache_dir=args.cache_dir,
+        )
+        pipeline = SanaPipeline(
+            tokenizer=fresh.tokenizer,
+            text_encoder=fresh.text_encoder,
+            vae=fresh.vae,
+            transformer=transformer,
+            scheduler=fresh.scheduler,
+        )
+        common.write_output_folder(args.output_dir, pipeline.save_pretrained)
+        logger.info(f"Saved the Sprint teacher pipeline to {args.output_dir}")
+        has_grid = False
+        if args.validation_prompts:
+            fresh.vae.to(device)
+            grid = log_validation(
+                args, accelerator, transformer, fresh, validation_embeds, null_prompt, seed, global_step, False
+            )
+            grid.save(os.path.join(args.output_dir, "validation_grid.png"))
+            has_grid = True
+        if args.push_to_hub:
+            common.save_model_card(
+                args, repo_id, args.stage, global_step, global_batch, accelerator.mixed_precision, has_grid
+            )
+            common.push_output_folder(args, repo_id)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())

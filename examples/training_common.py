@@ -1,0 +1,700 @@
+"""Wiring shared by `train_sana_sprint.py` and `prepare_sana_sprint_teacher.py`: flags, data, optimisers, logs.
+
+Nothing here is math (that lives in `diffusers_sprint.training`); it is the accelerate plumbing both example scripts
+need in the same form: argument groups, the frozen text encoder / VAE and the data pipeline, the optimiser choice,
+checkpoint saving and resuming through `accelerator.save_state` / `load_state` (atomically, see
+`diffusers_sprint.training.checkpoints`), the JSON-lines training log, validation grids and the Hub upload.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import broadcast_object_list
+from diffusers import SanaPipeline
+from diffusers.utils import is_wandb_available, make_image_grid
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from huggingface_hub import upload_folder
+from safetensors.torch import load_file
+
+from diffusers_sprint.pipelines.pipeline_sana_sprint import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
+from diffusers_sprint.training.arguments import validate_training_args
+from diffusers_sprint.training.checkpoints import latest_checkpoint
+from diffusers_sprint.training.data import (
+    ImageCaptionDataset,
+    LayoutInvariantBatchSampler,
+    PromptEncoder,
+    build_latent_cache,
+    collate_examples,
+    encode_images,
+    load_image_caption_dataset,
+    trim_prompt_padding,
+    validate_image_dataset,
+)
+from diffusers_sprint.training.distill import DistillationBatch
+from diffusers_sprint.training.monitoring import check_finite_state_dict
+
+
+OPTIMIZERS = ("adamw", "adamw8bit", "came")
+TRAINING_LOG = "training_log.jsonl"
+TRAINING_STATE = "training_state.json"
+HUB_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "step_*", "epoch_*", ".pipeline-*"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, teacher_help: str) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--pretrained_teacher_model_name_or_path",
+        type=str,
+        required=True,
+        help=teacher_help,
+    )
+    group.add_argument("--revision", type=str, default=None, help="Revision (branch, tag or commit) of the teacher.")
+    group.add_argument("--variant", type=str, default=None, help="Weights variant of the teacher, e.g. `fp16`.")
+    group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+    group.add_argument("--sigma_data", type=float, default=0.5, help="TrigFlow data standard deviation.")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="A `datasets` dataset: Hub id, local dataset folder/script, or a folder written by `save_to_disk`.",
+    )
+    group.add_argument("--dataset_config_name", type=str, default=None, help="Config name of `--dataset_name`.")
+    group.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="An image folder with a `metadata.jsonl` (`file_name` + caption column), loaded as `imagefolder`.",
+    )
+    group.add_argument("--image_column", type=str, default="image", help="Column holding the images.")
+    group.add_argument(
+        "--caption_column", type=str, default="text", help="Column holding the captions (a string or a list)."
+    )
+    group.add_argument(
+        "--max_train_samples", type=int, default=None, help="Keep only the first N samples (debugging)."
+    )
+    group.add_argument(
+        "--resolution",
+        type=int,
+        default=1024,
+        help="Training resolution in pixels (a multiple of the VAE scale times the patch size).",
+    )
+    group.add_argument("--center_crop", action="store_true", help="Centre crop instead of a random crop.")
+    group.add_argument("--random_flip", action="store_true", help="Flip images left-right with probability 0.5.")
+    group.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode all images and captions once before training, then free the text encoder and move the VAE to "
+        "the CPU (it only decodes validation images). Random crops are then fixed; flips are cached both ways.",
+    )
+    group.add_argument("--max_sequence_length", type=int, default=300, help="Text tokens per caption (Sana: 300).")
+    group.add_argument(
+        "--complex_human_instruction",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Prepend Sana's prompt-enhancing instruction when encoding captions and validation prompts (as the "
+        "pipeline does by default). Use --no-complex_human_instruction for models trained without it.",
+    )
+    group.add_argument(
+        "--dataloader_num_workers", type=int, default=0, help="Data loading worker processes (0: main process)."
+    )
+    group.add_argument(
+        "--validate_data",
+        action="store_true",
+        help="Read every image and caption once before training and stop with a list of all unreadable rows.",
+    )
+
+
+def add_optimization_arguments(parser: argparse.ArgumentParser, default_learning_rate: float) -> None:
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--train_batch_size", type=int, default=4, help="Samples per micro-batch and process.")
+    group.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="Micro-batches per process and update (accelerate's gradient accumulation).",
+    )
+    group.add_argument("--max_train_steps", type=int, default=20000, help="Training iterations (optimiser updates).")
+    group.add_argument("--learning_rate", type=float, default=default_learning_rate, help="Learning rate.")
+    group.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=0.1,
+        help="Gradient clipping (official 0.1; inf: no clipping). A NaN/Inf gradient norm skips the update.",
+    )
+    group.add_argument(
+        "--max_consecutive_skips",
+        type=int,
+        default=20,
+        help="Stop with an error after this many NaN/Inf updates in a row (a diverged run).",
+    )
+    group.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rates by batch size x accumulation steps x processes.",
+    )
+    group.add_argument(
+        "--optimizer",
+        type=str,
+        default="adamw",
+        choices=OPTIMIZERS,
+        help="adamw (torch), adamw8bit (bitsandbytes) or came (came_pytorch, the official choice).",
+    )
+    group.add_argument("--adam_beta1", type=float, default=0.9, help="beta1 of AdamW / CAME.")
+    group.add_argument("--adam_beta2", type=float, default=0.999, help="beta2 of AdamW / CAME.")
+    group.add_argument("--came_beta3", type=float, default=0.9999, help="beta3 of CAME.")
+    group.add_argument("--adam_weight_decay", type=float, default=0.0, help="Weight decay.")
+    group.add_argument("--adam_epsilon", type=float, default=1e-8, help="epsilon of AdamW.")
+    group.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        help='diffusers scheduler: "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
+        '"constant_with_warmup".',
+    )
+    group.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up iterations of the lr scheduler.")
+    group.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
+    group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    group.add_argument("--use_ema", action="store_true", help="Keep an EMA of the trained weights (saved at the end).")
+    group.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay.")
+    group.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute activations in the backward (student, and the teacher inside the discriminator).",
+    )
+    group.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=("no", "fp16", "bf16"),
+        help="Autocast precision; trained weights stay fp32. Default: the accelerate config.",
+    )
+    group.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="Shard the trained model, the frozen teacher (and the discriminator heads) with torch FSDP2 "
+        "(`fully_shard` per transformer block) across the launched processes; also on CPU (gloo). Implied by an "
+        "accelerate FSDP2 config (examples/accelerate_configs/fsdp2.yaml).",
+    )
+    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    group.add_argument("--seed", type=int, default=None, help="Seed of everything random (default: drawn).")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("checkpoints, validation, logging")
+    group.add_argument("--output_dir", type=str, default="sana-sprint", help="Output folder.")
+    group.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable state every N steps.")
+    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    group.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='Resume from a checkpoint folder, or "latest" in --output_dir.',
+    )
+    group.add_argument("--validation_prompts", type=str, nargs="+", default=None, help="Prompts of validation grids.")
+    group.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps (and at the end).")
+    group.add_argument(
+        "--validation_inference_steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Sampling steps of the validation images (default: 1 2 when distilling, 20 for the teacher).",
+    )
+    group.add_argument(
+        "--validation_guidance_scale",
+        type=float,
+        default=4.5,
+        help="Guidance of validation images (embedded w of the student; CFG scale of the teacher).",
+    )
+    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
+    group.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        choices=("tensorboard", "wandb", "all", "none"),
+        help="Experiment tracker.",
+    )
+    group.add_argument(
+        "--tracker_project_name", type=str, default="sana-sprint", help="Project name passed to the tracker."
+    )
+    group.add_argument("--push_to_hub", action="store_true", help="Upload the result to the Hub at the end.")
+    group.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the stored login).")
+    group.add_argument(
+        "--hub_model_id", type=str, default=None, help="Hub repository (default: the --output_dir folder name)."
+    )
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Checks both scripts share; the flag ranges are `validate_training_args`'s."""
+    if (args.dataset_name is None) == (args.train_data_dir is None):
+        raise ValueError("Give exactly one of --dataset_name and --train_data_dir.")
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        raise ValueError(
+            "You cannot use both --report_to=wandb and --hub_token due to a security risk of exposing your token. "
+            "Please use `hf auth login` to authenticate with the Hub."
+        )
+    if args.report_to in ("wandb", "all") and not is_wandb_available():
+        raise ImportError("--report_to wandb needs `pip install wandb`.")
+    for optimizer, module, package in (
+        ("adamw8bit", "bitsandbytes", "bitsandbytes"),
+        ("came", "came_pytorch", "came-pytorch"),
+    ):
+        if args.optimizer == optimizer and importlib.util.find_spec(module) is None:
+            raise ImportError(f"--optimizer {optimizer} needs the `{package}` package: `pip install {package}`.")
+    validate_training_args(args)
+    return args
+
+
+def tracker_config(args) -> dict:
+    """Tracker hyper-parameters: scalars as they are, anything else as a string (tensorboard takes scalars only)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Seed, resume, log
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def find_resume_checkpoint(args) -> str | None:
+    """The folder `--resume_from_checkpoint` names, or the latest complete checkpoint for "latest" (or None)."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint != "latest":
+        if not os.path.isfile(os.path.join(args.resume_from_checkpoint, TRAINING_STATE)):
+            raise ValueError(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a complete checkpoint folder "
+                f"(no {TRAINING_STATE})."
+            )
+        return args.resume_from_checkpoint
+    return latest_checkpoint(args.output_dir)
+
+
+def read_training_state(checkpoint: str) -> dict:
+    path = os.path.join(checkpoint, TRAINING_STATE)
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"Checkpoint {checkpoint}: cannot read {path} ({error}).") from error
+
+
+def resolve_seed(args, resume_path: str | None, logger) -> int:
+    """`--seed`, drawn when unset; a resumed run keeps its checkpoint's seed. The same on every process."""
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    if resume_path is not None:
+        saved = read_training_state(resume_path)
+        if args.seed is not None and saved["seed"] != args.seed:
+            logger.warning(f"--seed {args.seed} ignored: resuming the run of seed {saved['seed']}.")
+        seed = saved["seed"]
+    return broadcast_object_list([seed])[0]
+
+
+class TrainingLog:
+    """`training_log.jsonl` of the main process: one JSON object per step; a resumed run cuts it back first."""
+
+    def __init__(self, output_dir: str, resume_step: int | None, is_main_process: bool):
+        self.path = os.path.join(output_dir, TRAINING_LOG)
+        self.enabled = is_main_process
+        if not self.enabled:
+            return
+        kept = []
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as file:
+                kept = [line for line in file if json.loads(line)["step"] <= resume_step]
+        with open(self.path, "w") as file:
+            file.writelines(kept)
+
+    def write(self, step: int, logs: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as file:
+                file.write(json.dumps({"step": step, **logs}) + "\n")
+
+
+def mean_logs(logs: list[dict]) -> dict:
+    """The mean of each key over the micro-batches of a step (keys of the first micro-batch)."""
+    return {key: sum(float(log[key]) for log in logs) / len(logs) for key in logs[0]}
+
+
+def reduce_logs(accelerator, logs: dict) -> dict:
+    """The mean of each value over processes (every process must call it, with the same keys)."""
+    keys = sorted(logs)
+    values = torch.tensor([float(logs[key]) for key in keys], dtype=torch.float64, device=accelerator.device)
+    return dict(zip(keys, accelerator.reduce(values, reduction="mean").tolist()))
+
+
+def write_training_state(output_dir: str, global_step: int, seed: int, stage: str) -> None:
+    with open(os.path.join(output_dir, TRAINING_STATE), "w") as file:
+        json.dump({"global_step": global_step, "seed": seed, "stage": stage}, file)
+
+
+def load_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file, refused with the file's name when missing, damaged or not finite."""
+    try:
+        weights = load_file(path)
+    except Exception as error:  # missing file, truncated header, bad metadata: say which file
+        raise ValueError(f"Cannot read the checkpoint file {path}: {error}") from error
+    check_finite_state_dict(weights, path)
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Frozen components and data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_text_and_vae(args, device, weight_dtype):
+    """The teacher pipeline's tokenizer, text encoder (frozen, `weight_dtype`), VAE (frozen, fp32) and scheduler."""
+    base = SanaPipeline.from_pretrained(
+        args.pretrained_teacher_model_name_or_path,
+        transformer=None,
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+    )
+    base.vae.requires_grad_(False).eval().to(device)  # DC-AE stays fp32
+    base.text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    return base
+
+
+def make_prompt_encoder(args, base) -> PromptEncoder:
+    return PromptEncoder(
+        base.tokenizer,
+        base.text_encoder,
+        args.max_sequence_length,
+        DEFAULT_COMPLEX_HUMAN_INSTRUCTION if args.complex_human_instruction else None,
+    )
+
+
+class TrainingData:
+    """
+    The dataset (optionally latent-cached), its layout-invariant sampler and loader, and `batch(examples)` that
+    turns a collated batch into a [`DistillationBatch`] on the device.
+
+    The loader is not `accelerator.prepare`d: [`LayoutInvariantBatchSampler`] already gives each process its
+    micro-batches, numbered so that 1 process x accumulation 4, 2 processes x 2 and 4 processes x 1 see the same
+    samples, and a resumed run the same as an uninterrupted one (accelerate's sharding would split differently).
+    """
+
+    def __init__(self, args, accelerator, base, prompt_encoder: PromptEncoder, seed: int, patch_size: int, logger):
+        latent_scale = 2 ** (len(base.vae.config.encoder_block_out_channels) - 1) * patch_size
+        if args.resolution % latent_scale:
+            raise ValueError(f"--resolution must be a multiple of {latent_scale} (VAE scale x patch size).")
+        self.args, self.device = args, accelerator.device
+        self.vae, self.prompt_encoder = base.vae, prompt_encoder
+        self.null_embeds, self.null_mask = prompt_encoder.null(self.device)
+        with accelerator.main_process_first():
+            hf_dataset = load_image_caption_dataset(
+                args.dataset_name,
+                args.dataset_config_name,
+                args.train_data_dir,
+                args.cache_dir,
+                args.image_column,
+                args.caption_column,
+                args.max_train_samples,
+            )
+        if args.validate_data:
+            validate_image_dataset(hf_dataset, args.image_column, args.caption_column, raise_error=True)
+            logger.info(f"--validate_data: all {len(hf_dataset)} rows read.")
+        self.images = ImageCaptionDataset(
+            hf_dataset,
+            args.image_column,
+            args.caption_column,
+            args.resolution,
+            center_crop=args.center_crop,
+            random_flip=args.random_flip,
+            seed=seed,
+        )
+        self.cached = args.cache_latents
+        if self.cached:
+            self.dataset = build_latent_cache(
+                self.images, base.vae, prompt_encoder, args.sigma_data, args.train_batch_size, self.device
+            )
+            # the text encoder is not needed any more; the VAE only decodes validation images
+            base.text_encoder = self.prompt_encoder = None
+            base.vae.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        else:
+            self.dataset = self.images
+        self.sampler = LayoutInvariantBatchSampler(
+            len(self.dataset),
+            args.train_batch_size,
+            accelerator.num_processes,
+            accelerator.process_index,
+            args.gradient_accumulation_steps,
+            seed=seed,
+        )
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            collate_fn=collate_examples,
+            num_workers=args.dataloader_num_workers,
+        )
+
+    def batch(self, examples: dict) -> DistillationBatch:
+        if self.cached:
+            latents = examples["latents"].to(self.device)
+            embeds = examples["prompt_embeds"].to(self.device)
+            mask = examples["prompt_attention_mask"].to(self.device)
+        else:
+            latents = encode_images(self.vae, examples["pixel_values"].to(self.device), self.args.sigma_data)
+            embeds, mask = self.prompt_encoder(examples["caption"], self.device)
+        embeds, mask, null, null_mask = trim_prompt_padding(embeds, mask, self.null_embeds, self.null_mask)
+        return DistillationBatch(latents, embeds, mask, null, null_mask)
+
+    def steps(self, start_step: int):
+        """Yields `(epoch, [micro-batch, ...])` for every step from `start_step` on; epochs end on step boundaries."""
+        steps_per_epoch = self.sampler.steps_per_epoch
+        epoch = start_step // steps_per_epoch
+        self.sampler.set_epoch(epoch, start_step % steps_per_epoch)
+        iterator = iter(self.loader)
+        while True:
+            micro_batches = []
+            for _ in range(self.args.gradient_accumulation_steps):
+                examples = next(iterator, None)
+                if examples is None:
+                    epoch += 1
+                    self.sampler.set_epoch(epoch)
+                    iterator = iter(self.loader)
+                    examples = next(iterator)
+                micro_batches.append(self.batch(examples))
+            yield epoch, micro_batches
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Optimisation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(args, parameters, learning_rate):
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(
+            parameters,
+            lr=learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+        )
+    if args.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(
+            parameters,
+            lr=learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+        )
+    from came_pytorch import CAME
+
+    return CAME(
+        parameters,
+        lr=learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2, args.came_beta3),
+        weight_decay=args.adam_weight_decay,
+        eps=(1e-30, 1e-16),
+    )
+
+
+def clip_and_step(accelerator, optimizer, parameters, max_grad_norm: float) -> tuple[bool, float]:
+    """
+    At a sync step: unscale (fp16), clip to `max_grad_norm`, step unless the norm is NaN/Inf, zero the gradients.
+    Returns `(skipped, grad_norm)`; every process sees the same all-reduced norm, so they all decide alike.
+    """
+    from diffusers_sprint.training import step_if_finite
+
+    grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    skipped = step_if_finite(optimizer, grad_norm)
+    if skipped and accelerator.scaler is not None:
+        accelerator.scaler.update()  # lower the fp16 loss scale; step() did not run
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    return skipped, float(grad_norm)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation images and the final folder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def save_validation_grid(accelerator, args, columns: list, step: int, inference_steps: list[int]):
+    """`columns[c][r]`: the image of prompt `r` at `inference_steps[c]`; rows are prompts. Logs it to trackers."""
+    rows = len(columns[0])
+    images = [column[row] for row in range(rows) for column in columns]
+    grid = make_image_grid(images, rows=rows, cols=len(columns))
+    folder = os.path.join(args.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    grid.save(os.path.join(folder, f"step_{step:06d}.png"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            array = np.stack([np.asarray(image) for image in images])
+            tracker.writer.add_images("validation", array, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log(
+                {
+                    "validation": [
+                        wandb.Image(
+                            image,
+                            caption=f"{args.validation_prompts[i // len(columns)]} "
+                            f"({inference_steps[i % len(columns)]} steps)",
+                        )
+                        for i, image in enumerate(images)
+                    ]
+                },
+                step=step,
+            )
+    return grid
+
+
+def write_output_folder(output_dir: str, save) -> None:
+    """
+    `save(folder)` into a temporary folder, then move its entries into `output_dir`, `model_index.json` last (it
+    is removed first): a process killed in between leaves a folder without `model_index.json`, which
+    `from_pretrained` refuses, never a mix of an old pipeline's and the new one's weights under a valid index.
+    """
+    tmp = os.path.join(output_dir, ".pipeline-incomplete")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    index = os.path.join(output_dir, "model_index.json")
+    if os.path.exists(index):
+        os.remove(index)
+    names = sorted(os.listdir(tmp), key=lambda name: name == "model_index.json")
+    for name in names:
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.remove(target)
+        os.replace(os.path.join(tmp, name), target)
+    os.rmdir(tmp)
+
+
+def push_output_folder(args, repo_id: str) -> None:
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="End of training",
+        ignore_patterns=HUB_IGNORE_PATTERNS,
+        token=args.hub_token,
+    )
+
+
+def save_model_card(
+    args, repo_id: str, stage: str, global_step: int, global_batch: int, mixed_precision: str, has_grid: bool
+) -> None:
+    """The output folder's README.md (diffusers' training-card layout): what it is, how to sample it, the recipe."""
+    lora = getattr(args, "lora_rank", None) is not None
+    script = "prepare_sana_sprint_teacher" if stage == "prepare_teacher" else "train_sana_sprint"
+    if stage == "prepare_teacher":
+        what = "a SANA-Sprint **teacher** (QK-norm + dense time, TrigFlow fine-tune)"
+        usage = (
+            "import diffusers_sprint  # registers SanaSprintTransformer2DModel (pip install diffusers-sprint)\n"
+            "from diffusers import SanaPipeline\n\n"
+            f'pipe = SanaPipeline.from_pretrained("{repo_id}")\n'
+            'image = pipe("a red apple", num_inference_steps=20, guidance_scale=4.5).images[0]'
+        )
+    elif lora:
+        base = args.pretrained_teacher_model_name_or_path
+        what = f"a SANA-Sprint one-step **LoRA** (rank {args.lora_rank}) for `{base}`"
+        usage = (
+            "from diffusers_sprint import SanaSprintPipeline\n\n"
+            f'pipe = SanaSprintPipeline.from_pretrained("{args.pretrained_teacher_model_name_or_path}")\n'
+            f'pipe.load_lora_weights("{repo_id}")\n'
+            'image = pipe("a red apple", num_inference_steps=1, guidance_scale=None).images[0]'
+        )
+    else:
+        what = "a SANA-Sprint one-step **student** (sCM + LADD distillation)"
+        guidance = "" if args.guidance_embeds else ", guidance_scale=None"  # no CFG embedding: one learnt scale
+        usage = (
+            "from diffusers_sprint import SanaSprintPipeline\n\n"
+            f'pipe = SanaSprintPipeline.from_pretrained("{repo_id}")\n'
+            f'image = pipe("a red apple", num_inference_steps=1{guidance}).images[0]'
+        )
+    dataset = args.dataset_name or Path(args.train_data_dir).name
+    recipe = [
+        ("stage", stage),
+        ("iterations", global_step),
+        ("global batch", global_batch),
+        ("resolution", args.resolution),
+        ("optimizer / lr", f"{args.optimizer} / {args.learning_rate}"),
+        ("mixed precision", f"{mixed_precision} (fp32 master weights)"),
+    ]
+    if stage == "distill":
+        recipe += [
+            ("sCM / adversarial lambda", f"{args.scm_lambda} / {args.adversarial_lambda} ({args.adversarial_loss})"),
+            ("CFG scales", " ".join(str(w) for w in args.guidance_scales)),
+            ("CFG embedding", "yes" if args.guidance_embeds and not lora else "no"),
+            (
+                "P_mean, P_std (G / D)",
+                f"({args.p_mean}, {args.p_std}) / ({args.discriminator_p_mean}, {args.discriminator_p_std})",
+            ),
+            (
+                "tangent warm-up / norm",
+                f"{args.tangent_warmup_steps} / {args.tangent_norm} (eps {args.tangent_norm_eps})",
+            ),
+            ("max-time probability", args.max_time_probability),
+            ("gradient clip", args.max_grad_norm),
+            ("EMA", args.ema_decay if args.use_ema else "no"),
+        ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in recipe)
+    grid = (
+        "\n![validation grid](./validation_grid.png)\n\nRows: prompts; columns: sampling steps "
+        + ", ".join(str(s) for s in args.validation_inference_steps)
+        + ".\n"
+        if has_grid
+        else ""
+    )
+    description = f"""
+# {repo_id}
+
+This is {what}, trained with
+`examples/{script}.py` of diffusers-sprint from
+`{args.pretrained_teacher_model_name_or_path}` on `{dataset}`.
+Method: SANA-Sprint ([arXiv 2503.09641](https://arxiv.org/abs/2503.09641)).
+
+## Usage
+
+```python
+{usage}
+```
+
+## Training
+
+| setting | value |
+| --- | --- |
+{table}
+{grid}"""
+    card = load_or_create_model_card(
+        repo_id_or_path=repo_id,
+        from_training=True,
+        license="apache-2.0",
+        base_model=args.pretrained_teacher_model_name_or_path,
+        model_description=description,
+        inference=True,
+    )
+    tags = ["text-to-image", "diffusers", "diffusers-training", "sana", "sana-sprint"]
+    tags += ["lora"] if lora else []
+    tags += ["consistency-distillation"] if stage == "distill" else []
+    card = populate_model_card(card, tags=tags)
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
+def learning_rate_scale(args, num_processes: int) -> int:
+    """`--scale_lr`: the global batch (batch x accumulation x processes); else 1."""
+    return args.train_batch_size * args.gradient_accumulation_steps * num_processes if args.scale_lr else 1

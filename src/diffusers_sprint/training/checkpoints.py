@@ -1,0 +1,114 @@
+"""Checkpoint folders that a killed process can never leave half-written under a name that looks complete.
+
+A checkpoint is written into a hidden temporary folder `.checkpoint-N.incomplete` (by `accelerator.save_state`, on
+every process), then renamed to `checkpoint-N` in one `os.rename` once everything is on disk. `--resume_from_checkpoint
+latest` only ever considers names matching `checkpoint-<digits>` exactly, so a temporary folder, a stray
+`checkpoint-8.bak` or a user's copy never shadows a complete checkpoint. Old checkpoints are pruned only after the new
+one is complete.
+"""
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+INCOMPLETE_SUFFIX = ".incomplete"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{int(step)}"
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in `output_dir` as `(step, path)`, oldest first; anything else is ignored."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The complete checkpoint with the highest step in `output_dir`, or `None`."""
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def incomplete_path(output_dir: str, step: int) -> str:
+    return os.path.join(output_dir, f".{checkpoint_name(step)}{INCOMPLETE_SUFFIX}")
+
+
+def save_checkpoint(
+    output_dir: str,
+    step: int,
+    write: Callable[[str], None],
+    is_main_process: bool = True,
+    wait_for_everyone: Callable[[], None] = lambda: None,
+    total_limit: int | None = None,
+) -> str:
+    """
+    Write checkpoint `step` atomically: `write(tmp)` on every process, then (main process) rename `tmp` to
+    `checkpoint-<step>` and prune to `total_limit` complete checkpoints.
+
+    Args:
+        output_dir (`str`): The run's folder.
+        step (`int`): The step the checkpoint holds.
+        write (`Callable[[str], None]`): Writes the state into the folder it is given, e.g.
+            `accelerator.save_state`. Called on every process with the same path.
+        is_main_process (`bool`), wait_for_everyone (`Callable`): The process role and a barrier (accelerate's).
+        total_limit (`int`, *optional*): Keep at most this many complete checkpoints (the new one included).
+
+    Returns:
+        `str`: The final path `output_dir/checkpoint-<step>`.
+    """
+    if total_limit is not None and total_limit < 1:
+        raise ValueError(f"`total_limit` must be >= 1 or None, got {total_limit}.")
+    tmp = incomplete_path(output_dir, step)
+    final = os.path.join(output_dir, checkpoint_name(step))
+    if is_main_process and os.path.exists(tmp):  # left by a process killed while saving this very step
+        shutil.rmtree(tmp)
+    wait_for_everyone()
+    write(tmp)
+    wait_for_everyone()
+    if is_main_process:
+        if os.path.exists(final):  # the same step saved again (e.g. a run re-done from an earlier checkpoint)
+            stale = os.path.join(output_dir, f".{checkpoint_name(step)}.replaced")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.rename(final, stale)
+            os.rename(tmp, final)
+            shutil.rmtree(stale)
+        else:
+            os.rename(tmp, final)
+        if total_limit is not None:
+            for _, path in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(path)
+    wait_for_everyone()
+    return final
+
+
+def remove_incomplete_checkpoints(output_dir: str) -> list[str]:
+    """Delete the temporary folders of saves that were killed; returns their names."""
+    if not os.path.isdir(output_dir):
+        return []
+    removed = []
+    for name in os.listdir(output_dir):
+        if name.startswith(".checkpoint-") and (name.endswith(INCOMPLETE_SUFFIX) or name.endswith(".replaced")):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+__all__ = [
+    "CHECKPOINT_PATTERN",
+    "checkpoint_name",
+    "incomplete_path",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "remove_incomplete_checkpoints",
+    "save_checkpoint",
+]
