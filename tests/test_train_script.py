@@ -344,31 +344,70 @@ def test_lora_distillation_round_trip(assets, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_path):
-    """Global batch 4 = 2 processes x 2 samples vs 1 process x 2 samples x 2 accumulation steps, 3 steps (crossing an
-    epoch): same micro-batches and noise by construction; only float summation order differs. Seen on CPU: losses
-    within 3e-8, weights within 3e-6 after 3 AdamW steps at lr 1e-3. Asserted: 1e-5 relative and 1e-4 absolute."""
+LORA_FLAGS = dict(lora_rank=4, lora_alpha=4, guidance_scales=[4.5])
+
+
+@pytest.mark.parametrize("flags", [{}, LORA_FLAGS], ids=["full", "lora"])
+def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_path, flags):
+    """Global batch 4 = 2 processes x 2 samples (accelerate DDP) vs 1 process x 2 samples x 2 accumulation steps, 3
+    steps (crossing an epoch): same micro-batches and noise by construction; only float summation order differs.
+    Seen on CPU: weights within 8.3e-7 (full) after 3 AdamW steps at lr 1e-3. Asserted: losses 1e-5 relative,
+    weights 1e-4 absolute."""
     one, two = tmp_path / "one", tmp_path / "two"
-    run_script(tmp_path, base_args(assets, one, 3, gradient_accumulation_steps=2, random_flip=True))
+    run_script(tmp_path, base_args(assets, one, 3, gradient_accumulation_steps=2, random_flip=True, **flags))
     env = _env(tmp_path, ACCELERATE_USE_CPU="1")
     result = run_script(
         tmp_path,
-        base_args(assets, two, 3, gradient_accumulation_steps=1, random_flip=True),
+        base_args(assets, two, 3, gradient_accumulation_steps=1, random_flip=True, **flags),
         launcher="accelerate",
         num_processes=2,
         env=env,
     )
     assert "MULTI_CPU" in result.stdout + result.stderr and "Num processes: 2" in result.stdout + result.stderr
+    _assert_same_run(one, two, lora="lora_rank" in flags)
+
+
+def _final_weights(output, lora: bool):
+    name = "pytorch_lora_weights.safetensors" if lora else "transformer/diffusion_pytorch_model.safetensors"
+    return load_file(output / name)
+
+
+def _assert_same_run(one, two, lora=False, keys=("scm_loss", "adversarial_loss", "discriminator_loss")):
     log_one, log_two = read_log(one), read_log(two)
-    assert [row["step"] for row in log_two] == [1, 2, 3] and log_two[-1]["epoch"] == 1
+    assert [row["step"] for row in log_two] == [row["step"] for row in log_one] and log_two[-1]["epoch"] == 1
     for row_one, row_two in zip(log_one, log_two):
-        for key in ("generator_loss", "scm_loss", "adversarial_loss", "discriminator_loss", "generator_grad_norm"):
+        for key in ("generator_loss", "generator_grad_norm", *keys):
             assert math.isclose(row_one[key], row_two[key], rel_tol=1e-5, abs_tol=1e-7), (key, row_one, row_two)
-    weights_one = load_file(one / "transformer" / "diffusion_pytorch_model.safetensors")
-    weights_two = load_file(two / "transformer" / "diffusion_pytorch_model.safetensors")
+    weights_one, weights_two = _final_weights(one, lora), _final_weights(two, lora)
+    assert set(weights_one) == set(weights_two)
     difference = max((weights_one[k] - weights_two[k]).abs().max().item() for k in weights_one)
-    print(f"1 vs 2 processes: max weight difference {difference:.2e}")
+    print(f"{one.name} vs {two.name}: max weight difference {difference:.2e}")
     assert difference < 1e-4
+    return difference
+
+
+def test_fsdp2_two_processes_match_one_process_and_resume_exactly(assets, tmp_path):
+    """--fsdp (torch fully_shard of student, teacher and heads over gloo) on 2 processes vs 1 process with
+    accumulation 2, both with the official full-batch LADD fake; then a resume from the sharded (DCP) checkpoint-2
+    redoes step 3 bit for bit."""
+    flags = dict(no_fake_from_scm_forward=True, checkpointing_steps=2)
+    flags = {key.replace("no_", "no-", 1) if key.startswith("no_") else key: value for key, value in flags.items()}
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script(tmp_path, base_args(assets, one, 3, gradient_accumulation_steps=2, **flags))
+    env = _env(tmp_path, ACCELERATE_USE_CPU="1")
+    sharded = base_args(assets, two, 3, fsdp=True, **flags)
+    result = run_script(tmp_path, sharded, launcher="accelerate", num_processes=2, env=env)
+    assert "engine = FSDP2" in result.stdout + result.stderr and "Num processes: 2" in result.stdout + result.stderr
+    assert list((two / "checkpoint-2" / "sharded").glob("*.distcp"))
+    assert not (two / "checkpoint-2" / "transformer").exists()  # shards, not a gathered copy
+    _assert_same_run(one, two)
+
+    final = _final_weights(two, lora=False)
+    run_script(
+        tmp_path, sharded + ["--resume_from_checkpoint", "latest"], launcher="accelerate", num_processes=2, env=env
+    )
+    resumed = _final_weights(two, lora=False)
+    assert all(torch.equal(resumed[key], value) for key, value in final.items())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -617,3 +656,69 @@ def test_model_card_says_how_to_sample_the_student(tmp_path, flags, usage, cfg_r
     card = (tmp_path / "README.md").read_text()
     assert usage in card and cfg_row in card
     assert ("guidance_scale=None" in card) == (usage == "guidance_scale=None")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (8) a process killed (SIGKILL) while it writes a checkpoint
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _kill_during(tmp_path, args, marker: Path, reset, attempts: int = 5) -> bool:
+    """Start the script and SIGKILL it the moment `marker` (a folder being written) exists; True when it did.
+    A run that finished before the marker was seen is undone by `reset()` and started again."""
+    command = [sys.executable, str(SCRIPT)] + [str(a) for a in args]
+    for _ in range(attempts):
+        process = subprocess.Popen(
+            command, cwd=REPO, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        while process.poll() is None and not marker.exists():
+            time.sleep(0.0002)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+            return True
+        reset()
+    return False
+
+
+def test_kill_during_a_checkpoint_save_then_resume_latest_is_exact(assets, tmp_path):
+    """SIGKILL while checkpoint-3 is being written: `latest` resumes from checkpoint-2 and ends bit-identical."""
+    flags = dict(use_ema=True, ema_decay=0.5, checkpointing_steps=1)
+    straight = tmp_path / "straight"
+    run_script(tmp_path, base_args(assets, straight, 4, **flags))
+
+    killed = tmp_path / "killed"
+    args = base_args(assets, killed, 4, **flags)
+    assert _kill_during(tmp_path, args, killed / ".checkpoint-3.incomplete", lambda: shutil.rmtree(killed))
+    names = sorted(p.name for p in killed.iterdir() if "checkpoint" in p.name)
+    assert "checkpoint-2" in names and "checkpoint-3" not in names, names  # the half-written save is not a checkpoint
+    assert not (killed / "model_index.json").exists()
+
+    run_script(tmp_path, base_args(assets, killed, 4, resume_from_checkpoint="latest", **flags))
+    assert not (killed / ".checkpoint-3.incomplete").exists()  # cleaned up at start
+    assert read_log(killed) == read_log(straight)  # steps 3 and 4 recomputed from checkpoint-2, bit for bit
+    final = load_file(killed / "transformer" / "diffusion_pytorch_model.safetensors")
+    for key, value in load_file(straight / "transformer" / "diffusion_pytorch_model.safetensors").items():
+        assert torch.equal(final[key], value), key
+
+
+def test_kill_during_the_final_save_leaves_no_loadable_mix(assets, tmp_path):
+    """SIGKILL while the final pipeline is written over an earlier one: the folder loads the earlier pipeline whole,
+    or (killed while moving the new files in) does not load at all; never the old index over new weights."""
+    output, first = tmp_path / "out", tmp_path / "first"
+    run_script(tmp_path, base_args(assets, output, 1, adversarial_lambda=0))
+    shutil.copytree(output, first)
+    args = base_args(assets, output, 2, adversarial_lambda=0, learning_rate=1e-2)
+
+    def reset():
+        shutil.rmtree(output)
+        shutil.copytree(first, output)
+
+    assert _kill_during(tmp_path, args, output / ".pipeline-incomplete", reset)
+    if (output / "model_index.json").exists():
+        loaded = SanaSprintPipeline.from_pretrained(output).transformer.state_dict()
+        expected = load_file(first / "transformer" / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(loaded[key], value) for key, value in expected.items())
+    else:
+        with pytest.raises(OSError):
+            SanaSprintPipeline.from_pretrained(output)
