@@ -628,6 +628,8 @@ def main(args):
         global_step += 1
         progress["global_step"] = global_step
         logs.update(generator_steps=state.generator_steps, discriminator_steps=state.discriminator_steps, epoch=epoch)
+        if torch.cuda.is_available():
+            logs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         logs = common.reduce_logs(accelerator, logs)
         accelerator.log(logs, step=global_step)
         log.write(global_step, logs)
