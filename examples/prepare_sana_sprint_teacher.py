@@ -12,35 +12,24 @@ engine is the same as there (accelerate prepare / accumulate / save_state, `--fs
 """
 
 import argparse
-import logging
 import os
 from contextlib import nullcontext
-from pathlib import Path
 
-import diffusers
 import torch
 import training_common as common  # examples/training_common.py, beside this script
-import transformers
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers import SanaPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from huggingface_hub import create_repo
 from tqdm.auto import tqdm
 
-from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.models import TrigFlowModel
 from diffusers_sprint.training import (
     SkipMonitor,
     check_finite_state_dict,
-    compare_fingerprints,
     prepare_sprint_teacher,
-    run_fingerprint,
 )
-from diffusers_sprint.training.arguments import read_fingerprint, write_fingerprint
-from diffusers_sprint.training.checkpoints import remove_incomplete_checkpoints, save_checkpoint
+from diffusers_sprint.training.arguments import write_fingerprint
 from diffusers_sprint.training.data import collate_examples
 from diffusers_sprint.training.finetune import (
     teacher_calibration_inputs,
@@ -49,7 +38,6 @@ from diffusers_sprint.training.finetune import (
 )
 from diffusers_sprint.training.seeding import global_micro_batch_index, make_generator
 from diffusers_sprint.training.sharding import (
-    full_model_state_dict,
     load_sharded_state,
     save_sharded_state,
     shard_trigflow_model,
@@ -161,60 +149,12 @@ def log_validation(args, accelerator, transformer, base, validation_embeds, null
 
 
 def main(args):
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, args.logging_dir))
-        ),
-        step_scheduler_with_optimizer=False,
-    )
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM) or (
-        accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2
-    ):
-        raise ValueError(f"{accelerator.distributed_type} is not supported: use DDP or FSDP2 (docs/training.md).")
-    sharded = (args.fsdp or accelerator.is_fsdp2) and accelerator.num_processes > 1
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
-    )
-    logger.info(accelerator.state, main_process_only=False)
-    if accelerator.is_local_main_process:
-        transformers.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_info()
-    else:
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    device = accelerator.device
-    fingerprint = run_fingerprint(args, accelerator.num_processes)
-
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        remove_incomplete_checkpoints(args.output_dir)
-    accelerator.wait_for_everyone()
-    resume_path = common.find_resume_checkpoint(args)
-    if resume_path is not None and (saved := read_fingerprint(resume_path)) is not None:
-        if differences := compare_fingerprints(saved, fingerprint):
-            raise ValueError(f"Checkpoint {resume_path} belongs to another run:\n  " + "\n  ".join(differences))
-    seed = common.resolve_seed(args, resume_path, logger)
-    set_seed(seed)
-    repo_id = None
-    if accelerator.is_main_process and args.push_to_hub:
-        repo_id = create_repo(
-            repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
-        ).repo_id
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    run = common.start_run(args, logger)
+    accelerator, sharded, resume_path, seed = run.accelerator, run.sharded, run.resume_path, run.seed
+    device, weight_dtype, fingerprint = accelerator.device, run.weight_dtype, run.fingerprint
 
     base = common.load_text_and_vae(args, device, weight_dtype)
-    flow_teacher = SanaSprintTransformer2DModel.from_pretrained(
-        args.pretrained_teacher_model_name_or_path,
-        subfolder="transformer",
-        revision=args.revision,
-        variant=args.variant,
-        cache_dir=args.cache_dir,
-    ).to(device)
+    flow_teacher = common.load_teacher_transformer(args).to(device)
     prompt_encoder = common.make_prompt_encoder(args, base)
     validation_embeds = prompt_encoder(args.validation_prompts, device) if args.validation_prompts else None
     data = common.TrainingData(args, accelerator, base, prompt_encoder, seed, flow_teacher.config.patch_size, logger)
@@ -312,16 +252,6 @@ def main(args):
     logger.info(f"  Num examples = {len(data.dataset)}, global batch = {global_batch}, seed = {seed}")
     logger.info(f"  Total iterations = {args.max_train_steps}, starting at {global_step}")
 
-    def unsharded_teacher():
-        if not sharded:
-            return teacher
-        state = full_model_state_dict(model)  # collective
-        if not accelerator.is_main_process:
-            return None
-        copy = SanaSprintTransformer2DModel.from_config(teacher.config)
-        copy.load_state_dict({key[len("transformer.") :]: value for key, value in state.items()})
-        return copy.to(device)
-
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
@@ -363,40 +293,23 @@ def main(args):
         progress_bar.set_postfix(loss=logs["finetune_loss"], lr=logs["lr"])
         progress_bar.update(1)
         if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(
-                args.output_dir,
-                global_step,
-                accelerator.save_state,
-                accelerator.is_main_process,
-                accelerator.wait_for_everyone,
-                args.checkpoints_total_limit,
-            )
+            common.save_state(args, accelerator, global_step, logger)
         if args.validation_prompts and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-            if ema is not None:
-                ema.store(trainable)
-                ema.copy_to(trainable)
-            transformer = unsharded_teacher()
-            if accelerator.is_main_process:
-                log_validation(
-                    args, accelerator, transformer, base, validation_embeds, null_prompt, seed, global_step, True
-                )
-            if ema is not None:
-                ema.restore(trainable)
+            with common.ema_weights(ema, trainable):
+                transformer = common.gather_transformer(model, sharded, accelerator.is_main_process)
+                if accelerator.is_main_process:
+                    log_validation(
+                        args, accelerator, transformer, base, validation_embeds, null_prompt, seed, global_step, True
+                    )
 
     accelerator.wait_for_everyone()
     logger.info(skip_monitor.summary())
     if ema is not None:
         ema.copy_to(trainable)
-    transformer = unsharded_teacher()
+    transformer = common.gather_transformer(model, sharded, accelerator.is_main_process)
     if accelerator.is_main_process:
         transformer.eval()
-        fresh = SanaPipeline.from_pretrained(
-            args.pretrained_teacher_model_name_or_path,
-            transformer=None,
-            revision=args.revision,
-            variant=args.variant,
-            cache_dir=args.cache_dir,
-        )
+        fresh = common.load_pipeline_without_transformer(args)
         pipeline = SanaPipeline(
             tokenizer=fresh.tokenizer,
             text_encoder=fresh.text_encoder,
@@ -416,9 +329,9 @@ def main(args):
             has_grid = True
         if args.push_to_hub:
             common.save_model_card(
-                args, repo_id, args.stage, global_step, global_batch, accelerator.mixed_precision, has_grid
+                args, run.repo_id, args.stage, global_step, global_batch, accelerator.mixed_precision, has_grid
             )
-            common.push_output_folder(args, repo_id)
+            common.push_output_folder(args, run.repo_id)
     accelerator.end_training()
 
 

@@ -16,27 +16,19 @@ see every call, `accelerator.accumulate` / `backward` / `clip_grad_norm_` run th
 """
 
 import argparse
-import logging
 import os
 from contextlib import nullcontext
-from pathlib import Path
 
-import diffusers
 import torch
 import training_common as common  # examples/training_common.py, beside this script
-import transformers
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
-from diffusers import SanaPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from huggingface_hub import create_repo
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel, TrigFlowScheduler
-from diffusers_sprint.models import TrigFlowModel, unwrap_transformer
+from diffusers_sprint import SanaSprintPipeline, TrigFlowScheduler
+from diffusers_sprint.models import TrigFlowModel
 from diffusers_sprint.training import (
     DistillationConfig,
     DistillationState,
@@ -45,17 +37,13 @@ from diffusers_sprint.training import (
     SkipMonitor,
     build_student,
     check_finite_state_dict,
-    compare_fingerprints,
     discriminator_step,
     generator_step,
-    run_fingerprint,
 )
-from diffusers_sprint.training.arguments import read_fingerprint, write_fingerprint
-from diffusers_sprint.training.checkpoints import list_checkpoints, remove_incomplete_checkpoints, save_checkpoint
+from diffusers_sprint.training.arguments import write_fingerprint
 from diffusers_sprint.training.lora import DEFAULT_LORA_TARGET_MODULES, build_lora_student, lora_state_dict
 from diffusers_sprint.training.seeding import global_micro_batch_index, make_generator
 from diffusers_sprint.training.sharding import (
-    full_model_state_dict,
     load_sharded_state,
     save_sharded_state,
     shard_discriminator_heads,
@@ -286,20 +274,6 @@ def make_student(args, teacher, seed: int):
     return student
 
 
-def gather_student(student_model, sharded: bool, is_main_process: bool):
-    """The trained transformer, unsharded: itself, or under FSDP2 a full copy on the main process (None elsewhere)."""
-    transformer = unwrap_transformer(student_model)  # through DDP
-    if not sharded:
-        return transformer
-    state = full_model_state_dict(student_model)  # collective
-    if not is_main_process:
-        return None
-    prefix = "transformer."
-    copy = SanaSprintTransformer2DModel.from_config(transformer.config)
-    copy.load_state_dict({key[len(prefix) :]: value for key, value in state.items()})
-    return copy.to(transformer.device)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------------------------------
@@ -349,78 +323,13 @@ def log_validation(args, accelerator, transformer, vae, validation_embeds, seed:
 
 
 def main(args):
-    logging_dir = Path(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir)),
-        step_scheduler_with_optimizer=False,  # the lr schedules advance on real (not skipped) updates only
-    )
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM) or (
-        accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2
-    ):
-        raise ValueError(
-            f"{accelerator.distributed_type} (FSDP1 / DeepSpeed / Megatron) is not supported: use DDP "
-            "(examples/accelerate_configs/ddp.yaml) or FSDP2 (fsdp2.yaml, or --fsdp); see docs/training.md."
-        )
-    sharded = (args.fsdp or accelerator.is_fsdp2) and accelerator.num_processes > 1
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
-    )
-    logger.info(accelerator.state, main_process_only=False)
-    if accelerator.is_local_main_process:
-        transformers.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_info()
-    else:
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    device = accelerator.device
-    fingerprint = run_fingerprint(args, accelerator.num_processes)
-
-    # ---- Resume point, seed, output folder --------------------------------------------------------------------------
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        removed = remove_incomplete_checkpoints(args.output_dir)
-        if removed:
-            logger.warning(f"Removed the unfinished checkpoint saves {removed} of a killed run.")
-    accelerator.wait_for_everyone()
-    resume_path = common.find_resume_checkpoint(args)
-    if args.resume_from_checkpoint is not None and resume_path is None:
-        logger.info(f"No complete checkpoint in {args.output_dir}; starting a new run.")
-    if resume_path is not None:
-        saved = read_fingerprint(resume_path)
-        if saved is None:
-            logger.warning(f"{resume_path} has no run fingerprint (an older checkpoint): its recipe is not checked.")
-        elif differences := compare_fingerprints(saved, fingerprint):
-            raise ValueError(
-                f"Checkpoint {resume_path} belongs to a run with other settings:\n  " + "\n  ".join(differences)
-            )
-    elif list_checkpoints(args.output_dir):
-        logger.warning(
-            f"{args.output_dir} already holds checkpoints of another run; this new run will write its own, and "
-            "--resume_from_checkpoint latest will refuse those whose settings differ."
-        )
-    seed = common.resolve_seed(args, resume_path, logger)
-    set_seed(seed)
-    repo_id = None
-    if accelerator.is_main_process and args.push_to_hub:
-        repo_id = create_repo(
-            repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
-        ).repo_id
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    run = common.start_run(args, logger)
+    accelerator, sharded, resume_path, seed = run.accelerator, run.sharded, run.resume_path, run.seed
+    device, weight_dtype, fingerprint = accelerator.device, run.weight_dtype, run.fingerprint
 
     # ---- Frozen components, data, the teacher -----------------------------------------------------------------------
     base = common.load_text_and_vae(args, device, weight_dtype)
-    teacher = SanaSprintTransformer2DModel.from_pretrained(
-        args.pretrained_teacher_model_name_or_path,
-        subfolder="transformer",
-        revision=args.revision,
-        variant=args.variant,
-        cache_dir=args.cache_dir,
-    )
+    teacher = common.load_teacher_transformer(args)
     prompt_encoder = common.make_prompt_encoder(args, base)
     validation_embeds = prompt_encoder(args.validation_prompts, device) if args.validation_prompts else None
     data = common.TrainingData(args, accelerator, base, prompt_encoder, seed, teacher.config.patch_size, logger)
@@ -637,40 +546,24 @@ def main(args):
         progress_bar.update(1)
 
         if global_step % args.checkpointing_steps == 0:
-            path = save_checkpoint(
-                args.output_dir,
-                global_step,
-                accelerator.save_state,
-                accelerator.is_main_process,
-                accelerator.wait_for_everyone,
-                args.checkpoints_total_limit,
-            )
-            logger.info(f"Saved state to {path}")
+            common.save_state(args, accelerator, global_step, logger)
         if args.validation_prompts and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-            if ema is not None:
-                ema.store(trainable)
-                ema.copy_to(trainable)
-            transformer = gather_student(student_model, sharded, accelerator.is_main_process)
-            if accelerator.is_main_process:
-                log_validation(args, accelerator, transformer, base.vae, validation_embeds, seed, global_step, True)
-            if ema is not None:
-                ema.restore(trainable)
+            with common.ema_weights(ema, trainable):
+                transformer = common.gather_transformer(student_model, sharded, accelerator.is_main_process)
+                if accelerator.is_main_process:
+                    log_validation(
+                        args, accelerator, transformer, base.vae, validation_embeds, seed, global_step, True
+                    )
 
     # ---- Save: the pipeline (or LoRA weights), a validation grid, the model card, the Hub ---------------------------
     accelerator.wait_for_everyone()
     logger.info(skip_monitor.summary())
     if ema is not None:
         ema.copy_to(trainable)
-    transformer = gather_student(student_model, sharded, accelerator.is_main_process)
+    transformer = common.gather_transformer(student_model, sharded, accelerator.is_main_process)
     if accelerator.is_main_process:
         transformer.eval()
-        fresh = SanaPipeline.from_pretrained(
-            args.pretrained_teacher_model_name_or_path,
-            transformer=None,
-            revision=args.revision,
-            variant=args.variant,
-            cache_dir=args.cache_dir,
-        )
+        fresh = common.load_pipeline_without_transformer(args)
         if lora:
             common.write_output_folder(
                 args.output_dir,
@@ -697,9 +590,9 @@ def main(args):
             has_grid = True
         if args.push_to_hub:
             common.save_model_card(
-                args, repo_id, args.stage, global_step, global_batch, accelerator.mixed_precision, has_grid
+                args, run.repo_id, args.stage, global_step, global_batch, accelerator.mixed_precision, has_grid
             )
-            common.push_output_folder(args, repo_id)
+            common.push_output_folder(args, run.repo_id)
     accelerator.end_training()
 
 

@@ -9,23 +9,41 @@ checkpoint saving and resuming through `accelerator.save_state` / `load_state` (
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import random
 import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers import SanaPipeline
 from diffusers.utils import is_wandb_available, make_image_grid
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
-from huggingface_hub import upload_folder
+from huggingface_hub import create_repo, upload_folder
 from safetensors.torch import load_file
 
+from diffusers_sprint import SanaSprintTransformer2DModel
+from diffusers_sprint.models import unwrap_transformer
 from diffusers_sprint.pipelines.pipeline_sana_sprint import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
-from diffusers_sprint.training.arguments import validate_training_args
-from diffusers_sprint.training.checkpoints import latest_checkpoint
+from diffusers_sprint.training.arguments import (
+    compare_fingerprints,
+    read_fingerprint,
+    run_fingerprint,
+    validate_training_args,
+)
+from diffusers_sprint.training.checkpoints import (
+    latest_checkpoint,
+    list_checkpoints,
+    remove_incomplete_checkpoints,
+    save_checkpoint,
+)
 from diffusers_sprint.training.data import (
     ImageCaptionDataset,
     LayoutInvariantBatchSampler,
@@ -39,6 +57,7 @@ from diffusers_sprint.training.data import (
 )
 from diffusers_sprint.training.distill import DistillationBatch
 from diffusers_sprint.training.monitoring import check_finite_state_dict
+from diffusers_sprint.training.sharding import full_model_state_dict
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "came")
@@ -263,6 +282,129 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
 def tracker_config(args) -> dict:
     """Tracker hyper-parameters: scalars as they are, anything else as a string (tensorboard takes scalars only)."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Start of a run: accelerator, logging, resume point, seed, Hub repository
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    accelerator: Accelerator
+    sharded: bool  # FSDP2 through training.sharding (--fsdp or an accelerate FSDP2 config, several processes)
+    resume_path: str | None
+    seed: int
+    repo_id: str | None
+    weight_dtype: torch.dtype  # of the frozen models: the autocast precision
+    fingerprint: dict
+
+
+def start_run(args, logger) -> Run:
+    """Everything both scripts do before loading models, in diffusers-example order."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, args.logging_dir))
+        ),
+        step_scheduler_with_optimizer=False,  # the lr schedules advance on applied (not skipped) updates only
+    )
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM) or (
+        accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2
+    ):
+        raise ValueError(
+            f"{accelerator.distributed_type} (FSDP1 / DeepSpeed / Megatron) is not supported: use DDP "
+            "(examples/accelerate_configs/ddp.yaml) or FSDP2 (fsdp2.yaml, or --fsdp); see docs/training.md."
+        )
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    fingerprint = run_fingerprint(args, accelerator.num_processes)
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        removed = remove_incomplete_checkpoints(args.output_dir)
+        if removed:
+            logger.warning(f"Removed the unfinished checkpoint saves {removed} of a killed run.")
+    accelerator.wait_for_everyone()
+    resume_path = find_resume_checkpoint(args)
+    if args.resume_from_checkpoint is not None and resume_path is None:
+        logger.info(f"No complete checkpoint in {args.output_dir}; starting a new run.")
+    if resume_path is not None:
+        saved = read_fingerprint(resume_path)
+        if saved is None:
+            logger.warning(f"{resume_path} has no run fingerprint (an older checkpoint): its recipe is not checked.")
+        elif differences := compare_fingerprints(saved, fingerprint):
+            raise ValueError(
+                f"Checkpoint {resume_path} belongs to a run with other settings:\n  " + "\n  ".join(differences)
+            )
+    elif list_checkpoints(args.output_dir):
+        logger.warning(
+            f"{args.output_dir} already holds checkpoints of another run; this new run will write its own, and "
+            "--resume_from_checkpoint latest will refuse those whose settings differ."
+        )
+    seed = resolve_seed(args, resume_path, logger)
+    set_seed(seed)
+    repo_id = None
+    if accelerator.is_main_process and args.push_to_hub:
+        repo_id = create_repo(
+            repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
+        ).repo_id
+    return Run(
+        accelerator=accelerator,
+        sharded=(args.fsdp or accelerator.is_fsdp2) and accelerator.num_processes > 1,
+        resume_path=resume_path,
+        seed=seed,
+        repo_id=repo_id,
+        weight_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32),
+        fingerprint=fingerprint,
+    )
+
+
+def load_teacher_transformer(args) -> SanaSprintTransformer2DModel:
+    return SanaSprintTransformer2DModel.from_pretrained(
+        args.pretrained_teacher_model_name_or_path,
+        subfolder="transformer",
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+    )
+
+
+def load_pipeline_without_transformer(args) -> SanaPipeline:
+    """A fresh copy of the teacher pipeline's other components (for the output folder)."""
+    return SanaPipeline.from_pretrained(
+        args.pretrained_teacher_model_name_or_path,
+        transformer=None,
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+    )
+
+
+def gather_transformer(model, sharded: bool, is_main_process: bool):
+    """The trained transformer, unsharded: itself, or under FSDP2 a full copy on the main process (None elsewhere)."""
+    transformer = unwrap_transformer(model)  # through DDP
+    if not sharded:
+        return transformer
+    state = full_model_state_dict(model)  # collective: every process calls it
+    if not is_main_process:
+        return None
+    prefix = "transformer."
+    copy = SanaSprintTransformer2DModel.from_config(transformer.config)
+    copy.load_state_dict({key[len(prefix) :]: value for key, value in state.items()})
+    return copy.to(transformer.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -509,6 +651,33 @@ def make_optimizer(args, parameters, learning_rate):
         weight_decay=args.adam_weight_decay,
         eps=(1e-30, 1e-16),
     )
+
+
+def save_state(args, accelerator, step: int, logger) -> None:
+    """`accelerator.save_state` into `checkpoint-<step>`, atomically, pruned to `--checkpoints_total_limit`."""
+    path = save_checkpoint(
+        args.output_dir,
+        step,
+        accelerator.save_state,
+        accelerator.is_main_process,
+        accelerator.wait_for_everyone,
+        args.checkpoints_total_limit,
+    )
+    logger.info(f"Saved state to {path}")
+
+
+@contextmanager
+def ema_weights(ema, parameters):
+    """Inside the block `parameters` hold the EMA weights (when there is an EMA), restored after."""
+    if ema is None:
+        yield
+        return
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
 
 
 def clip_and_step(accelerator, optimizer, parameters, max_grad_norm: float) -> tuple[bool, float]:

@@ -1,6 +1,6 @@
 """Divergence guards: counting skipped (NaN/Inf) updates, and refusing non-finite weights in checkpoints.
 
-[`optimizer_update`](distill) skips an update whose gradient norm is NaN/Inf and changes no parameter. A run that
+[`~distill.step_if_finite`] skips an update whose gradient norm is NaN/Inf and changes no parameter. A run that
 skips every update therefore "succeeds" with untouched weights; [`SkipMonitor`] makes that visible (rate-limited
 warnings, an end-of-run summary) and stops it after `max_consecutive_skips` skips in a row. Every process sees the same
 gradient norm (gradients are averaged before clipping), so all processes stop at the same update.
