@@ -366,3 +366,31 @@ def test_constructor_rejects_a_non_sana_controlnet(parts):
         SanaSprintControlNetPipeline(**dict(parts, controlnet=parts["transformer"]))
     with pytest.raises(TypeError, match="transformer"):
         SanaSprintControlNetPipeline(**dict(parts, transformer=make_diffusers_transformer(student=True)))
+
+
+def test_dense_time_teacher_honours_timestep_scale_where_diffusers_controlnet_pipeline_does_not(parts):
+    """A dense-time flow teacher (`timestep_scale=0.001`, as the toy teacher and SANA-Sprint teachers): at ControlNet
+    scale 0 ours equals diffusers' SanaPipeline, which applies `timestep_scale`; diffusers' SanaControlNetPipeline
+    feeds `1000 s` unscaled (it never reads `timestep_scale`), so its images differ."""
+    from diffusers import SanaPipeline
+
+    teacher = make_diffusers_transformer(student=False, timestep_scale=0.001)
+    common = {k: parts[k] for k in ("tokenizer", "text_encoder", "vae")}
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    plain = SanaPipeline(**common, transformer=teacher, scheduler=flow)
+    theirs = SanaControlNetPipeline(**common, transformer=teacher, controlnet=parts["controlnet"], scheduler=flow)
+    ours = SanaSprintControlNetPipeline(
+        **common,
+        transformer=_ours(teacher),
+        controlnet=parts["controlnet"],
+        scheduler=TrigFlowScheduler(sampler="ode"),
+    )
+    for p in (plain, theirs, ours):
+        p.set_progress_bar_config(disable=True)
+    steps, kwargs = 4, dict(FAST, prompt=PROMPTS, use_resolution_binning=False)
+    control = dict(control_image=_control_images(), controlnet_conditioning_scale=0.0)
+    expected = plain(**kwargs, num_inference_steps=steps, guidance_scale=1.0, generator=_seeded()).images
+    got = ours(**kwargs, **control, timesteps=_flow_grid(steps), guidance_scale=None, generator=_seeded()).images
+    unscaled = theirs(**kwargs, **control, num_inference_steps=steps, guidance_scale=1.0, generator=_seeded()).images
+    assert np.abs(got - expected).max() <= PARITY_ATOL
+    assert np.abs(unscaled - expected).max() > 1e-2
