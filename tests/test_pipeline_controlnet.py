@@ -218,6 +218,38 @@ def test_per_sample_conditioning_scale(parts):
     assert (scaled[1] - plain[1]).abs().max() > 1e-3
 
 
+def test_compiled_and_wrapped_controlnets_are_called_through_their_wrapper(parts):
+    """`torch.compile` and DDP-style (`.module`) wrappers: config and dtype come from the inner SanaControlNetModel,
+    the call goes through the wrapper (so its hooks run)."""
+    model, controlnet = parts["transformer"], parts["controlnet"]
+    embeds, mask = text_conditioning()
+    x, cond = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    wrapper = Wrapper(torch.compile(controlnet, backend="eager"))
+    with torch.no_grad():
+        expected = model.trigflow_forward(
+            x, 0.9, embeds, mask, guidance_scale=4.5, controlnet=controlnet, controlnet_cond=cond
+        ).sample
+        got = model.trigflow_forward(
+            x, 0.9, embeds, mask, guidance_scale=4.5, controlnet=wrapper, controlnet_cond=cond
+        ).sample
+    assert wrapper.calls == 1
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match="SanaControlNetModel"):
+        model.trigflow_forward(
+            x, 0.9, embeds, mask, guidance_scale=4.5, controlnet=Wrapper(model), controlnet_cond=cond
+        )
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

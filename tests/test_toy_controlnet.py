@@ -43,8 +43,7 @@ def test_controlnet_initialised_from_the_teacher_leaves_it_unchanged(teacher):
     with torch.no_grad():
         plain = teacher.trigflow_forward(x, 0.8, embeds, mask).sample
         paired = teacher.trigflow_forward(x, 0.8, embeds, mask, controlnet=controlnet, controlnet_cond=control).sample
-        with torch.no_grad():  # once the output projections move, the pair differs
-            controlnet.controlnet_blocks[0].weight.normal_(std=0.1, generator=generator)
+        controlnet.controlnet_blocks[0].weight.normal_(std=0.1, generator=generator)  # now the pair differs
         moved = teacher.trigflow_forward(x, 0.8, embeds, mask, controlnet=controlnet, controlnet_cond=control).sample
     assert torch.equal(paired, plain)
     assert (moved - plain).abs().max() > 1e-3

@@ -1,5 +1,10 @@
 from .attention_processor import forward_ad_is_active, jvp_safe_attention
-from .transformer_sana_sprint import SanaSprintTransformer2DModel, SanaSprintTransformerOutput, flow_time_from_trigflow
+from .transformer_sana_sprint import (
+    SanaSprintTransformer2DModel,
+    SanaSprintTransformerOutput,
+    flow_time_from_trigflow,
+    unwrap_controlnet,
+)
 
 
 __all__ = [
@@ -8,4 +13,5 @@ __all__ = [
     "flow_time_from_trigflow",
     "forward_ad_is_active",
     "jvp_safe_attention",
+    "unwrap_controlnet",
 ]

@@ -276,18 +276,37 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
         return embedded
 
 
+def unwrap_controlnet(controlnet: nn.Module) -> SanaControlNetModel:
+    """The `SanaControlNetModel` inside `torch.compile` / `DistributedDataParallel` wrappers (or `controlnet` itself).
+
+    Raises a `TypeError` when there is none."""
+    module = controlnet
+    for _ in range(8):  # compile(DDP(model)) and the like: a few levels at most
+        inner = getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(module, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        module = inner
+    if not isinstance(module, SanaControlNetModel):
+        raise TypeError(
+            f"`controlnet` must be a diffusers SanaControlNetModel (or a torch.compile/DDP wrapper of one), got "
+            f"{type(controlnet).__name__}."
+        )
+    return module
+
+
 def _check_controlnet_inputs(sample, controlnet, controlnet_cond, controlnet_conditioning_scale) -> None:
     """Raises a `ValueError`/`TypeError` naming the first inconsistent ControlNet argument of `trigflow_forward`."""
     if controlnet is None:
         if controlnet_cond is not None or controlnet_conditioning_scale is not None:
             raise ValueError("`controlnet_cond` and `controlnet_conditioning_scale` need a `controlnet`.")
         return
-    if not isinstance(controlnet, SanaControlNetModel):
-        raise TypeError(f"`controlnet` must be a diffusers SanaControlNetModel, got {type(controlnet).__name__}.")
+    config = unwrap_controlnet(controlnet).config
     if controlnet_cond is None:
         raise ValueError("`controlnet_cond` (the control latents) is required with a `controlnet`.")
     batch_size, _, height, width = sample.shape
-    expected = (batch_size, controlnet.config.in_channels, height, width)
+    expected = (batch_size, config.in_channels, height, width)
     if tuple(controlnet_cond.shape) != expected:
         raise ValueError(f"`controlnet_cond` must have shape {expected}, got {tuple(controlnet_cond.shape)}.")
     scale = controlnet_conditioning_scale
@@ -302,7 +321,7 @@ def _check_controlnet_inputs(sample, controlnet, controlnet_cond, controlnet_con
 
 
 def _controlnet_residuals(
-    controlnet: SanaControlNetModel,
+    controlnet: nn.Module,
     flow_sample: torch.Tensor,
     model_timestep: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
@@ -315,9 +334,10 @@ def _controlnet_residuals(
     """The ControlNet's block residuals for the flow-space input `x_s` at the transformer's own timestep input.
 
     Inputs are cast to the ControlNet's dtype and the residuals to the transformer's, as diffusers'
-    `SanaControlNetPipeline` does; a per-sample scale is broadcast over tokens and channels.
+    `SanaControlNetPipeline` does; a per-sample scale is broadcast over tokens and channels. A wrapped ControlNet
+    (`torch.compile`, DDP) is called through its wrapper.
     """
-    controlnet_dtype = controlnet.dtype
+    controlnet_dtype = unwrap_controlnet(controlnet).dtype
     if isinstance(conditioning_scale, torch.Tensor):
         conditioning_scale = conditioning_scale.to(flow_sample.device, controlnet_dtype).reshape(-1, 1, 1)
     with jvp_safe_attention():

@@ -11,7 +11,7 @@ from diffusers.models.controlnets.controlnet_sana import SanaControlNetModel
 from diffusers.pipelines.sana.pipeline_output import SanaPipelineOutput
 from transformers import Gemma2PreTrainedModel, GemmaTokenizer, GemmaTokenizerFast
 
-from ..models.transformer_sana_sprint import SanaSprintTransformer2DModel
+from ..models.transformer_sana_sprint import SanaSprintTransformer2DModel, unwrap_controlnet
 from ..schedulers.scheduling_trigflow import TrigFlowScheduler
 from .pipeline_sana_sprint import DEFAULT_COMPLEX_HUMAN_INSTRUCTION, SanaSprintPipeline
 
@@ -52,11 +52,10 @@ class SanaSprintControlNetPipeline(SanaSprintPipeline):
         controlnet: SanaControlNetModel,
         scheduler: TrigFlowScheduler,
     ):
-        if not isinstance(controlnet, SanaControlNetModel):
-            raise TypeError(
-                f"`controlnet` must be a diffusers SanaControlNetModel, got {type(controlnet).__name__}; "
-                "load it with `SanaControlNetModel.from_pretrained(path)`."
-            )
+        try:
+            unwrap_controlnet(controlnet)
+        except TypeError as error:
+            raise TypeError(f"{error} Load it with `SanaControlNetModel.from_pretrained(path)`.") from None
         super().__init__(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
         )
