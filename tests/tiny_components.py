@@ -4,7 +4,7 @@ Nothing here touches the network; every weight is drawn from a seeded generator.
 """
 
 import torch
-from diffusers import AutoencoderDC, SanaTransformer2DModel
+from diffusers import AutoencoderDC, SanaControlNetModel, SanaTransformer2DModel
 from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
 
 from diffusers_sprint.data.tokenizer import train_gemma_layout_tokenizer
@@ -105,3 +105,16 @@ def text_conditioning(batch_size: int = 2, seq_len: int = 6, seed: int = 0, padd
     if padded:
         mask[0, seq_len // 2 :] = 0
     return embeds, mask
+
+
+def make_controlnet(seed: int = 0, num_layers: int = 1, **overrides) -> SanaControlNetModel:
+    """A diffusers `SanaControlNetModel` sized for `transformer_config`, with its zero-initialised input and output
+    projections perturbed (at init a ControlNet adds exactly nothing, which would make every test pass)."""
+    config = {k: v for k, v in transformer_config(student=False).items() if k not in ("qk_norm", "guidance_embeds")}
+    config.update(num_layers=num_layers, **overrides)
+    torch.manual_seed(seed)
+    model = SanaControlNetModel(**config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model.eval()

@@ -14,4 +14,17 @@ TOY_TEACHER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy
 Load it with `SanaPipeline.from_pretrained(TOY_TEACHER_PATH)`; retrain it with examples/toy/train_toy_teacher.py.
 """
 
-__all__ = ["CATEGORIES", "TOY_TEACHER_PATH", "emoji_records", "load_emoji_dataset", "load_emoji_image"]
+TOY_CONTROLNET_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_controlnet")
+"""The embedded toy ControlNet, a diffusers `SanaControlNetModel` folder for the toy teacher, conditioned on Sobel edge
+maps (`diffusers_sprint.evaluation.edges.edge_maps`). Load it with `SanaControlNetModel.from_pretrained(...)`; see
+docs/controlnet.md; retrain it with examples/toy/train_toy_controlnet.py.
+"""
+
+__all__ = [
+    "CATEGORIES",
+    "TOY_CONTROLNET_PATH",
+    "TOY_TEACHER_PATH",
+    "emoji_records",
+    "load_emoji_dataset",
+    "load_emoji_image",
+]

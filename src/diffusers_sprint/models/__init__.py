@@ -1,5 +1,10 @@
 from .attention_processor import forward_ad_is_active, jvp_safe_attention
-from .transformer_sana_sprint import SanaSprintTransformer2DModel, SanaSprintTransformerOutput, flow_time_from_trigflow
+from .transformer_sana_sprint import (
+    SanaSprintTransformer2DModel,
+    SanaSprintTransformerOutput,
+    flow_time_from_trigflow,
+    unwrap_controlnet,
+)
 from .trigflow_model import TrigFlowModel, as_trigflow_model, unwrap_transformer
 
 
@@ -11,5 +16,6 @@ __all__ = [
     "flow_time_from_trigflow",
     "forward_ad_is_active",
     "jvp_safe_attention",
+    "unwrap_controlnet",
     "unwrap_transformer",
 ]

@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.controlnets.controlnet_sana import SanaControlNetModel
 
 # diffusers' pipeline loader looks up `ModelMixin` in a component's module to pick its load method.
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
@@ -157,6 +158,9 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
         return_logvar: bool = False,
         detach_logvar_input: bool = False,
         return_dict: bool = True,
+        controlnet: SanaControlNetModel | None = None,
+        controlnet_cond: torch.Tensor | None = None,
+        controlnet_conditioning_scale: torch.Tensor | float | None = None,
     ) -> SanaSprintTransformerOutput | tuple:
         r"""
         The TrigFlow velocity `F(x_t / sigma_data, t)`.
@@ -182,6 +186,16 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
                 Feed the logvar head a detached time(+guidance) embedding, so that gradients of `logvar` train the
                 head only. `False` is SANA-Sprint's own model: `logvar` also trains the embedders the whole network
                 is modulated by (docs/training/scm.md, "Adaptive weight and the shared embedding").
+            controlnet ([`~diffusers.SanaControlNetModel`], *optional*):
+                A Sana ControlNet whose block residuals are added to this model's blocks, as in diffusers'
+                `SanaControlNetPipeline`. It is called on the same flow-space input and time embedding input as the
+                transformer, inside the one flow<->TrigFlow transform: `F` is then the TrigFlow velocity of
+                "transformer + ControlNet". `torch.func.jvp` works through both.
+            controlnet_cond (`torch.Tensor` of shape `(batch_size, in_channels, height, width)`, *optional*):
+                The control latents: the VAE latent of the control image times `vae.config.scaling_factor` (unit
+                scale, not divided by sigma_data: diffusers' convention). Required exactly when `controlnet` is given.
+            controlnet_conditioning_scale (`torch.Tensor` of shape `(batch_size,)` or a float, *optional*):
+                Multiplies the ControlNet residuals; per sample when a tensor. Defaults to 1.0 with a `controlnet`.
 
         Returns:
             [`SanaSprintTransformerOutput`] or a tuple `(F,)` / `(F, logvar)`.
@@ -198,6 +212,7 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
             )
         if return_logvar and self.logvar_linear is None:
             raise ValueError("`return_logvar=True` needs a model built with `logvar_head=True`.")
+        _check_controlnet_inputs(sample, controlnet, controlnet_cond, controlnet_conditioning_scale)
 
         # The time path runs in at least fp32, whatever the model's dtype (bf16 time embeddings diverge in training).
         time_dtype = torch.promote_types(sample.dtype, torch.float32)
@@ -216,6 +231,19 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
         model_dtype = self.dtype  # walks the parameters: read once per call
         time_scale = self.effective_flow_time_scale
         model_timestep = flow_time if time_scale == 1.0 else flow_time * time_scale
+        controlnet_block_samples = None
+        if controlnet is not None:
+            controlnet_block_samples = _controlnet_residuals(
+                controlnet,
+                flow_sample,
+                model_timestep,
+                encoder_hidden_states,
+                encoder_attention_mask,
+                controlnet_cond,
+                1.0 if controlnet_conditioning_scale is None else controlnet_conditioning_scale,
+                attention_kwargs,
+                model_dtype,
+            )
         velocity = self(
             flow_sample.to(model_dtype),
             encoder_hidden_states=encoder_hidden_states.to(model_dtype),
@@ -223,6 +251,7 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
             timestep=model_timestep,
             guidance=guidance,
             attention_kwargs=attention_kwargs,
+            controlnet_block_samples=controlnet_block_samples,
             return_dict=False,
         )[0]
         trigflow_velocity = (
@@ -245,3 +274,81 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
         else:
             _, embedded = self.time_embed(model_timestep, batch_size=batch_size, hidden_dtype=dtype)
         return embedded
+
+
+def unwrap_controlnet(controlnet: nn.Module) -> SanaControlNetModel:
+    """The `SanaControlNetModel` inside `torch.compile` / `DistributedDataParallel` wrappers (or `controlnet` itself).
+
+    Raises a `TypeError` when there is none."""
+    module = controlnet
+    for _ in range(8):  # compile(DDP(model)) and the like: a few levels at most
+        inner = getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(module, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        module = inner
+    if not isinstance(module, SanaControlNetModel):
+        raise TypeError(
+            f"`controlnet` must be a diffusers SanaControlNetModel (or a torch.compile/DDP wrapper of one), got "
+            f"{type(controlnet).__name__}."
+        )
+    return module
+
+
+def _check_controlnet_inputs(sample, controlnet, controlnet_cond, controlnet_conditioning_scale) -> None:
+    """Raises a `ValueError`/`TypeError` naming the first inconsistent ControlNet argument of `trigflow_forward`."""
+    if controlnet is None:
+        if controlnet_cond is not None or controlnet_conditioning_scale is not None:
+            raise ValueError("`controlnet_cond` and `controlnet_conditioning_scale` need a `controlnet`.")
+        return
+    config = unwrap_controlnet(controlnet).config
+    if controlnet_cond is None:
+        raise ValueError("`controlnet_cond` (the control latents) is required with a `controlnet`.")
+    batch_size, _, height, width = sample.shape
+    expected = (batch_size, config.in_channels, height, width)
+    if tuple(controlnet_cond.shape) != expected:
+        raise ValueError(f"`controlnet_cond` must have shape {expected}, got {tuple(controlnet_cond.shape)}.")
+    scale = controlnet_conditioning_scale
+    if isinstance(scale, torch.Tensor):
+        if scale.ndim > 1 or scale.numel() not in (1, batch_size):
+            raise ValueError(
+                f"`controlnet_conditioning_scale` must be a float or a tensor of shape ({batch_size},), "
+                f"got shape {tuple(scale.shape)}."
+            )
+    elif scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"`controlnet_conditioning_scale` must be a float, got {type(scale).__name__}.")
+
+
+def _controlnet_residuals(
+    controlnet: nn.Module,
+    flow_sample: torch.Tensor,
+    model_timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: torch.Tensor | None,
+    controlnet_cond: torch.Tensor,
+    conditioning_scale: torch.Tensor | float,
+    attention_kwargs: dict[str, Any] | None,
+    model_dtype: torch.dtype,
+) -> tuple[torch.Tensor, ...]:
+    """The ControlNet's block residuals for the flow-space input `x_s` at the transformer's own timestep input.
+
+    Inputs are cast to the ControlNet's dtype and the residuals to the transformer's, as diffusers'
+    `SanaControlNetPipeline` does; a per-sample scale is broadcast over tokens and channels. A wrapped ControlNet
+    (`torch.compile`, DDP) is called through its wrapper.
+    """
+    controlnet_dtype = unwrap_controlnet(controlnet).dtype
+    if isinstance(conditioning_scale, torch.Tensor):
+        conditioning_scale = conditioning_scale.to(flow_sample.device, controlnet_dtype).reshape(-1, 1, 1)
+    with jvp_safe_attention():
+        residuals = controlnet(
+            flow_sample.to(controlnet_dtype),
+            encoder_hidden_states=encoder_hidden_states.to(controlnet_dtype),
+            encoder_attention_mask=encoder_attention_mask,
+            timestep=model_timestep,
+            controlnet_cond=controlnet_cond.to(controlnet_dtype),
+            conditioning_scale=conditioning_scale,
+            attention_kwargs=attention_kwargs,
+            return_dict=False,
+        )[0]
+    return tuple(residual.to(model_dtype) for residual in residuals)

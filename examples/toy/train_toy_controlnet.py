@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""Train the embedded toy ControlNet: a small diffusers `SanaControlNetModel` on edge maps, for the toy teacher.
+
+    python examples/toy/train_toy_controlnet.py --threads 1 --output_dir src/diffusers_sprint/data/toy_controlnet
+
+The condition is the Sobel edge map of each emoji (`diffusers_sprint.evaluation.edges.edge_maps`, luminance step
+0.2), drawn as white edges on black and encoded by the teacher's own autoencoder (times its `scaling_factor`), as
+diffusers' `SanaControlNetPipeline` encodes control images. The frozen teacher (`TOY_TEACHER_PATH`, rectified flow,
+dense time `s`) is trained against with its own loss, `v = z - x0` at `x_s = (1 - s) x0 + s z`, while only the
+ControlNet learns; its residuals are added to the teacher's blocks as in diffusers.
+
+The ControlNet is initialised the way Sana's (and PixArt's) ControlNets are: its patch, time and caption embedders
+and its transformer blocks are copies of the teacher's first `--layers` blocks; `input_block` and the per-block
+output projections start at zero (diffusers' init), so at step 0 the pair is exactly the teacher. Captions are
+dropped to the empty prompt 10% of the time (as in the teacher's training, so CFG still works); the control image is
+always given. The EMA weights are saved with `save_pretrained` (safetensors) plus `training_info.json`.
+
+Sample with `SanaSprintControlNetPipeline` (flow teacher: `TrigFlowScheduler(sampler="ode")`, `guidance_scale=None`)
+or with CFG as `examples/toy/eval_toy_controlnet.py` does. diffusers' `SanaControlNetPipeline` does not apply the
+transformer's `timestep_scale` (its `SanaPipeline` does), so it feeds this dense-time teacher `1000 s`: use ours.
+
+Images: Twemoji by Twitter, Inc. and other contributors, CC-BY 4.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers import SanaControlNetModel, SanaPipeline
+from diffusers.training_utils import EMAModel
+
+from diffusers_sprint.data import TOY_TEACHER_PATH, load_emoji_dataset
+from diffusers_sprint.evaluation.classifier import images_to_tensor
+from diffusers_sprint.evaluation.edges import DEFAULT_THRESHOLD, edge_maps
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default=TOY_TEACHER_PATH)
+    p.add_argument("--output_dir", default="src/diffusers_sprint/data/toy_controlnet")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--edge_threshold", type=float, default=DEFAULT_THRESHOLD)
+    p.add_argument("--layers", type=int, default=3, help="ControlNet blocks (copies of the teacher's first ones)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup_steps", type=int, default=100)
+    p.add_argument("--ema_decay", type=float, default=0.995)
+    p.add_argument("--cfg_dropout", type=float, default=0.1)
+    p.add_argument("--eval_batch", type=int, default=256, help="held-fixed noise/time batch for the final losses")
+    return p.parse_args(argv)
+
+
+def lr_at(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def controlnet_from_teacher(transformer, num_layers: int) -> SanaControlNetModel:
+    """A `SanaControlNetModel` with the teacher's embedders and first `num_layers` blocks; zero output projections."""
+    config = transformer.config
+    controlnet = SanaControlNetModel(
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        num_attention_heads=config.num_attention_heads,
+        attention_head_dim=config.attention_head_dim,
+        num_layers=num_layers,
+        num_cross_attention_heads=config.num_cross_attention_heads,
+        cross_attention_head_dim=config.cross_attention_head_dim,
+        cross_attention_dim=config.cross_attention_dim,
+        caption_channels=config.caption_channels,
+        mlp_ratio=config.mlp_ratio,
+        attention_bias=config.attention_bias,
+        sample_size=config.sample_size,
+        patch_size=config.patch_size,
+        norm_elementwise_affine=config.norm_elementwise_affine,
+        norm_eps=config.norm_eps,
+        interpolation_scale=config.interpolation_scale,
+    )
+    for name in ("patch_embed", "time_embed", "caption_projection", "caption_norm"):
+        getattr(controlnet, name).load_state_dict(getattr(transformer, name).state_dict())
+    for block, source in zip(controlnet.transformer_blocks, transformer.transformer_blocks):
+        block.load_state_dict(source.state_dict())
+    return controlnet
+
+
+@torch.no_grad()
+def encode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE latents times `scaling_factor` (diffusers' units) of `[-1, 1]` pixels."""
+    latents = torch.cat([vae.encode(pixels[i : i + 256]).latent for i in range(0, len(pixels), 256)])
+    return latents * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_captions(pipe: SanaPipeline, captions: list[str], max_length: int):
+    embeds, masks = [], []
+    for i in range(0, len(captions), 256):
+        e, m, _, _ = pipe.encode_prompt(
+            captions[i : i + 256],
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_length,
+            complex_human_instruction=None,
+        )
+        embeds.append(e)
+        masks.append(m)
+    return torch.cat(embeds), torch.cat(masks)
+
+
+def flow_velocity(transformer, controlnet, x_s, s, embeds, mask, control, timestep_scale: float):
+    """Teacher flow velocity at `x_s`, with the ControlNet's residuals when `controlnet` is given."""
+    timestep = 1000 * s * timestep_scale  # what SanaPipeline feeds the transformer; the ControlNet sees the same
+    residuals = None
+    if controlnet is not None:
+        residuals = controlnet(
+            x_s,
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=mask,
+            timestep=timestep,
+            controlnet_cond=control,
+            return_dict=False,
+        )[0]
+    return transformer(
+        x_s,
+        encoder_hidden_states=embeds,
+        encoder_attention_mask=mask,
+        timestep=timestep,
+        controlnet_block_samples=residuals,
+    ).sample
+
+
+@torch.no_grad()
+def fixed_batch_losses(transformer, controlnet, latents, control, embeds, masks, args) -> dict:
+    """Flow loss on a fixed batch (same noise and times) without and with the ControlNet."""
+    generator = torch.Generator().manual_seed(args.seed + 99)
+    idx = torch.randperm(len(latents), generator=generator)[: args.eval_batch]
+    x0 = latents[idx]
+    s = torch.rand(len(idx), generator=generator)
+    z = torch.randn(x0.shape, generator=generator)
+    x_s = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * z
+    scale = transformer.config.timestep_scale
+    losses = {}
+    for name, net in (("teacher", None), ("teacher_with_controlnet", controlnet)):
+        v = flow_velocity(transformer, net, x_s, s, embeds[idx], masks[idx], control[idx], scale)
+        losses[name] = F.mse_loss(v, z - x0).item()
+    return losses
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+
+    pipe = SanaPipeline.from_pretrained(args.teacher)
+    pipe.set_progress_bar_config(disable=True)
+    transformer, vae = pipe.transformer.eval().requires_grad_(False), pipe.vae.eval().requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+
+    dataset = load_emoji_dataset(resolution=args.resolution)
+    captions = list(dataset["caption"])
+    pixels = images_to_tensor(dataset["image"])
+    edges = edge_maps(dataset["image"], args.edge_threshold)
+    edge_pixels = edges[:, None].float().expand(-1, 3, -1, -1) * 2 - 1  # white edges on black, in [-1, 1]
+    latents, control = encode(vae, pixels), encode(vae, edge_pixels)
+    max_length = max(len(ids) for ids in pipe.tokenizer(captions).input_ids)
+    embeds, masks = encode_captions(pipe, captions, max_length)
+    null_embed, null_mask = encode_captions(pipe, [""], max_length)
+    print(
+        f"{len(captions)} emoji, edge density {edges.float().mean():.3f}, latents {tuple(latents.shape[1:])} "
+        f"({time.time() - t0:.0f}s)",
+        flush=True,
+    )
+
+    controlnet = controlnet_from_teacher(transformer, args.layers)
+    params = list(controlnet.parameters())
+    print(f"controlnet: {sum(p.numel() for p in params) / 1e6:.3f}M params, {args.layers} blocks", flush=True)
+    ema = EMAModel(params, decay=args.ema_decay)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    scale = transformer.config.timestep_scale
+    controlnet.train()
+    t_train, running, log = time.time(), None, []
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * lr_at(step, args.steps, args.warmup_steps)
+        idx = torch.randint(len(latents), (args.batch_size,), generator=generator)
+        x0, cond, mask = latents[idx], embeds[idx].clone(), masks[idx].clone()
+        drop = torch.rand(args.batch_size, generator=generator) < args.cfg_dropout
+        cond[drop], mask[drop] = null_embed[0], null_mask[0]
+        s = torch.rand(args.batch_size, generator=generator)
+        z = torch.randn(x0.shape, generator=generator)
+        x_s = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * z
+        v = flow_velocity(transformer, controlnet, x_s, s, cond, mask, control[idx], scale)
+        loss = F.mse_loss(v, z - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        ema.step(params)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 100 == 0 or step == args.steps - 1:
+            line = f"step {step:5d}  loss {running:.4f}  {time.time() - t_train:6.0f}s"
+            print(line, flush=True)
+            log.append(line)
+    train_seconds = time.time() - t_train
+    ema.copy_to(params)
+    controlnet.eval()
+
+    losses = fixed_batch_losses(transformer, controlnet, latents, control, embeds, masks, args)
+    print(f"fixed-batch flow loss: {losses}", flush=True)
+    controlnet.save_pretrained(args.output_dir, safe_serialization=True)
+    recorded = dict(vars(args))
+    if args.teacher == TOY_TEACHER_PATH:
+        recorded["teacher"] = "diffusers_sprint.data.TOY_TEACHER_PATH"
+    info = {
+        "script": "examples/toy/train_toy_controlnet.py",
+        "args": recorded,
+        "condition": f"edge_maps(emoji, threshold={args.edge_threshold}) as white-on-black RGB, VAE-encoded",
+        "dataset_size": len(captions),
+        "edge_density": round(float(edges.float().mean()), 4),
+        "controlnet_params": sum(p.numel() for p in params),
+        "fixed_batch_flow_loss": {k: round(v, 4) for k, v in losses.items()},
+        "train_seconds": round(train_seconds),
+        "total_seconds": round(time.time() - t0),
+        "torch_threads": torch.get_num_threads(),
+        "log": log,
+        "credits": "Images: Twemoji by Twitter, Inc. and other contributors, CC-BY 4.0",
+    }
+    with open(os.path.join(args.output_dir, "training_info.json"), "w") as handle:
+        json.dump(info, handle, indent=2)
+    print(f"saved {args.output_dir}; total {time.time() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

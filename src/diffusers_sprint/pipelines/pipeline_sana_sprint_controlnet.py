@@ -1,0 +1,271 @@
+"""SanaSprintControlNetPipeline: one- and few-step controlled text-to-image with a SANA-Sprint student + ControlNet."""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
+from diffusers.models import AutoencoderDC
+from diffusers.models.controlnets.controlnet_sana import SanaControlNetModel
+from diffusers.pipelines.sana.pipeline_output import SanaPipelineOutput
+from transformers import Gemma2PreTrainedModel, GemmaTokenizer, GemmaTokenizerFast
+
+from ..models.transformer_sana_sprint import SanaSprintTransformer2DModel, unwrap_controlnet
+from ..schedulers.scheduling_trigflow import TrigFlowScheduler
+from .pipeline_sana_sprint import DEFAULT_COMPLEX_HUMAN_INSTRUCTION, SanaSprintPipeline
+
+
+class SanaSprintControlNetPipeline(SanaSprintPipeline):
+    r"""
+    Controlled text-to-image with a SANA-Sprint student ([arXiv 2503.09641](https://huggingface.co/papers/2503.09641))
+    and a diffusers [`~diffusers.SanaControlNetModel`] in 1 to 4 steps.
+
+    Everything of [`SanaSprintPipeline`] (any step count, custom `timesteps` in radians, resolution binning at the
+    model's base size, argument checks, LoRA) plus `control_image` and `controlnet_conditioning_scale`, as in
+    diffusers' `SanaControlNetPipeline`: the control image is resized to the generated size, encoded by the VAE
+    (times `scaling_factor`), and the ControlNet's block residuals are added to the transformer's blocks. Both networks
+    see the same flow-space input; the flow<->TrigFlow transform is applied once, around the pair
+    ([`SanaSprintTransformer2DModel.trigflow_forward`] with `controlnet=`). With `controlnet_conditioning_scale=0` the
+    images are those of [`SanaSprintPipeline`]; with a flow-matching teacher (`guidance_embeds=False`,
+    `guidance_scale=None`) and `TrigFlowScheduler(sampler="ode")` on the flow grid they are those of diffusers'
+    `SanaControlNetPipeline` without CFG.
+
+    Args:
+        tokenizer, text_encoder: a Gemma(-like) tokenizer and text encoder.
+        vae ([`~diffusers.AutoencoderDC`]): the deep-compression autoencoder (also encodes the control image).
+        transformer ([`SanaSprintTransformer2DModel`]): the TrigFlow student.
+        controlnet ([`~diffusers.SanaControlNetModel`]): the ControlNet; its time embedding receives the transformer's
+            own timestep input (dense flow time `s` for Sprint students, `1000 s` for Sana teachers).
+        scheduler ([`TrigFlowScheduler`]): a diffusers `SCMScheduler` is converted from its config.
+    """
+
+    model_cpu_offload_seq = "text_encoder->controlnet->transformer->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "control_image"]
+
+    def __init__(
+        self,
+        tokenizer: GemmaTokenizer | GemmaTokenizerFast,
+        text_encoder: Gemma2PreTrainedModel,
+        vae: AutoencoderDC,
+        transformer: SanaSprintTransformer2DModel,
+        controlnet: SanaControlNetModel,
+        scheduler: TrigFlowScheduler,
+    ):
+        try:
+            unwrap_controlnet(controlnet)
+        except TypeError as error:
+            raise TypeError(f"{error} Load it with `SanaControlNetModel.from_pretrained(path)`.") from None
+        super().__init__(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+        )
+        self.register_modules(controlnet=controlnet)
+
+    def check_control_inputs(self, control_image, controlnet_conditioning_scale, batch_size: int) -> None:
+        """Raises a `ValueError`/`TypeError` naming the bad ControlNet argument."""
+        if control_image is None:
+            raise ValueError("`control_image` is required: the image (e.g. an edge map) the ControlNet follows.")
+        scale = controlnet_conditioning_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"`controlnet_conditioning_scale` must be a float, got {scale!r}.")
+        if not torch.isfinite(torch.tensor(float(scale))):
+            raise ValueError(f"`controlnet_conditioning_scale` must be finite, got {scale}.")
+        num_images = len(control_image) if isinstance(control_image, list) else 1
+        if isinstance(control_image, torch.Tensor) and control_image.ndim == 4:
+            num_images = control_image.shape[0]
+        if num_images not in (1, batch_size):
+            raise ValueError(
+                f"`control_image` holds {num_images} images; pass 1 (shared by all prompts) or one per prompt "
+                f"({batch_size})."
+            )
+
+    def prepare_control_latents(
+        self,
+        control_image: PipelineImageInput,
+        height: int,
+        width: int,
+        num_images_per_prompt: int,
+        total: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        r"""
+        The ControlNet's condition: `vae.encode(image).latent * scaling_factor`, one per generated image.
+
+        `control_image` is anything `VaeImageProcessor.preprocess` takes (PIL, numpy or tensors in `[0, 1]`, or
+        tensors already in `[-1, 1]`), one image for all prompts or one per prompt; it is resized to
+        `height x width`. Returns `(total, latent_channels, height / f, width / f)` in float32.
+        """
+        image = self.image_processor.preprocess(control_image, height=height, width=width)
+        repeat = total if image.shape[0] == 1 else num_images_per_prompt
+        image = image.repeat_interleave(repeat, dim=0).to(device=device, dtype=self.vae.dtype)
+        latents = self.vae.encode(image).latent * self.vae.config.scaling_factor
+        return latents.float()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        num_inference_steps: int = 2,
+        timesteps: Sequence[float] | torch.Tensor | None = None,
+        max_timesteps: float = 1.57080,
+        intermediate_timesteps: float | Sequence[float] | None = 1.3,
+        guidance_scale: float | None = 4.5,
+        control_image: PipelineImageInput = None,
+        controlnet_conditioning_scale: float = 1.0,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        clean_caption: bool = False,
+        use_resolution_binning: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers signature)
+        max_sequence_length: int = 300,
+        complex_human_instruction: list[str] | None = DEFAULT_COMPLEX_HUMAN_INSTRUCTION,
+    ) -> SanaPipelineOutput | tuple:
+        r"""
+        Generates images that follow `control_image`.
+
+        Args:
+            control_image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them): the condition (e.g. an
+                edge map), one for all prompts or one per prompt; resized to the generated size.
+            controlnet_conditioning_scale (`float`, defaults to 1.0): multiplies the ControlNet residuals; `0` gives
+                the images of [`SanaSprintPipeline`].
+            callback_on_step_end_tensor_inputs (`list[str]`): among `latents`, `prompt_embeds` and `control_image`
+                (the control latents).
+
+        All other arguments are those of [`SanaSprintPipeline.__call__`].
+
+        Returns:
+            `SanaPipelineOutput` with `.images`, or a tuple `(images,)`.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        default_size = self.transformer.config.sample_size * self.vae_scale_factor
+        height = default_size if height is None else height
+        width = default_size if width is None else width
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            generator=generator,
+            latents=latents,
+            prompt_embeds=prompt_embeds,
+            prompt_attention_mask=prompt_attention_mask,
+            output_type=output_type,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length,
+        )
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        self.check_control_inputs(control_image, controlnet_conditioning_scale, batch_size)
+        if use_resolution_binning:
+            orig_height, orig_width = height, width
+            height, width = self.image_processor.classify_height_width_bin(height, width, self.resolution_bins())
+            if latents is not None and (height, width) != (orig_height, orig_width):
+                raise ValueError(
+                    f"`latents` were given for {orig_height}x{orig_width} but resolution binning generates at "
+                    f"{height}x{width}; pass `use_resolution_binning=False` or latents of the binned size."
+                )
+
+        device = self._execution_device
+        self.scheduler.set_timesteps(
+            num_inference_steps,
+            timesteps=timesteps,
+            device=device,
+            max_timesteps=max_timesteps,
+            intermediate_timesteps=intermediate_timesteps,
+        )
+        self.scheduler.set_begin_index(0)
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._interrupt = False
+
+        # 1. Text conditioning.
+        lora_scale = attention_kwargs.get("scale") if attention_kwargs is not None else None
+        prompt_embeds, prompt_attention_mask = self.encode_prompt(
+            prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            device=device,
+            prompt_embeds=prompt_embeds,
+            prompt_attention_mask=prompt_attention_mask,
+            clean_caption=clean_caption,
+            max_sequence_length=max_sequence_length,
+            complex_human_instruction=complex_human_instruction,
+            lora_scale=lora_scale,
+        )
+        # Padding columns masked in every row change nothing (their attention weight underflows to exactly 0).
+        used_columns = int(prompt_attention_mask.any(dim=0).nonzero().max()) + 1
+        prompt_embeds = prompt_embeds[:, :used_columns]
+        prompt_attention_mask = prompt_attention_mask[:, :used_columns]
+
+        # 2. Control latents (VAE latent x scaling_factor, diffusers' units) and noise x_{t_0} of std sigma_data.
+        total = batch_size * num_images_per_prompt
+        control_image = self.prepare_control_latents(
+            control_image, height, width, num_images_per_prompt, total, device
+        )
+        sigma_data = self.scheduler.config.sigma_data
+        latents = self.prepare_latents(
+            total, self.transformer.config.in_channels, height, width, torch.float32, device, generator, latents
+        )
+        latents = latents * sigma_data
+        guidance = None
+        if guidance_scale is not None:
+            guidance = torch.full((total,), float(guidance_scale), device=device, dtype=torch.float32)
+
+        # 3. Sampling: evaluate F of transformer + ControlNet at every time of the grid but the final 0.
+        timesteps = self.scheduler.timesteps[:-1]
+        self._num_timesteps = len(timesteps)
+        denoised = latents
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                velocity = self.transformer.trigflow_forward(
+                    latents / sigma_data,
+                    t.expand(latents.shape[0]),
+                    encoder_hidden_states=prompt_embeds,
+                    encoder_attention_mask=prompt_attention_mask,
+                    guidance_scale=guidance,
+                    attention_kwargs=attention_kwargs,
+                    return_dict=False,
+                    controlnet=self.controlnet,
+                    controlnet_cond=control_image,
+                    controlnet_conditioning_scale=float(controlnet_conditioning_scale),
+                )[0]
+                latents, denoised = self.scheduler.step(
+                    velocity.float() * sigma_data, t, latents, generator=generator, return_dict=False
+                )
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "control_image": control_image}
+                    callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    control_image = callback_outputs.pop("control_image", control_image)
+                progress_bar.update()
+
+        # 4. Decode x0_hat / sigma_data (the VAE latent times its scaling factor).
+        latents = denoised / sigma_data
+        if output_type == "latent":
+            image = latents
+        else:
+            latents = latents.to(self.vae.dtype)
+            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            if use_resolution_binning:
+                image = self.image_processor.resize_and_crop_tensor(image, orig_width, orig_height)
+            image = self.image_processor.postprocess(image, output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return SanaPipelineOutput(images=image)
