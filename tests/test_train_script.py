@@ -722,3 +722,71 @@ def test_kill_during_the_final_save_leaves_no_loadable_mix(assets, tmp_path):
     else:
         with pytest.raises(OSError):
             SanaSprintPipeline.from_pretrained(output)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (9) failures a user meets: each one a clear error naming the flag, file or checkpoint, and a non-zero exit
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(assets, tmp_path_factory):
+    """A 2-iteration sCM run with checkpoint-2, copied afresh for every test that damages it."""
+    tmp_path = tmp_path_factory.mktemp("checkpointed")
+    output = tmp_path / "run"
+    run_script(tmp_path, base_args(assets, output, 2, adversarial_lambda=0, checkpointing_steps=2))
+    return output
+
+
+def _failing_run(tmp_path, args, script=SCRIPT):
+    result = run_script(tmp_path, args, check=False, script=script)
+    assert result.returncode != 0
+    return result.stdout + result.stderr
+
+
+def test_a_diverging_run_stops_with_an_error(assets, tmp_path):
+    """lr 1e6: the first update overflows the weights, every later gradient is NaN; stopped after 2 skips, exit 1."""
+    args = base_args(assets, tmp_path / "out", 6, max_consecutive_skips=2)
+    args[args.index("--learning_rate") + 1] = 1e6
+    output = _failing_run(tmp_path, args)
+    assert re.search(r"Training diverged: the last 2 (generator|discriminator) updates", output), output[-2000:]
+    assert "--max_consecutive_skips" in output
+    assert not (tmp_path / "out" / "model_index.json").exists()  # nothing saved as if it were a result
+
+
+@pytest.mark.parametrize(
+    "damage, flags, message",
+    [
+        ("none", dict(learning_rate=1e-4), "--learning_rate: 0.001 in the checkpoint, 0.0001 now"),
+        ("nan", {}, "diffusion_pytorch_model.safetensors: tensor"),
+        ("truncate", {}, "Cannot read the checkpoint file"),
+        ("state", {}, "training_state.json"),
+    ],
+    ids=["other_recipe", "nan_weights", "truncated_weights", "broken_state"],
+)
+def test_resume_refuses_a_checkpoint_it_cannot_trust(assets, checkpointed_run, tmp_path, damage, flags, message):
+    output = tmp_path / "run"
+    shutil.copytree(checkpointed_run, output)
+    weights = output / "checkpoint-2" / "transformer" / "diffusion_pytorch_model.safetensors"
+    if damage == "nan":
+        from safetensors.torch import save_file
+
+        tensors = load_file(weights)
+        first = sorted(tensors)[0]
+        tensors[first] = torch.full_like(tensors[first], float("nan"))
+        save_file(tensors, weights)
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "state":
+        (output / "checkpoint-2" / "training_state.json").write_text("{")
+    args = base_args(assets, output, 3, adversarial_lambda=0, resume_from_checkpoint="latest", **flags)
+    assert message in _failing_run(tmp_path, args)
+
+
+def test_the_teacher_script_refuses_a_distillation_checkpoint(assets, checkpointed_run, tmp_path):
+    output = tmp_path / "run"
+    shutil.copytree(checkpointed_run, output)
+    args = base_args(assets, output, 3, resume_from_checkpoint=str(output / "checkpoint-2"))
+    cut = args.index("--tangent_warmup_steps")
+    text = _failing_run(tmp_path, args[:cut] + args[cut + 2 :], script=TEACHER_SCRIPT)
+    assert "was written by --stage distill" in text or "belongs to a run with other settings" in text
