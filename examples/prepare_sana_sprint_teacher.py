@@ -101,8 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(input_args=None) -> argparse.Namespace:
     args = build_parser().parse_args(input_args)
     args.stage = "prepare_teacher"  # not a flag: names this script's checkpoints and fingerprint
-    if args.fsdp and args.use_ema:
-        raise ValueError("--fsdp with --use_ema is not supported yet (the EMA would need sharded checkpoints too).")
     if args.validation_prompts and args.resolution % 32:
         raise ValueError("Validating the teacher uses diffusers' SanaPipeline, which needs --resolution % 32 == 0.")
     if args.validation_inference_steps is None:
@@ -206,7 +204,8 @@ def main(args):
         ema.to(device)
     skip_monitor = SkipMonitor(args.max_consecutive_skips, warn=logger.warning)
     progress = {"global_step": 0, "skipped": 0}
-    for obj in (lr_scheduler, ema, skip_monitor):
+    ema_state = common.EMACounters(ema) if sharded and ema is not None else ema  # sharded: shadows go to DCP
+    for obj in (lr_scheduler, ema_state, skip_monitor):
         if obj is not None:
             accelerator.register_for_checkpointing(obj)
 
@@ -214,7 +213,10 @@ def main(args):
         weights.clear()
         if sharded:
             save_sharded_state(
-                os.path.join(output_dir, "sharded"), {"teacher": model}, {"optimizer": (model, optimizer)}
+                os.path.join(output_dir, "sharded"),
+                {"teacher": model},
+                {"optimizer": (model, optimizer)},
+                common.ema_shards(ema),
             )
         elif accelerator.is_main_process:
             teacher.save_pretrained(os.path.join(output_dir, "transformer"))
@@ -229,7 +231,10 @@ def main(args):
             raise ValueError(f"Checkpoint {input_dir} was written by --stage {saved.get('stage')}, not {args.stage}.")
         if sharded:
             load_sharded_state(
-                os.path.join(input_dir, "sharded"), {"teacher": model}, {"optimizer": (model, optimizer)}
+                os.path.join(input_dir, "sharded"),
+                {"teacher": model},
+                {"optimizer": (model, optimizer)},
+                common.ema_shards(ema),
             )
         else:
             path = os.path.join(input_dir, "transformer", "diffusion_pytorch_model.safetensors")

@@ -212,8 +212,6 @@ def parse_args(input_args=None) -> argparse.Namespace:
         raise ValueError("--reuse_jvp_primal cannot be combined with --gradient_checkpointing.")
     if args.fsdp and args.lora_rank is not None:
         raise ValueError("--fsdp with --lora_rank is not supported: LoRA trains a small adapter; use DDP.")
-    if args.fsdp and args.use_ema:
-        raise ValueError("--fsdp with --use_ema is not supported yet (the EMA would need sharded checkpoints too).")
     if args.validation_inference_steps is None:
         args.validation_inference_steps = [1, 2]
     return common.check_args(args)
@@ -392,7 +390,8 @@ def main(args):
     skip_monitor = SkipMonitor(args.max_consecutive_skips, warn=logger.warning)
     progress = {"global_step": 0}
     # Schedulers, EMA, counters: accelerate's custom-object checkpointing (the registration order is the file order).
-    for obj in (lr_scheduler, lr_scheduler_d, ema, state, skip_monitor):
+    ema_state = common.EMACounters(ema) if sharded and ema is not None else ema  # sharded: shadows go to DCP
+    for obj in (lr_scheduler, lr_scheduler_d, ema_state, state, skip_monitor):
         if obj is not None:
             accelerator.register_for_checkpointing(obj)
     lora = args.lora_rank is not None
@@ -410,7 +409,7 @@ def main(args):
     def save_model_hook(models, weights, output_dir):
         weights.clear()  # accelerate would pickle the prepared modules; we write them ourselves below
         if sharded:
-            save_sharded_state(os.path.join(output_dir, "sharded"), *sharded_objects())  # every rank its shards
+            save_sharded_state(os.path.join(output_dir, "sharded"), *sharded_objects(), common.ema_shards(ema))
         elif accelerator.is_main_process:
             if lora:
                 folder = os.path.join(output_dir, "transformer_lora")
@@ -437,7 +436,7 @@ def main(args):
         if saved.get("stage") != args.stage:
             raise ValueError(f"Checkpoint {input_dir} was written by --stage {saved.get('stage')}, not {args.stage}.")
         if sharded:
-            load_sharded_state(os.path.join(input_dir, "sharded"), *sharded_objects())
+            load_sharded_state(os.path.join(input_dir, "sharded"), *sharded_objects(), common.ema_shards(ema))
         else:
             if lora:
                 path = os.path.join(input_dir, "transformer_lora", "trainable_parameters.safetensors")

@@ -666,6 +666,27 @@ def save_state(args, accelerator, step: int, logger) -> None:
     logger.info(f"Saved state to {path}")
 
 
+class EMACounters:
+    """
+    An EMA's scalar state (step, decay settings) for accelerate's custom-object checkpointing, without the shadow
+    parameters: under FSDP2 those are shards that go into the DCP checkpoint instead (`ema_shards`).
+    """
+
+    def __init__(self, ema):
+        self.ema = ema
+
+    def state_dict(self) -> dict:
+        return {key: value for key, value in self.ema.state_dict().items() if key != "shadow_params"}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.load_state_dict(state)
+
+
+def ema_shards(ema) -> dict[str, dict[str, torch.Tensor]]:
+    """The `tensors` argument of `save_sharded_state` / `load_sharded_state` for an EMA (empty without one)."""
+    return {} if ema is None else {"ema": {str(i): tensor for i, tensor in enumerate(ema.shadow_params)}}
+
+
 @contextmanager
 def ema_weights(ema, parameters):
     """Inside the block `parameters` hold the EMA weights (when there is an EMA), restored after."""

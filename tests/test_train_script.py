@@ -388,9 +388,9 @@ def _assert_same_run(one, two, lora=False, keys=("scm_loss", "adversarial_loss",
 
 def test_fsdp2_two_processes_match_one_process_and_resume_exactly(assets, tmp_path):
     """--fsdp (torch fully_shard of student, teacher and heads over gloo) on 2 processes vs 1 process with
-    accumulation 2, both with the official full-batch LADD fake; then a resume from the sharded (DCP) checkpoint-2
-    redoes step 3 bit for bit."""
-    flags = dict(no_fake_from_scm_forward=True, checkpointing_steps=2)
+    accumulation 2, both with the official full-batch LADD fake and an EMA (saved: the EMA weights); then a resume
+    from the sharded (DCP) checkpoint-2, EMA shards included, redoes step 3 bit for bit."""
+    flags = dict(no_fake_from_scm_forward=True, checkpointing_steps=2, use_ema=True, ema_decay=0.5)
     flags = {key.replace("no_", "no-", 1) if key.startswith("no_") else key: value for key, value in flags.items()}
     one, two = tmp_path / "one", tmp_path / "two"
     run_script(tmp_path, base_args(assets, one, 3, gradient_accumulation_steps=2, **flags))
@@ -614,7 +614,6 @@ def test_every_flag_has_help_and_is_read(script):
         ([], "exactly one"),
         (["--dataset_name", "y", "--train_data_dir", "z"], "exactly one"),
         (["--dataset_name", "y", "--fsdp", "--lora_rank", "4"], "lora_rank"),
-        (["--dataset_name", "y", "--fsdp", "--use_ema"], "use_ema"),
         (["--dataset_name", "y", "--max_grad_norm", "0"], "max_grad_norm"),
         (["--dataset_name", "y", "--gradient_checkpointing", "--reuse_jvp_primal"], "reuse_jvp_primal"),
     ):

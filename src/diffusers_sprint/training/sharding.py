@@ -78,30 +78,45 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _sharded_state(models: dict[str, nn.Module], optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]]):
+def _sharded_state(models, optimizers, tensors):
     state = {name: get_model_state_dict(module) for name, module in models.items()}
     for name, (module, optimizer) in optimizers.items():
         state[name] = get_optimizer_state_dict(module, optimizer)
+    for name, values in (tensors or {}).items():
+        state[name] = dict(values)
     return state
 
 
 def save_sharded_state(
-    folder: str, models: dict[str, nn.Module], optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]]
+    folder: str,
+    models: dict[str, nn.Module],
+    optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]],
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Write every rank's shards of `models` and `optimizers` (`{name: (model, optimizer)}`) to `folder` (DCP)."""
-    dcp.save(_sharded_state(models, optimizers), checkpoint_id=folder)
+    """
+    Write every rank's shards of `models`, `optimizers` (`{name: (model, optimizer)}`) and plain `tensors`
+    (`{name: {key: tensor}}`, e.g. an EMA's sharded shadow parameters) to `folder` (DCP).
+    """
+    dcp.save(_sharded_state(models, optimizers, tensors), checkpoint_id=folder)
 
 
 def load_sharded_state(
-    folder: str, models: dict[str, nn.Module], optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]]
+    folder: str,
+    models: dict[str, nn.Module],
+    optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]],
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Read what [`save_sharded_state`] wrote, with the same names, into the same (sharded) objects."""
-    state = _sharded_state(models, optimizers)
+    """Read what [`save_sharded_state`] wrote, with the same names, into the same objects (`tensors` in place)."""
+    state = _sharded_state(models, optimizers, tensors)
     dcp.load(state, checkpoint_id=folder)
     for name, module in models.items():
         set_model_state_dict(module, state[name])
     for name, (module, optimizer) in optimizers.items():
         set_optimizer_state_dict(module, optimizer, state[name])
+    for name, values in (tensors or {}).items():
+        for key, tensor in values.items():
+            if state[name][key] is not tensor:  # DCP loads in place; copy if it handed back a new tensor
+                tensor.copy_(state[name][key])
 
 
 __all__ = [
