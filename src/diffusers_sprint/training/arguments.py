@@ -48,6 +48,7 @@ _RANGES = (
     ("sigma_data", lambda v: v > 0, "> 0"),
     ("p_std", lambda v: v >= 0, ">= 0"),
     ("tangent_norm_eps", lambda v: v > 0, "> 0"),
+    ("jvp_step", lambda v: 0 < v <= 0.1, "in (0, 0.1] radians"),
     ("guidance_scales", lambda v: v >= 1, ">= 1 (each value; 1 is the conditional teacher without guidance)"),
     ("guidance_embeds_scale", lambda v: v > 0, "> 0"),
     ("scm_lambda", lambda v: v >= 0, ">= 0"),
@@ -175,6 +176,8 @@ FINGERPRINT_DISTILL = (
     "guidance_embeds",
     "adaptive_weight",
     "detach_logvar_embedding",
+    "jvp",  # the finite difference approximates the tangent: another loss, not a cost change
+    "jvp_step",
     "scm_lambda",
     "adversarial_lambda",
     "adversarial_loss",
