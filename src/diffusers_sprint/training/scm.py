@@ -318,6 +318,7 @@ def trigflow_velocity_jvp(
 
 def _fp32_velocity(student, x, t, encoder_hidden_states, encoder_attention_mask, guidance_scale) -> torch.Tensor:
     """One no-grad student forward in (at least) fp32 with autocast off: `F(x, t)` in float32."""
+    student = as_trigflow_model(student)
     dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
         (velocity,) = student(
