@@ -12,6 +12,8 @@ teacher with `default_head_block_ids(layers)` (4 heads from 4 layers up). The sc
   (the LADD fake then reuses the sCM forward, no fresh student forward), exact and finite-difference;
 - the discriminator step (`discriminator_step`, backward, clip, `step_if_finite`; AdamW on the heads; misaligned
   pairs on);
+- with `--compile`, the finite-difference G steps again with the student's `TrigFlowModel` under `torch.compile`
+  (compiled during the untimed pass; not in the memory table);
 - the pieces the G step is made of (teacher CFG forward on 2B, JVP without grad, the one-sided finite-difference
   tangent's shifted forward, JVP with grad + backward,
   discriminator forward + backward through the frozen teacher to its input, student fwd+bwd on half the batch,
@@ -57,6 +59,7 @@ import diffusers  # noqa: E402
 import torch  # noqa: E402
 
 from diffusers_sprint import SanaSprintTransformer2DModel  # noqa: E402
+from diffusers_sprint.models import TrigFlowModel  # noqa: E402
 from diffusers_sprint.training import (  # noqa: E402
     DistillationBatch,
     DistillationConfig,
@@ -102,6 +105,7 @@ class Setup:
     t: torch.Tensor
     w: torch.Tensor
     features: list
+    compiled_student: torch.nn.Module | None = None
 
 
 def _update(loss, optimizer, parameters) -> bool:
@@ -168,6 +172,7 @@ def build(args) -> Setup:
         t=t,
         w=w,
         features=features,
+        compiled_student=torch.compile(TrigFlowModel(student)) if args.compile else None,
     )
 
 
@@ -184,14 +189,16 @@ def _config(reuse: bool, ladd: bool, max_time_probability: float = 0.5, jvp: str
     )
 
 
-def generator_variant(reuse: bool, ladd: bool, max_time_probability: float = 0.5, jvp: str = "exact"):
+def generator_variant(
+    reuse: bool, ladd: bool, max_time_probability: float = 0.5, jvp: str = "exact", compiled: bool = False
+):
     config = _config(reuse, ladd, max_time_probability, jvp)
 
     def run(s: Setup):
         s.discriminator.eval()  # spectral-norm power iterations advance on D steps only (docs/training/ladd.md)
-        out = generator_step(
-            s.student, s.teacher, s.discriminator if ladd else None, s.batch, s.state, config, s.generator
-        )
+        student = s.compiled_student if compiled else s.student
+        discriminator = s.discriminator if ladd else None
+        out = generator_step(student, s.teacher, discriminator, s.batch, s.state, config, s.generator)
         s.state.record("generator", _update(out.loss, s.g_optimizer, s.student.parameters()))
 
     return run
@@ -342,7 +349,19 @@ PIECES = {
     "fwd_bwd_half": ("student forward + backward on B/2", half_forward_backward),
     "optimizer": ("clip_grad_norm_ + AdamW step (student)", optimizer_only),
 }
-ALL = {**UNITS, **STEPS, **PIECES}
+# --compile: the student's TrigFlowModel under torch.compile (Inductor), finite-difference tangent (the JVP does not
+# run through a compiled module). Timed only: a forked memory child would compile again.
+COMPILED = {
+    "g_scm_fd_compiled": (
+        "G step, sCM only, jvp=finite_difference, student torch.compile'd",
+        generator_variant(False, False, jvp="finite_difference", compiled=True),
+    ),
+    "g_ladd_fd_compiled": (
+        "G step, sCM+LADD, jvp=finite_difference, student torch.compile'd",
+        generator_variant(False, True, jvp="finite_difference", compiled=True),
+    ),
+}
+ALL = {**UNITS, **STEPS, **PIECES, **COMPILED}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -530,6 +549,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory measurement")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time G steps with the student under torch.compile (slow start)"
+    )
     parser.add_argument("--json", type=str, default=None, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.dim % HEAD_DIM:
@@ -561,7 +583,7 @@ def main(argv=None) -> int:
         print("memory: warm-up call + measured call per variant, each in a fresh forked child on CPU ...", flush=True)
         memory = measure_memory(s, list(UNITS) + list(STEPS))
 
-    names = [name for name in ALL if name != "fwd"]
+    names = [name for name in ALL if name != "fwd" and (args.compile or name not in COMPILED)]
     print(f"timing {len(names)} variants x {args.repeats} repeats, bracketed by unit forwards ...", flush=True)
     seconds, ratios = time_variants(s, names, args.repeats, args.warmup)
     median = {name: statistics.median(values) for name, values in seconds.items()}
@@ -614,10 +636,10 @@ def main(argv=None) -> int:
     for label, value in options.items():
         print(f"  {value:6.2f}  {label}")
     print()
-    target_met = {name: fe[name] <= TARGET_G_STEP for name in STEPS if name.startswith("g_")}
+    target_met = {name: fe[name] <= TARGET_G_STEP for name in names if name.startswith("g_")}
     for name, met in target_met.items():
         verdict = "met" if met else "MISSED"
-        print(f"  target G <= {TARGET_G_STEP:g} fwd-eq: {verdict} ({fe[name]:.2f})  {STEPS[name][0]}")
+        print(f"  target G <= {TARGET_G_STEP:g} fwd-eq: {verdict} ({fe[name]:.2f})  {ALL[name][0]}")
     if skipped:
         print(f"  note: {skipped} updates were skipped (non-finite gradients)")
 
