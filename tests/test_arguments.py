@@ -237,6 +237,7 @@ def test_jvp_flags_reach_the_scm_config(parser):
     assert module.distillation_config(script_args(parser, sigma_data=0.5), sharded=False).scm.jvp == "exact"
     with pytest.raises(SystemExit):
         script_args(parser, "--jvp", "fd")
+    assert "jvp_step" in run_fingerprint(args) and "jvp_step" not in run_fingerprint(script_args(parser))
     base = ["--pretrained_teacher_model_name_or_path", "t", "--dataset_name", "d"]
     with pytest.raises(ValueError, match="--reuse_jvp_primal applies to --jvp exact only"):
         module.parse_args([*base, "--jvp", "finite_difference", "--reuse_jvp_primal"])
