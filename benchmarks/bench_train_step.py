@@ -8,11 +8,14 @@ teacher with `default_head_block_ids(layers)` (4 heads from 4 layers up). The sc
   divided by) and one grad-enabled forward + backward of the same call ("fwd+bwd", for reference);
 - the generator step (`generator_step`, backward, clip, `step_if_finite`; AdamW on the student) for sCM only and
   sCM + LADD, each
-  with `reuse_jvp_primal` off and on, plus sCM + LADD with `max_time_probability=0` (the LADD fake then reuses the
-  sCM forward, no fresh student forward);
+  with `reuse_jvp_primal` off and on, with `jvp="finite_difference"`, plus sCM + LADD with `max_time_probability=0`
+  (the LADD fake then reuses the sCM forward, no fresh student forward), exact and finite-difference;
 - the discriminator step (`discriminator_step`, backward, clip, `step_if_finite`; AdamW on the heads; misaligned
   pairs on);
-- the pieces the G step is made of (teacher CFG forward on 2B, JVP without grad, JVP with grad + backward,
+- with `--compile`, the finite-difference G steps again with the student's `TrigFlowModel` under `torch.compile`
+  (compiled during the untimed pass; not in the memory table);
+- the pieces the G step is made of (teacher CFG forward on 2B, JVP without grad, the one-sided finite-difference
+  tangent's shifted forward, JVP with grad + backward,
   discriminator forward + backward through the frozen teacher to its input, student fwd+bwd on half the batch,
   clip + AdamW step), so that the G step can be accounted for.
 
@@ -56,6 +59,7 @@ import diffusers  # noqa: E402
 import torch  # noqa: E402
 
 from diffusers_sprint import SanaSprintTransformer2DModel  # noqa: E402
+from diffusers_sprint.models import TrigFlowModel  # noqa: E402
 from diffusers_sprint.training import (  # noqa: E402
     DistillationBatch,
     DistillationConfig,
@@ -70,7 +74,7 @@ from diffusers_sprint.training import (  # noqa: E402
     step_if_finite,
     teacher_cfg_velocity,
 )
-from diffusers_sprint.training.scm import trigflow_velocity_jvp  # noqa: E402
+from diffusers_sprint.training.scm import _shifted_velocity, trigflow_velocity_jvp  # noqa: E402
 
 
 SIGMA_DATA = 0.5
@@ -101,6 +105,7 @@ class Setup:
     t: torch.Tensor
     w: torch.Tensor
     features: list
+    compiled_student: torch.nn.Module | None = None
 
 
 def _update(loss, optimizer, parameters) -> bool:
@@ -167,6 +172,7 @@ def build(args) -> Setup:
         t=t,
         w=w,
         features=features,
+        compiled_student=torch.compile(TrigFlowModel(student)) if args.compile else None,
     )
 
 
@@ -175,22 +181,24 @@ def build(args) -> Setup:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _config(reuse: bool, ladd: bool, max_time_probability: float = 0.5) -> DistillationConfig:
+def _config(reuse: bool, ladd: bool, max_time_probability: float = 0.5, jvp: str = "exact") -> DistillationConfig:
     return DistillationConfig(
-        scm=SCMLossConfig(reuse_jvp_primal=reuse),
+        scm=SCMLossConfig(reuse_jvp_primal=reuse, jvp=jvp),
         adversarial_lambda=0.5 if ladd else 0.0,
         max_time_probability=max_time_probability,
     )
 
 
-def generator_variant(reuse: bool, ladd: bool, max_time_probability: float = 0.5):
-    config = _config(reuse, ladd, max_time_probability)
+def generator_variant(
+    reuse: bool, ladd: bool, max_time_probability: float = 0.5, jvp: str = "exact", compiled: bool = False
+):
+    config = _config(reuse, ladd, max_time_probability, jvp)
 
     def run(s: Setup):
         s.discriminator.eval()  # spectral-norm power iterations advance on D steps only (docs/training/ladd.md)
-        out = generator_step(
-            s.student, s.teacher, s.discriminator if ladd else None, s.batch, s.state, config, s.generator
-        )
+        student = s.compiled_student if compiled else s.student
+        discriminator = s.discriminator if ladd else None
+        out = generator_step(student, s.teacher, discriminator, s.batch, s.state, config, s.generator)
         s.state.record("generator", _update(out.loss, s.g_optimizer, s.student.parameters()))
 
     return run
@@ -265,6 +273,16 @@ def jvp_no_grad(s: Setup):
         _jvp(s, return_logvar=False)
 
 
+def finite_difference_tangent(s: Setup):
+    """The one-sided finite-difference tangent given the base point: one shifted no-grad fp32 forward."""
+    b = s.batch
+    cos_sin = torch.cos(s.t) * torch.sin(s.t)
+    tangent_x = torch.ones_like(s.x_t_scaled) * cos_sin[:, None, None, None]
+    _shifted_velocity(
+        s.student, s.x_t_scaled, s.t, tangent_x, cos_sin, b.prompt_embeds, b.prompt_attention_mask, s.w, 3e-5
+    )
+
+
 def jvp_grad_backward(s: Setup):
     velocity, logvar, _ = _jvp(s, return_logvar=True)
     (velocity.square().mean() + logvar.mean()).backward()
@@ -309,6 +327,12 @@ STEPS = {
         "G step, sCM+LADD, max_time_probability=0 (fake from the sCM forward)",
         generator_variant(reuse=False, ladd=True, max_time_probability=0.0),
     ),
+    "g_scm_fd": ("G step, sCM only, jvp=finite_difference", generator_variant(False, False, jvp="finite_difference")),
+    "g_ladd_fd": ("G step, sCM+LADD, jvp=finite_difference", generator_variant(False, True, jvp="finite_difference")),
+    "g_ladd_fd_pmax0": (
+        "G step, sCM+LADD, jvp=finite_difference, max_time_probability=0",
+        generator_variant(False, True, max_time_probability=0.0, jvp="finite_difference"),
+    ),
     "d_step": ("D step (misaligned pairs)", discriminator_variant()),
 }
 UNITS = {
@@ -318,13 +342,26 @@ UNITS = {
 PIECES = {
     "teacher_cfg": ("teacher CFG forward on 2B, no grad", teacher_cfg),
     "jvp": ("student JVP, no grad", jvp_no_grad),
+    "fd_tangent": ("finite-difference tangent, one-sided (one shifted fp32 forward)", finite_difference_tangent),
     "jvp_grad_bwd": ("student JVP with grad + backward (reuse path)", jvp_grad_backward),
     "disc_to_input": ("discriminator fwd + bwd through the teacher to the input", discriminator_to_input),
     "disc_heads": ("discriminator heads only, fwd + bwd (B samples)", discriminator_heads),
     "fwd_bwd_half": ("student forward + backward on B/2", half_forward_backward),
     "optimizer": ("clip_grad_norm_ + AdamW step (student)", optimizer_only),
 }
-ALL = {**UNITS, **STEPS, **PIECES}
+# --compile: the student's TrigFlowModel under torch.compile (Inductor), finite-difference tangent (the JVP does not
+# run through a compiled module). Timed only: a forked memory child would compile again.
+COMPILED = {
+    "g_scm_fd_compiled": (
+        "G step, sCM only, jvp=finite_difference, student torch.compile'd",
+        generator_variant(False, False, jvp="finite_difference", compiled=True),
+    ),
+    "g_ladd_fd_compiled": (
+        "G step, sCM+LADD, jvp=finite_difference, student torch.compile'd",
+        generator_variant(False, True, jvp="finite_difference", compiled=True),
+    ),
+}
+ALL = {**UNITS, **STEPS, **PIECES, **COMPILED}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -459,47 +496,40 @@ def measure_memory(s: Setup, names: list[str]) -> dict[str, dict | None]:
 
 def breakdown(fe: dict[str, float]) -> dict[str, dict]:
     """The G step rebuilt from its measured pieces (forward-equivalents), against the measured step."""
-    scm = {"teacher CFG forward (2B, no grad)": fe["teacher_cfg"], "JVP (no grad)": fe["jvp"]}
-    scm["student forward + backward (sCM F)"] = fe["fwd_bwd"]
-    scm["clip + AdamW"] = fe["optimizer"]
-    scm_reuse = {
-        "teacher CFG forward (2B, no grad)": fe["teacher_cfg"],
-        "JVP with grad + backward": fe["jvp_grad_bwd"],
-        "clip + AdamW": fe["optimizer"],
-    }
-    ladd_extra = {
-        "LADD fresh student forward + backward": fe["fwd_bwd"],
+    teacher = {"teacher CFG forward (2B, no grad)": fe["teacher_cfg"]}
+    tail = {"student forward + backward (sCM F)": fe["fwd_bwd"], "clip + AdamW": fe["optimizer"]}
+    scm = {**teacher, "JVP (no grad)": fe["jvp"], **tail}
+    scm_fd = {**teacher, "finite-difference tangent (one shifted fp32 forward)": fe["fd_tangent"], **tail}
+    scm_reuse = {**teacher, "JVP with grad + backward": fe["jvp_grad_bwd"], "clip + AdamW": fe["optimizer"]}
+    ladd_extra = {  # the fake reuses the sCM forward (default): only the max-time rows, ~B/2 at p = 0.5, run again
+        "LADD fresh student forward + backward, max-time rows (~B/2)": fe["fwd_bwd_half"],
         "discriminator: teacher fwd + bwd to input": fe["disc_to_input"] - fe["disc_heads"],
         "discriminator: heads fwd + bwd": fe["disc_heads"],
     }
     return {
         "g_scm": scm,
         "g_scm_reuse": scm_reuse,
+        "g_scm_fd": scm_fd,
         "g_ladd": {**scm, **ladd_extra},
         "g_ladd_reuse": {**scm_reuse, **ladd_extra},
+        "g_ladd_fd": {**scm_fd, **ladd_extra},
     }
 
 
 def what_if(fe: dict[str, float], layers: int, official_layers: int = 20) -> dict[str, float]:
     """
-    Estimates for the sCM+LADD G step (reuse off) from the measured pieces.
-
-    - fake from the sCM forward where `t' = t`: only the max-time rows (`p = 0.5`: half the batch on average) get a
-      fresh student forward + backward (measured on B/2);
-    - no fresh forward at all: measured directly (`max_time_probability=0`, which `generator_step` already supports);
-    - at the official depth: the heads' cost does not grow with depth while every other piece does, so in
-      forward-equivalents it shrinks by `layers / official_layers`.
+    The sCM+LADD G step (reuse off) under each option, measured, and at the official depth (estimate: the heads' cost
+    does not grow with depth while every other piece does, so in forward-equivalents it shrinks by
+    `layers / official_layers`).
     """
-    g = fe["g_ladd"]
-    heads_at_depth = fe["disc_heads"] * layers / official_layers
+    heads = fe["disc_heads"] * (1 - layers / official_layers)
     return {
-        "measured": g,
-        "fresh forward only for the max-time rows (estimate: fwd+bwd on B/2)": g - fe["fwd_bwd"] + fe["fwd_bwd_half"],
-        "no fresh forward, fake = sCM forward (measured, max_time_probability=0)": fe["g_ladd_pmax0"],
-        f"at {official_layers} layers, same recipe (heads rescaled, estimate)": g - fe["disc_heads"] + heads_at_depth,
-        f"at {official_layers} layers, fresh forward only for max-time rows (estimate)": (
-            g - fe["disc_heads"] + heads_at_depth - fe["fwd_bwd"] + fe["fwd_bwd_half"]
-        ),
+        "exact JVP (default), measured": fe["g_ladd"],
+        "finite-difference tangent, measured": fe["g_ladd_fd"],
+        "exact JVP, max_time_probability=0 (no fresh forward), measured": fe["g_ladd_pmax0"],
+        "finite-difference tangent, max_time_probability=0, measured": fe["g_ladd_fd_pmax0"],
+        f"exact JVP at {official_layers} layers (heads rescaled, estimate)": fe["g_ladd"] - heads,
+        f"finite-difference tangent at {official_layers} layers (estimate)": fe["g_ladd_fd"] - heads,
     }
 
 
@@ -519,6 +549,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory measurement")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time G steps with the student under torch.compile (slow start)"
+    )
     parser.add_argument("--json", type=str, default=None, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.dim % HEAD_DIM:
@@ -550,7 +583,7 @@ def main(argv=None) -> int:
         print("memory: warm-up call + measured call per variant, each in a fresh forked child on CPU ...", flush=True)
         memory = measure_memory(s, list(UNITS) + list(STEPS))
 
-    names = [name for name in ALL if name != "fwd"]
+    names = [name for name in ALL if name != "fwd" and (args.compile or name not in COMPILED)]
     print(f"timing {len(names)} variants x {args.repeats} repeats, bracketed by unit forwards ...", flush=True)
     seconds, ratios = time_variants(s, names, args.repeats, args.warmup)
     median = {name: statistics.median(values) for name, values in seconds.items()}
@@ -603,10 +636,10 @@ def main(argv=None) -> int:
     for label, value in options.items():
         print(f"  {value:6.2f}  {label}")
     print()
-    target_met = {name: fe[name] <= TARGET_G_STEP for name in STEPS if name.startswith("g_")}
+    target_met = {name: fe[name] <= TARGET_G_STEP for name in names if name.startswith("g_")}
     for name, met in target_met.items():
         verdict = "met" if met else "MISSED"
-        print(f"  target G <= {TARGET_G_STEP:g} fwd-eq: {verdict} ({fe[name]:.2f})  {STEPS[name][0]}")
+        print(f"  target G <= {TARGET_G_STEP:g} fwd-eq: {verdict} ({fe[name]:.2f})  {ALL[name][0]}")
     if skipped:
         print(f"  note: {skipped} updates were skipped (non-finite gradients)")
 

@@ -56,6 +56,11 @@ from transformers import Gemma2Config, Gemma2Model  # noqa: E402
 import diffusers_sprint  # noqa: E402
 from diffusers_sprint import SanaSprintTransformer2DModel  # noqa: E402
 from diffusers_sprint.data.tokenizer import train_gemma_layout_tokenizer  # noqa: E402
+from diffusers_sprint.models import TrigFlowModel  # noqa: E402
+from diffusers_sprint.training.scm import (  # noqa: E402
+    DEFAULT_FINITE_DIFFERENCE_STEP,
+    trigflow_velocity_finite_difference,
+)
 
 
 PROMPT = "a small red cat sitting on a blue house under the moon"
@@ -475,6 +480,23 @@ def check_jvp_math_kernel(context: CheckContext) -> list[Row]:
                 baseline=1e-4,
                 ok=primal_error <= 1e-4,
                 note="math kernel inside the JVP, default kernels outside",
+            )
+        )
+        # The training option `SCMLossConfig(jvp="finite_difference")`: one-sided, the plain forward as base point,
+        # the default step (3e-5 rad along a tangent with v_t = 1), fp32 forwards on the default (fused) kernels.
+        one_sided = trigflow_velocity_finite_difference(
+            TrigFlowModel(ours), sample, t, tangent_x, tangent_t, embeds, mask, guidance, base=plain
+        )
+        one_sided_error = relative_error(one_sided, tangent)
+        rows.append(
+            Row(
+                "jvp_math_kernel",
+                f"{where}, finite-difference tangent (training option) vs torch.func.jvp",
+                "tangent rel err",
+                ours=one_sided_error,
+                baseline=5e-2,
+                ok=one_sided_error <= 5e-2,
+                note=f"one-sided, step {DEFAULT_FINITE_DIFFERENCE_STEP:g} rad, fp32, TF32 off (toy teacher: 2-7e-3)",
             )
         )
         try:

@@ -119,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Take F from a grad-enabled JVP's primal instead of a second forward (not with gradient checkpointing).",
     )
+    group.add_argument(
+        "--jvp",
+        type=str,
+        default="exact",
+        choices=("exact", "finite_difference"),
+        help="The sCM tangent: torch.func.jvp (exact; attention on the math SDPA kernel) or a finite difference of "
+        "fp32 no-grad forwards along the teacher's ODE (fused kernels and torch.compile work; needs fp32 master "
+        "weights, not --fsdp with bf16; docs/performance.md).",
+    )
+    group.add_argument(
+        "--jvp_step",
+        type=float,
+        default=3e-5,
+        help="Finite-difference step in radians of TrigFlow time (--jvp finite_difference only).",
+    )
     group.add_argument("--scm_lambda", type=float, default=1.0, help="Weight of the sCM loss (0: LADD only).")
     group = parser.add_argument_group("LADD (adversarial); defaults are the official recipe")
     group.add_argument(
@@ -210,6 +225,8 @@ def parse_args(input_args=None) -> argparse.Namespace:
     args.stage = "distill"  # not a flag: names this script's checkpoints and fingerprint
     if args.gradient_checkpointing and args.reuse_jvp_primal:
         raise ValueError("--reuse_jvp_primal cannot be combined with --gradient_checkpointing.")
+    if args.reuse_jvp_primal and args.jvp == "finite_difference":
+        raise ValueError("--reuse_jvp_primal applies to --jvp exact only.")
     if args.fsdp and args.lora_rank is not None:
         raise ValueError("--fsdp with --lora_rank is not supported: LoRA trains a small adapter; use DDP.")
     if args.validation_inference_steps is None:
@@ -235,6 +252,8 @@ def distillation_config(args, sharded: bool) -> DistillationConfig:
             adaptive_weight=args.adaptive_weight,
             detach_logvar_embedding=args.detach_logvar_embedding,
             reuse_jvp_primal=args.reuse_jvp_primal,
+            jvp=args.jvp,
+            finite_difference_step=args.jvp_step,
         ),
         scm_lambda=args.scm_lambda,
         adversarial_lambda=args.adversarial_lambda,
@@ -353,6 +372,11 @@ def main(args):
             teacher.enable_gradient_checkpointing()  # the G phase back-propagates through the teacher's blocks
     if sharded:
         param_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+        if param_dtype is not None and config.scm.jvp == "finite_difference":
+            raise ValueError(
+                "--jvp finite_difference needs fp32 forwards, but --fsdp with bf16 mixed precision computes with bf16 "
+                "parameters (rounding noise swamps the difference): use --jvp exact, or --mixed_precision no."
+            )
         shard_trigflow_model(student_model, param_dtype)
         shard_trigflow_model(teacher_model)
         if discriminator is not None:

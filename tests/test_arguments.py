@@ -61,6 +61,8 @@ BAD = [
     # (overrides, text the message must hold: the flag and its allowed range)
     (dict(max_grad_norm=0.0), "--max_grad_norm must be > 0 (inf: no clipping) (got 0.0)"),
     (dict(max_grad_norm=-1.0), "--max_grad_norm must be > 0"),
+    (dict(jvp_step=0.0), "--jvp_step must be in (0, 0.1] radians (got 0.0)"),
+    (dict(jvp_step=0.5), "--jvp_step must be in (0, 0.1] radians"),
     (dict(max_grad_norm=NAN), "--max_grad_norm must be a finite number (got nan)"),
     (dict(max_grad_norm=-INF), "--max_grad_norm must be a finite number"),
     (dict(lora_rank=4, lora_alpha=0.0), "--lora_alpha must be > 0 (the LoRA scale is alpha / rank) (got 0.0)"),
@@ -218,3 +220,24 @@ def test_fingerprint_file_round_trip(tmp_path, parser):
     Path(path).write_text('{"learning_rate": 1e-4')  # truncated
     with pytest.raises(ValueError, match=r"run fingerprint .*run_fingerprint.json cannot be read .*damaged"):
         read_fingerprint(str(tmp_path))
+
+
+def test_jvp_flags_reach_the_scm_config(parser):
+    """--jvp / --jvp_step become `SCMLossConfig.jvp` / `finite_difference_step`; a bad --jvp is refused by argparse."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        spec = importlib.util.spec_from_file_location("train_sana_sprint_for_jvp", EXAMPLES / "train_sana_sprint.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    args = script_args(parser, "--jvp", "finite_difference", "--jvp_step", "1e-4", sigma_data=0.5)
+    scm = module.distillation_config(args, sharded=False).scm
+    assert (scm.jvp, scm.finite_difference_step) == ("finite_difference", 1e-4)
+    assert module.distillation_config(script_args(parser, sigma_data=0.5), sharded=False).scm.jvp == "exact"
+    with pytest.raises(SystemExit):
+        script_args(parser, "--jvp", "fd")
+    assert "jvp_step" in run_fingerprint(args) and "jvp_step" not in run_fingerprint(script_args(parser))
+    base = ["--pretrained_teacher_model_name_or_path", "t", "--dataset_name", "d"]
+    with pytest.raises(ValueError, match="--reuse_jvp_primal applies to --jvp exact only"):
+        module.parse_args([*base, "--jvp", "finite_difference", "--reuse_jvp_primal"])

@@ -116,11 +116,16 @@ def _train(toy, student, config, steps, discriminator=None, seed=2):
     return state
 
 
-def test_scm_distillation_brings_the_one_step_student_to_the_teacher_ode(toy):
-    """150 sCM steps: the 1-step error to the teacher's 32-step ODE solution falls >= 2x (seen 2.6-4.5x)."""
+@pytest.mark.parametrize("jvp", ["exact", "finite_difference"])
+def test_scm_distillation_brings_the_one_step_student_to_the_teacher_ode(toy, jvp):
+    """150 sCM steps: the 1-step error to the teacher's 32-step ODE solution falls >= 2x (seen 2.6-4.5x). The
+    finite-difference tangent learns like the exact JVP: 0.1385 -> 0.0442 / 0.0486 / 0.0533 with data seeds 2 / 3 / 4,
+    exact 0.0449 / 0.0482 / 0.0502 (and 1.6x less CPU time per step)."""
     student = build_student(toy.teacher, logvar_head=False, generator=torch.Generator().manual_seed(0))
     before = toy.one_step_error(student)
-    state = _train(toy, student, _config(adversarial_lambda=0.0), steps=150)
+    config = _config(adversarial_lambda=0.0)
+    config.scm = SCMLossConfig(**{**vars(config.scm), "jvp": jvp})
+    state = _train(toy, student, config, steps=150)
     after = toy.one_step_error(student)
     assert state.generator_steps == 150 and state.discriminator_steps == 0
     assert after < before / 2, (before, after)

@@ -48,6 +48,7 @@ _RANGES = (
     ("sigma_data", lambda v: v > 0, "> 0"),
     ("p_std", lambda v: v >= 0, ">= 0"),
     ("tangent_norm_eps", lambda v: v > 0, "> 0"),
+    ("jvp_step", lambda v: 0 < v <= 0.1, "in (0, 0.1] radians"),
     ("guidance_scales", lambda v: v >= 1, ">= 1 (each value; 1 is the conditional teacher without guidance)"),
     ("guidance_embeds_scale", lambda v: v > 0, "> 0"),
     ("scm_lambda", lambda v: v >= 0, ">= 0"),
@@ -175,6 +176,8 @@ FINGERPRINT_DISTILL = (
     "guidance_embeds",
     "adaptive_weight",
     "detach_logvar_embedding",
+    "jvp",  # the finite difference approximates the tangent: another loss, not a cost change
+    "jvp_step",
     "scm_lambda",
     "adversarial_lambda",
     "adversarial_loss",
@@ -254,7 +257,8 @@ def run_fingerprint(args: Namespace, num_processes: int | None = None) -> dict:
     `"prepare_teacher"` (`prepare_sana_sprint_teacher.py`) the distillation ones; without `stage` every listed flag
     present on `args` is kept. `lr_warmup_steps`,
     `max_train_steps`, `lr_num_cycles` and `lr_power` count only for the diffusers schedulers that read them (so a
-    constant-lr run may be extended), `lora_alpha` and `lora_target_modules` only with `lora_rank`. With
+    constant-lr run may be extended), `lora_alpha` and `lora_target_modules` only with `lora_rank`, `jvp_step` only
+    with `--jvp finite_difference`. With
     `num_processes`, `gradient_accumulation_steps` is replaced by `global_batch_size` (`train_batch_size x
     accumulation x processes`), which is what a layout change must keep (see `training.seeding`).
     """
@@ -268,6 +272,8 @@ def run_fingerprint(args: Namespace, num_processes: int | None = None) -> dict:
     names += [name for name, schedulers in _SCHEDULER_FLAGS.items() if scheduler in schedulers]
     if getattr(args, "lora_rank", None) is None:
         names = [name for name in names if name not in _LORA_ONLY]
+    if getattr(args, "jvp", "exact") != "finite_difference":
+        names = [name for name in names if name != "jvp_step"]
     fingerprint = {name: _json_value(getattr(args, name)) for name in names if hasattr(args, name)}
     if num_processes is not None and "train_batch_size" in fingerprint:
         accumulation = fingerprint.pop("gradient_accumulation_steps", 1)

@@ -30,6 +30,8 @@ from .trigflow import add_trigflow_noise
 
 
 TANGENT_NORMS = ("l2", "rms")
+JVP_METHODS = ("exact", "finite_difference")
+DEFAULT_FINITE_DIFFERENCE_STEP = 3e-5  # radians of teacher-ODE time (benchmarks/fd_jvp_accuracy.py)
 
 
 @dataclass
@@ -62,7 +64,20 @@ class SCMLossConfig:
             embedding").
         reuse_jvp_primal (`bool`, defaults to `False`):
             Take `F` from the primal of a grad-enabled JVP instead of a second student forward. Same loss and
-            gradients; the trade-offs are in `docs/training/scm.md`.
+            gradients; the trade-offs are in `docs/training/scm.md`. Exact JVP only.
+        jvp (`str`, defaults to `"exact"`):
+            How the tangent `dF = cos t sin t dF/dt` is computed. `"exact"`: `torch.func.jvp` (forward-mode AD; the
+            attention runs on the math SDPA kernel). `"finite_difference"`: a difference of ordinary no-grad
+            forwards along the teacher's PF-ODE (fused attention kernels and `torch.compile` work), in fp32 with
+            autocast off: one-sided with the grad forward's `F` as base point (one extra forward) when that forward
+            ran without autocast, else central (two extra fp32 forwards); see
+            [`trigflow_velocity_finite_difference`]. An approximation: relative error 2-7e-3 on the toy teacher
+            (docs/performance.md), below the exact JVP's own error under bf16 autocast.
+        finite_difference_step (`float`, defaults to `3e-5`):
+            The step `delta` of the finite difference, in radians of TrigFlow time: the inputs move by one teacher
+            PF-ODE step of `delta` (`x_t / sigma_d + delta dxt_dt / sigma_d`, `t + delta`). Used with
+            `jvp="finite_difference"` only. `3e-5` was the most accurate of 1e-5 ... 1e-2 over t in [0.05, 1.55]
+            on the toy teacher in fp32 (round-off dominates below it, curvature above; docs/performance.md).
     """
 
     sigma_data: float = 0.5
@@ -75,6 +90,8 @@ class SCMLossConfig:
     adaptive_weight: bool = True
     detach_logvar_embedding: bool = False
     reuse_jvp_primal: bool = False
+    jvp: str = "exact"
+    finite_difference_step: float = DEFAULT_FINITE_DIFFERENCE_STEP
 
     def __post_init__(self):
         if not (isinstance(self.sigma_data, (int, float)) and self.sigma_data > 0):
@@ -100,6 +117,16 @@ class SCMLossConfig:
         for name in ("adaptive_weight", "detach_logvar_embedding", "reuse_jvp_primal"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        if self.jvp not in JVP_METHODS:
+            raise ValueError(f"`jvp` must be one of {JVP_METHODS}, got {self.jvp!r}.")
+        step = self.finite_difference_step
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 0.1:
+            raise ValueError(f"`finite_difference_step` must be a number in (0, 0.1] radians, got {step!r}.")
+        if self.jvp == "finite_difference" and self.reuse_jvp_primal:
+            raise ValueError(
+                "`reuse_jvp_primal=True` reuses the primal of the exact JVP; it does not apply with "
+                "`jvp='finite_difference'` (whose one-sided form already reuses the grad forward's F)."
+            )
 
 
 @dataclass
@@ -122,7 +149,8 @@ class SCMLossOutput:
         logvar_mean (`torch.Tensor`, 0-dim, or `None`): Batch mean of the adaptive log-variance (`None` without
             adaptive weight).
         jvp_primal_max_abs_diff (`torch.Tensor`, 0-dim): `max |F_jvp - F|`, the JVP's primal against the grad
-            forward (math-SDPA vs fused kernels; exactly 0 with `reuse_jvp_primal`).
+            forward (math-SDPA vs fused kernels; exactly 0 with `reuse_jvp_primal` and with the finite difference,
+            which has no separate primal).
         tangent_warmup_r (`float`): The warm-up factor `r` used.
     """
 
@@ -288,6 +316,107 @@ def trigflow_velocity_jvp(
     return primal, tangent
 
 
+def _fp32_velocity(student, x, t, encoder_hidden_states, encoder_attention_mask, guidance_scale) -> torch.Tensor:
+    """One no-grad student forward in (at least) fp32 with autocast off: `F(x, t)` in float32."""
+    student = as_trigflow_model(student)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+        (velocity,) = student(
+            x.to(dtype), t.to(dtype), encoder_hidden_states, encoder_attention_mask, guidance_scale=guidance_scale
+        )
+    return velocity.to(dtype)
+
+
+def _finite_difference_direction(t: torch.Tensor, tangent_t: torch.Tensor, step: float):
+    """Per-sample `(h, sign)`: `h = step / |v_t|` (a time step of `step` radians), `sign = -1` where `t + step`
+    would pass `pi/2` (the one-sided difference then looks back)."""
+    h = step / tangent_t.abs().clamp_min(torch.finfo(tangent_t.dtype).tiny)
+    sign = torch.where(t + step < math.pi / 2, 1.0, -1.0).to(t.dtype)
+    return h, sign
+
+
+def _shifted_velocity(
+    student, x, t, tangent_x, tangent_t, encoder_hidden_states, encoder_attention_mask, guidance_scale, step
+):
+    """The one-sided difference's forward: `(F(x + s h v_x, t + s h v_t), s h)`, fp32, no grad."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, t, tangent_x, tangent_t = (a.to(dtype) for a in (x, t, tangent_x, tangent_t))
+    h, sign = _finite_difference_direction(t, tangent_t, step)
+    signed_h = sign * h
+    shifted = _fp32_velocity(
+        student,
+        x + _expand_4d(signed_h, x) * tangent_x,
+        t + signed_h * tangent_t,
+        encoder_hidden_states,
+        encoder_attention_mask,
+        guidance_scale,
+    )
+    return shifted, signed_h
+
+
+def _check_fp32_parameters(student) -> None:
+    """The finite difference needs fp32 forwards: refuse a student whose weights are stored in lower precision."""
+    parameter = next((p for p in student.parameters() if p.is_floating_point()), None)
+    if parameter is not None and parameter.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"`jvp='finite_difference'` needs a student with fp32 (master) weights, got {parameter.dtype}: in low "
+            "precision the difference of two nearby forwards is rounding noise. Use `jvp='exact'` or fp32 weights."
+        )
+
+
+def trigflow_velocity_finite_difference(
+    student,
+    x_t_scaled: torch.Tensor,
+    t: torch.Tensor,
+    tangent_x: torch.Tensor,
+    tangent_t: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: torch.Tensor | None,
+    guidance_scale: torch.Tensor | float | None,
+    step: float = DEFAULT_FINITE_DIFFERENCE_STEP,
+    base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""
+    A finite-difference estimate of `jvp(F, (x_t / sigma_d, t), (tangent_x, tangent_t))`, from ordinary forwards.
+
+    The inputs move along the tangent by `h = step / |tangent_t|` per sample, i.e. by a time step of `step`
+    radians (with the PF-ODE tangents of [`pf_ode_tangents`]: one teacher ODE step, `x + step dxt_dt / sigma_d`):
+
+        one-sided (`base` given):   dF ~ (F(x + s h v_x, t + s h v_t) - base) / (s h),  s = +1, or -1 near pi/2
+        central (`base` is None):   dF ~ (F(x + h v_x, t + h v_t) - F(x - h v_x, t - h v_t)) / (2 h)
+
+    Every forward runs without grad, in fp32 with autocast off: in bf16 the difference of two nearby outputs is
+    rounding noise (relative error 0.1-100 on the toy teacher, docs/performance.md). `base` must be `F(x, t)`
+    computed the same way (fp32, no autocast), e.g. the grad forward's detached output in an fp32 run. Costs one
+    forward (one-sided) or two (central). Fused SDPA kernels and a compiled student work here, unlike in the JVP.
+
+    Args:
+        student ([`~models.TrigFlowModel`], possibly wrapped, or a [`SanaSprintTransformer2DModel`]): The model.
+        x_t_scaled (`torch.Tensor` of shape `(batch, C, H, W)`), t (`torch.Tensor` of shape `(batch,)`, radians):
+            The point.
+        tangent_x (`torch.Tensor` like `x_t_scaled`), tangent_t (`torch.Tensor` of shape `(batch,)`, non-zero):
+            The direction.
+        encoder_hidden_states, encoder_attention_mask, guidance_scale: As for [`trigflow_velocity_jvp`].
+        step (`float`, defaults to `3e-5`): The time step in radians.
+        base (`torch.Tensor` like `x_t_scaled`, *optional*): `F(x_t_scaled, t)` for the one-sided difference.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, C, H, W)` in float32 (float64 for float64 inputs): the tangent `dF`.
+    """
+    student = as_trigflow_model(student)
+    conditioning = (encoder_hidden_states, encoder_attention_mask, guidance_scale)
+    dtype = torch.promote_types(x_t_scaled.dtype, torch.float32)
+    x, t, tangent_x, tangent_t = (a.to(dtype) for a in (x_t_scaled, t, tangent_x, tangent_t))
+    if base is None:
+        h, _ = _finite_difference_direction(t, tangent_t, step)
+        h4 = _expand_4d(h, x)
+        plus = _fp32_velocity(student, x + h4 * tangent_x, t + h * tangent_t, *conditioning)
+        minus = _fp32_velocity(student, x - h4 * tangent_x, t - h * tangent_t, *conditioning)
+        return (plus - minus) / (2 * h4)
+    shifted, signed_h = _shifted_velocity(student, x, t, tangent_x, tangent_t, *conditioning, step)
+    return (shifted - base.detach().to(dtype)) / _expand_4d(signed_h, x)
+
+
 def scm_tangent(
     F_minus: torch.Tensor,
     dF: torch.Tensor,
@@ -396,8 +525,20 @@ def scm_loss(
         del outputs
         jvp_primal_max_abs_diff = torch.zeros((), device=x0.device)
     else:
+        finite_difference = config.jvp == "finite_difference"
+        if finite_difference:
+            _check_fp32_parameters(student)
+        # One-sided FD needs F(x, t) in fp32: the grad forward's own output, unless autocast lowers its precision.
+        one_sided = finite_difference and not torch.is_autocast_enabled(x0.device.type)
+        conditioning = (encoder_hidden_states, encoder_attention_mask, guidance_scale)
+        delta = config.finite_difference_step
         with torch.no_grad():
-            F_jvp, dF = trigflow_velocity_jvp(*jvp_args)
+            if not finite_difference:
+                F_jvp, dF = trigflow_velocity_jvp(*jvp_args)
+            elif one_sided:
+                shifted, signed_h = _shifted_velocity(student, x_t_scaled, t, v_x, v_t, *conditioning, delta)
+            else:
+                dF = trigflow_velocity_finite_difference(student, x_t_scaled, t, v_x, v_t, *conditioning, delta)
         out = student(
             x_t_scaled,
             t,
@@ -408,7 +549,13 @@ def scm_loss(
             detach_logvar_input=config.detach_logvar_embedding,
         )
         F, logvar = out[0], (out[1] if config.adaptive_weight else None)
-        jvp_primal_max_abs_diff = (F_jvp - F.detach()).abs().max()
+        if one_sided:
+            dF = (shifted - F.detach().to(shifted.dtype)) / _expand_4d(signed_h, shifted)
+            del shifted
+        if finite_difference:  # no separate primal: the base point is the grad forward itself
+            jvp_primal_max_abs_diff = torch.zeros((), device=x0.device)
+        else:
+            jvp_primal_max_abs_diff = (F_jvp - F.detach()).abs().max()
     F, dF = F.to(compute_dtype), dF.to(compute_dtype)
     # F_minus is the grad forward's own value, so F - F_minus is exactly 0: the JVP's math-SDPA primal may differ
     # from the fused-kernel forward by float error (large in bf16), which must not leak into the regression target.
@@ -444,6 +591,8 @@ def scm_loss(
 
 
 __all__ = [
+    "DEFAULT_FINITE_DIFFERENCE_STEP",
+    "JVP_METHODS",
     "SCMLossConfig",
     "SCMLossOutput",
     "normalize_tangent",
@@ -453,5 +602,6 @@ __all__ = [
     "scm_tangent",
     "tangent_warmup",
     "teacher_cfg_velocity",
+    "trigflow_velocity_finite_difference",
     "trigflow_velocity_jvp",
 ]
