@@ -116,17 +116,28 @@ def test_any_step_count_runs_with_default_arguments(pipe):
     assert np.abs(images[1] - images[3]).max() > 1e-3 and np.abs(images[3] - images[4]).max() > 1e-3
 
 
-def test_save_pretrained_round_trip_names_our_classes(pipe, tmp_path):
+def test_save_pretrained_writes_the_stock_diffusers_layout_and_round_trips(reference, pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["transformer"][1] == "SanaSprintTransformer2DModel" and index["transformer"][0].startswith(
-        "diffusers_sprint"
-    )
-    assert index["scheduler"][1] == "TrigFlowScheduler"
+    assert index["_class_name"] == "SanaSprintPipeline"
+    assert index["transformer"] == ["diffusers", "SanaTransformer2DModel"]
+    assert index["scheduler"] == ["diffusers", "SCMScheduler"]
+    transformer_config = json.loads((tmp_path / "transformer" / "config.json").read_text())
+    assert transformer_config["_class_name"] == "SanaTransformer2DModel"
+    assert type(pipe.transformer) is SanaSprintTransformer2DModel and type(pipe.scheduler) is TrigFlowScheduler
+    assert pipe.config.transformer[1] == "SanaSprintTransformer2DModel"  # restored after saving
+    kwargs = dict(FAST, prompt=PROMPTS, num_inference_steps=2, use_resolution_binning=False)
+    ours = pipe(**kwargs, generator=_seeded()).images
+
     again = SanaSprintPipeline.from_pretrained(tmp_path)
     again.set_progress_bar_config(disable=True)
-    kwargs = dict(FAST, prompt=PROMPTS, num_inference_steps=2)
-    assert np.abs(again(**kwargs, generator=_seeded()).images - pipe(**kwargs, generator=_seeded()).images).max() == 0
+    assert type(again.transformer) is SanaSprintTransformer2DModel and type(again.scheduler) is TrigFlowScheduler
+    assert np.abs(again(**kwargs, generator=_seeded()).images - ours).max() == 0
+
+    stock = DiffusersSanaSprintPipeline.from_pretrained(tmp_path)  # diffusers alone
+    stock.set_progress_bar_config(disable=True)
+    assert type(stock.transformer).__name__ == "SanaTransformer2DModel" and type(stock.scheduler) is SCMScheduler
+    assert np.abs(stock(**kwargs, generator=_seeded()).images - ours).max() <= PARITY_ATOL
 
 
 def test_output_types(pipe):
