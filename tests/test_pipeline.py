@@ -74,14 +74,39 @@ def test_images_match_diffusers(reference, pipe, steps):
 
 
 def test_images_match_diffusers_with_its_default_prompt_instruction_and_per_image_generators(reference, pipe):
-    kwargs = dict(prompt=PROMPTS, num_images_per_prompt=2, height=32, width=32, output_type="np")
-    kwargs["use_resolution_binning"] = False
-    expected = reference(**kwargs, generator=[_seeded(i) for i in range(4)]).images
-    got = pipe(**kwargs, generator=[_seeded(i) for i in range(4)]).images
+    kwargs = dict(height=32, width=32, output_type="np", use_resolution_binning=False)
+    # diffusers pairs each image with the mask of another prompt when num_images_per_prompt > 1 (see the next
+    # test), so it is called with the prompts written out.
+    repeated = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    expected = reference(**kwargs, prompt=repeated, generator=[_seeded(i) for i in range(4)]).images
+    got = pipe(**kwargs, prompt=PROMPTS, num_images_per_prompt=2, generator=[_seeded(i) for i in range(4)]).images
     assert got.shape == (4, 32, 32, 3)
     assert np.abs(got - expected).max() <= PARITY_ATOL
-    without_instruction = pipe(**kwargs, complex_human_instruction=None, generator=[_seeded(i) for i in range(4)])
+    without_instruction = pipe(
+        **kwargs,
+        prompt=PROMPTS,
+        num_images_per_prompt=2,
+        complex_human_instruction=None,
+        generator=[_seeded(i) for i in range(4)],
+    )
     assert np.abs(without_instruction.images - got).max() > 1e-3  # the instruction really is part of the prompt
+
+
+def test_num_images_per_prompt_keeps_each_prompt_with_its_own_mask(reference, pipe):
+    """diffusers repeats embeddings per prompt (p0 p0 p1 p1) but tiles masks (m0 m1 m0 m1); ours repeats both."""
+    embeds, mask = pipe.encode_prompt(PROMPTS, num_images_per_prompt=2, complex_human_instruction=None)
+    single = [pipe.encode_prompt(p, complex_human_instruction=None) for p in PROMPTS]
+    for row, index in enumerate([0, 0, 1, 1]):
+        assert torch.equal(mask[row], single[index][1][0])
+        real = mask[row].bool()
+        torch.testing.assert_close(embeds[row][real], single[index][0][0][real], rtol=0, atol=1e-6)
+    _, their_mask = reference.encode_prompt(PROMPTS, num_images_per_prompt=2, complex_human_instruction=None)
+    assert not torch.equal(their_mask[1], single[0][1][0])  # diffusers: image 2 of prompt 0 gets prompt 1's mask
+    kwargs = dict(FAST, num_inference_steps=1, use_resolution_binning=False)
+    batch = pipe(**kwargs, prompt=PROMPTS, num_images_per_prompt=2, generator=[_seeded(i) for i in range(4)]).images
+    for row, index in enumerate([0, 0, 1, 1]):
+        alone = pipe(**kwargs, prompt=PROMPTS[index], generator=_seeded(row)).images[0]
+        assert np.abs(alone - batch[row]).max() <= 1e-5
 
 
 def test_paper_four_step_timesteps_match_diffusers_loop(reference, pipe):

@@ -1,12 +1,13 @@
 """diffusers-sprint: SANA-Sprint one-step text-to-image as diffusers-native components."""
 
 from .models import SanaSprintTransformer2DModel, SanaSprintTransformerOutput
-from .pipelines import SanaSprintPipeline
+from .pipelines import SanaSprintImg2ImgPipeline, SanaSprintPipeline
 from .schedulers import TrigFlowScheduler, TrigFlowSchedulerOutput
 
 
 __version__ = "0.1.0"
 __all__ = [
+    "SanaSprintImg2ImgPipeline",
     "SanaSprintPipeline",
     "SanaSprintTransformer2DModel",
     "SanaSprintTransformerOutput",

@@ -208,6 +208,19 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
                 "images needs; pass them to the constructor or `from_pretrained`."
             )
 
+    def encode_prompt(self, prompt, num_images_per_prompt: int = 1, *args, **kwargs):
+        r"""
+        diffusers' `encode_prompt` (same arguments, same `(prompt_embeds, prompt_attention_mask)`), with the
+        attention mask repeated like the embeddings: diffusers repeats the embeddings per prompt (`p0 p0 p1 p1`) but
+        tiles the mask (`m0 m1 m0 m1`), so with `num_images_per_prompt > 1` and prompts of different lengths each
+        image but the first few attends with another prompt's padding mask.
+        """
+        prompt_embeds, prompt_attention_mask = super().encode_prompt(prompt, 1, *args, **kwargs)
+        return (
+            prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0),
+            prompt_attention_mask.repeat_interleave(num_images_per_prompt, dim=0),
+        )
+
     @property
     def latent_scale(self) -> int:
         """Pixels per latent token along each side: the VAE's downsampling times the transformer's patch size."""
