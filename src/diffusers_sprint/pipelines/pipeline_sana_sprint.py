@@ -208,14 +208,35 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
                 "images needs; pass them to the constructor or `from_pretrained`."
             )
 
-    def encode_prompt(self, prompt, num_images_per_prompt: int = 1, *args, **kwargs):
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        device: torch.device | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        clean_caption: bool = False,
+        max_sequence_length: int = 300,
+        complex_human_instruction: list[str] | None = None,
+        lora_scale: float | None = None,
+    ):
         r"""
         diffusers' `encode_prompt` (same arguments, same `(prompt_embeds, prompt_attention_mask)`), with the
         attention mask repeated like the embeddings: diffusers repeats the embeddings per prompt (`p0 p0 p1 p1`) but
         tiles the mask (`m0 m1 m0 m1`), so with `num_images_per_prompt > 1` and prompts of different lengths each
         image but the first few attends with another prompt's padding mask.
         """
-        prompt_embeds, prompt_attention_mask = super().encode_prompt(prompt, 1, *args, **kwargs)
+        prompt_embeds, prompt_attention_mask = super().encode_prompt(
+            prompt,
+            1,
+            device=device,
+            prompt_embeds=prompt_embeds,
+            prompt_attention_mask=prompt_attention_mask,
+            clean_caption=clean_caption,
+            max_sequence_length=max_sequence_length,
+            complex_human_instruction=complex_human_instruction,
+            lora_scale=lora_scale,
+        )
         return (
             prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0),
             prompt_attention_mask.repeat_interleave(num_images_per_prompt, dim=0),

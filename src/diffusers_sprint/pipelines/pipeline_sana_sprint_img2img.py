@@ -72,7 +72,8 @@ class SanaSprintImg2ImgPipeline(SanaSprintPipeline):
                 f"`image` holds {image.shape[0]} image(s), which does not divide the batch of {batch_size} "
                 "(prompts x num_images_per_prompt); pass 1 image, one per prompt, or a divisor of the batch."
             )
-        latents = self.vae.encode(image).latent.float()
+        # DC-AE's encoder can return a channels-last layout; a compiled transformer would recompile for its strides.
+        latents = self.vae.encode(image).latent.float().contiguous()
         latents = latents * self.vae.config.scaling_factor * self.scheduler.config.sigma_data
         return torch.cat([latents] * (batch_size // image.shape[0]), dim=0)
 
