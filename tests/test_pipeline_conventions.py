@@ -125,6 +125,9 @@ def test_execution_device_matches_diffusers_with_offloading_hooks(diffusers_dir)
     pipe = SanaSprintPipeline.from_pretrained(diffusers_dir)
     reference = DiffusionPipeline._execution_device.fget
     assert pipe._execution_device == reference(pipe) == torch.device("cpu")
+    pipe.text_encoder.to("meta")  # diffusers' `device`: the first non-CPU non-meta component, else the first one
+    assert pipe._execution_device == reference(pipe) == pipe.device == torch.device("meta")
+    pipe.text_encoder.to_empty(device="cpu")
     # Sequential-offload style: hooks with an execution device on the leaves of the first component.
     add_hook_to_module(pipe.text_encoder, AlignDevicesHook(io_same_device=True))
     add_hook_to_module(pipe.text_encoder.layers[0].mlp.up_proj, AlignDevicesHook(execution_device="meta"))

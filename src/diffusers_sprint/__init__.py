@@ -1,7 +1,7 @@
 """diffusers-sprint: SANA-Sprint one-step text-to-image as diffusers-native components."""
 
 from .models import SanaSprintTransformer2DModel, SanaSprintTransformerOutput
-from .pipelines import SanaSprintImg2ImgPipeline, SanaSprintPipeline
+from .pipelines import SanaSprintImg2ImgPipeline, SanaSprintPipeline, TimestepSearchResult, tune_timesteps
 from .schedulers import TrigFlowScheduler, TrigFlowSchedulerOutput
 
 
@@ -11,6 +11,8 @@ __all__ = [
     "SanaSprintPipeline",
     "SanaSprintTransformer2DModel",
     "SanaSprintTransformerOutput",
+    "TimestepSearchResult",
     "TrigFlowScheduler",
     "TrigFlowSchedulerOutput",
+    "tune_timesteps",
 ]

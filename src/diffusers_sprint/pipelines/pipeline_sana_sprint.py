@@ -1,6 +1,7 @@
 """SanaSprintPipeline: one- and few-step text-to-image with a SANA-Sprint TrigFlow student."""
 
 import inspect
+import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -151,12 +152,26 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
             if name in self._exclude_from_cpu_offload:
                 continue
             if not hasattr(module, "_hf_hook"):
-                return self.device
+                return self._device_without_group_offloading(modules)
             for submodule in module.modules():
                 hook = getattr(submodule, "_hf_hook", None)
                 if hook is not None and getattr(hook, "execution_device", None) is not None:
                     return torch.device(hook.execution_device)
-        return self.device
+        return self._device_without_group_offloading(modules)
+
+    @staticmethod
+    def _device_without_group_offloading(modules) -> torch.device:
+        """diffusers' `DiffusionPipeline.device` once no group offloading is known to be on: the first non-CPU,
+        non-meta component device in diffusers' (sorted) order, else the first one, from each first parameter."""
+        devices = []
+        for _, module in sorted(modules, key=lambda item: item[0]):
+            tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+            if tensor is not None:
+                devices.append(tensor.device)
+        for device in devices:
+            if device.type not in ("cpu", "meta"):
+                return device
+        return devices[0] if devices else torch.device("cpu")
 
     def _get_gemma_prompt_embeds(
         self,
