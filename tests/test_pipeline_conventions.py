@@ -137,6 +137,18 @@ def test_execution_device_matches_diffusers_with_offloading_hooks(diffusers_dir)
     assert pipe._execution_device == reference(pipe) == torch.device("cpu", 1)
 
 
+def test_model_dtype_matches_diffusers(diffusers_dir):
+    from diffusers_sprint.pipelines.pipeline_sana_sprint import _model_dtype
+
+    pipe = SanaSprintPipeline.from_pretrained(diffusers_dir)
+    assert _model_dtype(pipe.vae) == pipe.vae.dtype == torch.float32
+    pipe.vae.to(torch.bfloat16)
+    assert _model_dtype(pipe.vae) == pipe.vae.dtype == torch.bfloat16
+    pipe.vae.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float16)
+    assert _model_dtype(pipe.vae) == pipe.vae.dtype == torch.float16
+    assert _model_dtype(pipe.transformer) == pipe.transformer.dtype == pipe.transformer.compute_dtype
+
+
 def test_stock_layout_drops_the_logvar_head_and_checkpoints_keep_it(pipe, tmp_path):
     transformer = SanaSprintTransformer2DModel.from_config(pipe.transformer.config, logvar_head=True)
     transformer.load_state_dict(pipe.transformer.state_dict(), strict=False)

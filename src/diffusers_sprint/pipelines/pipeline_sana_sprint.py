@@ -46,6 +46,27 @@ def _group_offload_device(module: torch.nn.Module) -> torch.device | None:
     return None
 
 
+def _model_dtype(module: torch.nn.Module) -> torch.dtype:
+    """
+    `ModelMixin.dtype` (a layerwise-casting hook's compute dtype, else the first floating parameter's dtype outside
+    `_keep_in_fp32_modules`), with the hook search over `_modules` dicts instead of `named_modules()`.
+    """
+    stack = [module]
+    while stack:
+        current = stack.pop()
+        registry = current.__dict__.get("_diffusers_hook")
+        if registry is not None:
+            hook = registry.get_hook("layerwise_casting")
+            if hook is not None:
+                return hook.compute_dtype
+        stack.extend(current.__dict__["_modules"].values())
+    keep_in_fp32 = getattr(module, "_keep_in_fp32_modules", None) or ()
+    for name, parameter in module.named_parameters():
+        if parameter.is_floating_point() and not any(m in name for m in keep_in_fp32):
+            return parameter.dtype
+    return module.dtype
+
+
 def _unwrap(module):
     """The module inside a `torch.compile` wrapper (`OptimizedModule`), else `module`."""
     return getattr(module, "_orig_mod", module)
@@ -581,7 +602,7 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         latents = latents / self.scheduler.config.sigma_data
         if output_type == "latent":
             return latents
-        latents = latents.to(self.vae.dtype)
+        latents = latents.to(_model_dtype(self.vae))
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         if crop_to is not None:
             image = self.image_processor.resize_and_crop_tensor(image, crop_to[1], crop_to[0])

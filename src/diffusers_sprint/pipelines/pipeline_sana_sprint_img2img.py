@@ -12,7 +12,7 @@ from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.sana.pipeline_output import SanaPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipeline_sana_sprint import DEFAULT_COMPLEX_HUMAN_INSTRUCTION, SanaSprintPipeline
+from .pipeline_sana_sprint import DEFAULT_COMPLEX_HUMAN_INSTRUCTION, SanaSprintPipeline, _model_dtype
 
 
 def _image_size(image) -> tuple[int, int]:
@@ -185,7 +185,7 @@ class SanaSprintImg2ImgPipeline(SanaSprintPipeline):
         # 1. Image latents x0 (data units), tiled over the batch.
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         total = batch_size * num_images_per_prompt
-        pixels = self.prepare_image(image, height, width, device, self.vae.dtype)
+        pixels = self.prepare_image(image, height, width, device, _model_dtype(self.vae))
         image_latents = self.encode_image(pixels, total)
 
         # 2. Text conditioning.
