@@ -297,6 +297,28 @@ def bench_compile(ours, compiled, steps: int, size: int, repeats: int, warmup: i
     return result
 
 
+def lookup_costs(ours, repeats: int = 200) -> dict:
+    """Microseconds per call of the per-call look-ups ours replaces, against diffusers' versions, same run."""
+    import timeit
+
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
+    from diffusers_sprint.pipelines.pipeline_sana_sprint import _model_dtype
+
+    pairs = {
+        "_execution_device": (lambda: DiffusionPipeline._execution_device.fget(ours), lambda: ours._execution_device),
+        "transformer dtype": (lambda: ours.transformer.dtype, lambda: ours.transformer.compute_dtype),
+        "vae dtype": (lambda: ours.vae.dtype, lambda: _model_dtype(ours.vae)),
+    }
+    costs = {}
+    for name, (theirs, mine) in pairs.items():
+        assert theirs() == mine(), name
+        best = [min(timeit.repeat(fn, number=repeats, repeat=5)) / repeats * 1e6 for fn in (theirs, mine)]
+        costs[name] = dict(diffusers_us=best[0], ours_us=best[1])
+        print(f"[look-up] {name}: diffusers {best[0]:.1f} us, ours {best[1]:.1f} us", flush=True)
+    return costs
+
+
 def parameter_count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -350,6 +372,7 @@ def main(argv=None) -> int:
     print("environment:", json.dumps(environment), flush=True)
     print("config:", json.dumps(config), flush=True)
 
+    lookups = lookup_costs(ours)
     results = []
     for steps in args.steps:
         results.append(bench(ours, reference, steps, args.size, args.repeats, args.warmup, args.seed))
@@ -400,7 +423,11 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                dict(environment=environment, config=config, results=results, compile=compile_results), f, indent=2
+                dict(
+                    environment=environment, config=config, results=results, compile=compile_results, lookups=lookups
+                ),
+                f,
+                indent=2,
             )
     return 0
 

@@ -12,7 +12,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models import AutoencoderDC
 from diffusers.pipelines.sana.pipeline_output import SanaPipelineOutput
 from diffusers.pipelines.sana.pipeline_sana_sprint import SanaSprintPipeline as DiffusersSanaSprintPipeline
-from diffusers.utils import logging
+from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscale_lora_layers
 from transformers import Gemma2PreTrainedModel, GemmaTokenizer, GemmaTokenizerFast
 
 from ..models.transformer_sana_sprint import SanaSprintTransformer2DModel
@@ -257,26 +257,45 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         lora_scale: float | None = None,
     ):
         r"""
-        diffusers' `encode_prompt` (same arguments, same `(prompt_embeds, prompt_attention_mask)`), with the
-        attention mask repeated like the embeddings: diffusers repeats the embeddings per prompt (`p0 p0 p1 p1`) but
-        tiles the mask (`m0 m1 m0 m1`), so with `num_images_per_prompt > 1` and prompts of different lengths each
-        image but the first few attends with another prompt's padding mask.
+        diffusers' `encode_prompt` (same arguments, same `(prompt_embeds, prompt_attention_mask)`: the first token and
+        the last `max_sequence_length - 1` positions), with two differences:
+
+        - the attention mask is repeated like the embeddings: diffusers repeats the embeddings per prompt (`p0 p0 p1
+          p1`) but tiles the mask (`m0 m1 m0 m1`), so with `num_images_per_prompt > 1` and prompts of different
+          lengths some images attend with another prompt's padding mask;
+        - the position selection is skipped when it is the identity (no instruction), instead of a 300-index gather.
         """
-        prompt_embeds, prompt_attention_mask = super().encode_prompt(
-            prompt,
-            1,
-            device=device,
-            prompt_embeds=prompt_embeds,
-            prompt_attention_mask=prompt_attention_mask,
-            clean_caption=clean_caption,
-            max_sequence_length=max_sequence_length,
-            complex_human_instruction=complex_human_instruction,
-            lora_scale=lora_scale,
-        )
-        return (
-            prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0),
-            prompt_attention_mask.repeat_interleave(num_images_per_prompt, dim=0),
-        )
+        if device is None:
+            device = self._execution_device
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else None
+        if lora_scale is not None:
+            self._lora_scale = lora_scale
+            if self.text_encoder is not None and USE_PEFT_BACKEND:
+                scale_lora_layers(self.text_encoder, lora_scale)
+        if getattr(self, "tokenizer", None) is not None:
+            self.tokenizer.padding_side = "right"
+
+        if prompt_embeds is None:
+            prompt_embeds, prompt_attention_mask = self._get_gemma_prompt_embeds(
+                prompt=prompt,
+                device=device,
+                dtype=dtype,
+                clean_caption=clean_caption,
+                max_sequence_length=max_sequence_length,
+                complex_human_instruction=complex_human_instruction,
+            )
+            # Sana (section 3.1): keep the first token and the last `max_sequence_length - 1` positions.
+            if prompt_embeds.shape[1] != max_sequence_length:
+                select_index = [0] + list(range(-max_sequence_length + 1, 0))
+                prompt_embeds = prompt_embeds[:, select_index]
+                prompt_attention_mask = prompt_attention_mask[:, select_index]
+
+        if num_images_per_prompt != 1:
+            prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+            prompt_attention_mask = prompt_attention_mask.repeat_interleave(num_images_per_prompt, dim=0)
+        if self.text_encoder is not None and USE_PEFT_BACKEND:
+            unscale_lora_layers(self.text_encoder, lora_scale)  # back to the adapters' own scale
+        return prompt_embeds, prompt_attention_mask
 
     @property
     def latent_scale(self) -> int:
