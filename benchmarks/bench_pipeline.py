@@ -9,8 +9,13 @@ pipeline and loaded back with our `SanaSprintPipeline.from_pretrained`. For each
 3. times the text encoder, transformer and VAE decoder with forward hooks and reports the share of the pipeline's
    wall time spent outside them (tokenisation, scheduler, TrigFlow transform, checks, post-processing).
 
+With `--compile`, it also compiles our transformer with `torch.compile(fullgraph=True)` (inductor), checks the
+compiled pipeline's images against the eager ones (<= 1e-5), counts the graphs compiled over all step counts (1
+expected: the time is a tensor) and reports the eager / compiled speed-up, timed interleaved in the same run.
+
     python benchmarks/bench_pipeline.py                       # 1 and 2 steps, 128 px, 20 repeats
     python benchmarks/bench_pipeline.py --steps 1 2 4 --size 256 --repeats 20 --json bench.json
+    python benchmarks/bench_pipeline.py --steps 1 2 4 --compile
 """
 
 import argparse
@@ -256,6 +261,64 @@ def bench(ours, reference, steps: int, size: int, repeats: int, warmup: int, see
     return result
 
 
+def bench_compile(ours, compiled, steps: int, size: int, repeats: int, warmup: int, seed: int) -> dict:
+    """Eager vs `torch.compile`d transformer in our pipeline: parity, first-call time, interleaved medians."""
+    start = time.perf_counter()
+    compiled_images = timed_call(compiled, steps, size, seed)[-1]  # compiles on the first step count only
+    first_call = time.perf_counter() - start
+    eager_images = timed_call(ours, steps, size, seed)[-1]
+    max_diff = float(abs(compiled_images.astype("float64") - eager_images.astype("float64")).max())
+    if not max_diff <= PARITY_TOLERANCE:
+        raise SystemExit(f"Compiled parity failed: max abs image difference {max_diff:.3e} > {PARITY_TOLERANCE}.")
+    for _ in range(warmup):
+        timed_call(ours, steps, size, seed)
+        timed_call(compiled, steps, size, seed)
+    eager_times, compiled_times = [], []
+    for _ in range(repeats):
+        eager_times.append(timed_call(ours, steps, size, seed)[0])
+        compiled_times.append(timed_call(compiled, steps, size, seed)[0])
+    result = dict(
+        steps=steps,
+        max_abs_diff=max_diff,
+        first_call_s=first_call,
+        eager_median_s=statistics.median(eager_times),
+        compiled_median_s=statistics.median(compiled_times),
+        speedup=statistics.median(eager_times) / statistics.median(compiled_times),
+        paired_speedup_median=statistics.median(a / b for a, b in zip(eager_times, compiled_times)),
+        graphs_so_far=int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
+    )
+    print(
+        f"[{steps} step(s), compiled] parity {max_diff:.1e}, first call {result['first_call_s']:.1f} s, "
+        f"eager {1e3 * result['eager_median_s']:.1f} ms, compiled {1e3 * result['compiled_median_s']:.1f} ms, "
+        f"speed-up {result['speedup']:.2f}x (paired {result['paired_speedup_median']:.2f}x), "
+        f"graphs compiled so far {result['graphs_so_far']}",
+        flush=True,
+    )
+    return result
+
+
+def lookup_costs(ours, repeats: int = 200) -> dict:
+    """Microseconds per call of the per-call look-ups ours replaces, against diffusers' versions, same run."""
+    import timeit
+
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
+    from diffusers_sprint.pipelines.pipeline_sana_sprint import _model_dtype
+
+    pairs = {
+        "_execution_device": (lambda: DiffusionPipeline._execution_device.fget(ours), lambda: ours._execution_device),
+        "transformer dtype": (lambda: ours.transformer.dtype, lambda: ours.transformer.compute_dtype),
+        "vae dtype": (lambda: ours.vae.dtype, lambda: _model_dtype(ours.vae)),
+    }
+    costs = {}
+    for name, (theirs, mine) in pairs.items():
+        assert theirs() == mine(), name
+        best = [min(timeit.repeat(fn, number=repeats, repeat=5)) / repeats * 1e6 for fn in (theirs, mine)]
+        costs[name] = dict(diffusers_us=best[0], ours_us=best[1])
+        print(f"[look-up] {name}: diffusers {best[0]:.1f} us, ours {best[1]:.1f} us", flush=True)
+    return costs
+
+
 def parameter_count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -269,6 +332,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str, default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time our pipeline with torch.compile(transformer, fullgraph=True)"
+    )
     args = parser.parse_args(argv)
     if args.size % VAE_SCALE != 0:
         parser.error(f"--size must be a multiple of {VAE_SCALE}")
@@ -306,9 +372,21 @@ def main(argv=None) -> int:
     print("environment:", json.dumps(environment), flush=True)
     print("config:", json.dumps(config), flush=True)
 
+    lookups = lookup_costs(ours)
     results = []
     for steps in args.steps:
         results.append(bench(ours, reference, steps, args.size, args.repeats, args.warmup, args.seed))
+
+    compile_results = []
+    if args.compile:
+        compiled = diffusers_sprint.SanaSprintPipeline(**ours.components)
+        compiled.transformer = torch.compile(ours.transformer, fullgraph=True)
+        compiled.set_progress_bar_config(disable=True)
+        torch._dynamo.utils.counters.clear()
+        for steps in args.steps:
+            compile_results.append(
+                bench_compile(ours, compiled, steps, args.size, args.repeats, args.warmup, args.seed)
+            )
 
     environment["loadavg_end"] = os.getloadavg()[0]
     print()
@@ -327,6 +405,16 @@ def main(argv=None) -> int:
         f"(1-minute load average: {environment['loadavg_start']:.2f} at start, "
         f"{environment['loadavg_end']:.2f} at end)"
     )
+    if compile_results:
+        print("\n| steps | eager (ms) | compiled (ms) | speed-up | paired speed-up | first call (s) | max abs diff |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for r in compile_results:
+            print(
+                f"| {r['steps']} | {1e3 * r['eager_median_s']:.1f} | {1e3 * r['compiled_median_s']:.1f} "
+                f"| {r['speedup']:.2f}x | {r['paired_speedup_median']:.2f}x | {r['first_call_s']:.1f} "
+                f"| {r['max_abs_diff']:.1e} |"
+            )
+        print(f"graphs compiled over steps {args.steps}: {compile_results[-1]['graphs_so_far']}")
     missed = [r["steps"] for r in results if r["ratio"] > TARGET_RATIO or r["ours_overhead"] > TARGET_OVERHEAD]
     print(
         f"\ntargets: ratio <= {TARGET_RATIO}, overhead <= {100 * TARGET_OVERHEAD:.0f}%: "
@@ -334,7 +422,13 @@ def main(argv=None) -> int:
     )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(environment=environment, config=config, results=results), f, indent=2)
+            json.dump(
+                dict(
+                    environment=environment, config=config, results=results, compile=compile_results, lookups=lookups
+                ),
+                f,
+                indent=2,
+            )
     return 0
 
 

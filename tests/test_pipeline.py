@@ -74,14 +74,39 @@ def test_images_match_diffusers(reference, pipe, steps):
 
 
 def test_images_match_diffusers_with_its_default_prompt_instruction_and_per_image_generators(reference, pipe):
-    kwargs = dict(prompt=PROMPTS, num_images_per_prompt=2, height=32, width=32, output_type="np")
-    kwargs["use_resolution_binning"] = False
-    expected = reference(**kwargs, generator=[_seeded(i) for i in range(4)]).images
-    got = pipe(**kwargs, generator=[_seeded(i) for i in range(4)]).images
+    kwargs = dict(height=32, width=32, output_type="np", use_resolution_binning=False)
+    # diffusers pairs each image with the mask of another prompt when num_images_per_prompt > 1 (see the next
+    # test), so it is called with the prompts written out.
+    repeated = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    expected = reference(**kwargs, prompt=repeated, generator=[_seeded(i) for i in range(4)]).images
+    got = pipe(**kwargs, prompt=PROMPTS, num_images_per_prompt=2, generator=[_seeded(i) for i in range(4)]).images
     assert got.shape == (4, 32, 32, 3)
     assert np.abs(got - expected).max() <= PARITY_ATOL
-    without_instruction = pipe(**kwargs, complex_human_instruction=None, generator=[_seeded(i) for i in range(4)])
+    without_instruction = pipe(
+        **kwargs,
+        prompt=PROMPTS,
+        num_images_per_prompt=2,
+        complex_human_instruction=None,
+        generator=[_seeded(i) for i in range(4)],
+    )
     assert np.abs(without_instruction.images - got).max() > 1e-3  # the instruction really is part of the prompt
+
+
+def test_num_images_per_prompt_keeps_each_prompt_with_its_own_mask(reference, pipe):
+    """diffusers repeats embeddings per prompt (p0 p0 p1 p1) but tiles masks (m0 m1 m0 m1); ours repeats both."""
+    embeds, mask = pipe.encode_prompt(PROMPTS, num_images_per_prompt=2, complex_human_instruction=None)
+    single = [pipe.encode_prompt(p, complex_human_instruction=None) for p in PROMPTS]
+    for row, index in enumerate([0, 0, 1, 1]):
+        assert torch.equal(mask[row], single[index][1][0])
+        real = mask[row].bool()
+        torch.testing.assert_close(embeds[row][real], single[index][0][0][real], rtol=0, atol=1e-6)
+    _, their_mask = reference.encode_prompt(PROMPTS, num_images_per_prompt=2, complex_human_instruction=None)
+    assert not torch.equal(their_mask[1], single[0][1][0])  # diffusers: image 2 of prompt 0 gets prompt 1's mask
+    kwargs = dict(FAST, num_inference_steps=1, use_resolution_binning=False)
+    batch = pipe(**kwargs, prompt=PROMPTS, num_images_per_prompt=2, generator=[_seeded(i) for i in range(4)]).images
+    for row, index in enumerate([0, 0, 1, 1]):
+        alone = pipe(**kwargs, prompt=PROMPTS[index], generator=_seeded(row)).images[0]
+        assert np.abs(alone - batch[row]).max() <= 1e-5
 
 
 def test_paper_four_step_timesteps_match_diffusers_loop(reference, pipe):
@@ -116,17 +141,28 @@ def test_any_step_count_runs_with_default_arguments(pipe):
     assert np.abs(images[1] - images[3]).max() > 1e-3 and np.abs(images[3] - images[4]).max() > 1e-3
 
 
-def test_save_pretrained_round_trip_names_our_classes(pipe, tmp_path):
+def test_save_pretrained_writes_the_stock_diffusers_layout_and_round_trips(reference, pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["transformer"][1] == "SanaSprintTransformer2DModel" and index["transformer"][0].startswith(
-        "diffusers_sprint"
-    )
-    assert index["scheduler"][1] == "TrigFlowScheduler"
+    assert index["_class_name"] == "SanaSprintPipeline"
+    assert index["transformer"] == ["diffusers", "SanaTransformer2DModel"]
+    assert index["scheduler"] == ["diffusers", "SCMScheduler"]
+    transformer_config = json.loads((tmp_path / "transformer" / "config.json").read_text())
+    assert transformer_config["_class_name"] == "SanaTransformer2DModel"
+    assert type(pipe.transformer) is SanaSprintTransformer2DModel and type(pipe.scheduler) is TrigFlowScheduler
+    assert pipe.config.transformer[1] == "SanaSprintTransformer2DModel"  # restored after saving
+    kwargs = dict(FAST, prompt=PROMPTS, num_inference_steps=2, use_resolution_binning=False)
+    ours = pipe(**kwargs, generator=_seeded()).images
+
     again = SanaSprintPipeline.from_pretrained(tmp_path)
     again.set_progress_bar_config(disable=True)
-    kwargs = dict(FAST, prompt=PROMPTS, num_inference_steps=2)
-    assert np.abs(again(**kwargs, generator=_seeded()).images - pipe(**kwargs, generator=_seeded()).images).max() == 0
+    assert type(again.transformer) is SanaSprintTransformer2DModel and type(again.scheduler) is TrigFlowScheduler
+    assert np.abs(again(**kwargs, generator=_seeded()).images - ours).max() == 0
+
+    stock = DiffusersSanaSprintPipeline.from_pretrained(tmp_path)  # diffusers alone
+    stock.set_progress_bar_config(disable=True)
+    assert type(stock.transformer).__name__ == "SanaTransformer2DModel" and type(stock.scheduler) is SCMScheduler
+    assert np.abs(stock(**kwargs, generator=_seeded()).images - ours).max() <= PARITY_ATOL
 
 
 def test_output_types(pipe):

@@ -170,3 +170,28 @@ def test_ode_sampling_of_a_flow_teacher_equals_flow_match_euler():
     assert trig.num_inference_steps == steps
     assert (flow_result - noise).abs().max() > 0.1  # the sampler moved
     torch.testing.assert_close(trig_result, flow_result, rtol=0, atol=1e-5)
+
+
+def test_strength_timesteps_scale_the_flow_time():
+    grid = [1.57080, 1.3, 0.6, 0.0]
+    assert TrigFlowScheduler.strength_timesteps(grid, 1.0) == grid
+    for strength in (0.05, 0.3, 0.35, 0.9):
+        moved = TrigFlowScheduler.strength_timesteps(grid, strength)
+        for before, after in zip(grid, moved):
+            flow_before = math.sin(before) / (math.sin(before) + math.cos(before))
+            flow_after = math.sin(after) / (math.sin(after) + math.cos(after))
+            assert flow_after == pytest.approx(strength * flow_before, abs=1e-12)
+        assert moved[-1] == 0.0 and all(a > b for a, b in zip(moved, moved[1:]))
+    starts = [TrigFlowScheduler.strength_timesteps(grid, s)[0] for s in (0.1, 0.3, 0.35, 0.6, 1.0)]
+    assert all(a < b for a, b in zip(starts, starts[1:]))
+    assert TrigFlowScheduler.strength_timesteps(grid, 0.5)[0] == pytest.approx(math.pi / 4, abs=1e-5)
+
+
+def test_set_timesteps_with_strength_and_bad_strengths():
+    scheduler = TrigFlowScheduler()
+    scheduler.set_timesteps(2, strength=0.5)
+    expected = TrigFlowScheduler.strength_timesteps([1.57080, 1.3, 0.0], 0.5)
+    torch.testing.assert_close(scheduler.timesteps, torch.tensor(expected, dtype=torch.float32))
+    for bad in (0.0, -0.1, 1.01, float("nan"), True):
+        with pytest.raises(ValueError, match="strength"):
+            scheduler.set_timesteps(2, strength=bad)

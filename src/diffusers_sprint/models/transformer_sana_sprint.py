@@ -60,6 +60,14 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
             rather than reported missing.
     """
 
+    # diffusers' patterns plus the time path: under `enable_layerwise_casting` the time(+guidance) embedding and the
+    # logvar head keep their weights' dtype (fp32 time path) instead of being stored in e.g. float8.
+    _skip_layerwise_casting_patterns = [
+        *SanaTransformer2DModel._skip_layerwise_casting_patterns,
+        "time_embed",
+        "logvar",
+    ]
+
     @register_to_config
     def __init__(
         self,
@@ -141,6 +149,21 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
         if self.config.flow_time_scale is not None:
             return float(self.config.flow_time_scale)
         return 1.0 if self.config.guidance_embeds else 1000.0 * float(self.config.timestep_scale)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """
+        The dtype the blocks compute in, as `self.dtype` gives it (the layerwise-casting compute dtype when that is
+        enabled), read from a few layers instead of walking every module as `ModelMixin.dtype` does.
+        """
+        probe = self.transformer_blocks[0].attn1.to_q if len(self.transformer_blocks) else self.proj_out
+        for layer in (probe, self.caption_projection.linear_1):
+            registry = getattr(layer, "_diffusers_hook", None)
+            hook = registry.get_hook("layerwise_casting") if registry is not None else None
+            if hook is not None:
+                return hook.compute_dtype
+        dtype = probe.weight.dtype
+        return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64) else self.dtype
 
     def forward(self, *args, **kwargs):
         """diffusers' flow-matching forward (see [`~diffusers.SanaTransformer2DModel.forward`]), JVP-safe."""
@@ -228,7 +251,7 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
             guidance_scale = torch.as_tensor(guidance_scale, device=sample.device, dtype=time_dtype)
             guidance = guidance_scale.expand(batch_size) * self.config.guidance_embeds_scale
 
-        model_dtype = self.dtype  # walks the parameters: read once per call
+        model_dtype = self.compute_dtype
         time_scale = self.effective_flow_time_scale
         model_timestep = flow_time if time_scale == 1.0 else flow_time * time_scale
         controlnet_block_samples = None

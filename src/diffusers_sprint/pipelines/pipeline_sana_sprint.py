@@ -1,6 +1,8 @@
 """SanaSprintPipeline: one- and few-step text-to-image with a SANA-Sprint TrigFlow student."""
 
 import inspect
+import itertools
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,20 +12,64 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models import AutoencoderDC
 from diffusers.pipelines.sana.pipeline_output import SanaPipelineOutput
 from diffusers.pipelines.sana.pipeline_sana_sprint import SanaSprintPipeline as DiffusersSanaSprintPipeline
+from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscale_lora_layers
 from transformers import Gemma2PreTrainedModel, GemmaTokenizer, GemmaTokenizerFast
 
 from ..models.transformer_sana_sprint import SanaSprintTransformer2DModel
 from ..schedulers.scheduling_trigflow import TrigFlowScheduler
 from .resolution_bins import aspect_ratio_bins
+from .stock_layout import stock_layout_blockers, stock_scheduler, stock_transformer, to_our_entries
 
+
+logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Sana's prompt-enhancing instruction, the default of diffusers' pipeline: taken from its signature, not re-typed.
 DEFAULT_COMPLEX_HUMAN_INSTRUCTION = (
     inspect.signature(DiffusersSanaSprintPipeline.__call__).parameters["complex_human_instruction"].default
 )
-_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
-_MODEL_KWARGS = ("torch_dtype", "dtype", "variant", "use_safetensors", "low_cpu_mem_usage")
+
+
+def _group_offload_device(module: torch.nn.Module) -> torch.device | None:
+    """The onload device of a diffusers group-offloading hook on `module` or a submodule, else None."""
+    # The same search as diffusers' `_get_group_onload_device`, over `_modules` dicts instead of `module.modules()`.
+    stack = [module]
+    while stack:
+        current = stack.pop()
+        attributes = current.__dict__
+        registry = attributes.get("_diffusers_hook")
+        if registry is not None:
+            hook = registry.get_hook("group_offloading")
+            if hook is not None:
+                return hook.config.onload_device
+        stack.extend(attributes["_modules"].values())
+    return None
+
+
+def _model_dtype(module: torch.nn.Module) -> torch.dtype:
+    """
+    `ModelMixin.dtype` (a layerwise-casting hook's compute dtype, else the first floating parameter's dtype outside
+    `_keep_in_fp32_modules`), with the hook search over `_modules` dicts instead of `named_modules()`.
+    """
+    stack = [module]
+    while stack:
+        current = stack.pop()
+        registry = current.__dict__.get("_diffusers_hook")
+        if registry is not None:
+            hook = registry.get_hook("layerwise_casting")
+            if hook is not None:
+                return hook.compute_dtype
+        stack.extend(current.__dict__["_modules"].values())
+    keep_in_fp32 = getattr(module, "_keep_in_fp32_modules", None) or ()
+    for name, parameter in module.named_parameters():
+        if parameter.is_floating_point() and not any(m in name for m in keep_in_fp32):
+            return parameter.dtype
+    return module.dtype
+
+
+def _unwrap(module):
+    """The module inside a `torch.compile` wrapper (`OptimizedModule`), else `module`."""
+    return getattr(module, "_orig_mod", module)
 
 
 class SanaSprintPipeline(DiffusersSanaSprintPipeline):
@@ -41,7 +87,12 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         vae ([`~diffusers.AutoencoderDC`]): the deep-compression autoencoder.
         transformer ([`SanaSprintTransformer2DModel`]): the TrigFlow student.
         scheduler ([`TrigFlowScheduler`]): a diffusers `SCMScheduler` is converted from its config.
+
+    Any component may be `None` (e.g. `transformer=None, vae=None` to only run `encode_prompt`).
     """
+
+    # The components in registration order (diffusers' `components` order), for `_execution_device`.
+    _module_names = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
 
     def __init__(
         self,
@@ -51,37 +102,97 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         transformer: SanaSprintTransformer2DModel,
         scheduler: TrigFlowScheduler,
     ):
-        if not isinstance(transformer, SanaSprintTransformer2DModel):
+        if transformer is not None and not isinstance(_unwrap(transformer), SanaSprintTransformer2DModel):
             raise TypeError(
-                f"`transformer` must be a SanaSprintTransformer2DModel, got {type(transformer).__name__}; "
+                f"`transformer` must be a SanaSprintTransformer2DModel (or None), got {type(transformer).__name__}; "
                 "load it with `SanaSprintTransformer2DModel.from_pretrained(path, subfolder='transformer')`."
             )
-        if not isinstance(scheduler, TrigFlowScheduler):
+        if scheduler is not None and not isinstance(scheduler, TrigFlowScheduler):
             scheduler = TrigFlowScheduler.from_config(scheduler.config)
         super().__init__(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
         )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
-        r"""
-        Loads a diffusers-format SANA-Sprint repository (Hub id or local folder), including ones written by
-        diffusers' own `SanaSprintPipeline`: the transformer is loaded as [`SanaSprintTransformer2DModel`] and the
-        scheduler as [`TrigFlowScheduler`] (same weights and config). Other arguments are those of
-        [`~diffusers.DiffusionPipeline.from_pretrained`].
+    def extract_init_dict(cls, config_dict, **kwargs):
         """
-        folder = str(pretrained_model_name_or_path)
-        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
-        if not os.path.isdir(folder):
-            folder = cls.download(folder, **hub_kwargs, **{k: kwargs[k] for k in ("variant",) if k in kwargs})
-        if "transformer" not in kwargs:
-            model_kwargs = {key: kwargs[key] for key in _MODEL_KWARGS if key in kwargs}
-            kwargs["transformer"] = SanaSprintTransformer2DModel.from_pretrained(
-                folder, subfolder="transformer", **model_kwargs
-            )
-        if "scheduler" not in kwargs:
-            kwargs["scheduler"] = TrigFlowScheduler.from_pretrained(folder, subfolder="scheduler")
-        return super().from_pretrained(folder, **kwargs)
+        diffusers' `extract_init_dict`, with the stock `model_index.json` entries of the transformer
+        (`SanaTransformer2DModel`) and scheduler (`SCMScheduler`) mapped to [`SanaSprintTransformer2DModel`] and
+        [`TrigFlowScheduler`]: `from_pretrained` then loads every component through diffusers' own loader (dtype dicts,
+        variants, `device_map`, `low_cpu_mem_usage`), from folders written by diffusers or by us.
+        """
+        init_dict, unused_kwargs, hidden_dict = super().extract_init_dict(config_dict, **kwargs)
+        return to_our_entries(init_dict), unused_kwargs, hidden_dict
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, stock_diffusers_layout: bool = True, **kwargs):
+        r"""
+        diffusers' `save_pretrained`, written in the stock-diffusers layout by default: `model_index.json` names
+        diffusers' `SanaTransformer2DModel` and `SCMScheduler`, the transformer folder holds diffusers' config and
+        weights without the training-only logvar head, so `diffusers.SanaSprintPipeline.from_pretrained` loads it and
+        gives the same images. Our pipelines load it unchanged.
+
+        Components stock diffusers cannot sample the same way (no guidance embedder, a flow-time scale other than 1,
+        the ODE sampler, unfused PEFT adapters) keep our class names, with a logged warning; so does
+        `stock_diffusers_layout=False` (a checkpoint that keeps everything, e.g. the logvar head).
+        """
+        blockers = stock_layout_blockers(_unwrap(self.transformer), self.scheduler)
+        if not stock_diffusers_layout or blockers:
+            if stock_diffusers_layout:
+                logger.warning(
+                    "Saving with diffusers_sprint class names (stock diffusers could not load this pipeline): "
+                    + "; ".join(blockers)
+                    + "."
+                )
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        transformer, scheduler = self.transformer, self.scheduler
+        released = {}
+        if transformer is not None:
+            released["transformer"] = stock_transformer(_unwrap(transformer))
+        if scheduler is not None:
+            released["scheduler"] = stock_scheduler(scheduler)
+        self.register_modules(**released)
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.register_modules(transformer=transformer, scheduler=scheduler)
+
+    @property
+    def _execution_device(self) -> torch.device:
+        r"""
+        diffusers' `_execution_device`: the onload device of group offloading, else the execution device of accelerate
+        hooks (model / sequential CPU offload), else `self.device`. Same search, a few times cheaper: it runs on
+        every call and was the largest cost outside the models at one step.
+        """
+        modules = [(name, getattr(self, name, None)) for name in self._module_names]
+        modules = [(name, module) for name, module in modules if isinstance(module, torch.nn.Module)]
+        for _, module in modules:
+            device = _group_offload_device(module)
+            if device is not None:
+                return device
+        for name, module in modules:
+            if name in self._exclude_from_cpu_offload:
+                continue
+            if not hasattr(module, "_hf_hook"):
+                return self._device_without_group_offloading(modules)
+            for submodule in module.modules():
+                hook = getattr(submodule, "_hf_hook", None)
+                if hook is not None and getattr(hook, "execution_device", None) is not None:
+                    return torch.device(hook.execution_device)
+        return self._device_without_group_offloading(modules)
+
+    @staticmethod
+    def _device_without_group_offloading(modules) -> torch.device:
+        """diffusers' `DiffusionPipeline.device` once no group offloading is known to be on: the first non-CPU,
+        non-meta component device in diffusers' (sorted) order, else the first one, from each first parameter."""
+        devices = []
+        for _, module in sorted(modules, key=lambda item: item[0]):
+            tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+            if tensor is not None:
+                devices.append(tensor.device)
+        for device in devices:
+            if device.type not in ("cpu", "meta"):
+                return device
+        return devices[0] if devices else torch.device("cpu")
 
     def _get_gemma_prompt_embeds(
         self,
@@ -125,6 +236,67 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         prompt_embeds[:, :length] = hidden
         return prompt_embeds.to(dtype=dtype, device=device), attention_mask
 
+    def _require(self, *names: str) -> None:
+        missing = [name for name in names if getattr(self, name, None) is None]
+        if missing:
+            raise ValueError(
+                f"This pipeline was built without {', '.join(f'`{name}`' for name in missing)}, which generating "
+                "images needs; pass them to the constructor or `from_pretrained`."
+            )
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        device: torch.device | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        clean_caption: bool = False,
+        max_sequence_length: int = 300,
+        complex_human_instruction: list[str] | None = None,
+        lora_scale: float | None = None,
+    ):
+        r"""
+        diffusers' `encode_prompt` (same arguments, same `(prompt_embeds, prompt_attention_mask)`: the first token and
+        the last `max_sequence_length - 1` positions), with two differences:
+
+        - the attention mask is repeated like the embeddings: diffusers repeats the embeddings per prompt (`p0 p0 p1
+          p1`) but tiles the mask (`m0 m1 m0 m1`), so with `num_images_per_prompt > 1` and prompts of different
+          lengths some images attend with another prompt's padding mask;
+        - the position selection is skipped when it is the identity (no instruction), instead of a 300-index gather.
+        """
+        if device is None:
+            device = self._execution_device
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else None
+        if lora_scale is not None:
+            self._lora_scale = lora_scale
+            if self.text_encoder is not None and USE_PEFT_BACKEND:
+                scale_lora_layers(self.text_encoder, lora_scale)
+        if getattr(self, "tokenizer", None) is not None:
+            self.tokenizer.padding_side = "right"
+
+        if prompt_embeds is None:
+            prompt_embeds, prompt_attention_mask = self._get_gemma_prompt_embeds(
+                prompt=prompt,
+                device=device,
+                dtype=dtype,
+                clean_caption=clean_caption,
+                max_sequence_length=max_sequence_length,
+                complex_human_instruction=complex_human_instruction,
+            )
+            # Sana (section 3.1): keep the first token and the last `max_sequence_length - 1` positions.
+            if prompt_embeds.shape[1] != max_sequence_length:
+                select_index = [0] + list(range(-max_sequence_length + 1, 0))
+                prompt_embeds = prompt_embeds[:, select_index]
+                prompt_attention_mask = prompt_attention_mask[:, select_index]
+
+        if num_images_per_prompt != 1:
+            prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+            prompt_attention_mask = prompt_attention_mask.repeat_interleave(num_images_per_prompt, dim=0)
+        if self.text_encoder is not None and USE_PEFT_BACKEND:
+            unscale_lora_layers(self.text_encoder, lora_scale)  # back to the adapters' own scale
+        return prompt_embeds, prompt_attention_mask
+
     @property
     def latent_scale(self) -> int:
         """Pixels per latent token along each side: the VAE's downsampling times the transformer's patch size."""
@@ -166,6 +338,11 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
             raise ValueError(
                 "`guidance_scale` must be None: the transformer has no guidance embedder (`guidance_embeds=False`)."
             )
+        if guidance_scale is not None:
+            if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+                raise TypeError(f"`guidance_scale` must be a float >= 0, got {guidance_scale!r}.")
+            if not math.isfinite(guidance_scale) or guidance_scale < 0:
+                raise ValueError(f"`guidance_scale` must be a finite float >= 0, got {guidance_scale}.")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int):
             raise TypeError(f"`num_images_per_prompt` must be an int >= 1, got {num_images_per_prompt!r}.")
         if num_images_per_prompt < 1:
@@ -291,6 +468,7 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         Returns:
             `SanaPipelineOutput` with `.images`, or a tuple `(images,)`.
         """
+        self._require("vae", "transformer", "scheduler")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         default_size = self.transformer.config.sample_size * self.vae_scale_factor
@@ -366,30 +544,68 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
             latents,
         )
         latents = latents * sigma_data
-        guidance = None
-        if guidance_scale is not None:
-            guidance = torch.full((latents.shape[0],), float(guidance_scale), device=device, dtype=torch.float32)
 
         # 3. Sampling: evaluate F at every time of the grid but the final 0.
+        latents = self._sample(
+            latents,
+            prompt_embeds,
+            prompt_attention_mask,
+            guidance_scale,
+            generator,
+            attention_kwargs,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+
+        # 4. Decode x0_hat / sigma_data (the VAE latent times its scaling factor).
+        image = self._decode(latents, output_type, (orig_height, orig_width) if use_resolution_binning else None)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return SanaPipelineOutput(images=image)
+
+    def _sample(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        prompt_attention_mask: torch.Tensor,
+        guidance_scale: float | None,
+        generator,
+        attention_kwargs: dict | None,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> torch.Tensor:
+        r"""
+        Runs the scheduler's grid from `latents` = `x_{t_0}` (data units); returns the final `x0_hat` (data units).
+
+        The transformer is called as `SanaSprintTransformer2DModel.trigflow_forward(self.transformer, ...)`, so that a
+        `torch.compile`d transformer (`OptimizedModule`) runs its compiled `forward` inside the TrigFlow transform.
+        """
+        sigma_data = self.scheduler.config.sigma_data
+        batch_size = latents.shape[0]
+        device = latents.device
+        guidance = None
+        if guidance_scale is not None:
+            guidance = torch.full((batch_size,), float(guidance_scale), device=device, dtype=torch.float32)
         timesteps = self.scheduler.timesteps[:-1]
         self._num_timesteps = len(timesteps)
-        denoised = latents
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                velocity = self.transformer.trigflow_forward(
+                velocity = SanaSprintTransformer2DModel.trigflow_forward(
+                    self.transformer,
                     latents / sigma_data,
-                    t.expand(latents.shape[0]),
+                    t.expand(batch_size),
                     encoder_hidden_states=prompt_embeds,
                     encoder_attention_mask=prompt_attention_mask,
                     guidance_scale=guidance,
                     attention_kwargs=attention_kwargs,
                     return_dict=False,
                 )[0]
-                latents, denoised = self.scheduler.step(
+                latents = self.scheduler.step(
                     velocity.float() * sigma_data, t, latents, generator=generator, return_dict=False
-                )
+                )[0]
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
                     callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
@@ -397,19 +613,16 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                 progress_bar.update()
+        # After the last step (t_next = 0) `latents` is x0_hat itself, as replaced by a callback.
+        return latents
 
-        # 4. Decode x0_hat / sigma_data (the VAE latent times its scaling factor).
-        latents = denoised / sigma_data
+    def _decode(self, latents: torch.Tensor, output_type: str, crop_to: tuple[int, int] | None):
+        """`x0_hat` (data units) -> images of `output_type`; `crop_to = (height, width)` undoes resolution binning."""
+        latents = latents / self.scheduler.config.sigma_data
         if output_type == "latent":
-            image = latents
-        else:
-            latents = latents.to(self.vae.dtype)
-            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-            if use_resolution_binning:
-                image = self.image_processor.resize_and_crop_tensor(image, orig_width, orig_height)
-            image = self.image_processor.postprocess(image, output_type=output_type)
-
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return SanaPipelineOutput(images=image)
+            return latents
+        latents = latents.to(_model_dtype(self.vae))
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        if crop_to is not None:
+            image = self.image_processor.resize_and_crop_tensor(image, crop_to[1], crop_to[0])
+        return self.image_processor.postprocess(image, output_type=output_type)

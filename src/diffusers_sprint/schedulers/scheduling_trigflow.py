@@ -101,6 +101,7 @@ class TrigFlowScheduler(SchedulerMixin, ConfigMixin):
         max_timesteps: float | None = None,
         intermediate_timesteps: float | Sequence[float] | None = None,
         preset: str | None = None,
+        strength: float = 1.0,
     ) -> None:
         r"""
         Sets the descending time grid `timesteps` (radians), whose last entry is `0`; the model is evaluated at all
@@ -115,6 +116,8 @@ class TrigFlowScheduler(SchedulerMixin, ConfigMixin):
                 (default 1.3, as diffusers) and ignored otherwise; a sequence must hold `num_inference_steps - 1`
                 descending times. Without it, 3+ steps are spaced evenly from `max_timesteps` to 0.
             preset (`str`, *optional*): `"paper"` takes the SANA-Sprint Table 7 grid for 1, 2 or 4 steps.
+            strength (`float`, defaults to 1.0): image-to-image strength in `(0, 1]`; every time of the grid is moved
+                to the one whose flow time is `strength` times its own ([`strength_timesteps`]). `1` keeps the grid.
         """
         if timesteps is not None:
             grid = self._validated_custom_timesteps(timesteps)
@@ -129,10 +132,30 @@ class TrigFlowScheduler(SchedulerMixin, ConfigMixin):
                 grid = self._preset_timesteps(preset, num_inference_steps)
             else:
                 grid = self._default_timesteps(num_inference_steps, max_timesteps, intermediate_timesteps)
+        grid = self.strength_timesteps(grid, strength)
         self.timesteps = torch.tensor(grid, dtype=torch.float32, device=device)
         self.num_inference_steps = len(grid) - 1
         self._step_index = None
         self._begin_index = None
+
+    @staticmethod
+    def strength_timesteps(timesteps: Sequence[float], strength: float) -> list[float]:
+        r"""
+        The image-to-image time grid for `strength` in `(0, 1]`: each time `t` (radians) moves to `t'` with flow time
+        `s(t') = strength * s(t)`, where `s(t) = sin t / (sin t + cos t)` and `t(s) = atan2(s, 1 - s)` (exact inverse,
+        so `strength = 1` keeps the grid). On the flow axis `x_s = (1 - s) x0 + s z`, so `strength` is the share of
+        noise mixed into the image at the start, continuous and monotone at any step count; `strength -> 0` gives a
+        grid near 0, which returns the image.
+        """
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"`strength` must be a float in (0, 1], got {strength!r}.")
+        if strength == 1:
+            return [float(t) for t in timesteps]
+        grid = []
+        for t in timesteps:
+            flow_time = strength * math.sin(t) / (math.sin(t) + math.cos(t))
+            grid.append(math.atan2(flow_time, 1.0 - flow_time))
+        return grid
 
     @staticmethod
     def _preset_timesteps(preset: str, num_inference_steps: int) -> tuple[float, ...]:

@@ -1,0 +1,93 @@
+"""tune_timesteps: the sequential coarse-to-fine schedule search finds known optima and runs on a real pipeline."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import SCMScheduler
+from tiny_components import make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae
+
+from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel, tune_timesteps
+
+
+class GridEcho:
+    """A stand-in pipeline whose 'images' are the time grid it was called with, and which records the noise seeds."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, timesteps, generator, **kwargs):
+        self.calls.append(dict(timesteps=list(timesteps), seeds=[g.initial_seed() for g in generator], **kwargs))
+        return type("Output", (), {"images": [list(timesteps)] * len(prompts)})()
+
+
+TARGET = (1.57080, 0.9, 0.45, 0.2)
+
+
+def quadratic_score(images, prompts):
+    grid = images[0]
+    return sum((t - target) ** 2 for t, target in zip(grid, TARGET)) + 0.01 * len(grid)
+
+
+def test_sequential_search_finds_each_time_to_the_refined_resolution():
+    pipe = GridEcho()
+    result = tune_timesteps(pipe, ["a", "b", "c"], quadratic_score, 4, grid_size=7, refinements=2, batch_size=2)
+    # Coarse spacing 1.5708 / 8 = 0.196 rad; each refinement shrinks the bracket by 8 / 2 = 4x: 0.012 rad after two.
+    assert result.timesteps[0] == 1.57080
+    for found, target in zip(result.timesteps[1:], TARGET[1:]):
+        assert abs(found - target) < 0.013, result.timesteps
+    assert result.schedules[2] == result.timesteps[:2] and result.schedules[3] == result.timesteps[:3]
+    assert result.score == pytest.approx(quadratic_score([result.timesteps], None))
+    # Later stages keep the earlier times: every stage-k grid starts with the tuned stage-(k-1) grid.
+    for row in result.table[1:]:
+        k = row["num_inference_steps"]
+        assert row["timesteps"][: k - 1] == result.schedules[k - 1]
+        assert 0 < row["timesteps"][-1] < result.schedules[k - 1][-1]
+    assert len(result.table) <= 1 + 3 * 7 * 3 and len(result.table) == len(pipe.calls) / 2  # 2 batches per grid
+    # Common random numbers: every grid sees the same seeds, batch-independent.
+    assert all(call["seeds"] in ([0, 1], [2]) for call in pipe.calls)
+    best_at_stage_2 = min(row["score"] for row in result.table if row["num_inference_steps"] == 2)
+    assert result.scores[2] == best_at_stage_2
+
+
+def test_tunes_a_real_pipeline_and_passes_call_kwargs():
+    reference = make_diffusers_transformer(student=True)
+    transformer = SanaSprintTransformer2DModel.from_config(reference.config)
+    transformer.load_state_dict(reference.state_dict())
+    pipe = SanaSprintPipeline(make_tokenizer(), make_text_encoder(), make_vae(), transformer, SCMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def brightness(images, prompts):  # any callable: here, prefer dark images
+        return float(np.mean(images))
+
+    kwargs = dict(height=32, width=32, output_type="np", complex_human_instruction=None, use_resolution_binning=False)
+    result = tune_timesteps(pipe, ["a red cat", "a dog"], brightness, 2, grid_size=3, refinements=1, **kwargs)
+    assert len(result.timesteps) == 2 and 0 < result.timesteps[1] < 1.5708
+    again = pipe(
+        ["a red cat", "a dog"],
+        timesteps=result.timesteps,
+        generator=[torch.Generator().manual_seed(i) for i in range(2)],
+        **kwargs,
+    )
+    assert brightness(again.images, None) == pytest.approx(result.score, abs=1e-7)
+    assert result.score == min(row["score"] for row in result.table if row["num_inference_steps"] == 2)
+    assert math.isfinite(result.scores[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_inference_steps=1), "num_inference_steps"),
+        (dict(grid_size=1), "grid_size"),
+        (dict(refinements=-1), "refinements"),
+        (dict(max_timestep=2.0), "max_timestep"),
+        (dict(prompts=[]), "prompts"),
+        (dict(timesteps=[1.0]), "timesteps"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    call = dict(pipe=GridEcho(), prompts=["a"], score_fn=quadratic_score, num_inference_steps=2)
+    call.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        tune_timesteps(**call)
