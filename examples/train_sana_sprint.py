@@ -28,7 +28,6 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
-from diffusers import SanaPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from huggingface_hub import create_repo
@@ -424,6 +423,10 @@ def main(args):
     prompt_encoder = common.make_prompt_encoder(args, base)
     validation_embeds = prompt_encoder(args.validation_prompts, device) if args.validation_prompts else None
     data = common.TrainingData(args, accelerator, base, prompt_encoder, seed, teacher.config.patch_size, logger)
+    if args.precompute_only:
+        data.precompute(accelerator, args.validation_prompts, logger)
+        accelerator.end_training()
+        return
 
     # ---- Student, teacher, discriminator ----------------------------------------------------------------------------
     teacher.requires_grad_(False).eval()
@@ -662,13 +665,7 @@ def main(args):
     transformer = gather_student(student_model, sharded, accelerator.is_main_process)
     if accelerator.is_main_process:
         transformer.eval()
-        fresh = SanaPipeline.from_pretrained(
-            args.pretrained_teacher_model_name_or_path,
-            transformer=None,
-            revision=args.revision,
-            variant=args.variant,
-            cache_dir=args.cache_dir,
-        )
+        fresh = common.load_text_and_vae(args, device, torch.float32)  # each part loaded at its first use
         if lora:
             common.write_output_folder(
                 args.output_dir,
@@ -677,14 +674,9 @@ def main(args):
                 ),
             )
         else:
-            pipeline = SanaSprintPipeline(
-                tokenizer=fresh.tokenizer,
-                text_encoder=fresh.text_encoder,
-                vae=fresh.vae,
-                transformer=transformer,
-                scheduler=TrigFlowScheduler(sigma_data=args.sigma_data),
+            common.write_output_folder(
+                args.output_dir, lambda folder: common.save_sprint_pipeline(args, transformer, folder)
             )
-            common.write_output_folder(args.output_dir, pipeline.save_pretrained)
         logger.info(f"Saved the {'LoRA weights' if lora else 'pipeline'} to {args.output_dir}")
         has_grid = False
         if args.validation_prompts:

@@ -141,6 +141,7 @@ FINGERPRINT_COMMON = (
     "caption_column",
     "max_train_samples",
     "resolution",
+    "multi_scale",
     "center_crop",
     "random_flip",
     "cache_latents",
@@ -238,6 +239,8 @@ FINGERPRINT_EXCLUDED = (
     "hub_model_id",
     "max_consecutive_skips",
     "validate_data",
+    "feature_cache_dir",  # cached latents equal fresh ones (the same VAE) up to the VAE's batch rounding
+    "precompute_only",
 )
 
 

@@ -349,7 +349,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             raise ValueError(f"`target_sizes` has {len(target_sizes)} entries for {len(dataset)} rows.")
         self.dataset = dataset
         self.target_sizes = target_sizes
-        self.rows = _undecoded_images(dataset, image_column)
+        self.rows = undecoded_images(dataset, image_column)
         self.image_column = image_column
         self.caption_column = caption_column
         self.resolution = resolution
@@ -387,7 +387,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return self.load(index, epoch)
 
 
-def _undecoded_images(dataset, image_column: str):
+def undecoded_images(dataset, image_column: str):
     """`dataset` with its `datasets.Image` column left undecoded (`{"bytes", "path"}`), else `dataset` itself."""
     if not hasattr(dataset, "cast_column") or not isinstance(getattr(dataset, "features", None), dict):
         return dataset
@@ -433,7 +433,7 @@ def validate_image_dataset(
         `list[InvalidRow]`, empty when every row is usable. Keep the good rows with
         `dataset.select(sorted(set(range(len(dataset))) - {row.index for row in bad}))`.
     """
-    rows = _undecoded_images(dataset, image_column)
+    rows = undecoded_images(dataset, image_column)
     bad = []
     for index in range(len(rows)):
         row = rows[index]
@@ -735,5 +735,6 @@ __all__ = [
     "preprocess_image",
     "read_image",
     "trim_prompt_padding",
+    "undecoded_images",
     "validate_image_dataset",
 ]
