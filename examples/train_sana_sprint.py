@@ -565,7 +565,7 @@ def main(args):
     logger.info("***** Running distillation *****")
     engine = "FSDP2" if sharded else accelerator.distributed_type
     logger.info(f"  Student = {'LoRA' if lora else 'full'}, engine = {engine}")
-    logger.info(f"  Num examples = {len(data.dataset)}, steps per epoch = {data.sampler.steps_per_epoch}")
+    logger.info(f"  {data.describe()}")
     logger.info(f"  Batch per process = {args.train_batch_size}, accumulation = {args.gradient_accumulation_steps}")
     logger.info(f"  Global batch = {global_batch}, processes = {accelerator.num_processes}, seed = {seed}")
     logger.info(f"  Total iterations = {args.max_train_steps}, starting at {global_step}")

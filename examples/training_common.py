@@ -54,6 +54,7 @@ from diffusers_sprint.training.feature_cache import (
     resolve_latents,
 )
 from diffusers_sprint.training.monitoring import check_finite_state_dict
+from diffusers_sprint.training.streaming import StreamingImageCaptionDataset, StreamPosition, load_streaming_dataset
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "came")
@@ -95,6 +96,35 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         type=str,
         default=None,
         help="An image folder with a `metadata.jsonl` (`file_name` + caption column), loaded as `imagefolder`.",
+    )
+    group.add_argument(
+        "--train_shards",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Local WebDataset tar shards (paths or globs), streamed by `datasets`' webdataset loader; columns are "
+        "the file extensions of a sample (e.g. --image_column jpg --caption_column txt). Implies --streaming.",
+    )
+    group.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Stream --dataset_name (`load_dataset(..., streaming=True)`) instead of downloading it; the stream's "
+        "position is checkpointed and --resume_from_checkpoint continues from it (docs/data.md).",
+    )
+    group.add_argument(
+        "--shuffle_buffer_size",
+        type=int,
+        default=1000,
+        help="Streaming: `datasets`' shuffle buffer (and shard-order shuffle), reseeded every epoch (0: stream "
+        "order).",
+    )
+    group.add_argument(
+        "--caption_fallback_columns",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Streaming: columns tried in order when --caption_column is absent or null; a dotted name reads into a "
+        "JSON column, e.g. json.caption.",
     )
     group.add_argument("--image_column", type=str, default="image", help="Column holding the images.")
     group.add_argument(
@@ -278,8 +308,20 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
     """Checks both scripts share; the flag ranges are `validate_training_args`'s."""
-    if (args.dataset_name is None) == (args.train_data_dir is None):
-        raise ValueError("Give exactly one of --dataset_name and --train_data_dir.")
+    if sum(source is not None for source in (args.dataset_name, args.train_data_dir, args.train_shards)) != 1:
+        raise ValueError("Give exactly one of --dataset_name, --train_data_dir and --train_shards.")
+    if args.train_shards:
+        args.streaming = True
+    if args.streaming:
+        if args.train_data_dir is not None:
+            raise ValueError("--streaming reads --dataset_name or --train_shards, not --train_data_dir.")
+        unsupported = [
+            flag
+            for flag in ("multi_scale", "feature_cache_dir", "cache_latents", "validate_data", "calibrate_qk_norm")
+            if getattr(args, flag, None)
+        ]
+        if unsupported:
+            raise ValueError(f"--streaming does not support --{', --'.join(unsupported)} yet (see docs/data.md).")
     if args.precompute_only and not args.feature_cache_dir:
         raise ValueError("--precompute_only fills the on-disk caches: give --feature_cache_dir too.")
     if args.feature_cache_dir and not args.center_crop:
@@ -551,6 +593,10 @@ class TrainingData:
         self.prompt_encoder = prompt_encoder
         self.null_embeds, self.null_mask = prompt_encoder.null(self.device)
         self.latent_cache = None
+        self.streaming = args.streaming
+        if self.streaming:
+            self._init_streaming(args, accelerator, seed)
+            return
         with accelerator.main_process_first():
             hf_dataset = load_image_caption_dataset(
                 args.dataset_name,
@@ -626,6 +672,62 @@ class TrainingData:
             num_workers=args.dataloader_num_workers,
         )
 
+    def _init_streaming(self, args, accelerator, seed: int) -> None:
+        stream = load_streaming_dataset(args.dataset_name, args.dataset_config_name, args.train_shards, args.cache_dir)
+        if args.max_train_samples is not None:
+            stream = stream.take(args.max_train_samples)
+        self.cached, self.sampler = False, None
+        self.dataset = StreamingImageCaptionDataset(
+            stream,
+            args.image_column,
+            [args.caption_column] + list(args.caption_fallback_columns or []),
+            args.resolution,
+            args.train_batch_size,
+            accelerator.num_processes,
+            accelerator.process_index,
+            args.gradient_accumulation_steps,
+            seed=seed,
+            shuffle_buffer_size=args.shuffle_buffer_size,
+            center_crop=args.center_crop,
+            random_flip=args.random_flip,
+        )
+        # (epoch, step) of the stream, saved and restored by accelerator.save_state / load_state
+        self.position = StreamPosition()
+        accelerator.register_for_checkpointing(self.position)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, num_workers=args.dataloader_num_workers
+        )
+
+    def describe(self) -> str:
+        """Dataset size and steps per epoch, for the run's log."""
+        if self.streaming:
+            source = f"{len(self.args.train_shards)} shard patterns" if self.args.train_shards else "a stream"
+            return f"Streaming {source}, resuming at epoch {self.position.epoch}, step {self.position.step}"
+        return f"Num examples = {len(self.dataset)}, steps per epoch = {self.sampler.steps_per_epoch}"
+
+    def _stream_steps(self):
+        epoch, step = self.position.epoch, self.position.step
+        while True:
+            self.dataset.set_epoch(epoch, step)
+            iterator, yielded = iter(self.loader), False
+            while True:
+                micro_batches = []
+                for _ in range(self.args.gradient_accumulation_steps):
+                    examples = next(iterator, None)
+                    if examples is None:
+                        break
+                    micro_batches.append(self.batch(examples))
+                if len(micro_batches) < self.args.gradient_accumulation_steps:
+                    break
+                step, yielded = step + 1, True
+                self.position.epoch, self.position.step = epoch, step
+                yield epoch, micro_batches
+            if not yielded and step == 0:
+                raise ValueError(
+                    "The stream holds fewer rows than one step's global batch (batch size x accumulation x processes)."
+                )
+            epoch, step = epoch + 1, 0
+
     def _encode_unit_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return encode_images(self.base.vae, pixel_values, sigma_data=1.0)  # vae_latent * scaling_factor
 
@@ -672,6 +774,9 @@ class TrainingData:
 
     def steps(self, start_step: int):
         """Yields `(epoch, [micro-batch, ...])` for every step from `start_step` on; epochs end on step boundaries."""
+        if self.streaming:  # the position was restored with the checkpoint (`StreamPosition`)
+            yield from self._stream_steps()
+            return
         steps_per_epoch = self.sampler.steps_per_epoch
         epoch = start_step // steps_per_epoch
         self.sampler.set_epoch(epoch, start_step % steps_per_epoch)

@@ -143,3 +143,49 @@ def test_feature_cache_flags_are_checked(assets, multi_scale_images, tmp_path): 
     ):
         result = run_script(tmp_path, _args(assets, multi_scale_images, tmp_path / "o", 1, **flags), check=False)
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def tar_shards(tmp_path_factory):
+    """2 WebDataset shards x 6 samples (`png` + `txt`), built here."""
+    import io
+    import tarfile
+
+    folder = tmp_path_factory.mktemp("tar_shards")
+    for shard in range(2):
+        with tarfile.open(folder / f"train-{shard}.tar", "w") as tar:
+            for i in range(6):
+                n = 6 * shard + i
+                array = np.full((20, 24, 3), 128, np.uint8)
+                array[3 + n % 4 : 14 + n % 4, 5:19] = (40 * (n % 6), 200 - 30 * (n % 5), 90)
+                buffer = io.BytesIO()
+                Image.fromarray(array).save(buffer, format="PNG")
+                caption = f"a {'small' if n % 2 else 'big'} {['red', 'green', 'blue'][n % 3]} house".encode()
+                for extension, data in (("png", buffer.getvalue()), ("txt", caption)):
+                    info = tarfile.TarInfo(f"{n:05d}.{extension}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+def _stream_args(assets, tar_shards, output, steps, **flags):  # noqa: F811
+    args = base_args(assets, output, steps, **flags)
+    cut = args.index("--train_data_dir")
+    return args[:cut] + ["--train_shards", str(tar_shards / "train-*.tar")] + args[cut + 2 :]
+
+
+def test_webdataset_shards_train_and_resume_at_the_stream_position(assets, tar_shards, tmp_path):  # noqa: F811
+    """12 rows, 4 per step (batch 2 x accumulation 2): 3 steps per epoch; 5 steps cross an epoch boundary."""
+    flags = dict(image_column="png", caption_column="txt", shuffle_buffer_size=4, random_flip=True)
+    flags["gradient_accumulation_steps"] = 2
+    straight = tmp_path / "straight"
+    run_script(tmp_path, _stream_args(assets, tar_shards, straight, 5, checkpointing_steps=10, **flags))
+    log = read_log(straight)
+    assert [row["epoch"] for row in log] == [0, 0, 0, 1, 1]
+    resumed = tmp_path / "resumed"
+    run_script(tmp_path, _stream_args(assets, tar_shards, resumed, 2, checkpointing_steps=2, **flags))
+    run_script(
+        tmp_path,
+        _stream_args(assets, tar_shards, resumed, 5, checkpointing_steps=2, resume_from_checkpoint="latest", **flags),
+    )
+    assert read_log(resumed) == log  # the same batches after the position: every logged float bit for bit
