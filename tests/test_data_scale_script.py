@@ -189,3 +189,40 @@ def test_webdataset_shards_train_and_resume_at_the_stream_position(assets, tar_s
         _stream_args(assets, tar_shards, resumed, 5, checkpointing_steps=2, resume_from_checkpoint="latest", **flags),
     )
     assert read_log(resumed) == log  # the same batches after the position: every logged float bit for bit
+
+
+def test_multi_scale_two_processes_match_one_and_resume_exactly(assets, multi_scale_images, tmp_path):  # noqa: F811
+    """3 buckets of 4 images, global batch 4: one step per bucket and epoch; 4 steps cross an epoch boundary. 2 DDP
+    processes x 2 samples == 1 process x 2 x 2 accumulation (same buckets and micro-batches; float summation order
+    only), and a run resumed at step 2 logs exactly what the straight run logs."""
+    from test_train_script import _assert_same_run, _env
+
+    flags = dict(multi_scale=True, center_crop=True, random_flip=True)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script(tmp_path, _args(assets, multi_scale_images, one, 4, gradient_accumulation_steps=2, **flags))
+    run_script(
+        tmp_path,
+        _args(assets, multi_scale_images, two, 4, **flags),
+        launcher="accelerate",
+        num_processes=2,
+        env=_env(tmp_path, ACCELERATE_USE_CPU="1"),
+    )
+    _assert_same_run(one, two)
+    resumed = tmp_path / "resumed"
+    run_script(
+        tmp_path,
+        _args(assets, multi_scale_images, resumed, 2, gradient_accumulation_steps=2, checkpointing_steps=2, **flags),
+    )
+    run_script(
+        tmp_path,
+        _args(
+            assets,
+            multi_scale_images,
+            resumed,
+            4,
+            gradient_accumulation_steps=2,
+            resume_from_checkpoint="latest",
+            **flags,
+        ),
+    )
+    assert read_log(resumed) == read_log(one)
