@@ -454,7 +454,7 @@ class FrozenComponents:
     NAMES = ("tokenizer", "text_encoder", "vae", "scheduler")
 
     def __init__(self, args, device, weight_dtype):
-        self._args, self._device, self._weight_dtype = args, device, weight_dtype
+        self._args, self._device, self.weight_dtype = args, device, weight_dtype
         self._index = None
         self.constructed = []
 
@@ -502,7 +502,7 @@ class FrozenComponents:
         if name == "vae":
             value.requires_grad_(False).eval().to(self._device)  # DC-AE stays fp32
         elif name == "text_encoder":
-            value.requires_grad_(False).eval().to(self._device, dtype=self._weight_dtype)
+            value.requires_grad_(False).eval().to(self._device, dtype=self.weight_dtype)
         self.constructed.append(name)
         setattr(self, name, value)
         return value
@@ -527,7 +527,7 @@ def make_prompt_encoder(args, base):
         text_encoder=base.identity("text_encoder"),
         max_sequence_length=args.max_sequence_length,
         instruction=json.dumps(instruction),
-        dtype=str(base._weight_dtype),
+        dtype=str(base.weight_dtype),
     )
     cache = FeatureCache(args.feature_cache_dir, "text", namespace, writer=_writer_name())
     return CachedPromptEncoder(cache, build, args.max_sequence_length)
@@ -613,7 +613,9 @@ class TrainingData:
         target_sizes = None
         if args.multi_scale:
             bins = training_bins(args.resolution, latent_scale)
-            rows = undecoded_images(hf_dataset, args.image_column)
+            rows = undecoded_images(hf_dataset, args.image_column)  # headers only: nothing is decoded
+            if hasattr(rows, "select_columns"):
+                rows = rows.select_columns([args.image_column])
             target_sizes = assign_buckets([image_size(row[args.image_column]) for row in rows], bins)
             counts = Counter(target_sizes)
             logger.info(

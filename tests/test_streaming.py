@@ -92,3 +92,34 @@ def test_stream_is_layout_and_worker_invariant_and_resumes_at_its_position(shard
     again = _dataset(shards, gradient_accumulation_steps=2, shuffle_buffer_size=4)
     again.set_epoch(1)
     assert _captions(again) == _captions(second)  # each epoch's shuffle is a fixed function of (seed, epoch)
+
+
+def test_a_streamed_dataset_gives_the_map_style_batches_without_shuffling(tmp_path):
+    """`load_dataset(folder, streaming=True)` vs the same folder map-style: unshuffled, the same rows, crops, flips."""
+    from diffusers_sprint.training.data import (
+        ImageCaptionDataset,
+        LayoutInvariantBatchSampler,
+        collate_examples,
+        load_image_caption_dataset,
+    )
+
+    rows = []
+    for i in range(9):
+        array = np.random.default_rng(i).integers(0, 255, (10 + i, 14, 3), dtype=np.uint8)
+        Image.fromarray(array).save(tmp_path / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": [f"caption {i}", f"other {i}"]})
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    stream = load_streaming_dataset(dataset_name=str(tmp_path))
+    streamed = StreamingImageCaptionDataset(
+        stream, "image", ["text"], 8, batch_size=2, num_processes=2, process_index=1, seed=5, random_flip=True
+    )
+    mapped = load_image_caption_dataset(train_data_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    images = ImageCaptionDataset(mapped, "image", "text", 8, random_flip=True, seed=5)
+    sampler = LayoutInvariantBatchSampler(len(images), 2, num_processes=2, process_index=1, seed=5, shuffle=False)
+    expected = [collate_examples([images[key] for key in keys]) for keys in sampler]
+    got = list(streamed)
+    assert len(got) == len(expected) == 2  # 9 rows, 4 per step: 2 steps, this process's second micro-batch each
+    for a, b in zip(got, expected):
+        assert a["caption"] == b["caption"]
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+    assert {c.split()[0] for batch in got for c in batch["caption"]} <= {"caption", "other"}

@@ -21,6 +21,7 @@ additive -10000 bias, so their values do not change any output; they are zeros w
 import hashlib
 import io
 import json
+import numbers
 import os
 import uuid
 from collections.abc import Mapping
@@ -277,7 +278,7 @@ class CachedLatentImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict:
         from .data import _draw_flip, _pick_caption, augmentation_generator
 
-        epoch, index = (0, key) if isinstance(key, int) else key
+        epoch, index = (0, key) if isinstance(key, numbers.Integral) else key
         generator = augmentation_generator(self.images.seed, epoch, index)
         flip = _draw_flip(generator, self.images.random_flip)
         cache_key = self.latent_key(index, flip)
