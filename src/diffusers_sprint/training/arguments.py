@@ -219,6 +219,10 @@ _SCHEDULER_FLAGS = {
     "lr_power": ("polynomial",),
 }
 _LORA_ONLY = ("lora_alpha", "lora_target_modules")
+# Data flags recorded only when switched on (so checkpoints written before they existed still resume), and flags that
+# only matter for a stream.
+_RECORDED_WHEN_ON = {"multi_scale": False, "streaming": False, "train_shards": None}
+_STREAMING_ONLY = ("shuffle_buffer_size", "caption_fallback_columns")
 # Flags that do not enter the fingerprint (see the comment above FINGERPRINT_COMMON); a test checks that every flag of
 # the training script is in exactly one of the lists.
 FINGERPRINT_EXCLUDED = (
@@ -262,7 +266,9 @@ def run_fingerprint(args: Namespace, num_processes: int | None = None) -> dict:
     `"prepare_teacher"` (`prepare_sana_sprint_teacher.py`) the distillation ones; without `stage` every listed flag
     present on `args` is kept. `lr_warmup_steps`,
     `max_train_steps`, `lr_num_cycles` and `lr_power` count only for the diffusers schedulers that read them (so a
-    constant-lr run may be extended), `lora_alpha` and `lora_target_modules` only with `lora_rank`. With
+    constant-lr run may be extended), `lora_alpha` and `lora_target_modules` only with `lora_rank`,
+    `--shuffle_buffer_size` and `--caption_fallback_columns` only with `--streaming`, and `--multi_scale`,
+    `--streaming` and `--train_shards` only when on (a checkpoint from before they existed still matches). With
     `num_processes`, `gradient_accumulation_steps` is replaced by `global_batch_size` (`train_batch_size x
     accumulation x processes`), which is what a layout change must keep (see `training.seeding`).
     """
@@ -276,6 +282,13 @@ def run_fingerprint(args: Namespace, num_processes: int | None = None) -> dict:
     names += [name for name, schedulers in _SCHEDULER_FLAGS.items() if scheduler in schedulers]
     if getattr(args, "lora_rank", None) is None:
         names = [name for name in names if name not in _LORA_ONLY]
+    if not getattr(args, "streaming", False):
+        names = [name for name in names if name not in _STREAMING_ONLY]
+    names = [
+        name
+        for name in names
+        if not (name in _RECORDED_WHEN_ON and getattr(args, name, None) == _RECORDED_WHEN_ON[name])
+    ]
     fingerprint = {name: _json_value(getattr(args, name)) for name in names if hasattr(args, name)}
     if num_processes is not None and "train_batch_size" in fingerprint:
         accumulation = fingerprint.pop("gradient_accumulation_steps", 1)
