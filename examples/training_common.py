@@ -455,18 +455,26 @@ class FrozenComponents:
 
     def __init__(self, args, device, weight_dtype):
         self._args, self._device, self.weight_dtype = args, device, weight_dtype
-        self._index = None
+        self._root = self._index = None
         self.constructed = []
 
-    def _source(self):
-        args = self._args
-        return dict(revision=args.revision, cache_dir=args.cache_dir)
+    @property
+    def root(self) -> str:
+        """The teacher pipeline's local folder: the given path, or the Hub snapshot (downloaded as `from_pretrained`
+        downloads it)."""
+        if self._root is None:
+            args = self._args
+            root = args.pretrained_teacher_model_name_or_path
+            if not os.path.isdir(root):
+                root = DiffusionPipeline.download(
+                    root, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir
+                )
+            self._root = root
+        return self._root
 
     def model_index(self) -> dict:
         if self._index is None:
-            self._index = DiffusionPipeline.load_config(
-                self._args.pretrained_teacher_model_name_or_path, **self._source()
-            )
+            self._index = DiffusionPipeline.load_config(self.root)
         return self._index
 
     def _class(self, name: str):
@@ -475,30 +483,19 @@ class FrozenComponents:
 
     def config(self, name: str) -> dict:
         """The config of component `name` (e.g. the VAE's), read without constructing it."""
-        root = self._args.pretrained_teacher_model_name_or_path
-        return self._class(name).load_config(root, subfolder=name, **self._source())
-
-    def folder(self, name: str) -> str | None:
-        """The local folder of component `name` when the teacher is a local pipeline folder (else None)."""
-        root = self._args.pretrained_teacher_model_name_or_path
-        return os.path.join(root, name) if os.path.isdir(os.path.join(root, name)) else None
+        return self._class(name).load_config(self.root, subfolder=name)
 
     def identity(self, name: str) -> str:
-        """What a cache keys component `name` by: a digest of its local files, or the Hub id, revision and variant."""
-        folder = self.folder(name)
-        if folder is not None:
-            return model_digest(folder)
-        args = self._args
-        return f"hub:{args.pretrained_teacher_model_name_or_path}@{args.revision or 'main'}/{name}:{args.variant}"
+        """What a cache keys component `name` by: a digest of its files (`model_digest`), never constructing it."""
+        return model_digest(os.path.join(self.root, name))
 
     def __getattr__(self, name):
         if name not in FrozenComponents.NAMES:
             raise AttributeError(name)
-        cls = self._class(name)
-        kwargs = dict(subfolder=name, **self._source())
+        kwargs = dict(subfolder=name)
         if name in ("text_encoder", "vae") and self._args.variant is not None:
             kwargs["variant"] = self._args.variant
-        value = cls.from_pretrained(self._args.pretrained_teacher_model_name_or_path, **kwargs)
+        value = self._class(name).from_pretrained(self.root, **kwargs)
         if name == "vae":
             value.requires_grad_(False).eval().to(self._device)  # DC-AE stays fp32
         elif name == "text_encoder":
@@ -542,9 +539,7 @@ def save_sprint_pipeline(args, transformer, folder: str) -> None:
     A `SanaSprintPipeline` folder: `transformer` and a TrigFlow scheduler saved, the teacher's tokenizer, text encoder
     and VAE folders copied file by file (so they are never constructed; `from_pretrained` loads the result as usual).
     """
-    root = args.pretrained_teacher_model_name_or_path
-    if not os.path.isdir(root):
-        root = DiffusionPipeline.download(root, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    root = FrozenComponents(args, "cpu", torch.float32).root
     pipeline = SanaSprintPipeline(
         tokenizer=None,
         text_encoder=None,
