@@ -156,6 +156,10 @@ def main(args):
     prompt_encoder = common.make_prompt_encoder(args, base)
     validation_embeds = prompt_encoder(args.validation_prompts, device) if args.validation_prompts else None
     data = common.TrainingData(args, accelerator, base, prompt_encoder, seed, flow_teacher.config.patch_size, logger)
+    if args.precompute_only:
+        data.precompute(accelerator, args.validation_prompts, logger)
+        accelerator.end_training()
+        return
     null_prompt = (data.null_embeds, data.null_mask)
 
     # ---- The Sprint teacher: QK-norm + dense time, then fine-tuned ----------------------------------------------
@@ -254,7 +258,7 @@ def main(args):
     accelerator.init_trackers(args.tracker_project_name, config=common.tracker_config(args))
     global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     logger.info("***** Running teacher preparation *****")
-    logger.info(f"  Num examples = {len(data.dataset)}, global batch = {global_batch}, seed = {seed}")
+    logger.info(f"  {data.describe()}, global batch = {global_batch}, seed = {seed}")
     logger.info(f"  Total iterations = {args.max_train_steps}, starting at {global_step}")
 
     progress_bar = tqdm(

@@ -350,6 +350,10 @@ def main(args):
     prompt_encoder = common.make_prompt_encoder(args, base)
     validation_embeds = prompt_encoder(args.validation_prompts, device) if args.validation_prompts else None
     data = common.TrainingData(args, accelerator, base, prompt_encoder, seed, teacher.config.patch_size, logger)
+    if args.precompute_only:
+        data.precompute(accelerator, args.validation_prompts, logger)
+        accelerator.end_training()
+        return
 
     # ---- Student, teacher, discriminator ----------------------------------------------------------------------------
     teacher.requires_grad_(False).eval()
@@ -494,7 +498,7 @@ def main(args):
     logger.info("***** Running distillation *****")
     engine = "FSDP2" if sharded else accelerator.distributed_type
     logger.info(f"  Student = {'LoRA' if lora else 'full'}, engine = {engine}")
-    logger.info(f"  Num examples = {len(data.dataset)}, steps per epoch = {data.sampler.steps_per_epoch}")
+    logger.info(f"  {data.describe()}")
     logger.info(f"  Batch per process = {args.train_batch_size}, accumulation = {args.gradient_accumulation_steps}")
     logger.info(f"  Global batch = {global_batch}, processes = {accelerator.num_processes}, seed = {seed}")
     logger.info(f"  Total iterations = {args.max_train_steps}, starting at {global_step}")
@@ -586,7 +590,7 @@ def main(args):
     transformer = common.gather_transformer(student_model, sharded, accelerator.is_main_process)
     if accelerator.is_main_process:
         transformer.eval()
-        fresh = common.load_pipeline_without_transformer(args)
+        fresh = common.load_text_and_vae(args, device, torch.float32)  # each part loaded at its first use
         if lora:
             common.write_output_folder(
                 args.output_dir,
@@ -595,14 +599,9 @@ def main(args):
                 ),
             )
         else:
-            pipeline = SanaSprintPipeline(
-                tokenizer=fresh.tokenizer,
-                text_encoder=fresh.text_encoder,
-                vae=fresh.vae,
-                transformer=transformer,
-                scheduler=TrigFlowScheduler(sigma_data=args.sigma_data),
+            common.write_output_folder(
+                args.output_dir, lambda folder: common.save_sprint_pipeline(args, transformer, folder)
             )
-            common.write_output_folder(args.output_dir, pipeline.save_pretrained)
         logger.info(f"Saved the {'LoRA weights' if lora else 'pipeline'} to {args.output_dir}")
         has_grid = False
         if args.validation_prompts:

@@ -7,12 +7,15 @@ checkpoint saving and resuming through `accelerator.save_state` / `load_state` (
 """
 
 import argparse
+import atexit
+import importlib
 import importlib.util
 import json
 import logging
 import os
 import random
 import shutil
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +26,13 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
-from diffusers import SanaPipeline
+from diffusers import DiffusionPipeline, SanaPipeline
 from diffusers.utils import is_wandb_available, make_image_grid
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 from huggingface_hub import create_repo, upload_folder
 from safetensors.torch import load_file
 
-from diffusers_sprint import SanaSprintTransformer2DModel
+from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel, TrigFlowScheduler
 from diffusers_sprint.models import unwrap_transformer
 from diffusers_sprint.pipelines.pipeline_sana_sprint import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
 from diffusers_sprint.training.arguments import (
@@ -38,6 +41,7 @@ from diffusers_sprint.training.arguments import (
     run_fingerprint,
     validate_training_args,
 )
+from diffusers_sprint.training.buckets import AspectRatioBucketBatchSampler, assign_buckets, image_size, training_bins
 from diffusers_sprint.training.checkpoints import (
     latest_checkpoint,
     list_checkpoints,
@@ -53,11 +57,22 @@ from diffusers_sprint.training.data import (
     encode_images,
     load_image_caption_dataset,
     trim_prompt_padding,
+    undecoded_images,
     validate_image_dataset,
 )
 from diffusers_sprint.training.distill import DistillationBatch
+from diffusers_sprint.training.feature_cache import (
+    CachedLatentImageDataset,
+    CachedPromptEncoder,
+    FeatureCache,
+    collate_cached_examples,
+    fill_caches,
+    model_digest,
+    resolve_latents,
+)
 from diffusers_sprint.training.monitoring import check_finite_state_dict
 from diffusers_sprint.training.sharding import full_model_state_dict
+from diffusers_sprint.training.streaming import StreamingImageCaptionDataset, StreamPosition, load_streaming_dataset
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "came")
@@ -100,6 +115,35 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="An image folder with a `metadata.jsonl` (`file_name` + caption column), loaded as `imagefolder`.",
     )
+    group.add_argument(
+        "--train_shards",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Local WebDataset tar shards (paths or globs), streamed by `datasets`' webdataset loader; columns are "
+        "the file extensions of a sample (e.g. --image_column jpg --caption_column txt). Implies --streaming.",
+    )
+    group.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Stream --dataset_name (`load_dataset(..., streaming=True)`) instead of downloading it; the stream's "
+        "position is checkpointed and --resume_from_checkpoint continues from it (docs/data.md).",
+    )
+    group.add_argument(
+        "--shuffle_buffer_size",
+        type=int,
+        default=1000,
+        help="Streaming: `datasets`' shuffle buffer (and shard-order shuffle), reseeded every epoch (0: stream "
+        "order).",
+    )
+    group.add_argument(
+        "--caption_fallback_columns",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Streaming: columns tried in order when --caption_column is absent or null; a dotted name reads into a "
+        "JSON column, e.g. json.caption.",
+    )
     group.add_argument("--image_column", type=str, default="image", help="Column holding the images.")
     group.add_argument(
         "--caption_column", type=str, default="text", help="Column holding the captions (a string or a list)."
@@ -113,6 +157,13 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         default=1024,
         help="Training resolution in pixels (a multiple of the VAE scale times the patch size).",
     )
+    group.add_argument(
+        "--multi_scale",
+        action="store_true",
+        help="Aspect-ratio buckets: each image goes to the nearest of Sana's aspect-ratio bins of about "
+        "--resolution^2 pixels (diffusers' ASPECT_RATIO_*_BIN), resized and cropped to it; every step draws all "
+        "its samples (on every process) from one bin, bins in proportion to the data (docs/data.md).",
+    )
     group.add_argument("--center_crop", action="store_true", help="Centre crop instead of a random crop.")
     group.add_argument("--random_flip", action="store_true", help="Flip images left-right with probability 0.5.")
     group.add_argument(
@@ -120,6 +171,21 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Encode all images and captions once before training, then free the text encoder and move the VAE to "
         "the CPU (it only decodes validation images). Random crops are then fixed; flips are cached both ways.",
+    )
+    group.add_argument(
+        "--feature_cache_dir",
+        type=str,
+        default=None,
+        help="On-disk cache of VAE latents and text embeddings (safetensors shards, keyed by content hash, model, "
+        "bin, --max_sequence_length and instruction), shared by runs and processes: missing entries are encoded and "
+        "stored as training meets them; a run whose entries are all there never constructs the text encoder (nor "
+        "the VAE, except to decode validation images). Needs --center_crop (docs/data.md).",
+    )
+    group.add_argument(
+        "--precompute_only",
+        action="store_true",
+        help="Fill --feature_cache_dir (every latent, both flips with --random_flip, every caption, the empty and "
+        "the validation prompts; each process a share of the rows) and exit without training.",
     )
     group.add_argument("--max_sequence_length", type=int, default=300, help="Text tokens per caption (Sana: 300).")
     group.add_argument(
@@ -260,8 +326,27 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
     """Checks both scripts share; the flag ranges are `validate_training_args`'s."""
-    if (args.dataset_name is None) == (args.train_data_dir is None):
-        raise ValueError("Give exactly one of --dataset_name and --train_data_dir.")
+    if sum(source is not None for source in (args.dataset_name, args.train_data_dir, args.train_shards)) != 1:
+        raise ValueError("Give exactly one of --dataset_name, --train_data_dir and --train_shards.")
+    if args.train_shards:
+        args.streaming = True
+    if args.streaming:
+        if args.train_data_dir is not None:
+            raise ValueError("--streaming reads --dataset_name or --train_shards, not --train_data_dir.")
+        unsupported = [
+            flag
+            for flag in ("multi_scale", "feature_cache_dir", "cache_latents", "validate_data", "calibrate_qk_norm")
+            if getattr(args, flag, None)
+        ]
+        if unsupported:
+            raise ValueError(f"--streaming does not support --{', --'.join(unsupported)} yet (see docs/data.md).")
+    if args.precompute_only and not args.feature_cache_dir:
+        raise ValueError("--precompute_only fills the on-disk caches: give --feature_cache_dir too.")
+    if args.feature_cache_dir and not args.center_crop:
+        raise ValueError(
+            "--feature_cache_dir stores one crop per image and bin: pass --center_crop (a random crop would be fixed "
+            "at its first draw)."
+        )
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         raise ValueError(
             "You cannot use both --report_to=wandb and --hub_token due to a security risk of exposing your token. "
@@ -499,46 +584,155 @@ def load_checkpoint_file(path: str) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_text_and_vae(args, device, weight_dtype):
-    """The teacher pipeline's tokenizer, text encoder (frozen, `weight_dtype`), VAE (frozen, fp32) and scheduler."""
-    base = SanaPipeline.from_pretrained(
-        args.pretrained_teacher_model_name_or_path,
-        transformer=None,
-        revision=args.revision,
-        variant=args.variant,
-        cache_dir=args.cache_dir,
-    )
-    base.vae.requires_grad_(False).eval().to(device)  # DC-AE stays fp32
-    base.text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
-    return base
+class FrozenComponents:
+    """
+    The teacher pipeline's `tokenizer`, `text_encoder` (frozen, `weight_dtype`), `vae` (frozen, fp32) and
+    `scheduler`, each constructed at its first use (from the classes `model_index.json` names, as `SanaPipeline`
+    loads them): with complete feature caches (`--feature_cache_dir`) a run never constructs the text encoder, and
+    the VAE only to decode validation images. `constructed` lists what was built, in order.
+    """
+
+    NAMES = ("tokenizer", "text_encoder", "vae", "scheduler")
+
+    def __init__(self, args, device, weight_dtype):
+        self._args, self._device, self.weight_dtype = args, device, weight_dtype
+        self._root = self._index = None
+        self.constructed = []
+
+    @property
+    def root(self) -> str:
+        """The teacher pipeline's local folder: the given path, or the Hub snapshot (downloaded as `from_pretrained`
+        downloads it)."""
+        if self._root is None:
+            args = self._args
+            root = args.pretrained_teacher_model_name_or_path
+            if not os.path.isdir(root):
+                root = DiffusionPipeline.download(
+                    root, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir
+                )
+            self._root = root
+        return self._root
+
+    def model_index(self) -> dict:
+        if self._index is None:
+            self._index = DiffusionPipeline.load_config(self.root)
+        return self._index
+
+    def _class(self, name: str):
+        library, class_name = self.model_index()[name]
+        return getattr(importlib.import_module(library), class_name)
+
+    def config(self, name: str) -> dict:
+        """The config of component `name` (e.g. the VAE's), read without constructing it."""
+        return self._class(name).load_config(self.root, subfolder=name)
+
+    def identity(self, name: str) -> str:
+        """What a cache keys component `name` by: a digest of its files (`model_digest`), never constructing it."""
+        return model_digest(os.path.join(self.root, name))
+
+    def __getattr__(self, name):
+        if name not in FrozenComponents.NAMES:
+            raise AttributeError(name)
+        kwargs = dict(subfolder=name)
+        if name in ("text_encoder", "vae") and self._args.variant is not None:
+            kwargs["variant"] = self._args.variant
+        value = self._class(name).from_pretrained(self.root, **kwargs)
+        if name == "vae":
+            value.requires_grad_(False).eval().to(self._device)  # DC-AE stays fp32
+        elif name == "text_encoder":
+            value.requires_grad_(False).eval().to(self._device, dtype=self.weight_dtype)
+        self.constructed.append(name)
+        setattr(self, name, value)
+        return value
 
 
-def make_prompt_encoder(args, base) -> PromptEncoder:
-    return PromptEncoder(
-        base.tokenizer,
-        base.text_encoder,
-        args.max_sequence_length,
-        DEFAULT_COMPLEX_HUMAN_INSTRUCTION if args.complex_human_instruction else None,
+def load_text_and_vae(args, device, weight_dtype) -> FrozenComponents:
+    """The teacher pipeline's tokenizer, text encoder, VAE and scheduler, each loaded at its first use."""
+    return FrozenComponents(args, device, weight_dtype)
+
+
+def make_prompt_encoder(args, base):
+    """Sana's prompt encoding (`PromptEncoder`); with `--feature_cache_dir` behind the on-disk text cache."""
+    instruction = DEFAULT_COMPLEX_HUMAN_INSTRUCTION if args.complex_human_instruction else None
+
+    def build():
+        return PromptEncoder(base.tokenizer, base.text_encoder, args.max_sequence_length, instruction)
+
+    if not args.feature_cache_dir:
+        return build()
+    namespace = dict(
+        tokenizer=base.identity("tokenizer"),
+        text_encoder=base.identity("text_encoder"),
+        max_sequence_length=args.max_sequence_length,
+        instruction=json.dumps(instruction),
+        dtype=str(base.weight_dtype),
     )
+    cache = FeatureCache(args.feature_cache_dir, "text", namespace, writer=_writer_name())
+    return CachedPromptEncoder(cache, build, args.max_sequence_length)
+
+
+def _writer_name() -> str:
+    return f"{os.environ.get('RANK', '0')}-{os.getpid()}"
+
+
+def save_sprint_pipeline(args, transformer, folder: str) -> None:
+    """
+    A `SanaSprintPipeline` folder: `transformer` and a TrigFlow scheduler saved, the teacher's tokenizer, text encoder
+    and VAE folders copied file by file (so they are never constructed; `from_pretrained` loads the result as usual).
+    """
+    root = FrozenComponents(args, "cpu", torch.float32).root
+    pipeline = SanaSprintPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer=transformer,
+        scheduler=TrigFlowScheduler(sigma_data=args.sigma_data),
+    )
+    pipeline.save_pretrained(folder)
+    with open(os.path.join(root, "model_index.json")) as file:
+        teacher_index = json.load(file)
+    index_path = os.path.join(folder, "model_index.json")
+    with open(index_path) as file:
+        index = json.load(file)
+    for name in ("tokenizer", "text_encoder", "vae"):
+        shutil.copytree(os.path.join(root, name), os.path.join(folder, name))
+        index[name] = teacher_index[name]
+    with open(index_path, "w") as file:
+        json.dump(index, file, indent=2, sort_keys=True)
 
 
 class TrainingData:
     """
-    The dataset (optionally latent-cached), its layout-invariant sampler and loader, and `batch(examples)` that
-    turns a collated batch into a [`DistillationBatch`] on the device.
+    The dataset (optionally latent-cached, in memory or on disk), its layout-invariant sampler (one aspect-ratio
+    bucket per step with `--multi_scale`) and loader, and `batch(examples)` that turns a collated batch into a
+    [`DistillationBatch`] on the device.
 
-    The loader is not `accelerator.prepare`d: [`LayoutInvariantBatchSampler`] already gives each process its
-    micro-batches, numbered so that 1 process x accumulation 4, 2 processes x 2 and 4 processes x 1 see the same
-    samples, and a resumed run the same as an uninterrupted one (accelerate's sharding would split differently).
+    The loader is not `accelerator.prepare`d: [`LayoutInvariantBatchSampler`] (and
+    [`AspectRatioBucketBatchSampler`]) already give each process its micro-batches, numbered so that 1 process x
+    accumulation 4, 2 processes x 2 and 4 processes x 1 see the same samples, and a resumed run the same as an
+    uninterrupted one (accelerate's sharding would split differently).
     """
 
-    def __init__(self, args, accelerator, base, prompt_encoder: PromptEncoder, seed: int, patch_size: int, logger):
-        latent_scale = 2 ** (len(base.vae.config.encoder_block_out_channels) - 1) * patch_size
+    def __init__(self, args, accelerator, base, prompt_encoder, seed: int, patch_size: int, logger):
+        vae_config = base.config("vae")
+        vae_scale = 2 ** (len(vae_config["encoder_block_out_channels"]) - 1)
+        latent_scale = vae_scale * patch_size
         if args.resolution % latent_scale:
             raise ValueError(f"--resolution must be a multiple of {latent_scale} (VAE scale x patch size).")
-        self.args, self.device = args, accelerator.device
-        self.vae, self.prompt_encoder = base.vae, prompt_encoder
+        if args.multi_scale and args.cache_latents:
+            raise ValueError(
+                "--cache_latents keeps one image size in memory; with --multi_scale use --feature_cache_dir."
+            )
+        if args.feature_cache_dir and args.cache_latents:
+            raise ValueError("Give one of --cache_latents (in memory) and --feature_cache_dir (on disk).")
+        self.args, self.device, self.base = args, accelerator.device, base
+        self.prompt_encoder = prompt_encoder
         self.null_embeds, self.null_mask = prompt_encoder.null(self.device)
+        self.latent_cache = None
+        self.streaming = args.streaming
+        if self.streaming:
+            self._init_streaming(args, accelerator, seed)
+            return
         with accelerator.main_process_first():
             hf_dataset = load_image_caption_dataset(
                 args.dataset_name,
@@ -552,6 +746,18 @@ class TrainingData:
         if args.validate_data:
             validate_image_dataset(hf_dataset, args.image_column, args.caption_column, raise_error=True)
             logger.info(f"--validate_data: all {len(hf_dataset)} rows read.")
+        target_sizes = None
+        if args.multi_scale:
+            bins = training_bins(args.resolution, latent_scale)
+            rows = undecoded_images(hf_dataset, args.image_column)  # headers only: nothing is decoded
+            if hasattr(rows, "select_columns"):
+                rows = rows.select_columns([args.image_column])
+            target_sizes = assign_buckets([image_size(row[args.image_column]) for row in rows], bins)
+            counts = Counter(target_sizes)
+            logger.info(
+                f"--multi_scale: {len(counts)} aspect-ratio buckets of {len(bins)} bins at {args.resolution} px: "
+                + ", ".join(f"{h}x{w}: {n}" for (h, w), n in sorted(counts.items()))
+            )
         self.images = ImageCaptionDataset(
             hf_dataset,
             args.image_column,
@@ -560,9 +766,17 @@ class TrainingData:
             center_crop=args.center_crop,
             random_flip=args.random_flip,
             seed=seed,
+            target_sizes=target_sizes,
         )
         self.cached = args.cache_latents
-        if self.cached:
+        collate = collate_examples
+        if args.feature_cache_dir:
+            namespace = dict(vae=base.identity("vae"), crop="center")
+            self.latent_cache = FeatureCache(args.feature_cache_dir, "latents", namespace, writer=_writer_name())
+            self.dataset = CachedLatentImageDataset(self.images, self.latent_cache)
+            collate = collate_cached_examples
+            atexit.register(self.flush)
+        elif self.cached:
             self.dataset = build_latent_cache(
                 self.images, base.vae, prompt_encoder, args.sigma_data, args.train_batch_size, self.device
             )
@@ -573,34 +787,134 @@ class TrainingData:
                 torch.cuda.empty_cache()
         else:
             self.dataset = self.images
-        self.sampler = LayoutInvariantBatchSampler(
-            len(self.dataset),
+        layout = dict(
+            batch_size=args.train_batch_size,
+            num_processes=accelerator.num_processes,
+            process_index=accelerator.process_index,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            seed=seed,
+        )
+        if args.multi_scale:
+            self.sampler = AspectRatioBucketBatchSampler(target_sizes, **layout)
+            if self.sampler.dropped_per_epoch:
+                logger.info(
+                    f"--multi_scale: {self.sampler.dropped_per_epoch} samples per epoch do not fill a whole step in "
+                    "their bucket and wait for a later epoch."
+                )
+        else:
+            self.sampler = LayoutInvariantBatchSampler(len(self.dataset), **layout)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=args.dataloader_num_workers,
+        )
+
+    def _init_streaming(self, args, accelerator, seed: int) -> None:
+        stream = load_streaming_dataset(args.dataset_name, args.dataset_config_name, args.train_shards, args.cache_dir)
+        if args.max_train_samples is not None:
+            stream = stream.take(args.max_train_samples)
+        self.cached, self.sampler = False, None
+        self.dataset = StreamingImageCaptionDataset(
+            stream,
+            args.image_column,
+            [args.caption_column] + list(args.caption_fallback_columns or []),
+            args.resolution,
             args.train_batch_size,
             accelerator.num_processes,
             accelerator.process_index,
             args.gradient_accumulation_steps,
             seed=seed,
+            shuffle_buffer_size=args.shuffle_buffer_size,
+            center_crop=args.center_crop,
+            random_flip=args.random_flip,
         )
+        # (epoch, step) of the stream, saved and restored by accelerator.save_state / load_state
+        self.position = StreamPosition()
+        accelerator.register_for_checkpointing(self.position)
         self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, num_workers=args.dataloader_num_workers
+        )
+
+    def describe(self) -> str:
+        """Dataset size and steps per epoch, for the run's log."""
+        if self.streaming:
+            source = f"{len(self.args.train_shards)} shard patterns" if self.args.train_shards else "a stream"
+            return f"Streaming {source}, resuming at epoch {self.position.epoch}, step {self.position.step}"
+        return f"Num examples = {len(self.dataset)}, steps per epoch = {self.sampler.steps_per_epoch}"
+
+    def _stream_steps(self):
+        epoch, step = self.position.epoch, self.position.step
+        while True:
+            self.dataset.set_epoch(epoch, step)
+            iterator, yielded = iter(self.loader), False
+            while True:
+                micro_batches = []
+                for _ in range(self.args.gradient_accumulation_steps):
+                    examples = next(iterator, None)
+                    if examples is None:
+                        break
+                    micro_batches.append(self.batch(examples))
+                if len(micro_batches) < self.args.gradient_accumulation_steps:
+                    break
+                step, yielded = step + 1, True
+                self.position.epoch, self.position.step = epoch, step
+                yield epoch, micro_batches
+            if not yielded and step == 0:
+                raise ValueError(
+                    "The stream holds fewer rows than one step's global batch (batch size x accumulation x processes)."
+                )
+            epoch, step = epoch + 1, 0
+
+    def _encode_unit_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return encode_images(self.base.vae, pixel_values, sigma_data=1.0)  # vae_latent * scaling_factor
+
+    def flush(self) -> None:
+        """Write the feature caches' buffered entries (also at exit)."""
+        for cache in (self.latent_cache, getattr(self.prompt_encoder, "cache", None)):
+            if cache is not None:
+                cache.flush()
+
+    def precompute(self, accelerator, validation_prompts, logger) -> None:
+        """`--precompute_only`: fill the feature caches (each process a share of the rows), then wait for all."""
+        counts = fill_caches(
             self.dataset,
-            batch_sampler=self.sampler,
-            collate_fn=collate_examples,
-            num_workers=args.dataloader_num_workers,
+            self.prompt_encoder,
+            self._encode_unit_latents,
+            self.args.train_batch_size,
+            accelerator.process_index,
+            accelerator.num_processes,
+            extra_prompts=validation_prompts or (),
+            device=self.device,
+        )
+        accelerator.wait_for_everyone()
+        logger.info(
+            f"--precompute_only: process {accelerator.process_index} encoded {counts['latents']} latents and "
+            f"{counts['captions']} captions into {self.args.feature_cache_dir}.",
+            main_process_only=False,
         )
 
     def batch(self, examples: dict) -> DistillationBatch:
-        if self.cached:
+        if self.latent_cache is not None:
+            latents = resolve_latents(
+                examples, self.latent_cache, self._encode_unit_latents, self.args.sigma_data, self.device
+            )
+            embeds, mask = self.prompt_encoder(examples["caption"], self.device)
+        elif self.cached:
             latents = examples["latents"].to(self.device)
             embeds = examples["prompt_embeds"].to(self.device)
             mask = examples["prompt_attention_mask"].to(self.device)
         else:
-            latents = encode_images(self.vae, examples["pixel_values"].to(self.device), self.args.sigma_data)
+            latents = encode_images(self.base.vae, examples["pixel_values"].to(self.device), self.args.sigma_data)
             embeds, mask = self.prompt_encoder(examples["caption"], self.device)
         embeds, mask, null, null_mask = trim_prompt_padding(embeds, mask, self.null_embeds, self.null_mask)
         return DistillationBatch(latents, embeds, mask, null, null_mask)
 
     def steps(self, start_step: int):
         """Yields `(epoch, [micro-batch, ...])` for every step from `start_step` on; epochs end on step boundaries."""
+        if self.streaming:  # the position was restored with the checkpoint (`StreamPosition`)
+            yield from self._stream_steps()
+            return
         steps_per_epoch = self.sampler.steps_per_epoch
         epoch = start_step // steps_per_epoch
         self.sampler.set_epoch(epoch, start_step % steps_per_epoch)
@@ -610,6 +924,7 @@ class TrainingData:
             for _ in range(self.args.gradient_accumulation_steps):
                 examples = next(iterator, None)
                 if examples is None:
+                    self.flush()
                     epoch += 1
                     self.sampler.set_epoch(epoch)
                     iterator = iter(self.loader)

@@ -241,3 +241,18 @@ def test_jvp_flags_reach_the_scm_config(parser):
     base = ["--pretrained_teacher_model_name_or_path", "t", "--dataset_name", "d"]
     with pytest.raises(ValueError, match="--reuse_jvp_primal applies to --jvp exact only"):
         module.parse_args([*base, "--jvp", "finite_difference", "--reuse_jvp_primal"])
+
+
+def test_new_data_flags_enter_the_fingerprint_only_when_on(parser):
+    plain = run_fingerprint(script_args(parser), num_processes=1)
+    for name in ("multi_scale", "streaming", "train_shards", "shuffle_buffer_size", "caption_fallback_columns"):
+        assert name not in plain  # a checkpoint written before these flags existed still matches
+    buckets = run_fingerprint(script_args(parser, "--multi_scale"), num_processes=1)
+    assert buckets["multi_scale"] is True
+    assert compare_fingerprints(plain, buckets) == ["--multi_scale: not recorded in the checkpoint, True now"]
+    stream = run_fingerprint(
+        script_args(parser, streaming=True, train_shards=["a-*.tar"], shuffle_buffer_size=7), num_processes=1
+    )
+    assert (stream["streaming"], stream["train_shards"], stream["shuffle_buffer_size"]) == (True, ["a-*.tar"], 7)
+    assert stream["caption_fallback_columns"] is None
+    assert "feature_cache_dir" not in run_fingerprint(script_args(parser, feature_cache_dir="/c"), num_processes=1)

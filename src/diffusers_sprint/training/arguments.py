@@ -26,6 +26,7 @@ _RANGES = (
     ("max_sequence_length", lambda v: v >= 1, ">= 1 token"),
     ("max_consecutive_skips", lambda v: v >= 1, ">= 1"),
     ("dataloader_num_workers", lambda v: v >= 0, ">= 0"),
+    ("shuffle_buffer_size", lambda v: v >= 0, ">= 0 (0: the stream's order)"),
     ("lr_warmup_steps", lambda v: v >= 0, ">= 0"),
     ("lr_num_cycles", lambda v: v >= 1, ">= 1"),
     ("tangent_warmup_steps", lambda v: v >= 0, ">= 0"),
@@ -138,10 +139,15 @@ FINGERPRINT_COMMON = (
     "dataset_name",
     "dataset_config_name",
     "train_data_dir",
+    "train_shards",
+    "streaming",
+    "shuffle_buffer_size",
+    "caption_fallback_columns",
     "image_column",
     "caption_column",
     "max_train_samples",
     "resolution",
+    "multi_scale",
     "center_crop",
     "random_flip",
     "cache_latents",
@@ -216,6 +222,10 @@ _SCHEDULER_FLAGS = {
     "lr_power": ("polynomial",),
 }
 _LORA_ONLY = ("lora_alpha", "lora_target_modules")
+# Data flags recorded only when switched on (so checkpoints written before they existed still resume), and flags that
+# only matter for a stream.
+_RECORDED_WHEN_ON = {"multi_scale": False, "streaming": False, "train_shards": None}
+_STREAMING_ONLY = ("shuffle_buffer_size", "caption_fallback_columns")
 # Flags that do not enter the fingerprint (see the comment above FINGERPRINT_COMMON); a test checks that every flag of
 # the training script is in exactly one of the lists.
 FINGERPRINT_EXCLUDED = (
@@ -241,6 +251,8 @@ FINGERPRINT_EXCLUDED = (
     "hub_model_id",
     "max_consecutive_skips",
     "validate_data",
+    "feature_cache_dir",  # cached latents equal fresh ones (the same VAE) up to the VAE's batch rounding
+    "precompute_only",
 )
 
 
@@ -258,7 +270,9 @@ def run_fingerprint(args: Namespace, num_processes: int | None = None) -> dict:
     present on `args` is kept. `lr_warmup_steps`,
     `max_train_steps`, `lr_num_cycles` and `lr_power` count only for the diffusers schedulers that read them (so a
     constant-lr run may be extended), `lora_alpha` and `lora_target_modules` only with `lora_rank`, `jvp_step` only
-    with `--jvp finite_difference`. With
+    with `--jvp finite_difference`, `--shuffle_buffer_size` and `--caption_fallback_columns` only with `--streaming`,
+    and `--multi_scale`, `--streaming` and `--train_shards` only when on (a checkpoint from before they existed still
+    matches). With
     `num_processes`, `gradient_accumulation_steps` is replaced by `global_batch_size` (`train_batch_size x
     accumulation x processes`), which is what a layout change must keep (see `training.seeding`).
     """
@@ -274,6 +288,13 @@ def run_fingerprint(args: Namespace, num_processes: int | None = None) -> dict:
         names = [name for name in names if name not in _LORA_ONLY]
     if getattr(args, "jvp", "exact") != "finite_difference":
         names = [name for name in names if name != "jvp_step"]
+    if not getattr(args, "streaming", False):
+        names = [name for name in names if name not in _STREAMING_ONLY]
+    names = [
+        name
+        for name in names
+        if not (name in _RECORDED_WHEN_ON and getattr(args, name, None) == _RECORDED_WHEN_ON[name])
+    ]
     fingerprint = {name: _json_value(getattr(args, name)) for name in names if hasattr(args, name)}
     if num_processes is not None and "train_batch_size" in fingerprint:
         accumulation = fingerprint.pop("gradient_accumulation_steps", 1)

@@ -14,6 +14,7 @@ sampling see identical text conditioning.
 """
 
 import io
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -260,34 +261,41 @@ def _draw_flip(generator: torch.Generator, random_flip: bool) -> bool:
 
 def preprocess_image(
     image: Image.Image,
-    resolution: int,
+    resolution: int | Sequence[int],
     center_crop: bool = False,
     flip: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     r"""
-    diffusers' text-to-image preprocessing: resize the shorter side to `resolution` (bilinear, antialiased), crop a
-    `resolution x resolution` square (centred, or at an offset drawn from `generator`), optionally flip left-right,
-    and map to `[-1, 1]`. The image is first made 8-bit RGB by [`image_to_rgb`] (16-bit scaled, transparency on
-    white).
+    diffusers' text-to-image preprocessing: resize (bilinear, antialiased) so the image just covers the target,
+    crop the target (centred, or at an offset drawn from `generator`), optionally flip left-right, and map to
+    `[-1, 1]`. The image is first made 8-bit RGB by [`image_to_rgb`] (16-bit scaled, transparency on white).
+
+    Args:
+        resolution (`int` or `(height, width)`): A square side, or the `(height, width)` of an aspect-ratio bin
+            (`training.buckets`). For a square target the shorter side is resized to `resolution`.
 
     Returns:
-        `torch.Tensor` of shape `(3, resolution, resolution)`, float32.
+        `torch.Tensor` of shape `(3, height, width)`, float32.
     """
+    if isinstance(resolution, numbers.Integral):
+        target_height = target_width = int(resolution)
+    else:
+        target_height, target_width = (int(side) for side in resolution)
     image = image_to_rgb(image)
     width, height = image.size
-    scale = resolution / min(width, height)
-    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    scale = max(target_height / height, target_width / width)
+    new_size = (max(target_width, round(width * scale)), max(target_height, round(height * scale)))
     if new_size != image.size:
         image = image.resize(new_size, Image.Resampling.BILINEAR)
     width, height = image.size
     if center_crop:
-        top = int(round((height - resolution) / 2.0))
-        left = int(round((width - resolution) / 2.0))
+        top = int(round((height - target_height) / 2.0))
+        left = int(round((width - target_width) / 2.0))
     else:
-        top = int(torch.randint(0, height - resolution + 1, (), generator=generator))
-        left = int(torch.randint(0, width - resolution + 1, (), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
+        top = int(torch.randint(0, height - target_height + 1, (), generator=generator))
+        left = int(torch.randint(0, width - target_width + 1, (), generator=generator))
+    image = image.crop((left, top, left + target_width, top + target_height))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -319,6 +327,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         dataset: Anything indexable by int returning a dict (e.g. a `datasets.Dataset`).
         image_column (`str`), caption_column (`str`): Column names.
         resolution (`int`): Output side in pixels.
+        target_sizes (`Sequence[tuple[int, int]]`, *optional*): Per-row `(height, width)` overriding `resolution`
+            (the aspect-ratio bin of each row, see `training.buckets.assign_buckets`).
         center_crop (`bool`, defaults to `False`): Centre crop instead of a random crop.
         random_flip (`bool`, defaults to `False`): Flip left-right with probability 0.5.
         seed (`int`, defaults to 0): Base seed of the augmentations.
@@ -333,9 +343,13 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         center_crop: bool = False,
         random_flip: bool = False,
         seed: int = 0,
+        target_sizes: Sequence[tuple[int, int]] | None = None,
     ):
+        if target_sizes is not None and len(target_sizes) != len(dataset):
+            raise ValueError(f"`target_sizes` has {len(target_sizes)} entries for {len(dataset)} rows.")
         self.dataset = dataset
-        self.rows = _undecoded_images(dataset, image_column)
+        self.target_sizes = target_sizes
+        self.rows = undecoded_images(dataset, image_column)
         self.image_column = image_column
         self.caption_column = caption_column
         self.resolution = resolution
@@ -346,6 +360,13 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def target_size(self, index: int) -> tuple[int, int]:
+        """`(height, width)` in pixels of row `index` after preprocessing."""
+        if self.target_sizes is not None:
+            height, width = self.target_sizes[int(index)]
+            return int(height), int(width)
+        return self.resolution, self.resolution
+
     def load(self, index: int, epoch: int = 0, flip: bool | None = None, pick_caption: bool = True) -> dict:
         """One sample; `flip` overrides the drawn flip (the crop stays that of `(epoch, index)`)."""
         generator = augmentation_generator(self.seed, epoch, index)
@@ -353,7 +374,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         row = self.rows[int(index)]
         image = read_image(row[self.image_column], index=int(index))
         pixel_values = preprocess_image(
-            image, self.resolution, self.center_crop, drawn_flip if flip is None else flip, generator
+            image, self.target_size(index), self.center_crop, drawn_flip if flip is None else flip, generator
         )
         try:
             caption = _pick_caption(row[self.caption_column], generator if pick_caption else None)
@@ -366,7 +387,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return self.load(index, epoch)
 
 
-def _undecoded_images(dataset, image_column: str):
+def undecoded_images(dataset, image_column: str):
     """`dataset` with its `datasets.Image` column left undecoded (`{"bytes", "path"}`), else `dataset` itself."""
     if not hasattr(dataset, "cast_column") or not isinstance(getattr(dataset, "features", None), dict):
         return dataset
@@ -412,7 +433,7 @@ def validate_image_dataset(
         `list[InvalidRow]`, empty when every row is usable. Keep the good rows with
         `dataset.select(sorted(set(range(len(dataset))) - {row.index for row in bad}))`.
     """
-    rows = _undecoded_images(dataset, image_column)
+    rows = undecoded_images(dataset, image_column)
     bad = []
     for index in range(len(rows)):
         row = rows[index]
@@ -714,5 +735,6 @@ __all__ = [
     "preprocess_image",
     "read_image",
     "trim_prompt_padding",
+    "undecoded_images",
     "validate_image_dataset",
 ]
