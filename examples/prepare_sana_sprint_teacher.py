@@ -249,7 +249,7 @@ def main(args):
     accelerator.register_load_state_pre_hook(load_model_hook)
     if resume_path is not None:
         logger.info(f"Resuming from {resume_path}")
-        accelerator.load_state(resume_path)
+        common.load_state(accelerator, resume_path)
         if ema is not None:
             ema.to(device)
             check_finite_state_dict(ema.state_dict(), f"{resume_path} (EMA)")

@@ -1002,6 +1002,19 @@ def ema_shards(ema) -> dict[str, dict[str, torch.Tensor]]:
     return {} if ema is None else {"ema": {str(i): tensor for i, tensor in enumerate(ema.shadow_params)}}
 
 
+def load_state(accelerator, checkpoint: str) -> None:
+    """`accelerator.load_state`, with the checkpoint's path in any error (a truncated `optimizer.bin`, say)."""
+    try:
+        accelerator.load_state(checkpoint)
+    except ValueError:
+        raise  # ours (the load hook's): it names the file already
+    except Exception as error:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: {type(error).__name__}: {error}. The checkpoint is damaged or "
+            "incomplete; resume from an earlier one (--resume_from_checkpoint <folder>)."
+        ) from error
+
+
 @contextmanager
 def ema_weights(ema, parameters):
     """Inside the block `parameters` hold the EMA weights (when there is an EMA), restored after."""

@@ -760,8 +760,9 @@ def test_a_diverging_run_stops_with_an_error(assets, tmp_path):
         ("nan", {}, "diffusion_pytorch_model.safetensors: tensor"),
         ("truncate", {}, "Cannot read the checkpoint file"),
         ("state", {}, "training_state.json"),
+        ("optimizer", {}, "Cannot resume from"),
     ],
-    ids=["other_recipe", "nan_weights", "truncated_weights", "broken_state"],
+    ids=["other_recipe", "nan_weights", "truncated_weights", "broken_state", "truncated_optimizer"],
 )
 def test_resume_refuses_a_checkpoint_it_cannot_trust(assets, checkpointed_run, tmp_path, damage, flags, message):
     output = tmp_path / "run"
@@ -778,6 +779,9 @@ def test_resume_refuses_a_checkpoint_it_cannot_trust(assets, checkpointed_run, t
         weights.write_bytes(weights.read_bytes()[:100])
     elif damage == "state":
         (output / "checkpoint-2" / "training_state.json").write_text("{")
+    elif damage == "optimizer":
+        optimizer = output / "checkpoint-2" / "optimizer.bin"
+        optimizer.write_bytes(optimizer.read_bytes()[:64])
     args = base_args(assets, output, 3, adversarial_lambda=0, resume_from_checkpoint="latest", **flags)
     assert message in _failing_run(tmp_path, args)
 
