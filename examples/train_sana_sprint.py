@@ -352,6 +352,7 @@ def main(args):
     data = common.TrainingData(args, accelerator, base, prompt_encoder, seed, teacher.config.patch_size, logger)
     if args.precompute_only:
         data.precompute(accelerator, args.validation_prompts, logger)
+        accelerator.wait_for_everyone()
         accelerator.end_training()
         return
 
@@ -615,6 +616,8 @@ def main(args):
                 args, run.repo_id, args.stage, global_step, global_batch, accelerator.mixed_precision, has_grid
             )
             common.push_output_folder(args, run.repo_id)
+    # every process waits for the main one's save: one leaving early tears the process group down under it
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
