@@ -7,6 +7,7 @@ update, must agree with one process to float error. A bare-module run without sy
 """
 
 import os
+import time
 
 import pytest
 import torch
@@ -143,8 +144,15 @@ def reference():
     return _reference()
 
 
-def _run(tmp_path, engine):
-    mp.start_processes(_worker, args=(2, str(tmp_path), engine), nprocs=2, join=True, start_method="fork")
+def _run(tmp_path, engine, timeout=300):
+    # spawn, not fork: a fork of the test process (threads of earlier tests alive) can deadlock in the child
+    context = mp.start_processes(_worker, args=(2, str(tmp_path), engine), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"the {engine} workers did not finish within {timeout} s")
     return torch.load(tmp_path / "result.pt", weights_only=True)
 
 
