@@ -156,6 +156,43 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         finally:
             self.register_modules(transformer=transformer, scheduler=scheduler)
 
+    def _binned_size(self, height: int, width: int, latents, use_resolution_binning: bool) -> tuple[int, int]:
+        """`(height, width)` moved to the nearest resolution bin when binning; `latents` must already have it."""
+        if not use_resolution_binning:
+            return height, width
+        binned = self.image_processor.classify_height_width_bin(height, width, self.resolution_bins())
+        if latents is not None and binned != (height, width):
+            raise ValueError(
+                f"`latents` were given for {height}x{width} but resolution binning generates at "
+                f"{binned[0]}x{binned[1]}; pass `use_resolution_binning=False` or latents of the binned size."
+            )
+        return binned
+
+    def _start_sampling(
+        self,
+        num_inference_steps,
+        timesteps,
+        max_timesteps,
+        intermediate_timesteps,
+        device,
+        guidance_scale,
+        attention_kwargs,
+        **scheduler_kwargs,
+    ) -> None:
+        """The scheduler's time grid (radians) and the per-call state the properties and callbacks read."""
+        self.scheduler.set_timesteps(
+            num_inference_steps,
+            timesteps=timesteps,
+            device=device,
+            max_timesteps=max_timesteps,
+            intermediate_timesteps=intermediate_timesteps,
+            **scheduler_kwargs,
+        )
+        self.scheduler.set_begin_index(0)
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._interrupt = False
+
     @property
     def _execution_device(self) -> torch.device:
         r"""
@@ -489,27 +526,19 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
         )
-        if use_resolution_binning:
-            orig_height, orig_width = height, width
-            height, width = self.image_processor.classify_height_width_bin(height, width, self.resolution_bins())
-            if latents is not None and (height, width) != (orig_height, orig_width):
-                raise ValueError(
-                    f"`latents` were given for {orig_height}x{orig_width} but resolution binning generates at "
-                    f"{height}x{width}; pass `use_resolution_binning=False` or latents of the binned size."
-                )
+        orig_height, orig_width = height, width
+        height, width = self._binned_size(height, width, latents, use_resolution_binning)
 
         device = self._execution_device
-        self.scheduler.set_timesteps(
+        self._start_sampling(
             num_inference_steps,
-            timesteps=timesteps,
-            device=device,
-            max_timesteps=max_timesteps,
-            intermediate_timesteps=intermediate_timesteps,
+            timesteps,
+            max_timesteps,
+            intermediate_timesteps,
+            device,
+            guidance_scale,
+            attention_kwargs,
         )
-        self.scheduler.set_begin_index(0)
-        self._guidance_scale = guidance_scale
-        self._attention_kwargs = attention_kwargs
-        self._interrupt = False
 
         # 1. Text conditioning.
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]

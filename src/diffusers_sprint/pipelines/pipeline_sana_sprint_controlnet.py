@@ -168,27 +168,19 @@ class SanaSprintControlNetPipeline(SanaSprintPipeline):
         )
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         self.check_control_inputs(control_image, controlnet_conditioning_scale, batch_size)
-        if use_resolution_binning:
-            orig_height, orig_width = height, width
-            height, width = self.image_processor.classify_height_width_bin(height, width, self.resolution_bins())
-            if latents is not None and (height, width) != (orig_height, orig_width):
-                raise ValueError(
-                    f"`latents` were given for {orig_height}x{orig_width} but resolution binning generates at "
-                    f"{height}x{width}; pass `use_resolution_binning=False` or latents of the binned size."
-                )
+        orig_height, orig_width = height, width
+        height, width = self._binned_size(height, width, latents, use_resolution_binning)
 
         device = self._execution_device
-        self.scheduler.set_timesteps(
+        self._start_sampling(
             num_inference_steps,
-            timesteps=timesteps,
-            device=device,
-            max_timesteps=max_timesteps,
-            intermediate_timesteps=intermediate_timesteps,
+            timesteps,
+            max_timesteps,
+            intermediate_timesteps,
+            device,
+            guidance_scale,
+            attention_kwargs,
         )
-        self.scheduler.set_begin_index(0)
-        self._guidance_scale = guidance_scale
-        self._attention_kwargs = attention_kwargs
-        self._interrupt = False
 
         # 1. Text conditioning.
         lora_scale = attention_kwargs.get("scale") if attention_kwargs is not None else None

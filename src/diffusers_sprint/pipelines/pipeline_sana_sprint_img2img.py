@@ -160,27 +160,19 @@ class SanaSprintImg2ImgPipeline(SanaSprintPipeline):
             max_sequence_length=max_sequence_length,
         )
         orig_height, orig_width = height, width
-        if use_resolution_binning:
-            height, width = self.image_processor.classify_height_width_bin(height, width, self.resolution_bins())
-            if latents is not None and (height, width) != (orig_height, orig_width):
-                raise ValueError(
-                    f"`latents` were given for {orig_height}x{orig_width} but resolution binning generates at "
-                    f"{height}x{width}; pass `use_resolution_binning=False` or latents of the binned size."
-                )
+        height, width = self._binned_size(height, width, latents, use_resolution_binning)
 
         device = self._execution_device
-        self.scheduler.set_timesteps(
+        self._start_sampling(
             num_inference_steps,
-            timesteps=timesteps,
-            device=device,
-            max_timesteps=max_timesteps,
-            intermediate_timesteps=intermediate_timesteps,
+            timesteps,
+            max_timesteps,
+            intermediate_timesteps,
+            device,
+            guidance_scale,
+            attention_kwargs,
             strength=strength,
         )
-        self.scheduler.set_begin_index(0)
-        self._guidance_scale = guidance_scale
-        self._attention_kwargs = attention_kwargs
-        self._interrupt = False
 
         # 1. Image latents x0 (data units), tiled over the batch.
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
