@@ -38,7 +38,7 @@ import transformers  # noqa: E402
 from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast  # noqa: E402
 
 import diffusers_sprint  # noqa: E402
-from diffusers_sprint.data.tokenizer import train_gemma_layout_tokenizer  # noqa: E402
+from diffusers_sprint.toy.tokenizer import train_gemma_layout_tokenizer  # noqa: E402
 
 
 PROMPTS = ["a small red cat sitting on a blue house under the moon"]

@@ -1,6 +1,6 @@
 """Accuracy of the finite-difference tangent against the exact JVP, on the embedded toy teacher.
 
-The student is `build_student(teacher)` of the embedded toy teacher (`diffusers_sprint.data.TOY_TEACHER_PATH`,
+The student is `build_student(teacher)` of the embedded toy teacher (`diffusers_sprint.toy.TOY_TEACHER_PATH`,
 6 layers, 32x4x4 latents); inputs are random latents/noise/captions at fixed TrigFlow times, the direction is the
 sCM one (`pf_ode_tangents` of the teacher's CFG velocity, w = 4.5). Reference: `torch.func.jvp` in fp32. Printed:
 the relative error `||dF_fd - dF_exact|| / ||dF_exact||` per time `t` and step `delta` (radians of ODE time, the
@@ -24,8 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from diffusers_sprint import SanaSprintTransformer2DModel  # noqa: E402
-from diffusers_sprint.data import TOY_TEACHER_PATH  # noqa: E402
 from diffusers_sprint.models import TrigFlowModel  # noqa: E402
+from diffusers_sprint.toy import TOY_TEACHER_PATH  # noqa: E402
 from diffusers_sprint.training import build_student  # noqa: E402
 from diffusers_sprint.training.scm import (  # noqa: E402
     pf_ode_tangents,

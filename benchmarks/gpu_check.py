@@ -55,8 +55,8 @@ from transformers import Gemma2Config, Gemma2Model  # noqa: E402
 
 import diffusers_sprint  # noqa: E402
 from diffusers_sprint import SanaSprintTransformer2DModel  # noqa: E402
-from diffusers_sprint.data.tokenizer import train_gemma_layout_tokenizer  # noqa: E402
 from diffusers_sprint.models import TrigFlowModel  # noqa: E402
+from diffusers_sprint.toy.tokenizer import train_gemma_layout_tokenizer  # noqa: E402
 from diffusers_sprint.training.scm import (  # noqa: E402
     DEFAULT_FINITE_DIFFERENCE_STEP,
     trigflow_velocity_finite_difference,

@@ -41,7 +41,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import Gemma2Config, Gemma2Model  # noqa: E402
 
 from diffusers_sprint import SanaSprintTransformer2DModel  # noqa: E402
-from diffusers_sprint.data.tokenizer import train_gemma_layout_tokenizer  # noqa: E402
+from diffusers_sprint.toy.tokenizer import train_gemma_layout_tokenizer  # noqa: E402
 
 
 WORDS = "a red blue green small big cat dog house tree car moon sun star flower bird".split()

@@ -321,7 +321,7 @@ def test_transparency_is_composited_onto_white(tmp_path):
 
 
 def test_emoji_loader_and_training_data_share_the_rule(tmp_path):
-    from diffusers_sprint.data import load_emoji_image
+    from diffusers_sprint.toy import load_emoji_image
 
     rgba = np.random.default_rng(1).integers(0, 256, (6, 6, 4), dtype=np.uint8)
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "emoji.png")

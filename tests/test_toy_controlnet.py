@@ -12,7 +12,7 @@ import torch
 from diffusers import SanaControlNetModel
 
 from diffusers_sprint import SanaSprintTransformer2DModel
-from diffusers_sprint.data import TOY_CONTROLNET_PATH, TOY_TEACHER_PATH
+from diffusers_sprint.toy import TOY_CONTROLNET_PATH, TOY_TEACHER_PATH
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "toy"
@@ -65,8 +65,8 @@ def test_embedded_controlnet_fits_the_toy_teacher_and_follows_edges():
     own samples for the same prompts and noise (edge F1, 1 px tolerance; seen 0.67-0.71 -> 0.92-0.93 over noise
     seeds 0-2, the same gap as at 20 steps)."""
     evaluate = _load_script("eval_toy_controlnet")
-    from diffusers_sprint.data import load_emoji_dataset
     from diffusers_sprint.evaluation.edges import edge_adherence, edge_maps
+    from diffusers_sprint.toy import load_emoji_dataset
 
     controlnet = SanaControlNetModel.from_pretrained(TOY_CONTROLNET_PATH)
     assert controlnet.config.caption_channels == 64 and controlnet.config.in_channels == 32

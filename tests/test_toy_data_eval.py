@@ -13,7 +13,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def emoji():
-    from diffusers_sprint.data import load_emoji_dataset
+    from diffusers_sprint.toy import load_emoji_dataset
 
     return load_emoji_dataset()
 
@@ -30,7 +30,7 @@ def emoji_pixels(emoji):
 def test_dataset_columns_types_and_size(emoji):
     from PIL import Image
 
-    from diffusers_sprint.data import CATEGORIES
+    from diffusers_sprint.toy import CATEGORIES
 
     assert emoji.num_rows == 1628
     assert set(emoji.column_names) == {"image", "caption", "name", "category", "subcategory"}
@@ -48,7 +48,7 @@ def test_dataset_columns_types_and_size(emoji):
 
 
 def test_dataset_resolution_background_and_filters():
-    from diffusers_sprint.data import load_emoji_dataset
+    from diffusers_sprint.toy import load_emoji_dataset
 
     small = load_emoji_dataset(resolution=16, background=(0, 0, 0), categories=["Food & Drink"], limit=3)
     assert small.num_rows == 3
@@ -63,7 +63,7 @@ def test_dataset_resolution_background_and_filters():
 
 
 def test_dataset_missing_packages_names_the_pip_install(monkeypatch):
-    from diffusers_sprint.data import emoji as emoji_module
+    from diffusers_sprint.toy import emoji as emoji_module
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
@@ -86,7 +86,7 @@ def test_dataset_missing_packages_names_the_pip_install(monkeypatch):
 def test_toy_teacher_is_a_standard_sana_pipeline_and_samples():
     from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
 
-    from diffusers_sprint.data import TOY_TEACHER_PATH
+    from diffusers_sprint.toy import TOY_TEACHER_PATH
 
     pipe = SanaPipeline.from_pretrained(TOY_TEACHER_PATH)
     pipe.set_progress_bar_config(disable=True)
@@ -150,7 +150,7 @@ def test_fid_is_large_for_shuffled_pixels(emoji_pixels, inception_features_of):
 def test_classifier_fid_separates_real_from_shuffled_pixels(emoji_pixels):
     """In the classifier's feature space: two halves of the dataset are close (seen 0.25), real vs pixel-shuffled
     far apart (seen 15.7)."""
-    from diffusers_sprint.evaluation import classifier_fid, load_classifier
+    from diffusers_sprint.toy import classifier_fid, load_classifier
 
     model = load_classifier()
     real_a, real_b = emoji_pixels[0::2], emoji_pixels[1::2]
@@ -226,8 +226,8 @@ DATASET_MIN_ACCURACY = 0.85
 
 
 def test_classifier_accuracy_on_real_images(emoji, emoji_pixels):
-    from diffusers_sprint.evaluation import load_classifier, predict_categories
-    from diffusers_sprint.evaluation.classifier import classifier_metadata
+    from diffusers_sprint.toy import load_classifier, predict_categories
+    from diffusers_sprint.toy.classifier import classifier_metadata
 
     model = load_classifier()
     assert sum(p.numel() for p in model.parameters()) < 500_000
@@ -239,7 +239,7 @@ def test_classifier_accuracy_on_real_images(emoji, emoji_pixels):
 
 
 def test_prompt_adherence_of_dataset_images_against_their_captions(emoji, emoji_pixels):
-    from diffusers_sprint.evaluation import prompt_adherence, prompt_categories
+    from diffusers_sprint.toy import prompt_adherence, prompt_categories
 
     assert prompt_categories(["an emoji of red apple", "an emoji of grinning face"]) == [
         "Food & Drink",

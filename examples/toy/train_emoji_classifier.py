@@ -2,7 +2,7 @@
 """Train the prompt-adherence classifier: 32x32 emoji image -> one of the 8 Unicode categories.
 
     python examples/toy/train_emoji_classifier.py
-    # writes src/diffusers_sprint/evaluation/emoji_classifier.safetensors
+    # writes src/diffusers_sprint/toy/emoji_classifier.safetensors
 
 A stratified 15% of the emoji is held out; the held-out accuracy is printed and stored in the weights' metadata.
 Augmentations mimic what generated images get wrong: shifts, blur, noise, contrast/brightness drift (no hue change:
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffusers_sprint.data import CATEGORIES, load_emoji_dataset
-from diffusers_sprint.evaluation.classifier import WEIGHTS_PATH, EmojiClassifier, images_to_tensor, save_classifier
+from diffusers_sprint.toy import CATEGORIES, load_emoji_dataset
+from diffusers_sprint.toy.classifier import WEIGHTS_PATH, EmojiClassifier, images_to_tensor, save_classifier
 
 
 def parse_args(argv=None):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the embedded toy ControlNet: a small diffusers `SanaControlNetModel` on edge maps, for the toy teacher.
 
-    python examples/toy/train_toy_controlnet.py --threads 1 --output_dir src/diffusers_sprint/data/toy_controlnet
+    python examples/toy/train_toy_controlnet.py --threads 1 --output_dir src/diffusers_sprint/toy/toy_controlnet
 
 The condition is the Sobel edge map of each emoji (`diffusers_sprint.evaluation.edges.edge_maps`, luminance step
 0.2), drawn as white edges on black and encoded by the teacher's own autoencoder (times its `scaling_factor`), as
@@ -35,15 +35,15 @@ import torch.nn.functional as F
 from diffusers import SanaControlNetModel, SanaPipeline
 from diffusers.training_utils import EMAModel
 
-from diffusers_sprint.data import TOY_TEACHER_PATH, load_emoji_dataset
-from diffusers_sprint.evaluation.classifier import images_to_tensor
 from diffusers_sprint.evaluation.edges import DEFAULT_THRESHOLD, edge_maps
+from diffusers_sprint.toy import TOY_TEACHER_PATH, load_emoji_dataset
+from diffusers_sprint.toy.classifier import images_to_tensor
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default=TOY_TEACHER_PATH)
-    p.add_argument("--output_dir", default="src/diffusers_sprint/data/toy_controlnet")
+    p.add_argument("--output_dir", default="src/diffusers_sprint/toy/toy_controlnet")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -221,7 +221,7 @@ def main(argv=None):
     controlnet.save_pretrained(args.output_dir, safe_serialization=True)
     recorded = dict(vars(args))
     if args.teacher == TOY_TEACHER_PATH:
-        recorded["teacher"] = "diffusers_sprint.data.TOY_TEACHER_PATH"
+        recorded["teacher"] = "diffusers_sprint.toy.TOY_TEACHER_PATH"
     info = {
         "script": "examples/toy/train_toy_controlnet.py",
         "args": recorded,

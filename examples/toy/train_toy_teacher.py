@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the embedded toy teacher from scratch: a tiny Sana text-to-image pipeline on 32x32 Twemoji.
 
-    python examples/toy/train_toy_teacher.py --output_dir src/diffusers_sprint/data/toy_teacher
+    python examples/toy/train_toy_teacher.py --output_dir src/diffusers_sprint/toy/toy_teacher
 
 What it builds (all diffusers / transformers classes, saved as a `diffusers.SanaPipeline`):
   * tokenizer     BPE trained on the 1,628 captions, in Gemma's layout (`GemmaTokenizerFast`, `<bos>` prepended).
@@ -39,9 +39,9 @@ from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeli
 from diffusers.training_utils import EMAModel
 from transformers import Gemma2Config, Gemma2Model
 
-from diffusers_sprint.data import load_emoji_dataset
-from diffusers_sprint.data.tokenizer import train_gemma_layout_tokenizer
-from diffusers_sprint.evaluation.classifier import images_to_tensor
+from diffusers_sprint.toy import load_emoji_dataset
+from diffusers_sprint.toy.classifier import images_to_tensor
+from diffusers_sprint.toy.tokenizer import train_gemma_layout_tokenizer
 
 
 GRID_PROMPTS = [
@@ -66,7 +66,7 @@ GRID_PROMPTS = [
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default="src/diffusers_sprint/data/toy_teacher")
+    p.add_argument("--output_dir", default="src/diffusers_sprint/toy/toy_teacher")
     p.add_argument("--grid_path", default="docs/images/toy_teacher_grid.png")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)

@@ -83,10 +83,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    from diffusers_sprint.data import load_emoji_dataset
-    from diffusers_sprint.evaluation import emoji_reference_features, fid_from_features, inception_features
-    from diffusers_sprint.evaluation.classifier import classifier_features, load_classifier
+    from diffusers_sprint.evaluation import fid_from_features, inception_features
     from diffusers_sprint.evaluation.fid import reference_indices
+    from diffusers_sprint.toy import emoji_reference_features, load_emoji_dataset
+    from diffusers_sprint.toy.classifier import classifier_features, load_classifier
 
     pipe = SanaSprintPipeline.from_pretrained(args.student)
     pipe.set_progress_bar_config(disable=True)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 
 # A luminance step above this height is an edge (the Sobel magnitude is normalised so that a sharp step of height h
-# scores h). 0.2 keeps the dark features and colour boundaries of the emoji and most of their outlines.
+# scores h). 0.2 keeps the dark features and colour boundaries of the toy images and most of their outlines.
 DEFAULT_THRESHOLD = 0.2
 DEFAULT_TOLERANCE = 1
 _LUMA = (0.299, 0.587, 0.114)

@@ -162,35 +162,3 @@ def reference_indices(num_rows: int, num_images: int | None) -> np.ndarray:
     if num_images < 2:
         raise ValueError(f"`num_images` must be at least 2 (FID needs two samples), got {num_images}.")
     return np.sort(np.random.default_rng(0).permutation(num_rows)[:num_images])
-
-
-def emoji_reference_features(
-    resolution: int = 32, num_images: int | None = None, cache_dir: str | None = None, **dataset_kwargs
-) -> np.ndarray:
-    """Inception features of the emoji dataset, cached as .npy: all 1,628 images (~4.5 min on 2 busy CPU cores) or
-    the fixed subset `reference_indices(1628, num_images)`, in dataset order.
-
-    `cache_dir` defaults to `$DIFFUSERS_SPRINT_CACHE` or `~/.cache/diffusers_sprint`; pass `cache_dir=""` to skip.
-    """
-    from ..data import load_emoji_dataset
-
-    if cache_dir is None:
-        cache_dir = os.environ.get(
-            "DIFFUSERS_SPRINT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "diffusers_sprint")
-        )
-    options = dict(dataset_kwargs, **({"n": num_images} if num_images is not None else {}))
-    key = "_".join(f"{k}-{v}" for k, v in sorted(options.items())).replace(" ", "")
-    path = (
-        os.path.join(cache_dir, f"inception_emoji_{resolution}px{'_' + key if key else ''}.npy") if cache_dir else None
-    )
-    if path and os.path.isfile(path):
-        return np.load(path)
-    dataset = load_emoji_dataset(resolution=resolution, **dataset_kwargs)
-    rows = reference_indices(dataset.num_rows, num_images)
-    features = inception_features([dataset[int(i)]["image"] for i in rows])
-    if path:  # write-then-rename: concurrent runs never read a half-written file
-        os.makedirs(cache_dir, exist_ok=True)
-        partial = f"{path}.{os.getpid()}.partial.npy"
-        np.save(partial, features)
-        os.replace(partial, path)
-    return features

@@ -140,7 +140,7 @@ class InvalidImageError(ValueError):
 
 def image_to_rgb(image: Image.Image, background: Sequence[int] = WHITE) -> Image.Image:
     r"""
-    The one conversion of every loader here (training data and the emoji set) to an 8-bit RGB image.
+    The one conversion of every loader here (training data and the toy set) to an 8-bit RGB image.
 
     - 16-bit grey (`I;16*`, and `I`, which Pillow and `datasets` use for the same data): `round(v / 257)`, i.e. the
       full range 0..65535 maps linearly onto 0..255 (Pillow's own `convert` clips it to white at 255). Values outside

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.emoji import CAPTION_TEMPLATE, CATEGORIES
+from .emoji import CAPTION_TEMPLATE, CATEGORIES
 
 
 WEIGHTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "emoji_classifier.safetensors")
@@ -84,7 +84,7 @@ def classifier_metadata(path: str = WEIGHTS_PATH) -> dict:
 
 def images_to_tensor(images) -> torch.Tensor:
     """PIL list / uint8 NHWC array / uint8 or [0, 1] float NCHW tensor -> float NCHW in [-1, 1]."""
-    from .fid import to_uint8_tensor
+    from ..evaluation.fid import to_uint8_tensor
 
     return to_uint8_tensor(images).float() / 127.5 - 1
 
@@ -106,7 +106,7 @@ def classifier_features(images, model: EmojiClassifier | None = None, batch_size
 
 def classifier_fid(images_a, images_b, model: EmojiClassifier | None = None) -> float:
     """Fréchet distance in the classifier's 128-d feature space (fast; not comparable with Inception FID)."""
-    from .fid import fid_from_features
+    from ..evaluation.fid import fid_from_features
 
     model = model or load_classifier()
     return fid_from_features(classifier_features(images_a, model), classifier_features(images_b, model))
@@ -114,7 +114,7 @@ def classifier_fid(images_a, images_b, model: EmojiClassifier | None = None) -> 
 
 def prompt_categories(prompts: Sequence[str], template: str = CAPTION_TEMPLATE) -> list[str]:
     """Category of the emoji each prompt names ("an emoji of red apple" -> "Food & Drink")."""
-    from ..data.emoji import emoji_records
+    from .emoji import emoji_records
 
     by_name = {r["name"]: r["category"] for r in emoji_records()}
     prefix, _, suffix = template.partition("{name}")

@@ -1,6 +1,6 @@
 """The emoji-toy protocol: sample a pipeline on dataset prompts over several seeds; FID + prompt adherence each seed.
 
-    from diffusers_sprint.evaluation.toy import evaluate_pipeline
+    from diffusers_sprint.toy.protocol import evaluate_pipeline
     report = evaluate_pipeline(pipe, seeds=(0, 1, 2), num_inference_steps=20, guidance_scale=4.5)
 
 Protocol (docs/toy.md): one image per prompt for `prompts` (default: all 1,628 captions), image i of seed k drawn
@@ -11,6 +11,7 @@ noisy: report the mean and spread over seeds, and compare only runs with the sam
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 
@@ -23,7 +24,7 @@ SEED_STRIDE = 100_000
 
 def dataset_prompts(stride: int = 1, offset: int = 0) -> list[str]:
     """Captions of the emoji dataset in dataset order (every `stride`-th from `offset`)."""
-    from ..data.emoji import CAPTION_TEMPLATE, emoji_records
+    from .emoji import CAPTION_TEMPLATE, emoji_records
 
     return [CAPTION_TEMPLATE.format(name=r["name"]) for r in emoji_records()][offset::stride]
 
@@ -47,8 +48,8 @@ def generate(pipe, prompts: Sequence[str], seed: int, batch_size: int = 64, **ca
 
 def evaluate_images(images_per_seed: dict, prompts: Sequence[str], reference_features: np.ndarray) -> dict:
     """FID (vs `reference_features`) and prompt adherence for {seed: images}; adds mean / std over seeds."""
+    from ..evaluation.fid import fid_from_features, inception_features
     from .classifier import load_classifier, prompt_adherence
-    from .fid import fid_from_features, inception_features
 
     classifier = load_classifier()
     per_seed = {}
@@ -80,8 +81,6 @@ def evaluate_pipeline(
     **call_kwargs,
 ) -> dict:
     """Sample `pipe` on `prompts` for each seed and score it (see the module docstring for the protocol)."""
-    from .fid import emoji_reference_features
-
     prompts = list(prompts) if prompts is not None else dataset_prompts()
     if reference_features is None:
         reference_features = emoji_reference_features()
@@ -92,3 +91,36 @@ def evaluate_pipeline(
     report["sampling_seconds"] = sampling_seconds
     report["call_kwargs"] = {k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool))}
     return report
+
+
+def emoji_reference_features(
+    resolution: int = 32, num_images: int | None = None, cache_dir: str | None = None, **dataset_kwargs
+) -> np.ndarray:
+    """Inception features of the emoji dataset, cached as .npy: all 1,628 images (~4.5 min on 2 busy CPU cores) or
+    the fixed subset `reference_indices(1628, num_images)`, in dataset order.
+
+    `cache_dir` defaults to `$DIFFUSERS_SPRINT_CACHE` or `~/.cache/diffusers_sprint`; pass `cache_dir=""` to skip.
+    """
+    from ..evaluation.fid import inception_features, reference_indices
+    from .emoji import load_emoji_dataset
+
+    if cache_dir is None:
+        cache_dir = os.environ.get(
+            "DIFFUSERS_SPRINT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "diffusers_sprint")
+        )
+    options = dict(dataset_kwargs, **({"n": num_images} if num_images is not None else {}))
+    key = "_".join(f"{k}-{v}" for k, v in sorted(options.items())).replace(" ", "")
+    path = (
+        os.path.join(cache_dir, f"inception_emoji_{resolution}px{'_' + key if key else ''}.npy") if cache_dir else None
+    )
+    if path and os.path.isfile(path):
+        return np.load(path)
+    dataset = load_emoji_dataset(resolution=resolution, **dataset_kwargs)
+    rows = reference_indices(dataset.num_rows, num_images)
+    features = inception_features([dataset[int(i)]["image"] for i in rows])
+    if path:  # write-then-rename: concurrent runs never read a half-written file
+        os.makedirs(cache_dir, exist_ok=True)
+        partial = f"{path}.{os.getpid()}.partial.npy"
+        np.save(partial, features)
+        os.replace(partial, path)
+    return features

