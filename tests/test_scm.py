@@ -1,13 +1,17 @@
 """The sCM loss: JVP tangent, closed-form toy, teacher as student, gradient reach, reuse_jvp_primal, config."""
 
 import copy
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers.models.embeddings import Timesteps
-from tiny_components import make_diffusers_transformer, text_conditioning, transformer_config
+from tiny_components import float64_timestep_projection as _float64_timestep_projection
+from tiny_components import make_student as _student
+from tiny_components import make_teacher as _teacher
+from tiny_components import null_prompt as _null_prompt
+from tiny_components import scm_batch as _batch
+from tiny_components import text_conditioning
 from torch import nn
 
 from diffusers_sprint import SanaSprintTransformer2DModel
@@ -31,58 +35,7 @@ SIGMA_DATA = 0.5
 
 
 # ----------------------------------------------------------------------------------------------------
-# Builders
-
-
-def _student(logvar_head: bool = True, seed: int = 0) -> SanaSprintTransformer2DModel:
-    """Tiny Sprint student (guidance embedder, QK-norm) with non-trivial weights; its logvar head is perturbed too."""
-    model = SanaSprintTransformer2DModel(**transformer_config(student=True), logvar_head=logvar_head)
-    model.load_state_dict(make_diffusers_transformer(student=True, seed=seed).state_dict(), strict=False)
-    if logvar_head:
-        with torch.no_grad():
-            model.logvar_linear.weight.normal_(std=0.1)
-            model.logvar_linear.bias.fill_(0.2)
-    return model.eval()
-
-
-def _teacher(seed: int = 1, logvar_head: bool = False) -> SanaSprintTransformer2DModel:
-    """Tiny flow-matching teacher (no guidance embedder) seen through TrigFlow; frozen."""
-    model = SanaSprintTransformer2DModel(**transformer_config(student=False), logvar_head=logvar_head)
-    model.load_state_dict(make_diffusers_transformer(student=False, seed=seed).state_dict(), strict=False)
-    return model.eval().requires_grad_(False)
-
-
-def _batch(batch_size: int = 2, seed: int = 0, dtype=torch.float32):
-    """`(x0, z, t, w)`: sigma_data-scaled latents and noise, t in radians inside (0, pi/2), w per sample."""
-    generator = torch.Generator().manual_seed(seed)
-    x0 = SIGMA_DATA * torch.randn(batch_size, 4, 16, 16, generator=generator, dtype=dtype)
-    z = SIGMA_DATA * torch.randn(batch_size, 4, 16, 16, generator=generator, dtype=dtype)
-    t = torch.linspace(0.3, 1.3, batch_size, dtype=dtype)
-    w = torch.tensor([4.0, 5.0, 4.5, 4.0][:batch_size], dtype=dtype)
-    return x0, z, t, w
-
-
-def _null_prompt(seq_len: int = 6):
-    embeds, mask = text_conditioning(batch_size=1, seq_len=seq_len, seed=7, padded=False)
-    mask[0, 2:] = 0  # an empty prompt is short: bos + eos, the rest padding
-    return embeds, mask
-
-
-# ----------------------------------------------------------------------------------------------------
 # 1. JVP tangent vs finite differences along the PF-ODE direction
-
-
-def _float64_timestep_projection(module: Timesteps):
-    """diffusers' sinusoidal time projection in float64 (diffusers computes it in fp32 even in a float64 model)."""
-
-    def forward(timesteps):
-        half = module.num_channels // 2
-        exponent = -math.log(10000) * torch.arange(half, dtype=torch.float64) / (half - module.downscale_freq_shift)
-        angles = timesteps.double()[:, None] * torch.exp(exponent)[None] * module.scale
-        sin, cos = torch.sin(angles), torch.cos(angles)
-        return torch.cat([cos, sin] if module.flip_sin_to_cos else [sin, cos], dim=-1)
-
-    return forward
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padded-mask"])

@@ -8,7 +8,13 @@ import torch
 from diffusers import SanaTransformer2DModel
 from diffusers.models.embeddings import Timesteps
 from peft import LoraConfig
-from tiny_components import make_diffusers_transformer, text_conditioning, transformer_config
+from tiny_components import (
+    float64_timestep_projection,
+    make_diffusers_transformer,
+    make_sprint_transformer,
+    text_conditioning,
+    transformer_config,
+)
 
 from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.models import forward_ad_is_active
@@ -71,19 +77,6 @@ def test_flow_time_scale_config_overrides_default():
     assert model.effective_flow_time_scale == 2000.0
 
 
-def _float64_timestep_projection(module: Timesteps):
-    """diffusers' sinusoidal projection (`get_timestep_embedding`) evaluated in float64."""
-
-    def forward(timesteps):
-        half = module.num_channels // 2
-        exponent = -math.log(10000) * torch.arange(half, dtype=torch.float64) / (half - module.downscale_freq_shift)
-        angles = timesteps.double()[:, None] * torch.exp(exponent)[None] * module.scale
-        sin, cos = torch.sin(angles), torch.cos(angles)
-        return torch.cat([cos, sin] if module.flip_sin_to_cos else [sin, cos], dim=-1)
-
-    return forward
-
-
 def _jvp_relative_error(model, x, t, embeds, mask, w, tangent_x, tangent_t):
     def velocity(m, x_, t_):
         return m.trigflow_forward(x_, t_, embeds.to(x_.dtype), mask, guidance_scale=w).sample
@@ -95,7 +88,7 @@ def _jvp_relative_error(model, x, t, embeds, mask, w, tangent_x, tangent_t):
     model64 = copy.deepcopy(model).double()
     for module in model64.modules():
         if isinstance(module, Timesteps):
-            module.forward = _float64_timestep_projection(module)
+            module.forward = float64_timestep_projection(module)
     x64, t64, tx64, tt64 = (a.double() for a in (x, t, tangent_x, tangent_t))
     h = 1e-4
     with torch.no_grad():
@@ -107,8 +100,7 @@ def _jvp_relative_error(model, x, t, embeds, mask, w, tangent_x, tangent_t):
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padded-mask"])
 def test_jvp_matches_finite_differences_with_default_settings(padded):
-    model = SanaSprintTransformer2DModel(**transformer_config(student=True))
-    model.load_state_dict(make_diffusers_transformer(student=True).state_dict())
+    model = make_sprint_transformer(student=True)
     x = torch.randn(2, 4, 16, 16)
     t = torch.tensor([0.4, 1.2])
     embeds, mask = text_conditioning(padded=padded)
@@ -118,8 +110,7 @@ def test_jvp_matches_finite_differences_with_default_settings(padded):
 
 
 def test_jvp_with_lora_adapter_matches_finite_differences():
-    model = SanaSprintTransformer2DModel(**transformer_config(student=True))
-    model.load_state_dict(make_diffusers_transformer(student=True).state_dict())
+    model = make_sprint_transformer(student=True)
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     with torch.no_grad():  # lora_B starts at zero; make the adapter change the function
         for name, parameter in model.named_parameters():
@@ -192,8 +183,7 @@ def test_trigflow_forward_argument_errors():
 
 
 def test_lora_scale_changes_output_and_zero_restores_base():
-    model = SanaSprintTransformer2DModel(**transformer_config(student=True)).eval()
-    model.load_state_dict(make_diffusers_transformer(student=True).state_dict())
+    model = make_sprint_transformer(student=True)
     x = torch.randn(2, 4, 16, 16)
     t = torch.tensor([1.0, 0.5])
     embeds, mask = text_conditioning()

@@ -3,10 +3,14 @@
 Nothing here touches the network; every weight is drawn from a seeded generator.
 """
 
+import math
+
 import torch
 from diffusers import AutoencoderDC, SanaControlNetModel, SanaTransformer2DModel
+from diffusers.models.embeddings import Timesteps
 from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
 
+from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.toy.tokenizer import train_gemma_layout_tokenizer
 
 
@@ -95,6 +99,58 @@ def make_diffusers_transformer(student: bool = True, seed: int = 0, **overrides)
         for parameter in model.parameters():
             parameter.add_(0.02 * torch.randn_like(parameter))
     return model.eval()
+
+
+def make_sprint_transformer(student: bool = True, seed: int = 0, logvar_head: bool = False):
+    """Our `SanaSprintTransformer2DModel` with `make_diffusers_transformer(student, seed)`'s weights, in eval mode."""
+    model = SanaSprintTransformer2DModel(**transformer_config(student=student), logvar_head=logvar_head)
+    model.load_state_dict(make_diffusers_transformer(student=student, seed=seed).state_dict(), strict=not logvar_head)
+    return model.eval()
+
+
+def make_student(logvar_head: bool = True, seed: int = 0) -> SanaSprintTransformer2DModel:
+    """Tiny Sprint student (guidance embedder, QK-norm) with non-trivial weights; its logvar head is perturbed too."""
+    model = make_sprint_transformer(student=True, seed=seed, logvar_head=logvar_head)
+    if logvar_head:
+        with torch.no_grad():
+            model.logvar_linear.weight.normal_(std=0.1)
+            model.logvar_linear.bias.fill_(0.2)
+    return model
+
+
+def make_teacher(seed: int = 1, logvar_head: bool = False) -> SanaSprintTransformer2DModel:
+    """Tiny flow-matching teacher (no guidance embedder) seen through TrigFlow; frozen."""
+    return make_sprint_transformer(student=False, seed=seed, logvar_head=logvar_head).requires_grad_(False)
+
+
+def scm_batch(batch_size: int = 2, seed: int = 0, dtype=torch.float32, sigma_data: float = 0.5):
+    """`(x0, z, t, w)`: sigma_data-scaled latents and noise, t in radians inside (0, pi/2), w per sample."""
+    generator = torch.Generator().manual_seed(seed)
+    x0 = sigma_data * torch.randn(batch_size, 4, 16, 16, generator=generator, dtype=dtype)
+    z = sigma_data * torch.randn(batch_size, 4, 16, 16, generator=generator, dtype=dtype)
+    t = torch.linspace(0.3, 1.3, batch_size, dtype=dtype)
+    w = torch.tensor([4.0, 5.0, 4.5, 4.0][:batch_size], dtype=dtype)
+    return x0, z, t, w
+
+
+def null_prompt(seq_len: int = 6):
+    """`(embeds, mask)` of an empty prompt, batch 1: bos + eos, the rest padding."""
+    embeds, mask = text_conditioning(batch_size=1, seq_len=seq_len, seed=7, padded=False)
+    mask[0, 2:] = 0
+    return embeds, mask
+
+
+def float64_timestep_projection(module: Timesteps):
+    """diffusers' sinusoidal time projection in float64 (diffusers computes it in fp32 even in a float64 model)."""
+
+    def forward(timesteps):
+        half = module.num_channels // 2
+        exponent = -math.log(10000) * torch.arange(half, dtype=torch.float64) / (half - module.downscale_freq_shift)
+        angles = timesteps.double()[:, None] * torch.exp(exponent)[None] * module.scale
+        sin, cos = torch.sin(angles), torch.cos(angles)
+        return torch.cat([cos, sin] if module.flip_sin_to_cos else [sin, cos], dim=-1)
+
+    return forward
 
 
 def text_conditioning(batch_size: int = 2, seq_len: int = 6, seed: int = 0, padded: bool = True):
