@@ -33,6 +33,7 @@ from diffusers_sprint.training.scm import (  # noqa: E402
     trigflow_velocity_finite_difference,
     trigflow_velocity_jvp,
 )
+from diffusers_sprint.trigflow import add_trigflow_noise, append_dims  # noqa: E402
 
 
 SIGMA_DATA = 0.5
@@ -46,7 +47,7 @@ def relative_error(estimate: torch.Tensor, exact: torch.Tensor) -> float:
 
 def bf16_difference(model, x, t, v_x, v_t, conditioning, step, central):
     """The same difference with every forward under bf16 autocast (what the fp32 rule avoids)."""
-    h = (step / v_t).view(-1, 1, 1, 1)
+    h = append_dims(step / v_t, 4)
 
     def velocity(dx, dt):
         with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16):
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     rows = []
     for time in TIMES:
         t = torch.full((b,), time)
-        x_t = torch.cos(t).view(-1, 1, 1, 1) * x0 + torch.sin(t).view(-1, 1, 1, 1) * z
+        x_t = add_trigflow_noise(x0, z, t)
         x = x_t / SIGMA_DATA
         dxt_dt = teacher_cfg_velocity(teacher, x, t, embeds, mask, null, null_mask, w, SIGMA_DATA)
         v_x, v_t = pf_ode_tangents(x_t, t, dxt_dt, SIGMA_DATA)

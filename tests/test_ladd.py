@@ -23,7 +23,7 @@ from diffusers_sprint.training.ladd import (
     r1_penalty,
     renoise_for_discriminator,
 )
-from diffusers_sprint.training.trigflow import add_trigflow_noise
+from diffusers_sprint.trigflow import add_trigflow_noise
 
 
 SIGMA_DATA = 0.5

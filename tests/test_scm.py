@@ -28,7 +28,7 @@ from diffusers_sprint.training.scm import (
     trigflow_velocity_finite_difference,
     trigflow_velocity_jvp,
 )
-from diffusers_sprint.training.trigflow import add_trigflow_noise
+from diffusers_sprint.trigflow import add_trigflow_noise
 
 
 SIGMA_DATA = 0.5

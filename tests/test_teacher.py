@@ -20,7 +20,7 @@ from diffusers_sprint.training.teacher import (
     teacher_finetune_loss,
     trigflow_velocity_target,
 )
-from diffusers_sprint.training.trigflow import add_trigflow_noise, denoise_trigflow, sample_trigflow_time
+from diffusers_sprint.trigflow import add_trigflow_noise, denoise_trigflow, sample_trigflow_time
 
 
 SIGMA_DATA = 0.5

@@ -13,6 +13,7 @@ from diffusers.models.transformers.sana_transformer import SanaTransformer2DMode
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..trigflow import flow_sample_from_trigflow, flow_time_from_trigflow, trigflow_velocity_from_flow
 from .attention_processor import jvp_safe_attention
 from .embeddings import Float32AdaLayerNormSingle, Float32TimestepGuidanceEmbeddings
 
@@ -31,11 +32,6 @@ class SanaSprintTransformerOutput(BaseOutput):
 
     sample: torch.Tensor
     logvar: torch.Tensor | None = None
-
-
-def flow_time_from_trigflow(t: torch.Tensor) -> torch.Tensor:
-    """Map TrigFlow time `t` (radians, `[0, pi/2]`) to flow-matching time `s = sin t / (sin t + cos t)` in `[0, 1]`."""
-    return torch.sin(t) / (torch.cos(t) + torch.sin(t))
 
 
 class SanaSprintTransformer2DModel(SanaTransformer2DModel):
@@ -241,10 +237,7 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
         time_dtype = torch.promote_types(sample.dtype, torch.float32)
         timestep = torch.as_tensor(timestep, device=sample.device, dtype=time_dtype).expand(batch_size)
         flow_time = flow_time_from_trigflow(timestep)
-        flow_time_4d = flow_time.view(-1, 1, 1, 1)
-        # x_s = x_t / (sigma_data (sin t + cos t)); note sqrt(s^2 + (1-s)^2) = 1 / (sin t + cos t).
-        flow_norm = torch.sqrt(flow_time_4d**2 + (1 - flow_time_4d) ** 2)
-        flow_sample = sample * flow_norm
+        flow_sample = flow_sample_from_trigflow(sample, flow_time)
 
         guidance = None
         if guidance_scale is not None:
@@ -277,9 +270,7 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
             controlnet_block_samples=controlnet_block_samples,
             return_dict=False,
         )[0]
-        trigflow_velocity = (
-            (1 - 2 * flow_time_4d) * flow_sample + (1 - 2 * flow_time_4d + 2 * flow_time_4d**2) * velocity
-        ) / flow_norm
+        trigflow_velocity = trigflow_velocity_from_flow(velocity, flow_sample, flow_time)
 
         logvar = None
         if return_logvar:

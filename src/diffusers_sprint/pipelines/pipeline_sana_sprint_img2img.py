@@ -198,13 +198,11 @@ class SanaSprintImg2ImgPipeline(SanaSprintPipeline):
         prompt_attention_mask = prompt_attention_mask[:, :used_columns]
 
         # 3. x_{t_0'} = cos(t_0') x0 + sin(t_0') sigma_data z.
-        sigma_data = self.scheduler.config.sigma_data
         if latents is None:
             noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=torch.float32)
         else:
             noise = latents.to(device=device, dtype=torch.float32)
-        start = self.scheduler.timesteps[0]
-        latents = torch.cos(start) * image_latents + torch.sin(start) * (noise * sigma_data)
+        latents = self.scheduler.add_noise(image_latents, noise, self.scheduler.timesteps[0])
 
         # 4. Sampling and decoding, as in text-to-image.
         latents = self._sample(

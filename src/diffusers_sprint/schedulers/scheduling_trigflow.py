@@ -10,6 +10,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..trigflow import add_trigflow_noise, flow_time_from_trigflow, trigflow_time_from_flow
+
 
 TRIGFLOW_MAX_TIME = math.pi / 2
 
@@ -151,11 +153,8 @@ class TrigFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`strength` must be a float in (0, 1], got {strength!r}.")
         if strength == 1:
             return [float(t) for t in timesteps]
-        grid = []
-        for t in timesteps:
-            flow_time = strength * math.sin(t) / (math.sin(t) + math.cos(t))
-            grid.append(math.atan2(flow_time, 1.0 - flow_time))
-        return grid
+        flow_time = strength * flow_time_from_trigflow(torch.tensor(timesteps, dtype=torch.float64))
+        return trigflow_time_from_flow(flow_time).tolist()
 
     @staticmethod
     def _preset_timesteps(preset: str, num_inference_steps: int) -> tuple[float, ...]:
@@ -248,10 +247,10 @@ class TrigFlowScheduler(SchedulerMixin, ConfigMixin):
             prev_sample = pred_x0
         elif self.config.sampler == "ode":
             noise_estimate = torch.sin(t) * sample + torch.cos(t) * model_output
-            prev_sample = torch.cos(t_next) * pred_x0 + torch.sin(t_next) * noise_estimate
+            prev_sample = add_trigflow_noise(pred_x0, noise_estimate, t_next)
         else:
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device)
-            prev_sample = torch.cos(t_next) * pred_x0 + torch.sin(t_next) * (noise * self.config.sigma_data)
+            prev_sample = add_trigflow_noise(pred_x0, noise * self.config.sigma_data, t_next)
         self._step_index += 1
 
         if not return_dict:
@@ -267,15 +266,13 @@ class TrigFlowScheduler(SchedulerMixin, ConfigMixin):
             noise (`torch.Tensor`, same shape): standard normal noise (scaled by `sigma_data` here).
             timesteps (`torch.Tensor` of shape `(batch_size,)` or a scalar): `t` in radians.
         """
-        t = torch.as_tensor(timesteps, device=original_samples.device, dtype=original_samples.dtype)
-        t = t.reshape(-1, *([1] * (original_samples.ndim - 1))) if t.ndim > 0 else t
-        return torch.cos(t) * original_samples + torch.sin(t) * (noise * self.config.sigma_data)
+        t = torch.as_tensor(timesteps, device=original_samples.device)
+        return add_trigflow_noise(original_samples, noise * self.config.sigma_data, t)
 
     @staticmethod
     def timesteps_from_flow_sigmas(sigmas: Sequence[float] | torch.Tensor) -> torch.Tensor:
         """Flow-matching times `s in [0, 1]` to TrigFlow times `t = atan(s / (1 - s))` (radians)."""
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-        return torch.atan2(sigmas, 1 - sigmas).float()
+        return trigflow_time_from_flow(torch.as_tensor(sigmas, dtype=torch.float64)).float()
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

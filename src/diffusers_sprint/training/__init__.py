@@ -1,5 +1,6 @@
 """Pure training building blocks for SANA-Sprint distillation (no accelerate inside)."""
 
+from ..trigflow import MAX_TIME, add_trigflow_noise, denoise_trigflow, replace_with_max_time, sample_trigflow_time
 from .arguments import compare_fingerprints, run_fingerprint, validate_training_args
 from .distill import (
     DiscriminatorStepOutput,
@@ -25,7 +26,6 @@ from .ladd import (
 from .monitoring import SkipMonitor, check_finite_state_dict
 from .scm import SCMLossConfig, SCMLossOutput, sample_guidance_scales, scm_loss, teacher_cfg_velocity
 from .teacher import build_student, prepare_sprint_teacher, teacher_finetune_loss
-from .trigflow import MAX_TIME, add_trigflow_noise, denoise_trigflow, replace_with_max_time, sample_trigflow_time
 
 
 __all__ = [

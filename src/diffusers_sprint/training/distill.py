@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..models.trigflow_model import as_trigflow_model
+from ..trigflow import add_trigflow_noise, denoise_trigflow, replace_with_max_time, sample_noise, sample_trigflow_time
 from .ladd import (
     ADVERSARIAL_LOSS_TYPES,
     DISCRIMINATOR_P_MEAN,
@@ -30,7 +31,6 @@ from .ladd import (
     renoise_for_discriminator,
 )
 from .scm import SCMLossConfig, sample_guidance_scales, scm_loss
-from .trigflow import add_trigflow_noise, denoise_trigflow, replace_with_max_time, sample_trigflow_time
 
 
 @dataclass
@@ -188,11 +188,7 @@ def _draw_generator_inputs(batch: DistillationBatch, config: DistillationConfig,
     t = sample_trigflow_time(
         x0.shape[0], scm_config.p_mean, scm_config.p_std, scm_config.sigma_data, device=device, generator=generator
     )
-    noise_device = generator.device if generator is not None else device
-    z = (
-        torch.randn(x0.shape, generator=generator, device=noise_device, dtype=x0.dtype).to(device)
-        * scm_config.sigma_data
-    )
+    z = sample_noise(x0, scm_config.sigma_data, generator)
     w = sample_guidance_scales(x0.shape[0], scm_config.guidance_scales, device=device, generator=generator)
     return t, z, w
 

@@ -9,10 +9,9 @@
 
 import torch
 
-from ..models.transformer_sana_sprint import flow_time_from_trigflow
+from ..trigflow import add_trigflow_noise, flow_sample_from_trigflow, flow_time_from_trigflow, sample_noise
 from .distill import DistillationBatch
 from .teacher import flow_time_scale_of, sample_finetune_time, teacher_finetune_loss
-from .trigflow import add_trigflow_noise
 
 
 def drop_captions(
@@ -73,18 +72,16 @@ def teacher_calibration_inputs(
         sigma_data (`float`, defaults to 0.5).
         generator (`torch.Generator`, *optional*): Draws `t` then `z`.
     """
-    device = x0.device
-    t = sample_finetune_time(x0.shape[0], device=device, generator=generator)
-    noise_device = generator.device if generator is not None else device
-    z = torch.randn(x0.shape, generator=generator, device=noise_device, dtype=x0.dtype).to(device) * sigma_data
-    x_t = add_trigflow_noise(x0, z, t)
-    t_4d = t.reshape(-1, 1, 1, 1).to(x0.dtype)
+    t = sample_finetune_time(x0.shape[0], device=x0.device, generator=generator)
+    z = sample_noise(x0, sigma_data, generator)
+    s = flow_time_from_trigflow(t)
+    x_s = flow_sample_from_trigflow(add_trigflow_noise(x0, z, t) / sigma_data, s)
     reference = next(flow_model.parameters())
     return {
-        "hidden_states": (x_t / (sigma_data * (torch.sin(t_4d) + torch.cos(t_4d)))).to(reference.dtype),
+        "hidden_states": x_s.to(reference.dtype),
         "encoder_hidden_states": prompt_embeds.to(reference.dtype),
         "encoder_attention_mask": prompt_attention_mask,
-        "timestep": flow_time_from_trigflow(t) * flow_time_scale_of(flow_model),
+        "timestep": s * flow_time_scale_of(flow_model),
     }
 
 
@@ -135,8 +132,7 @@ def teacher_finetune_step(
     )
     latents = batch.latents
     t = sample_finetune_time(latents.shape[0], logit_mean, logit_std, device=latents.device, generator=generator)
-    noise_device = generator.device if generator is not None else latents.device
-    z = torch.randn(latents.shape, generator=generator, device=noise_device).to(latents.device) * sigma_data
+    z = sample_noise(latents, sigma_data, generator)
     loss = teacher_finetune_loss(model, latents, z, t, embeds, mask, sigma_data=sigma_data, weighting=weighting)
     return loss, {"finetune_loss": loss.detach(), "dropped": dropped.float().mean()}
 

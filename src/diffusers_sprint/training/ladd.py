@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.parametrizations import spectral_norm
 
 from ..models.trigflow_model import TrigFlowModel, as_trigflow_model
-from .trigflow import add_trigflow_noise, sample_trigflow_time
+from ..trigflow import add_trigflow_noise, sample_noise, sample_trigflow_time
 
 
 # The block ids of the official SANA-Sprint 1.6B recipe (20 transformer blocks).
@@ -420,9 +420,7 @@ def renoise_for_discriminator(
             t = sample_trigflow_time(
                 x0.shape[0], p_mean=p_mean, p_std=p_std, sigma_data=sigma_data, device=x0.device, generator=generator
             )
-        noise_device = generator.device if generator is not None else x0.device
-        z = torch.randn(x0.shape, generator=generator, device=noise_device, dtype=x0.dtype).to(x0.device)
-        return add_trigflow_noise(x0, z * sigma_data, t), t
+        return add_trigflow_noise(x0, sample_noise(x0, sigma_data, generator), t), t
 
     real_x_t = real_t = fake_x_t = fake_t = None
     if real_x0 is not None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.trigflow_model import as_trigflow_model
-from .trigflow import add_trigflow_noise
+from ..trigflow import add_trigflow_noise, append_dims
 
 
 TANGENT_NORMS = ("l2", "rms")
@@ -169,7 +169,7 @@ class SCMLossOutput:
 
 def _expand_4d(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`(batch,)` -> `(batch, 1, 1, 1)` in the dtype of `like`."""
-    return t.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+    return append_dims(t, like.ndim).to(like.dtype)
 
 
 def _per_sample(value: torch.Tensor | float, batch_size: int, like: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,14 @@ from diffusers.models.transformers.sana_transformer import SanaTransformer2DMode
 
 from ..models.transformer_sana_sprint import SanaSprintTransformer2DModel
 from ..models.trigflow_model import as_trigflow_model
-from .trigflow import add_trigflow_noise
+from ..trigflow import (
+    add_trigflow_noise,
+    append_dims,
+    flow_input_scale,
+    flow_time_from_trigflow,
+    sample_trigflow_time,
+    trigflow_velocity_target,
+)
 
 
 # AdaLayerNormSingle (no guidance) nests the time MLP under `emb.`; SanaCombinedTimestepGuidanceEmbeddings does not.
@@ -278,18 +285,9 @@ def sample_finetune_time(
     Sana's flow-time sampling (logit-normal `s`, defaults `(0, 1)` as in Sana's pre-training) in TrigFlow time.
 
     `tan t = s / (1 - s)`, so `logit(s) = log tan t` and `t = atan(exp(logit_mean + logit_std n))`, `n ~ N(0, 1)`. It
-    is `training.trigflow.sample_trigflow_time(p_mean=logit_mean + log(sigma_data), p_std=logit_std)` (same draws).
+    is `sample_trigflow_time` with `sigma_data = 1` (equivalently `p_mean = logit_mean + log(sigma_data)`).
     """
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    normal = torch.randn(batch_size, generator=generator, device=generator.device if generator else device)
-    return torch.atan(torch.exp(logit_mean + logit_std * normal)).to(device)
-
-
-def trigflow_velocity_target(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor, sigma_data: float = 0.5):
-    """`F* = (cos t z - sin t x0) / sigma_data = (d x_t / dt) / sigma_data`; `cos t x_t - sin t sigma_data F* = x0`."""
-    t = t.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-    return (torch.cos(t) * z - torch.sin(t) * x0) / sigma_data
+    return sample_trigflow_time(batch_size, logit_mean, logit_std, sigma_data=1.0, device=device, generator=generator)
 
 
 def teacher_finetune_loss(
@@ -333,9 +331,9 @@ def teacher_finetune_loss(
     (prediction,) = as_trigflow_model(model)(x_t / sigma_data, t, encoder_hidden_states, encoder_attention_mask)
     target = trigflow_velocity_target(x0, z, t, sigma_data)
     squared_error = (prediction.float() - target.float()) ** 2
-    if weighting == "flow":
-        t_4d = t.reshape(-1, *([1] * (x0.ndim - 1))).float()
-        squared_error = squared_error * (torch.sin(t_4d) + torch.cos(t_4d)) ** 2
+    if weighting == "flow":  # (sin t + cos t)^2 = 1 / (s^2 + (1 - s)^2)
+        scale = append_dims(flow_input_scale(flow_time_from_trigflow(t.float())), x0.ndim)
+        squared_error = squared_error / scale**2
     return squared_error.mean()
 
 
