@@ -31,16 +31,16 @@ from diffusers_sprint.training import (
 )
 from diffusers_sprint.training.arguments import write_fingerprint
 from diffusers_sprint.training.data import collate_examples
-from diffusers_sprint.training.finetune import (
-    teacher_calibration_inputs,
-    teacher_finetune_step,
-    use_sana_pipeline_time_convention,
-)
 from diffusers_sprint.training.seeding import global_micro_batch_index, make_generator
 from diffusers_sprint.training.sharding import (
     load_sharded_state,
     save_sharded_state,
     shard_trigflow_model,
+)
+from diffusers_sprint.training.teacher import (
+    teacher_calibration_inputs,
+    teacher_finetune_step,
+    use_sana_pipeline_time_convention,
 )
 
 

@@ -1,4 +1,4 @@
-"""training.finetune: caption dropout, QK-norm calibration inputs (flow units), SanaPipeline time units."""
+"""training.teacher fine-tune helpers: caption dropout, QK-norm calibration inputs, SanaPipeline time units."""
 
 import math
 
@@ -8,12 +8,12 @@ from tiny_components import make_diffusers_transformer, text_conditioning
 
 from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.training import prepare_sprint_teacher
-from diffusers_sprint.training.finetune import (
+from diffusers_sprint.training.teacher import (
     drop_captions,
+    sample_finetune_time,
     teacher_calibration_inputs,
     use_sana_pipeline_time_convention,
 )
-from diffusers_sprint.training.teacher import sample_finetune_time
 
 
 def test_drop_captions_replaces_rows_by_the_empty_prompt():
