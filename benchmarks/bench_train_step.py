@@ -7,15 +7,15 @@ teacher with `default_head_block_ids(layers)` (4 heads from 4 layers up). The sc
 - the units: one student `trigflow_forward` under `torch.no_grad()` on the batch ("fwd", the unit everything is
   divided by) and one grad-enabled forward + backward of the same call ("fwd+bwd", for reference);
 - the generator step (`generator_step`, backward, clip, `step_if_finite`; AdamW on the student) for sCM only and
-  sCM + LADD, each
-  with `reuse_jvp_primal` off and on, with `jvp="finite_difference"`, plus sCM + LADD with `max_time_probability=0`
-  (the LADD fake then reuses the sCM forward, no fresh student forward), exact and finite-difference;
+  sCM + LADD, each with the exact JVP and with `jvp="finite_difference"`, plus sCM + LADD with
+  `max_time_probability=0` (the LADD fake then reuses the sCM forward, no fresh student forward), exact and
+  finite-difference;
 - the discriminator step (`discriminator_step`, backward, clip, `step_if_finite`; AdamW on the heads; misaligned
   pairs on);
 - with `--compile`, the finite-difference G steps again with the student's `TrigFlowModel` under `torch.compile`
   (compiled during the untimed pass; not in the memory table);
 - the pieces the G step is made of (teacher CFG forward on 2B, JVP without grad, the one-sided finite-difference
-  tangent's shifted forward, JVP with grad + backward,
+  tangent's shifted forward,
   discriminator forward + backward through the frozen teacher to its input, student fwd+bwd on half the batch,
   clip + AdamW step), so that the G step can be accounted for.
 
@@ -181,18 +181,16 @@ def build(args) -> Setup:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _config(reuse: bool, ladd: bool, max_time_probability: float = 0.5, jvp: str = "exact") -> DistillationConfig:
+def _config(ladd: bool, max_time_probability: float = 0.5, jvp: str = "exact") -> DistillationConfig:
     return DistillationConfig(
-        scm=SCMLossConfig(reuse_jvp_primal=reuse, jvp=jvp),
+        scm=SCMLossConfig(jvp=jvp),
         adversarial_lambda=0.5 if ladd else 0.0,
         max_time_probability=max_time_probability,
     )
 
 
-def generator_variant(
-    reuse: bool, ladd: bool, max_time_probability: float = 0.5, jvp: str = "exact", compiled: bool = False
-):
-    config = _config(reuse, ladd, max_time_probability, jvp)
+def generator_variant(ladd: bool, max_time_probability: float = 0.5, jvp: str = "exact", compiled: bool = False):
+    config = _config(ladd, max_time_probability, jvp)
 
     def run(s: Setup):
         s.discriminator.eval()  # spectral-norm power iterations advance on D steps only (docs/training/ladd.md)
@@ -205,7 +203,7 @@ def generator_variant(
 
 
 def discriminator_variant():
-    config = _config(reuse=False, ladd=True)
+    config = _config(ladd=True)
 
     def run(s: Setup):
         s.discriminator.train()
@@ -251,7 +249,7 @@ def teacher_cfg(s: Setup):
     )
 
 
-def _jvp(s: Setup, return_logvar: bool):
+def _jvp(s: Setup):
     b = s.batch
     cos_sin = torch.cos(s.t) * torch.sin(s.t)
     tangent_x = torch.ones_like(s.x_t_scaled) * cos_sin[:, None, None, None]
@@ -264,13 +262,11 @@ def _jvp(s: Setup, return_logvar: bool):
         b.prompt_embeds,
         b.prompt_attention_mask,
         s.w,
-        return_logvar=return_logvar,
     )
 
 
 def jvp_no_grad(s: Setup):
-    with torch.no_grad():
-        _jvp(s, return_logvar=False)
+    _jvp(s)
 
 
 def finite_difference_tangent(s: Setup):
@@ -281,12 +277,6 @@ def finite_difference_tangent(s: Setup):
     _shifted_velocity(
         s.student, s.x_t_scaled, s.t, tangent_x, cos_sin, b.prompt_embeds, b.prompt_attention_mask, s.w, 3e-5
     )
-
-
-def jvp_grad_backward(s: Setup):
-    velocity, logvar, _ = _jvp(s, return_logvar=True)
-    (velocity.square().mean() + logvar.mean()).backward()
-    s.student.zero_grad(set_to_none=True)
 
 
 def discriminator_to_input(s: Setup):
@@ -319,19 +309,17 @@ def optimizer_only(s: Setup):
 
 # name -> (label, function)
 STEPS = {
-    "g_scm": ("G step, sCM only", generator_variant(reuse=False, ladd=False)),
-    "g_scm_reuse": ("G step, sCM only, reuse_jvp_primal", generator_variant(reuse=True, ladd=False)),
-    "g_ladd": ("G step, sCM+LADD", generator_variant(reuse=False, ladd=True)),
-    "g_ladd_reuse": ("G step, sCM+LADD, reuse_jvp_primal", generator_variant(reuse=True, ladd=True)),
+    "g_scm": ("G step, sCM only", generator_variant(ladd=False)),
+    "g_ladd": ("G step, sCM+LADD", generator_variant(ladd=True)),
     "g_ladd_pmax0": (
         "G step, sCM+LADD, max_time_probability=0 (fake from the sCM forward)",
-        generator_variant(reuse=False, ladd=True, max_time_probability=0.0),
+        generator_variant(ladd=True, max_time_probability=0.0),
     ),
-    "g_scm_fd": ("G step, sCM only, jvp=finite_difference", generator_variant(False, False, jvp="finite_difference")),
-    "g_ladd_fd": ("G step, sCM+LADD, jvp=finite_difference", generator_variant(False, True, jvp="finite_difference")),
+    "g_scm_fd": ("G step, sCM only, jvp=finite_difference", generator_variant(False, jvp="finite_difference")),
+    "g_ladd_fd": ("G step, sCM+LADD, jvp=finite_difference", generator_variant(True, jvp="finite_difference")),
     "g_ladd_fd_pmax0": (
         "G step, sCM+LADD, jvp=finite_difference, max_time_probability=0",
-        generator_variant(False, True, max_time_probability=0.0, jvp="finite_difference"),
+        generator_variant(True, max_time_probability=0.0, jvp="finite_difference"),
     ),
     "d_step": ("D step (misaligned pairs)", discriminator_variant()),
 }
@@ -343,7 +331,6 @@ PIECES = {
     "teacher_cfg": ("teacher CFG forward on 2B, no grad", teacher_cfg),
     "jvp": ("student JVP, no grad", jvp_no_grad),
     "fd_tangent": ("finite-difference tangent, one-sided (one shifted fp32 forward)", finite_difference_tangent),
-    "jvp_grad_bwd": ("student JVP with grad + backward (reuse path)", jvp_grad_backward),
     "disc_to_input": ("discriminator fwd + bwd through the teacher to the input", discriminator_to_input),
     "disc_heads": ("discriminator heads only, fwd + bwd (B samples)", discriminator_heads),
     "fwd_bwd_half": ("student forward + backward on B/2", half_forward_backward),
@@ -354,11 +341,11 @@ PIECES = {
 COMPILED = {
     "g_scm_fd_compiled": (
         "G step, sCM only, jvp=finite_difference, student torch.compile'd",
-        generator_variant(False, False, jvp="finite_difference", compiled=True),
+        generator_variant(False, jvp="finite_difference", compiled=True),
     ),
     "g_ladd_fd_compiled": (
         "G step, sCM+LADD, jvp=finite_difference, student torch.compile'd",
-        generator_variant(False, True, jvp="finite_difference", compiled=True),
+        generator_variant(True, jvp="finite_difference", compiled=True),
     ),
 }
 ALL = {**UNITS, **STEPS, **PIECES, **COMPILED}
@@ -500,7 +487,6 @@ def breakdown(fe: dict[str, float]) -> dict[str, dict]:
     tail = {"student forward + backward (sCM F)": fe["fwd_bwd"], "clip + AdamW": fe["optimizer"]}
     scm = {**teacher, "JVP (no grad)": fe["jvp"], **tail}
     scm_fd = {**teacher, "finite-difference tangent (one shifted fp32 forward)": fe["fd_tangent"], **tail}
-    scm_reuse = {**teacher, "JVP with grad + backward": fe["jvp_grad_bwd"], "clip + AdamW": fe["optimizer"]}
     ladd_extra = {  # the fake reuses the sCM forward (default): only the max-time rows, ~B/2 at p = 0.5, run again
         "LADD fresh student forward + backward, max-time rows (~B/2)": fe["fwd_bwd_half"],
         "discriminator: teacher fwd + bwd to input": fe["disc_to_input"] - fe["disc_heads"],
@@ -508,17 +494,15 @@ def breakdown(fe: dict[str, float]) -> dict[str, dict]:
     }
     return {
         "g_scm": scm,
-        "g_scm_reuse": scm_reuse,
         "g_scm_fd": scm_fd,
         "g_ladd": {**scm, **ladd_extra},
-        "g_ladd_reuse": {**scm_reuse, **ladd_extra},
         "g_ladd_fd": {**scm_fd, **ladd_extra},
     }
 
 
 def what_if(fe: dict[str, float], layers: int, official_layers: int = 20) -> dict[str, float]:
     """
-    The sCM+LADD G step (reuse off) under each option, measured, and at the official depth (estimate: the heads' cost
+    The sCM+LADD G step under each option, measured, and at the official depth (estimate: the heads' cost
     does not grow with depth while every other piece does, so in forward-equivalents it shrinks by
     `layers / official_layers`).
     """
@@ -632,7 +616,7 @@ def main(argv=None) -> int:
             print(f"    {value:6.2f}  {part}")
     print()
     options = what_if(fe, args.layers)
-    print("G step (sCM+LADD, reuse off) options, forward-equivalents:")
+    print("G step (sCM+LADD) options, forward-equivalents:")
     for label, value in options.items():
         print(f"  {value:6.2f}  {label}")
     print()

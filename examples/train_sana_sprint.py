@@ -115,11 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
         "embedders (official: they train both; that stalls short, high-learning-rate runs, docs/training/scm.md).",
     )
     group.add_argument(
-        "--reuse_jvp_primal",
-        action="store_true",
-        help="Take F from a grad-enabled JVP's primal instead of a second forward (not with gradient checkpointing).",
-    )
-    group.add_argument(
         "--jvp",
         type=str,
         default="exact",
@@ -223,10 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(input_args=None) -> argparse.Namespace:
     args = build_parser().parse_args(input_args)
     args.stage = "distill"  # not a flag: names this script's checkpoints and fingerprint
-    if args.gradient_checkpointing and args.reuse_jvp_primal:
-        raise ValueError("--reuse_jvp_primal cannot be combined with --gradient_checkpointing.")
-    if args.reuse_jvp_primal and args.jvp == "finite_difference":
-        raise ValueError("--reuse_jvp_primal applies to --jvp exact only.")
     if args.fsdp and args.lora_rank is not None:
         raise ValueError("--fsdp with --lora_rank is not supported: LoRA trains a small adapter; use DDP.")
     if args.validation_inference_steps is None:
@@ -251,7 +242,6 @@ def distillation_config(args, sharded: bool) -> DistillationConfig:
             guidance_scales=tuple(args.guidance_scales),
             adaptive_weight=args.adaptive_weight,
             detach_logvar_embedding=args.detach_logvar_embedding,
-            reuse_jvp_primal=args.reuse_jvp_primal,
             jvp=args.jvp,
             finite_difference_step=args.jvp_step,
         ),

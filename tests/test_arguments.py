@@ -238,9 +238,6 @@ def test_jvp_flags_reach_the_scm_config(parser):
     with pytest.raises(SystemExit):
         script_args(parser, "--jvp", "fd")
     assert "jvp_step" in run_fingerprint(args) and "jvp_step" not in run_fingerprint(script_args(parser))
-    base = ["--pretrained_teacher_model_name_or_path", "t", "--dataset_name", "d"]
-    with pytest.raises(ValueError, match="--reuse_jvp_primal applies to --jvp exact only"):
-        module.parse_args([*base, "--jvp", "finite_difference", "--reuse_jvp_primal"])
 
 
 def test_new_data_flags_enter_the_fingerprint_only_when_on(parser):

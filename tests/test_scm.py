@@ -1,4 +1,4 @@
-"""The sCM loss: JVP tangent, closed-form toy, teacher as student, gradient reach, reuse_jvp_primal, config."""
+"""The sCM loss: JVP tangent, closed-form toy, teacher as student, gradient reach, config."""
 
 import copy
 from types import SimpleNamespace
@@ -158,22 +158,14 @@ def _hand_scm(student, teacher, x0, z, t, cond, cond_mask, null, w, r, norm, ada
     if adaptive:
         grads["c"] = (1 - scale * g_hat**2).mean()
         grads["d"] = ((1 - scale * g_hat**2) * t.reshape(-1, 1, 1, 1)).mean()
-    diagnostics = dict(
-        g_norm_mean=l2.mean(),
-        g_rms_mean=rms.mean(),
-        dF_dt_abs_mean=dF_dt.abs().mean(),
-        teacher_velocity_abs_mean=dxt_dt.abs().mean() / sd,
-        loss_no_logvar=(weight * g_hat**2).mean(),
-        loss_unweighted=(g_hat**2).mean(),
-    )
+    diagnostics = dict(g_norm_mean=l2.mean(), dF_dt_abs_mean=dF_dt.abs().mean())
     return loss, grads, diagnostics
 
 
-@pytest.mark.parametrize("reuse", [False, True], ids=["two-passes", "reuse-primal"])
 @pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "plain"])
 @pytest.mark.parametrize("norm", ["l2", "rms"])
 @pytest.mark.parametrize("step", [0, 50, 100], ids=["r=0", "r=0.5", "r=1"])
-def test_toy_loss_and_gradients_match_hand_computation(norm, step, adaptive, reuse):
+def test_toy_loss_and_gradients_match_hand_computation(norm, step, adaptive):
     """Tolerance 1e-9 (float64; the closed form and the library differ only in rounding)."""
     student = ToyVelocity(a=0.7, b=-0.3, e=0.5, k=0.2, c=0.3, d=-0.4, logvar_head=adaptive)
     teacher = ToyVelocity(a=0.9, b=0.4, e=1.5, guidance_embeds=False, logvar_head=False).requires_grad_(False)
@@ -181,25 +173,24 @@ def test_toy_loss_and_gradients_match_hand_computation(norm, step, adaptive, reu
     cond, cond_mask = text_conditioning(batch_size=3)
     null, _ = _null_prompt()
     cond, null = cond.double(), null.double()
-    config = SCMLossConfig(
-        tangent_warmup_steps=100, tangent_norm=norm, adaptive_weight=adaptive, reuse_jvp_primal=reuse
-    )
+    config = SCMLossConfig(tangent_warmup_steps=100, tangent_norm=norm, adaptive_weight=adaptive)
 
     out = scm_loss(student, teacher, x0, z, t, cond, cond_mask, null, None, w, step, config)
     out.loss.backward()
     r = step / 100
     loss, grads, diagnostics = _hand_scm(student, teacher, x0, z, t, cond, cond_mask, null, w, r, norm, adaptive)
 
-    assert out.tangent_warmup_r == r
+    assert out.logs["tangent_warmup_r"] == r
     torch.testing.assert_close(out.loss.detach(), loss, rtol=1e-9, atol=1e-12)
     for name, expected in grads.items():
         torch.testing.assert_close(getattr(student, name).grad, expected, rtol=1e-9, atol=1e-12, msg=name)
     for name, expected in diagnostics.items():
-        torch.testing.assert_close(getattr(out, name), expected, rtol=1e-9, atol=1e-12, msg=name)
+        torch.testing.assert_close(out.logs[name], expected, rtol=1e-9, atol=1e-12, msg=name)
     if adaptive:
-        torch.testing.assert_close(out.logvar_mean, (student.c + student.d * t).mean().detach(), rtol=1e-12, atol=0)
+        expected_logvar = (student.c + student.d * t).mean().detach()
+        torch.testing.assert_close(out.logs["logvar_mean"], expected_logvar, rtol=1e-12, atol=0)
     else:
-        assert out.logvar_mean is None and student.c.grad is None
+        assert "logvar_mean" not in out.logs and student.c.grad is None
     assert out.loss.detach().item() != 0 and grads["a"].abs().item() > 1e-6  # the case tests something
 
 
@@ -274,7 +265,7 @@ def test_teacher_as_student_without_guidance_loss_is_logvar_only():
         ).logvar
     assert logvar.std() > 0.05  # the head makes logvar depend on t, so the mean is a real check
     torch.testing.assert_close(out.loss.detach(), logvar.mean(), rtol=0, atol=1e-7)
-    assert out.g_norm_mean.item() < 1e-4 and out.loss_unweighted.item() < 1e-10
+    assert out.logs["g_norm_mean"].item() < 1e-4
     body = [p.grad for n, p in student.named_parameters() if not n.startswith(("logvar_linear", "time_embed"))]
     assert max(grad.abs().max().item() for grad in body) < 1e-6
     # d mean(logvar) / d bias = 1 exactly.
@@ -313,12 +304,12 @@ def test_teacher_as_student_with_guidance_closed_form():
     g_hat = g / (g.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 0.1)
     expected = (torch.exp(-logvar) / (SIGMA_DATA * tan) * g_hat**2 + logvar).mean()
     torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=0)
-    torch.testing.assert_close(out.g_norm_mean, g.flatten(1).norm(dim=1).mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.logs["g_norm_mean"], g.flatten(1).norm(dim=1).mean(), rtol=1e-5, atol=0)
     assert (out.loss.detach() - logvar.mean()).abs() > 1e-3  # the guidance term is really there
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4./5. Gradients reach every student parameter; reuse_jvp_primal is the same loss and gradients
+# 4./5. Gradients reach every student parameter
 
 
 def _loss_and_grads(student, teacher, config, seed=0):
@@ -334,7 +325,7 @@ def _loss_and_grads(student, teacher, config, seed=0):
 def test_gradients_reach_every_student_parameter_including_guidance_embedder_and_logvar_head():
     student, teacher = _student(), _teacher()
     out, grads = _loss_and_grads(student, teacher, SCMLossConfig())
-    assert torch.isfinite(out.loss) and out.tangent_warmup_r == 0.5
+    assert torch.isfinite(out.loss) and out.logs["tangent_warmup_r"] == 0.5
     dead = [name for name, grad in grads.items() if grad is None or not torch.any(grad != 0)]
     assert dead == []
     guidance = [name for name in grads if name.startswith("time_embed.guidance_embedder.")]
@@ -344,31 +335,18 @@ def test_gradients_reach_every_student_parameter_including_guidance_embedder_and
     assert not any(p.grad is not None for p in teacher.parameters())
 
 
-def test_reuse_jvp_primal_gives_same_loss_and_gradients():
-    """Same values in fp32 to rtol 1e-4 / atol 1e-7 per gradient tensor (measured max abs diff ~1e-8)."""
-    student, teacher = _student(), _teacher()
-    default, grads = _loss_and_grads(student, teacher, SCMLossConfig())
-    reused, reused_grads = _loss_and_grads(student, teacher, SCMLossConfig(reuse_jvp_primal=True))
-    torch.testing.assert_close(reused.loss, default.loss, rtol=1e-5, atol=0)
-    torch.testing.assert_close(reused.velocity, default.velocity, rtol=0, atol=1e-5)
-    assert default.jvp_primal_max_abs_diff < 1e-5 and reused.jvp_primal_max_abs_diff == 0
-    for name, grad in grads.items():
-        torch.testing.assert_close(reused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
-
-
-@pytest.mark.parametrize("reuse", [False, True], ids=["two_forwards", "reuse_jvp_primal"])
-def test_detach_logvar_embedding_cuts_only_the_logvar_path_into_the_embedders(reuse):
+def test_detach_logvar_embedding_cuts_only_the_logvar_path_into_the_embedders():
     """Same loss; same gradients outside the time/guidance embedders (the velocity path does not change); in the
     embedders (not the modulation `time_embed.linear`, which the head does not read), the official gradient minus the
     detached one is exactly the gradient of the logvar terms alone."""
     student, teacher = _student(), _teacher()
-    official, grads = _loss_and_grads(student, teacher, SCMLossConfig(reuse_jvp_primal=reuse))
-    config = SCMLossConfig(reuse_jvp_primal=reuse, detach_logvar_embedding=True)
+    official, grads = _loss_and_grads(student, teacher, SCMLossConfig())
+    config = SCMLossConfig(detach_logvar_embedding=True)
     detached, detached_grads = _loss_and_grads(student, teacher, config)
     torch.testing.assert_close(detached.loss, official.loss, rtol=1e-6, atol=0)
 
     # The logvar terms by themselves: d loss / d logvar_i = (1 - exp(-logvar_i) e_i) / batch with e_i the sample's
-    # mean weighted squared error (each sample's scm_loss on its own: `loss_no_logvar`), back-propagated through
+    # mean weighted squared error (each sample's scm_loss without adaptive weight), back-propagated through
     # the head into the embedders only.
     x0, z, t, w = _batch()
     embeds, mask = text_conditioning()
@@ -380,7 +358,7 @@ def test_detach_logvar_embedding_cuts_only_the_logvar_path_into_the_embedders(re
             student, teacher, x0[one], z[one], t[one], embeds[one], mask[one], null_embeds, null_mask, w[one], 2000,
             SCMLossConfig(adaptive_weight=False),
         )  # fmt: skip
-        errors.append(out.loss_no_logvar)
+        errors.append(out.loss.detach())
     student.zero_grad(set_to_none=True)
     logvar = student.trigflow_forward(
         add_trigflow_noise(x0, z, t) / SIGMA_DATA, t, embeds, mask, guidance_scale=w, return_logvar=True
@@ -400,16 +378,14 @@ def test_detach_logvar_embedding_cuts_only_the_logvar_path_into_the_embedders(re
             torch.testing.assert_close(detached_grads[name], grad, rtol=1e-5, atol=1e-9, msg=name)
 
 
-def test_gradient_checkpointing_works_with_default_path_and_is_refused_with_reuse():
-    """The JVP runs under no_grad, so checkpointing the grad forward is fine; a grad-enabled JVP cannot recompute."""
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """The JVP runs under no_grad, so checkpointing the grad forward is fine."""
     student, teacher = _student(), _teacher()
     _, grads = _loss_and_grads(student, teacher, SCMLossConfig())
     student.enable_gradient_checkpointing()
     _, checkpointed = _loss_and_grads(student, teacher, SCMLossConfig())
     for name, grad in grads.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-8, msg=name)
-    with pytest.raises(RuntimeError, match="reuse_jvp_primal"):
-        _loss_and_grads(student, teacher, SCMLossConfig(reuse_jvp_primal=True))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -503,7 +479,6 @@ def test_scm_loss_and_gradients_with_finite_difference_are_close_to_exact(autoca
     def distance(grads):
         return torch.cat([(grads[name] - grad).flatten() for name, grad in exact_grads.items()]).norm()
 
-    assert fd.jvp_primal_max_abs_diff == 0
     assert distance(scaled_grads) > 0
     assert distance(fd_grads) <= (0.6 if autocast else 0.2) * distance(scaled_grads)
     torch.testing.assert_close(fd.loss, exact.loss, rtol=1e-5, atol=0)
@@ -533,7 +508,6 @@ def test_finite_difference_refuses_low_precision_weights():
         ("guidance_scales", (4.0, float("inf"))),
         ("adaptive_weight", "yes"),
         ("detach_logvar_embedding", None),
-        ("reuse_jvp_primal", 1),
         ("jvp", "forward"),
         ("jvp", None),
         ("finite_difference_step", 0.0),
@@ -548,9 +522,7 @@ def test_config_validation_names_the_field(field, value):
         SCMLossConfig(**{field: value})
 
 
-def test_reuse_jvp_primal_is_refused_with_the_finite_difference():
-    with pytest.raises(ValueError, match="`reuse_jvp_primal=True` reuses the primal of the exact JVP"):
-        SCMLossConfig(jvp="finite_difference", reuse_jvp_primal=True)
+def test_unknown_jvp_method_lists_the_allowed_values():
     with pytest.raises(ValueError, match=r"`jvp` must be one of \('exact', 'finite_difference'\), got 'fd'"):
         SCMLossConfig(jvp="fd")
 
@@ -559,7 +531,7 @@ def test_config_defaults_are_the_official_recipe():
     config = SCMLossConfig(guidance_scales=[4.0, 4.5, 5.0])
     assert (config.sigma_data, config.p_mean, config.p_std, config.tangent_warmup_steps) == (0.5, 0.2, 1.6, 4000)
     assert (config.tangent_norm, config.tangent_norm_eps, config.guidance_scales) == ("l2", 0.1, (4.0, 4.5, 5.0))
-    assert config.adaptive_weight and not config.reuse_jvp_primal and not config.detach_logvar_embedding
+    assert config.adaptive_weight and not config.detach_logvar_embedding
     assert config.jvp == "exact" and config.finite_difference_step == 3e-5
 
 

@@ -493,13 +493,12 @@ def test_pull_teacher_from_and_push_result_to_the_hub(assets, tmp_path, stand_in
 @pytest.mark.parametrize(
     "flags, present, absent",
     [
-        (  # sCM only (no discriminator), JVP primal reuse, RMS tangent, no adaptive weight, no CFG embedding at one
-            # scale, data/lr options
+        (  # sCM only (no discriminator), RMS tangent, no adaptive weight, no CFG embedding at one scale, data/lr
+            # options
             dict(
                 adversarial_lambda=0,
                 no_guidance_embeds=True,
                 guidance_scales=[4.5],
-                reuse_jvp_primal=True,
                 no_adaptive_weight=True,
                 tangent_norm="rms",
                 center_crop=True,
@@ -615,7 +614,6 @@ def test_every_flag_has_help_and_is_read(script):
         (["--dataset_name", "y", "--train_data_dir", "z"], "exactly one"),
         (["--dataset_name", "y", "--fsdp", "--lora_rank", "4"], "lora_rank"),
         (["--dataset_name", "y", "--max_grad_norm", "0"], "max_grad_norm"),
-        (["--dataset_name", "y", "--gradient_checkpointing", "--reuse_jvp_primal"], "reuse_jvp_primal"),
     ):
         with pytest.raises(ValueError, match=message):
             module.parse_args(["--pretrained_teacher_model_name_or_path", "x"] + bad)

@@ -10,8 +10,6 @@ prepared object is this module.
 import torch
 from torch import nn
 
-from .attention_processor import forward_ad_is_active
-
 
 class TrigFlowModel(nn.Module):
     r"""
@@ -61,15 +59,6 @@ class TrigFlowModel(nn.Module):
         Returns:
             `(F,)` or, with `return_logvar`, `(F, logvar)`: `F` of shape `(batch, C, H, W)`, `logvar` `(batch, 1)`.
         """
-        if (
-            forward_ad_is_active()
-            and torch.is_grad_enabled()
-            and getattr(self.transformer, "is_gradient_checkpointing", False)
-        ):
-            raise RuntimeError(
-                "A grad-enabled JVP (e.g. `SCMLossConfig.reuse_jvp_primal=True`) cannot run through a model with "
-                "gradient checkpointing: forward-mode AD and activation recomputation do not mix. Disable one."
-            )
         return self.transformer.trigflow_forward(
             sample,
             timestep,

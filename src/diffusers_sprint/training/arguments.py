@@ -128,7 +128,7 @@ FINGERPRINT_NAME = "run_fingerprint.json"
 # run's recipe. Left out on purpose: where files go and what is logged (--output_dir, --logging_dir, --report_to,
 # tracker and Hub flags, --cache_dir), checkpoint/validation cadence and prompts, --resume_from_checkpoint,
 # --dataloader_num_workers, --max_consecutive_skips, --validate_data; flags that change cost but not the math up to
-# float rounding (--gradient_checkpointing, --reuse_jvp_primal, --allow_tf32); and --seed (a checkpoint's seed always
+# float rounding (--gradient_checkpointing, --allow_tf32); and --seed (a checkpoint's seed always
 # wins and is stored in its training state). --gradient_accumulation_steps is replaced by the global batch when the
 # process count is known: N processes x A accumulation steps with the same global batch see the same micro-batches.
 FINGERPRINT_COMMON = (
@@ -231,7 +231,6 @@ _STREAMING_ONLY = ("shuffle_buffer_size", "caption_fallback_columns")
 FINGERPRINT_EXCLUDED = (
     "cache_dir",
     "dataloader_num_workers",
-    "reuse_jvp_primal",
     "gradient_checkpointing",
     "allow_tf32",
     "seed",

@@ -240,14 +240,7 @@ def generator_step(
             config.scm,
         )
         scm_part, velocity = scm_out.loss, scm_out.velocity
-        logs.update(
-            scm_loss=scm_out.loss.detach(),
-            g_norm_mean=scm_out.g_norm_mean,
-            dF_dt_abs_mean=scm_out.dF_dt_abs_mean,
-            tangent_warmup_r=scm_out.tangent_warmup_r,
-        )
-        if scm_out.logvar_mean is not None:
-            logs["logvar_mean"] = scm_out.logvar_mean
+        logs.update(scm_loss=scm_out.loss.detach(), **scm_out.logs)
 
     adversarial_part = None
     if config.uses_discriminator:

@@ -62,9 +62,6 @@ class SCMLossConfig:
             of order 1 per element whatever the error, also moves the embedders: at the learning rates of short
             runs this stalls distillation (tests/test_distill.py; docs/training/scm.md, "Adaptive weight and the shared
             embedding").
-        reuse_jvp_primal (`bool`, defaults to `False`):
-            Take `F` from the primal of a grad-enabled JVP instead of a second student forward. Same loss and
-            gradients; the trade-offs are in `docs/training/scm.md`. Exact JVP only.
         jvp (`str`, defaults to `"exact"`):
             How the tangent `dF = cos t sin t dF/dt` is computed. `"exact"`: `torch.func.jvp` (forward-mode AD; the
             attention runs on the math SDPA kernel). `"finite_difference"`: a difference of ordinary no-grad
@@ -89,7 +86,6 @@ class SCMLossConfig:
     guidance_scales: tuple[float, ...] = (4.0, 4.5, 5.0)
     adaptive_weight: bool = True
     detach_logvar_embedding: bool = False
-    reuse_jvp_primal: bool = False
     jvp: str = "exact"
     finite_difference_step: float = DEFAULT_FINITE_DIFFERENCE_STEP
 
@@ -114,7 +110,7 @@ class SCMLossConfig:
             raise ValueError(
                 f"`guidance_scales` must be a non-empty sequence of finite numbers, got {self.guidance_scales!r}."
             )
-        for name in ("adaptive_weight", "detach_logvar_embedding", "reuse_jvp_primal"):
+        for name in ("adaptive_weight", "detach_logvar_embedding"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.jvp not in JVP_METHODS:
@@ -122,49 +118,25 @@ class SCMLossConfig:
         step = self.finite_difference_step
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 0.1:
             raise ValueError(f"`finite_difference_step` must be a number in (0, 0.1] radians, got {step!r}.")
-        if self.jvp == "finite_difference" and self.reuse_jvp_primal:
-            raise ValueError(
-                "`reuse_jvp_primal=True` reuses the primal of the exact JVP; it does not apply with "
-                "`jvp='finite_difference'` (whose one-sided form already reuses the grad forward's F)."
-            )
 
 
 @dataclass
 class SCMLossOutput:
     """
-    Output of [`scm_loss`]. Everything but `loss` and `velocity` is detached; 0-dim tensors are not synced to the
-    host (call `.item()` when logging).
+    Output of [`scm_loss`].
 
     Args:
         loss (`torch.Tensor`, 0-dim): The sCM loss, with grad.
         velocity (`torch.Tensor` of shape `(batch, channels, height, width)`): The student's `F(x_t / sigma_d, t)`,
             with grad (e.g. for `x0_hat = cos(t) x_t - sin(t) sigma_d F`).
-        loss_no_logvar (`torch.Tensor`, 0-dim): `mean( (F - F_minus - g)^2 / (sigma_d tan t) )`, no adaptive weight.
-        loss_unweighted (`torch.Tensor`, 0-dim): `mean( (F - F_minus - g)^2 )` = mean squared normalised tangent.
-        g_norm_mean (`torch.Tensor`, 0-dim): Batch mean of the per-sample L2 norm `||g||_2` before normalisation.
-        g_rms_mean (`torch.Tensor`, 0-dim): Batch mean of the per-sample `rms(g)` before normalisation.
-        dF_dt_abs_mean (`torch.Tensor`, 0-dim): `mean |dF/dt|`, the student's total time derivative along the
-            teacher's PF-ODE (unit scale, per radian); `dF / (cos t sin t)`.
-        teacher_velocity_abs_mean (`torch.Tensor`, 0-dim): `mean |dxt_dt| / sigma_d`, the CFG teacher velocity.
-        logvar_mean (`torch.Tensor`, 0-dim, or `None`): Batch mean of the adaptive log-variance (`None` without
-            adaptive weight).
-        jvp_primal_max_abs_diff (`torch.Tensor`, 0-dim): `max |F_jvp - F|`, the JVP's primal against the grad
-            forward (math-SDPA vs fused kernels; exactly 0 with `reuse_jvp_primal` and with the finite difference,
-            which has no separate primal).
-        tangent_warmup_r (`float`): The warm-up factor `r` used.
+        logs (`dict`): Detached 0-dim tensors (not synced to the host): `g_norm_mean` (batch mean of `||g||_2` before
+            normalisation), `dF_dt_abs_mean` (`mean |dF/dt|` along the teacher's PF-ODE, per radian),
+            `logvar_mean` (with the adaptive weight only); and the float `tangent_warmup_r`.
     """
 
     loss: torch.Tensor
     velocity: torch.Tensor
-    loss_no_logvar: torch.Tensor
-    loss_unweighted: torch.Tensor
-    g_norm_mean: torch.Tensor
-    g_rms_mean: torch.Tensor
-    dF_dt_abs_mean: torch.Tensor
-    teacher_velocity_abs_mean: torch.Tensor
-    logvar_mean: torch.Tensor | None
-    jvp_primal_max_abs_diff: torch.Tensor
-    tangent_warmup_r: float
+    logs: dict
 
 
 def _expand_4d(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -270,6 +242,7 @@ def pf_ode_tangents(x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor, si
     return _expand_4d(cos_sin, dxt_dt) * dxt_dt / sigma_data, cos_sin
 
 
+@torch.no_grad()
 def trigflow_velocity_jvp(
     student,
     x_t_scaled: torch.Tensor,
@@ -279,41 +252,20 @@ def trigflow_velocity_jvp(
     encoder_hidden_states: torch.Tensor,
     encoder_attention_mask: torch.Tensor | None,
     guidance_scale: torch.Tensor | float | None,
-    return_logvar: bool = False,
-    detach_logvar_input: bool = False,
-):
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    `torch.func.jvp` of the student's `F(x_t / sigma_d, t)` along `(tangent_x, tangent_t)`.
+    `torch.func.jvp` of the student's `F(x_t / sigma_d, t)` along `(tangent_x, tangent_t)`, without grad.
 
     `student` is called as a [`~models.TrigFlowModel`] (a bare transformer is wrapped), so DDP / FSDP2 wrappers see
-    the call. Runs under the caller's grad mode: under `torch.no_grad()` nothing is recorded; with grad enabled the
-    primal outputs carry autograd history (used by `reuse_jvp_primal`). `guidance_scale` is used by students with
-    a guidance embedder only; `detach_logvar_input` goes to the student's `trigflow_forward`.
-
-    Returns:
-        `(F, dF)`, or `(F, logvar, dF)` with `return_logvar`; `F`, `dF` of shape `(batch, C, H, W)`, `logvar`
-        `(batch, 1)`.
+    the call; `guidance_scale` is used by students with a guidance embedder only. Returns `(F, dF)`, both of shape
+    `(batch, C, H, W)`.
     """
     student = as_trigflow_model(student)
 
     def velocity(x, time):
-        out = student(
-            x,
-            time,
-            encoder_hidden_states,
-            encoder_attention_mask,
-            guidance_scale=guidance_scale,
-            return_logvar=return_logvar,
-            detach_logvar_input=detach_logvar_input,
-        )
-        return out if return_logvar else out[0]
+        return student(x, time, encoder_hidden_states, encoder_attention_mask, guidance_scale=guidance_scale)[0]
 
-    primal, tangent = torch.func.jvp(
-        velocity, (x_t_scaled, t), (tangent_x.to(x_t_scaled.dtype), tangent_t.to(t.dtype))
-    )
-    if return_logvar:
-        return primal[0], primal[1], tangent[0]
-    return primal, tangent
+    return torch.func.jvp(velocity, (x_t_scaled, t), (tangent_x.to(x_t_scaled.dtype), tangent_t.to(t.dtype)))
 
 
 def _fp32_velocity(student, x, t, encoder_hidden_states, encoder_attention_mask, guidance_scale) -> torch.Tensor:
@@ -499,95 +451,61 @@ def scm_loss(
     """
     config = SCMLossConfig() if config is None else config
     student, teacher = as_trigflow_model(student), as_trigflow_model(teacher)
-    sigma_data = config.sigma_data
-    compute_dtype = torch.promote_types(x0.dtype, torch.float32)
-    x0, z, t = x0.to(compute_dtype), z.to(compute_dtype), t.to(compute_dtype)
-    batch_size = x0.shape[0]
-    guidance_scale = _per_sample(guidance_scale, batch_size, t)
+    sigma_data, delta = config.sigma_data, config.finite_difference_step
+    dtype = torch.promote_types(x0.dtype, torch.float32)
+    x0, z, t = x0.to(dtype), z.to(dtype), t.to(dtype)
+    w = _per_sample(guidance_scale, x0.shape[0], t)
+    prompt = (encoder_hidden_states, encoder_attention_mask)
 
+    # 1. The teacher's CFG velocity at x_t and the PF-ODE tangents of the student's inputs (no grad).
     x_t = add_trigflow_noise(x0, z, t)
-    x_t_scaled = x_t / sigma_data
-    cfg_args = (encoder_hidden_states, encoder_attention_mask, null_embeds, null_mask, guidance_scale, sigma_data)
-    dxt_dt = teacher_cfg_velocity(teacher, x_t_scaled, t, *cfg_args).to(compute_dtype)
+    x = x_t / sigma_data
+    dxt_dt = teacher_cfg_velocity(teacher, x, t, *prompt, null_embeds, null_mask, w, sigma_data).to(dtype)
     v_x, v_t = pf_ode_tangents(x_t, t, dxt_dt, sigma_data)
 
-    jvp_args = (student, x_t_scaled, t, v_x, v_t, encoder_hidden_states, encoder_attention_mask, guidance_scale)
-    logvar = None
-    if config.reuse_jvp_primal:
-        # One grad-enabled JVP: its primal is F with autograd history; the tangent's history is dropped unused.
-        outputs = trigflow_velocity_jvp(
-            *jvp_args,
-            return_logvar=config.adaptive_weight,
-            detach_logvar_input=config.detach_logvar_embedding,
-        )
-        F, dF = outputs[0], outputs[-1].detach()
-        logvar = outputs[1] if config.adaptive_weight else None
-        del outputs
-        jvp_primal_max_abs_diff = torch.zeros((), device=x0.device)
-    else:
-        finite_difference = config.jvp == "finite_difference"
-        if finite_difference:
-            _check_fp32_parameters(student)
-        # One-sided FD needs F(x, t) in fp32: the grad forward's own output, unless autocast lowers its precision.
-        one_sided = finite_difference and not torch.is_autocast_enabled(x0.device.type)
-        conditioning = (encoder_hidden_states, encoder_attention_mask, guidance_scale)
-        delta = config.finite_difference_step
-        with torch.no_grad():
-            if not finite_difference:
-                F_jvp, dF = trigflow_velocity_jvp(*jvp_args)
-            elif one_sided:
-                shifted, signed_h = _shifted_velocity(student, x_t_scaled, t, v_x, v_t, *conditioning, delta)
-            else:
-                dF = trigflow_velocity_finite_difference(student, x_t_scaled, t, v_x, v_t, *conditioning, delta)
-        out = student(
-            x_t_scaled,
-            t,
-            encoder_hidden_states,
-            encoder_attention_mask,
-            guidance_scale=guidance_scale,
-            return_logvar=config.adaptive_weight,
-            detach_logvar_input=config.detach_logvar_embedding,
-        )
-        F, logvar = out[0], (out[1] if config.adaptive_weight else None)
-        if one_sided:
-            dF = (shifted - F.detach().to(shifted.dtype)) / _expand_4d(signed_h, shifted)
-            del shifted
-        if finite_difference:  # no separate primal: the base point is the grad forward itself
-            jvp_primal_max_abs_diff = torch.zeros((), device=x0.device)
+    # 2. dF = cos t sin t dF/dt along them (no grad, before the grad forward). The one-sided finite difference takes
+    #    the grad forward's own F as base point, unless autocast lowers its precision (then central).
+    finite_difference = config.jvp == "finite_difference"
+    one_sided = finite_difference and not torch.is_autocast_enabled(x0.device.type)
+    if finite_difference:
+        _check_fp32_parameters(student)
+    with torch.no_grad():
+        if not finite_difference:
+            _, dF = trigflow_velocity_jvp(student, x, t, v_x, v_t, *prompt, w)
+        elif one_sided:
+            shifted, signed_h = _shifted_velocity(student, x, t, v_x, v_t, *prompt, w, delta)
         else:
-            jvp_primal_max_abs_diff = (F_jvp - F.detach()).abs().max()
-    F, dF = F.to(compute_dtype), dF.to(compute_dtype)
-    # F_minus is the grad forward's own value, so F - F_minus is exactly 0: the JVP's math-SDPA primal may differ
-    # from the fused-kernel forward by float error (large in bf16), which must not leak into the regression target.
-    F_minus = F.detach()
+            dF = trigflow_velocity_finite_difference(student, x, t, v_x, v_t, *prompt, w, delta)
 
+    # 3. F and logvar with grad. F_minus is this forward's own value, so F - F_minus is exactly 0 (the JVP's
+    #    math-SDPA primal may differ from the fused-kernel forward by float error, which must not enter the target).
+    out = student(
+        x, t, *prompt, guidance_scale=w,
+        return_logvar=config.adaptive_weight, detach_logvar_input=config.detach_logvar_embedding,
+    )  # fmt: skip
+    F = out[0].to(dtype)
+    F_minus = F.detach()
+    if one_sided:
+        dF = (shifted - F_minus.to(shifted.dtype)) / _expand_4d(signed_h, shifted)
+    dF = dF.to(dtype)
+
+    # 4. The tangent g (warmed up, normalised) and the adaptively weighted loss.
     r = tangent_warmup(step, config.tangent_warmup_steps)
     g = scm_tangent(F_minus, dF, x_t, t, dxt_dt, r, sigma_data)
-    g_norm_mean, g_rms_mean = _per_sample_l2(g).mean(), _per_sample_rms(g).mean()
+    g_norm_mean = _per_sample_l2(g).mean()
     g = normalize_tangent(g, config.tangent_norm, config.tangent_norm_eps)
-
     weight = 1 / (sigma_data * _expand_4d(torch.tan(t), F))
-    squared_error = (F - F_minus - g).square()
-    if config.adaptive_weight:
-        logvar = _expand_4d(logvar.to(compute_dtype).reshape(-1), F)
-        loss = (torch.exp(-logvar) * weight * squared_error + logvar).mean()
-    else:
-        loss = (weight * squared_error).mean()
+    logvar = _expand_4d(out[1].to(dtype).reshape(-1), F) if config.adaptive_weight else torch.zeros_like(weight)
+    loss = (torch.exp(-logvar) * weight * (F - F_minus - g).square() + logvar).mean()
 
-    cos_sin = _expand_4d(torch.cos(t) * torch.sin(t), dF)
-    return SCMLossOutput(
-        loss=loss,
-        velocity=F,
-        loss_no_logvar=(weight * squared_error).mean().detach(),
-        loss_unweighted=squared_error.mean().detach(),
-        g_norm_mean=g_norm_mean,
-        g_rms_mean=g_rms_mean,
-        dF_dt_abs_mean=(dF / cos_sin).abs().mean(),
-        teacher_velocity_abs_mean=dxt_dt.abs().mean() / sigma_data,
-        logvar_mean=None if logvar is None else logvar.detach().mean(),
-        jvp_primal_max_abs_diff=jvp_primal_max_abs_diff.detach(),
-        tangent_warmup_r=r,
-    )
+    logs = {
+        "g_norm_mean": g_norm_mean,
+        "dF_dt_abs_mean": (dF / _expand_4d(torch.cos(t) * torch.sin(t), dF)).abs().mean(),
+        "tangent_warmup_r": r,
+    }
+    if config.adaptive_weight:
+        logs["logvar_mean"] = logvar.detach().mean()
+    return SCMLossOutput(loss=loss, velocity=F, logs=logs)
 
 
 __all__ = [
