@@ -542,23 +542,11 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
 
         # 1. Text conditioning.
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        lora_scale = attention_kwargs.get("scale") if attention_kwargs is not None else None
-        prompt_embeds, prompt_attention_mask = self.encode_prompt(
-            prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            device=device,
-            prompt_embeds=prompt_embeds,
-            prompt_attention_mask=prompt_attention_mask,
-            clean_caption=clean_caption,
-            max_sequence_length=max_sequence_length,
+        prompt_embeds, prompt_attention_mask = self._encode_text(
+            prompt, num_images_per_prompt, device, prompt_embeds, prompt_attention_mask, attention_kwargs,
+            clean_caption=clean_caption, max_sequence_length=max_sequence_length,
             complex_human_instruction=complex_human_instruction,
-            lora_scale=lora_scale,
-        )
-
-        # Padding columns masked in every row change nothing (their attention weight underflows to exactly 0).
-        used_columns = int(prompt_attention_mask.any(dim=0).nonzero().max()) + 1
-        prompt_embeds = prompt_embeds[:, :used_columns]
-        prompt_attention_mask = prompt_attention_mask[:, :used_columns]
+        )  # fmt: skip
 
         # 2. Noise x_{t_0} with standard deviation sigma_data.
         sigma_data = self.scheduler.config.sigma_data
@@ -593,6 +581,31 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
             return (image,)
         return SanaPipelineOutput(images=image)
 
+    def _encode_text(
+        self,
+        prompt,
+        num_images_per_prompt: int,
+        device,
+        prompt_embeds: torch.Tensor | None,
+        prompt_attention_mask: torch.Tensor | None,
+        attention_kwargs: dict | None,
+        **encode_kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode_prompt` (LoRA scale from `attention_kwargs`), then the padding columns masked in every row cut off:
+        they change nothing (their attention weight underflows to exactly 0)."""
+        lora_scale = attention_kwargs.get("scale") if attention_kwargs is not None else None
+        prompt_embeds, prompt_attention_mask = self.encode_prompt(
+            prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            device=device,
+            prompt_embeds=prompt_embeds,
+            prompt_attention_mask=prompt_attention_mask,
+            lora_scale=lora_scale,
+            **encode_kwargs,
+        )
+        used_columns = int(prompt_attention_mask.any(dim=0).nonzero().max()) + 1
+        return prompt_embeds[:, :used_columns], prompt_attention_mask[:, :used_columns]
+
     def _sample(
         self,
         latents: torch.Tensor,
@@ -603,13 +616,17 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         attention_kwargs: dict | None,
         callback_on_step_end,
         callback_on_step_end_tensor_inputs: list[str],
+        controlnet_kwargs: dict | None = None,
     ) -> torch.Tensor:
         r"""
         Runs the scheduler's grid from `latents` = `x_{t_0}` (data units); returns the final `x0_hat` (data units).
 
         The transformer is called as `SanaSprintTransformer2DModel.trigflow_forward(self.transformer, ...)`, so that a
         `torch.compile`d transformer (`OptimizedModule`) runs its compiled `forward` inside the TrigFlow transform.
+        `controlnet_kwargs` (`controlnet`, `controlnet_cond`, `controlnet_conditioning_scale`) go to every call; a
+        callback sees and may replace `controlnet_cond` as `"control_image"`.
         """
+        controlnet_kwargs = dict(controlnet_kwargs or {})
         sigma_data = self.scheduler.config.sigma_data
         batch_size = latents.shape[0]
         device = latents.device
@@ -631,16 +648,20 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
                     guidance_scale=guidance,
                     attention_kwargs=attention_kwargs,
                     return_dict=False,
+                    **controlnet_kwargs,
                 )[0]
                 latents = self.scheduler.step(
                     velocity.float() * sigma_data, t, latents, generator=generator, return_dict=False
                 )[0]
                 if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    control_image = controlnet_kwargs.get("controlnet_cond")
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "control_image": control_image}
                     callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    if "control_image" in callback_outputs:
+                        controlnet_kwargs["controlnet_cond"] = callback_outputs.pop("control_image")
                 progress_bar.update()
         # After the last step (t_next = 0) `latents` is x0_hat itself, as replaced by a callback.
         return latents

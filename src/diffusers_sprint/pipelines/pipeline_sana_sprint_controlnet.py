@@ -183,80 +183,40 @@ class SanaSprintControlNetPipeline(SanaSprintPipeline):
         )
 
         # 1. Text conditioning.
-        lora_scale = attention_kwargs.get("scale") if attention_kwargs is not None else None
-        prompt_embeds, prompt_attention_mask = self.encode_prompt(
-            prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            device=device,
-            prompt_embeds=prompt_embeds,
-            prompt_attention_mask=prompt_attention_mask,
-            clean_caption=clean_caption,
-            max_sequence_length=max_sequence_length,
+        prompt_embeds, prompt_attention_mask = self._encode_text(
+            prompt, num_images_per_prompt, device, prompt_embeds, prompt_attention_mask, attention_kwargs,
+            clean_caption=clean_caption, max_sequence_length=max_sequence_length,
             complex_human_instruction=complex_human_instruction,
-            lora_scale=lora_scale,
-        )
-        # Padding columns masked in every row change nothing (their attention weight underflows to exactly 0).
-        used_columns = int(prompt_attention_mask.any(dim=0).nonzero().max()) + 1
-        prompt_embeds = prompt_embeds[:, :used_columns]
-        prompt_attention_mask = prompt_attention_mask[:, :used_columns]
+        )  # fmt: skip
 
         # 2. Control latents (VAE latent x scaling_factor, diffusers' units) and noise x_{t_0} of std sigma_data.
         total = batch_size * num_images_per_prompt
         control_image = self.prepare_control_latents(
             control_image, height, width, num_images_per_prompt, total, device
         )
-        sigma_data = self.scheduler.config.sigma_data
         latents = self.prepare_latents(
             total, self.transformer.config.in_channels, height, width, torch.float32, device, generator, latents
         )
-        latents = latents * sigma_data
-        guidance = None
-        if guidance_scale is not None:
-            guidance = torch.full((total,), float(guidance_scale), device=device, dtype=torch.float32)
+        latents = latents * self.scheduler.config.sigma_data
 
-        # 3. Sampling: evaluate F of transformer + ControlNet at every time of the grid but the final 0.
-        timesteps = self.scheduler.timesteps[:-1]
-        self._num_timesteps = len(timesteps)
-        denoised = latents
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                velocity = self.transformer.trigflow_forward(
-                    latents / sigma_data,
-                    t.expand(latents.shape[0]),
-                    encoder_hidden_states=prompt_embeds,
-                    encoder_attention_mask=prompt_attention_mask,
-                    guidance_scale=guidance,
-                    attention_kwargs=attention_kwargs,
-                    return_dict=False,
-                    controlnet=self.controlnet,
-                    controlnet_cond=control_image,
-                    controlnet_conditioning_scale=float(controlnet_conditioning_scale),
-                )[0]
-                latents, denoised = self.scheduler.step(
-                    velocity.float() * sigma_data, t, latents, generator=generator, return_dict=False
-                )
-                if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "control_image": control_image}
-                    callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    control_image = callback_outputs.pop("control_image", control_image)
-                progress_bar.update()
-
-        # 4. Decode x0_hat / sigma_data (the VAE latent times its scaling factor).
-        latents = denoised / sigma_data
-        if output_type == "latent":
-            image = latents
-        else:
-            latents = latents.to(self.vae.dtype)
-            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-            if use_resolution_binning:
-                image = self.image_processor.resize_and_crop_tensor(image, orig_width, orig_height)
-            image = self.image_processor.postprocess(image, output_type=output_type)
-
+        # 3. Sampling: F of transformer + ControlNet at every time of the grid but the final 0; then decoding.
+        controlnet_kwargs = dict(
+            controlnet=self.controlnet,
+            controlnet_cond=control_image,
+            controlnet_conditioning_scale=float(controlnet_conditioning_scale),
+        )
+        latents = self._sample(
+            latents,
+            prompt_embeds,
+            prompt_attention_mask,
+            guidance_scale,
+            generator,
+            attention_kwargs,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            controlnet_kwargs,
+        )
+        image = self._decode(latents, output_type, (orig_height, orig_width) if use_resolution_binning else None)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)

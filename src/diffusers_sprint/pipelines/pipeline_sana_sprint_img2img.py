@@ -181,21 +181,11 @@ class SanaSprintImg2ImgPipeline(SanaSprintPipeline):
         image_latents = self.encode_image(pixels, total)
 
         # 2. Text conditioning.
-        lora_scale = attention_kwargs.get("scale") if attention_kwargs is not None else None
-        prompt_embeds, prompt_attention_mask = self.encode_prompt(
-            prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            device=device,
-            prompt_embeds=prompt_embeds,
-            prompt_attention_mask=prompt_attention_mask,
-            clean_caption=clean_caption,
-            max_sequence_length=max_sequence_length,
+        prompt_embeds, prompt_attention_mask = self._encode_text(
+            prompt, num_images_per_prompt, device, prompt_embeds, prompt_attention_mask, attention_kwargs,
+            clean_caption=clean_caption, max_sequence_length=max_sequence_length,
             complex_human_instruction=complex_human_instruction,
-            lora_scale=lora_scale,
-        )
-        used_columns = int(prompt_attention_mask.any(dim=0).nonzero().max()) + 1
-        prompt_embeds = prompt_embeds[:, :used_columns]
-        prompt_attention_mask = prompt_attention_mask[:, :used_columns]
+        )  # fmt: skip
 
         # 3. x_{t_0'} = cos(t_0') x0 + sin(t_0') sigma_data z.
         if latents is None:
