@@ -24,6 +24,7 @@ from diffusers.image_processor import PixArtImageProcessor
 from PIL import Image
 
 from ..pipelines.resolution_bins import aspect_ratio_bins
+from .data import StepGroupBatchSampler
 from .seeding import make_generator
 
 
@@ -80,7 +81,7 @@ def assign_buckets(sizes: Sequence[tuple[int, int]], bins: dict[str, Sequence[in
     return [nearest_bin(height, width, bins) for height, width in sizes]
 
 
-class AspectRatioBucketBatchSampler(torch.utils.data.Sampler):
+class AspectRatioBucketBatchSampler(StepGroupBatchSampler):
     r"""
     Batches of `(epoch, index)` keys for one process; every optimisation step draws all its samples from one bucket.
 
@@ -114,25 +115,9 @@ class AspectRatioBucketBatchSampler(torch.utils.data.Sampler):
         seed: int = 0,
         shuffle: bool = True,
     ):
-        for name, value in (
-            ("batch_size", batch_size),
-            ("num_processes", num_processes),
-            ("gradient_accumulation_steps", gradient_accumulation_steps),
-        ):
-            if int(value) != value or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        if not 0 <= process_index < num_processes:
-            raise ValueError(f"`process_index` must be in [0, {num_processes}), got {process_index}.")
+        super().__init__(batch_size, num_processes, process_index, gradient_accumulation_steps, seed, shuffle)
         if len(buckets) == 0:
             raise ValueError("`buckets` is empty: the dataset has no samples.")
-        self.batch_size = int(batch_size)
-        self.num_processes = int(num_processes)
-        self.process_index = int(process_index)
-        self.gradient_accumulation_steps = int(gradient_accumulation_steps)
-        self.seed = int(seed)
-        self.shuffle = shuffle
-        self.micro_batches_per_step = self.num_processes * self.gradient_accumulation_steps
-        self.group_size = self.batch_size * self.micro_batches_per_step
         members: dict[Hashable, list[int]] = {}
         for index, bucket in enumerate(buckets):
             members.setdefault(bucket, []).append(index)
@@ -149,15 +134,6 @@ class AspectRatioBucketBatchSampler(torch.utils.data.Sampler):
                 f"{batch_size} x {num_processes} processes x {gradient_accumulation_steps} accumulation steps); "
                 f"samples per bucket: {counts}."
             )
-        self.epoch = 0
-        self.start_step = 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Iterate epoch `epoch` from its step `start_step` on (to resume mid-epoch)."""
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"`start_step` must be in [0, {self.steps_per_epoch}], got {start_step}.")
-        self.epoch = int(epoch)
-        self.start_step = int(start_step)
 
     def epoch_steps(self, epoch: int) -> list[tuple[Hashable, list[int]]]:
         """`[(bucket, sample indices of the step group)]` for every step of `epoch`, in order."""
@@ -178,14 +154,8 @@ class AspectRatioBucketBatchSampler(torch.utils.data.Sampler):
         """The bucket of every step of `epoch` (the same on every process)."""
         return [name for name, _ in self.epoch_steps(epoch)]
 
-    def __iter__(self):
-        for _, group in self.epoch_steps(self.epoch)[self.start_step :]:
-            for micro in range(self.gradient_accumulation_steps):
-                start = (micro * self.num_processes + self.process_index) * self.batch_size
-                yield [(self.epoch, index) for index in group[start : start + self.batch_size]]
-
-    def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.gradient_accumulation_steps
+    def step_groups(self, epoch: int) -> list[list[int]]:
+        return [group for _, group in self.epoch_steps(epoch)]
 
 
 __all__ = [

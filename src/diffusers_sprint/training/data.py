@@ -33,7 +33,68 @@ from .seeding import make_generator
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class LayoutInvariantBatchSampler(torch.utils.data.Sampler):
+class StepGroupBatchSampler(torch.utils.data.Sampler):
+    r"""
+    The process-layout logic shared by the batch samplers: an epoch is a sequence of *step groups*, the
+    `batch_size * num_processes * gradient_accumulation_steps` sample indices of one optimisation step, and
+    micro-batch `m` of process `p` in a step is global micro-batch `m * num_processes + p` of its group. So any layout
+    with the same global batch sees the same micro-batches, and resuming at step `k` of an epoch skips its first `k`
+    groups.
+
+    Subclasses set `steps_per_epoch` and implement `step_groups(epoch)`; batches are lists of `(epoch, index)` keys.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_processes: int = 1,
+        process_index: int = 0,
+        gradient_accumulation_steps: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("num_processes", num_processes),
+            ("gradient_accumulation_steps", gradient_accumulation_steps),
+        ):
+            if int(value) != value or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"`process_index` must be in [0, {num_processes}), got {process_index}.")
+        self.batch_size = int(batch_size)
+        self.num_processes = int(num_processes)
+        self.process_index = int(process_index)
+        self.gradient_accumulation_steps = int(gradient_accumulation_steps)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.micro_batches_per_step = self.num_processes * self.gradient_accumulation_steps
+        self.group_size = self.batch_size * self.micro_batches_per_step
+        self.epoch = 0
+        self.start_step = 0
+
+    def step_groups(self, epoch: int) -> Sequence[Sequence[int]]:
+        """The sample indices of every step of `epoch`, in order."""
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Iterate epoch `epoch` from its step `start_step` on (to resume mid-epoch)."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"`start_step` must be in [0, {self.steps_per_epoch}], got {start_step}.")
+        self.epoch = int(epoch)
+        self.start_step = int(start_step)
+
+    def __iter__(self):
+        for group in self.step_groups(self.epoch)[self.start_step :]:
+            for micro in range(self.gradient_accumulation_steps):
+                start = (micro * self.num_processes + self.process_index) * self.batch_size
+                yield [(self.epoch, index) for index in group[start : start + self.batch_size]]
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.gradient_accumulation_steps
+
+
+class LayoutInvariantBatchSampler(StepGroupBatchSampler):
     r"""
     Batches of `(epoch, index)` keys for one process, in an order that does not depend on the process layout.
 
@@ -64,40 +125,17 @@ class LayoutInvariantBatchSampler(torch.utils.data.Sampler):
         seed: int = 0,
         shuffle: bool = True,
     ):
-        for name, value in (
-            ("num_samples", num_samples),
-            ("batch_size", batch_size),
-            ("num_processes", num_processes),
-            ("gradient_accumulation_steps", gradient_accumulation_steps),
-        ):
-            if int(value) != value or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        if not 0 <= process_index < num_processes:
-            raise ValueError(f"`process_index` must be in [0, {num_processes}), got {process_index}.")
+        if int(num_samples) != num_samples or num_samples < 1:
+            raise ValueError(f"`num_samples` must be a positive int, got {num_samples!r}.")
+        super().__init__(batch_size, num_processes, process_index, gradient_accumulation_steps, seed, shuffle)
         self.num_samples = int(num_samples)
-        self.batch_size = int(batch_size)
-        self.num_processes = int(num_processes)
-        self.process_index = int(process_index)
-        self.gradient_accumulation_steps = int(gradient_accumulation_steps)
-        self.seed = int(seed)
-        self.shuffle = shuffle
-        self.micro_batches_per_step = self.num_processes * self.gradient_accumulation_steps
-        self.steps_per_epoch = (self.num_samples // self.batch_size) // self.micro_batches_per_step
+        self.steps_per_epoch = self.num_samples // self.group_size
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"The dataset has {num_samples} samples, fewer than one step's global batch of "
-                f"{self.batch_size * self.micro_batches_per_step} (batch_size {batch_size} x {num_processes} "
+                f"{self.group_size} (batch_size {batch_size} x {num_processes} "
                 f"processes x {gradient_accumulation_steps} accumulation steps)."
             )
-        self.epoch = 0
-        self.start_step = 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Iterate epoch `epoch` from its step `start_step` on (to resume mid-epoch)."""
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError(f"`start_step` must be in [0, {self.steps_per_epoch}], got {start_step}.")
-        self.epoch = int(epoch)
-        self.start_step = int(start_step)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The permutation of sample indices of `epoch`."""
@@ -105,16 +143,9 @@ class LayoutInvariantBatchSampler(torch.utils.data.Sampler):
             return torch.arange(self.num_samples)
         return torch.randperm(self.num_samples, generator=make_generator(self.seed, "data_order", epoch))
 
-    def __iter__(self):
-        order = self.epoch_order(self.epoch).tolist()
-        for step in range(self.start_step, self.steps_per_epoch):
-            for micro in range(self.gradient_accumulation_steps):
-                global_batch = step * self.micro_batches_per_step + micro * self.num_processes + self.process_index
-                start = global_batch * self.batch_size
-                yield [(self.epoch, index) for index in order[start : start + self.batch_size]]
-
-    def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.gradient_accumulation_steps
+    def step_groups(self, epoch: int) -> list[list[int]]:
+        order = self.epoch_order(epoch).tolist()
+        return [order[step * self.group_size : (step + 1) * self.group_size] for step in range(self.steps_per_epoch)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -724,6 +755,7 @@ __all__ = [
     "InvalidImageError",
     "InvalidRow",
     "LayoutInvariantBatchSampler",
+    "StepGroupBatchSampler",
     "PromptEncoder",
     "augmentation_generator",
     "build_latent_cache",
