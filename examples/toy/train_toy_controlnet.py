@@ -24,14 +24,13 @@ Images: Twemoji by Twitter, Inc. and other contributors, CC-BY 4.0.
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
 import time
 
 import torch
 import torch.nn.functional as F
+import toy_common as common  # examples/toy/toy_common.py, beside this script
 from diffusers import SanaControlNetModel, SanaPipeline
 from diffusers.training_utils import EMAModel
 
@@ -41,28 +40,15 @@ from diffusers_sprint.toy.classifier import images_to_tensor
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.training_parser(__doc__, steps=3000, batch_size=32, lr=1e-3)
+    common.add_flow_training_arguments(p)
     p.add_argument("--teacher", default=TOY_TEACHER_PATH)
     p.add_argument("--output_dir", default="src/diffusers_sprint/toy/toy_controlnet")
     p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--edge_threshold", type=float, default=DEFAULT_THRESHOLD)
     p.add_argument("--layers", type=int, default=3, help="ControlNet blocks (copies of the teacher's first ones)")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup_steps", type=int, default=100)
-    p.add_argument("--ema_decay", type=float, default=0.995)
-    p.add_argument("--cfg_dropout", type=float, default=0.1)
     p.add_argument("--eval_batch", type=int, default=256, help="held-fixed noise/time batch for the final losses")
     return p.parse_args(argv)
-
-
-def lr_at(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def controlnet_from_teacher(transformer, num_layers: int) -> SanaControlNetModel:
@@ -98,21 +84,6 @@ def encode(vae, pixels: torch.Tensor) -> torch.Tensor:
     """VAE latents times `scaling_factor` (diffusers' units) of `[-1, 1]` pixels."""
     latents = torch.cat([vae.encode(pixels[i : i + 256]).latent for i in range(0, len(pixels), 256)])
     return latents * vae.config.scaling_factor
-
-
-@torch.no_grad()
-def encode_captions(pipe: SanaPipeline, captions: list[str], max_length: int):
-    embeds, masks = [], []
-    for i in range(0, len(captions), 256):
-        e, m, _, _ = pipe.encode_prompt(
-            captions[i : i + 256],
-            do_classifier_free_guidance=False,
-            max_sequence_length=max_length,
-            complex_human_instruction=None,
-        )
-        embeds.append(e)
-        masks.append(m)
-    return torch.cat(embeds), torch.cat(masks)
 
 
 def flow_velocity(transformer, controlnet, x_s, s, embeds, mask, control, timestep_scale: float):
@@ -156,9 +127,7 @@ def fixed_batch_losses(transformer, controlnet, latents, control, embeds, masks,
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    common.set_up(args)
     t0 = time.time()
 
     pipe = SanaPipeline.from_pretrained(args.teacher)
@@ -173,8 +142,8 @@ def main(argv=None):
     edge_pixels = edges[:, None].float().expand(-1, 3, -1, -1) * 2 - 1  # white edges on black, in [-1, 1]
     latents, control = encode(vae, pixels), encode(vae, edge_pixels)
     max_length = max(len(ids) for ids in pipe.tokenizer(captions).input_ids)
-    embeds, masks = encode_captions(pipe, captions, max_length)
-    null_embed, null_mask = encode_captions(pipe, [""], max_length)
+    embeds, masks = common.encode_captions(pipe, captions, max_length)
+    null_embed, null_mask = common.encode_captions(pipe, [""], max_length)
     print(
         f"{len(captions)} emoji, edge density {edges.float().mean():.3f}, latents {tuple(latents.shape[1:])} "
         f"({time.time() - t0:.0f}s)",
@@ -192,21 +161,13 @@ def main(argv=None):
     t_train, running, log = time.time(), None, []
     for step in range(args.steps):
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * lr_at(step, args.steps, args.warmup_steps)
-        idx = torch.randint(len(latents), (args.batch_size,), generator=generator)
-        x0, cond, mask = latents[idx], embeds[idx].clone(), masks[idx].clone()
-        drop = torch.rand(args.batch_size, generator=generator) < args.cfg_dropout
-        cond[drop], mask[drop] = null_embed[0], null_mask[0]
-        s = torch.rand(args.batch_size, generator=generator)
-        z = torch.randn(x0.shape, generator=generator)
-        x_s = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * z
+            group["lr"] = args.lr * common.lr_at(step, args.steps, args.warmup_steps)
+        idx, x0, cond, mask, s, z, x_s = common.flow_matching_batch(
+            latents, embeds, masks, null_embed[0], null_mask[0], args.batch_size, args.cfg_dropout, generator
+        )
         v = flow_velocity(transformer, controlnet, x_s, s, cond, mask, control[idx], scale)
         loss = F.mse_loss(v, z - x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        ema.step(params)
+        common.optimizer_step(loss, optimizer, params, ema)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == args.steps - 1:
             line = f"step {step:5d}  loss {running:.4f}  {time.time() - t_train:6.0f}s"

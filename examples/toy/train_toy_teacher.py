@@ -27,7 +27,6 @@ Images: Twemoji by Twitter, Inc. and other contributors, CC-BY 4.0.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import toy_common as common  # examples/toy/toy_common.py, beside this script
 from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
 from diffusers.training_utils import EMAModel
 from transformers import Gemma2Config, Gemma2Model
@@ -65,12 +65,11 @@ GRID_PROMPTS = [
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.training_parser(__doc__, steps=6000, batch_size=32, lr=3e-3)  # the transformer's
+    common.add_flow_training_arguments(p)
     p.add_argument("--output_dir", default="src/diffusers_sprint/toy/toy_teacher")
     p.add_argument("--grid_path", default="docs/images/toy_teacher_grid.png")
     p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     # tokenizer / text encoder
     p.add_argument("--vocab_size", type=int, default=2048)
     p.add_argument("--text_hidden", type=int, default=64)
@@ -87,12 +86,6 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head_dim", type=int, default=32)
     p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup_steps", type=int, default=100)
-    p.add_argument("--ema_decay", type=float, default=0.995)
-    p.add_argument("--cfg_dropout", type=float, default=0.1)
     p.add_argument(
         "--timestep_scale",
         type=float,
@@ -184,12 +177,6 @@ def build_transformer(args, latent_channels: int, latent_size: int) -> SanaTrans
 # training
 
 
-def lr_at(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def train_vae(vae: AutoencoderDC, images: torch.Tensor, args, log) -> tuple[float, torch.Tensor]:
     """Plain autoencoder (DC-AE has no KL): L1 + MSE; decoder input noised by up to `vae_latent_noise` x std.
 
@@ -200,7 +187,7 @@ def train_vae(vae: AutoencoderDC, images: torch.Tensor, args, log) -> tuple[floa
     start = time.time()
     for step in range(args.vae_steps):
         for group in optimizer.param_groups:
-            group["lr"] = args.vae_lr * lr_at(step, args.vae_steps, 50)
+            group["lr"] = args.vae_lr * common.lr_at(step, args.vae_steps, 50)
         idx = torch.randint(len(images), (args.vae_batch_size,), generator=generator)
         x = images[idx]
         z = vae.encode(x).latent
@@ -224,21 +211,6 @@ def train_vae(vae: AutoencoderDC, images: torch.Tensor, args, log) -> tuple[floa
     return psnr, latents
 
 
-@torch.no_grad()
-def encode_captions(pipe: SanaPipeline, captions: list[str], max_length: int):
-    embeds, masks = [], []
-    for i in range(0, len(captions), 256):
-        e, m, _, _ = pipe.encode_prompt(
-            captions[i : i + 256],
-            do_classifier_free_guidance=False,
-            max_sequence_length=max_length,
-            complex_human_instruction=None,
-        )
-        embeds.append(e)
-        masks.append(m)
-    return torch.cat(embeds), torch.cat(masks)
-
-
 def train_transformer(transformer, latents, embeds, masks, null_embed, null_mask, args, log):
     """Rectified flow: x_s = (1 - s) x0 + s z, v = z - x0, timestep = 1000 s * timestep_scale (as SanaPipeline feeds
     it); captions -> empty prompt w.p. 10%. Returns the transformer holding its EMA weights (diffusers' `EMAModel`,
@@ -251,23 +223,14 @@ def train_transformer(transformer, latents, embeds, masks, null_embed, null_mask
     start, running = time.time(), None
     for step in range(args.steps):
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * lr_at(step, args.steps, args.warmup_steps)
-        idx = torch.randint(len(latents), (args.batch_size,), generator=generator)
-        x0, cond, mask = latents[idx], embeds[idx].clone(), masks[idx].clone()
-        drop = torch.rand(args.batch_size, generator=generator) < args.cfg_dropout
-        cond[drop], mask[drop] = null_embed, null_mask
-        s = torch.rand(args.batch_size, generator=generator)
-        z = torch.randn(x0.shape, generator=generator)
-        s_ = s.view(-1, 1, 1, 1)
-        x_s = (1 - s_) * x0 + s_ * z
+            group["lr"] = args.lr * common.lr_at(step, args.steps, args.warmup_steps)
+        _, x0, cond, mask, s, z, x_s = common.flow_matching_batch(
+            latents, embeds, masks, null_embed, null_mask, args.batch_size, args.cfg_dropout, generator
+        )
         timestep = 1000 * s * args.timestep_scale
         v = transformer(x_s, encoder_hidden_states=cond, encoder_attention_mask=mask, timestep=timestep).sample
         loss = F.mse_loss(v, z - x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        ema.step(params)
+        common.optimizer_step(loss, optimizer, params, ema)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == args.steps - 1:
             log(f"transformer step {step:5d}  loss {running:.4f}  {time.time() - start:6.0f}s")
@@ -312,9 +275,7 @@ def save_grid(pipe: SanaPipeline, names: list[str], path: str, args, seeds=(0, 1
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    common.set_up(args)
     t0 = time.time()
     log_lines = []
 
@@ -358,8 +319,8 @@ def main(argv=None):
     )
     pipe.set_progress_bar_config(disable=True)
 
-    embeds, masks = encode_captions(pipe, captions, max_length)
-    null_embed, null_mask = encode_captions(pipe, [""], max_length)
+    embeds, masks = common.encode_captions(pipe, captions, max_length)
+    null_embed, null_mask = common.encode_captions(pipe, [""], max_length)
     t_tr = time.time()
     train_transformer(transformer, latents, embeds, masks, null_embed[0], null_mask[0], args, log)
     t_tr = time.time() - t_tr
