@@ -340,7 +340,6 @@ def discriminator_step(
             renoised.real_t,
             batch.prompt_embeds,
             batch.prompt_attention_mask,
-            with_respect_to="features",
         )
         loss = loss + config.r1_gamma / 2 * r1
         logs["r1"] = r1.detach()

@@ -24,7 +24,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.parametrizations import spectral_norm
 
 from ..models.trigflow_model import TrigFlowModel, as_trigflow_model
@@ -442,7 +441,6 @@ def misaligned_pairs(
     latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     encoder_attention_mask: torch.Tensor | None = None,
-    drop_matching: bool = True,
 ) -> MisalignedPairs:
     r"""
     Real latents paired with the captions rolled by one along the batch: sample `i` gets caption `i - 1`
@@ -453,15 +451,13 @@ def misaligned_pairs(
     Batch size 1: rolling is the identity, so every "misaligned" pair would be an aligned real pair labelled fake,
     fighting the real branch. There is no other caption in the batch, so an **empty** batch (size 0) is returned;
     concatenating it is a no-op and [`SanaDiscriminator`] maps it to empty logits. (Averaging empty logits alone
-    would give NaN.) With `drop_matching=True` (default), pairs whose rolled caption equals their own (duplicate
-    prompts in the batch; embeds and mask both identical) are dropped for the same reason; this makes the output
-    size data dependent (one host sync). With `drop_matching=False` every sample of a batch of size >= 2 is kept.
+    would give NaN.) Pairs whose rolled caption equals their own (duplicate prompts in the batch; embeds and mask both
+    identical) are dropped for the same reason; this makes the output size data dependent (one host sync).
 
     Args:
         latents (`torch.Tensor` of shape `(batch_size, C, H, W)`): Clean data latents `x0`.
         encoder_hidden_states (`torch.Tensor` of shape `(batch_size, seq_len, caption_channels)`).
         encoder_attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*).
-        drop_matching (`bool`, defaults to `True`).
 
     Returns:
         [`MisalignedPairs`] `(latents, encoder_hidden_states, encoder_attention_mask)` with batch size `M`,
@@ -478,9 +474,6 @@ def misaligned_pairs(
 
     rolled_states = torch.roll(encoder_hidden_states, shifts=1, dims=0)
     rolled_mask = None if encoder_attention_mask is None else torch.roll(encoder_attention_mask, shifts=1, dims=0)
-    if not drop_matching:
-        return MisalignedPairs(latents, rolled_states, rolled_mask)
-
     same = (rolled_states == encoder_hidden_states).flatten(1).all(dim=1)
     if rolled_mask is not None:
         same = same & (rolled_mask == encoder_attention_mask).flatten(1).all(dim=1)
@@ -541,50 +534,33 @@ def r1_penalty(
     encoder_hidden_states: torch.Tensor,
     encoder_attention_mask: torch.Tensor | None = None,
     guidance_scale: torch.Tensor | float | None = None,
-    with_respect_to: str = "input",
 ) -> torch.Tensor:
     r"""
-    R1 gradient penalty at real samples, differentiable w.r.t. the heads (`create_graph=True`); scale it yourself
-    (`loss_D + gamma / 2 * r1`).
+    R1 gradient penalty at real samples w.r.t. each head's input features (the official variant), differentiable
+    w.r.t. the heads (`create_graph=True`); scale it yourself (`loss_D + gamma / 2 * r1`).
 
-    - `with_respect_to="input"`: `E_b || d(sum_tokens D(x)_b) / dx_b ||^2` w.r.t. the real noisy input
-      `x = x_t / sigma_data`. The gradient runs through the frozen teacher, and the penalty's backward is a double
-      backward through it; the fused SDPA kernels have none, so this teacher forward runs on the math SDPA kernel
-      (slower, more memory).
-    - `with_respect_to="features"` (the official variant, much cheaper): the same w.r.t. each head's input features,
-      summed over heads and divided by the number of heads; the teacher runs once without a graph.
-
-    With local batch norm a sample's logits depend on its group mates, so `d(sum of all logits)/dx_b` (what is
-    computed, as in StyleGAN) also carries those cross terms.
+    `sum_heads E_b || d(sum_tokens D_h)_b / d features_h,b ||^2 / num_heads`; the teacher runs once without a graph.
+    With local batch norm a sample's logits depend on its group mates, so the gradient of the summed logits (as in
+    StyleGAN) also carries those cross terms.
 
     Args:
         discriminator ([`SanaDiscriminator`]).
-        real_inputs (`torch.Tensor` of shape `(batch_size, C, H, W)`): Real `x_t / sigma_data` (detached here).
+        real_inputs (`torch.Tensor` of shape `(batch_size, C, H, W)`): Real `x_t / sigma_data`.
         t, encoder_hidden_states, encoder_attention_mask, guidance_scale: As for the discriminator.
-        with_respect_to (`str`, defaults to `"input"`): `"input"` or `"features"`.
 
     Returns:
         A scalar tensor.
     """
-    if with_respect_to == "input":
-        # The fused SDPA kernels (flash / memory-efficient / CPU flash) have no double backward; the math one has.
-        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            inputs = real_inputs.detach().requires_grad_(True)
-            logits = discriminator(inputs, t, encoder_hidden_states, encoder_attention_mask, guidance_scale)
-            (gradient,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
-        return gradient.flatten(1).square().sum(dim=1).mean()
-    if with_respect_to == "features":
-        with torch.no_grad():
-            features = discriminator.extract_features(
-                real_inputs, t, encoder_hidden_states, encoder_attention_mask, guidance_scale
-            )
-        with torch.enable_grad():
-            features = [feature.detach().requires_grad_(True) for feature in features]
-            logits = discriminator.forward_heads(features)
-            gradients = torch.autograd.grad(logits.sum(), features, create_graph=True)
-        penalty = sum(gradient.flatten(1).square().sum(dim=1) for gradient in gradients)
-        return penalty.mean() / len(gradients)
-    raise ValueError(f"`with_respect_to` must be 'input' or 'features', got {with_respect_to!r}.")
+    with torch.no_grad():
+        features = discriminator.extract_features(
+            real_inputs, t, encoder_hidden_states, encoder_attention_mask, guidance_scale
+        )
+    with torch.enable_grad():
+        features = [feature.detach().requires_grad_(True) for feature in features]
+        logits = discriminator.forward_heads(features)
+        gradients = torch.autograd.grad(logits.sum(), features, create_graph=True)
+    penalty = sum(gradient.flatten(1).square().sum(dim=1) for gradient in gradients)
+    return penalty.mean() / len(gradients)
 
 
 __all__ = [
