@@ -58,23 +58,17 @@ class SCMLossConfig:
             Weight each sample by `exp(-logvar)` and add `logvar` (the student needs `logvar_head=True`).
         detach_logvar_embedding (`bool`, defaults to `False`):
             The `logvar` terms train the logvar head only, not the shared time(+guidance) embedders (the student's
-            `trigflow_forward(detach_logvar_input=True)`). `False` is the official recipe, where their gradient,
-            of order 1 per element whatever the error, also moves the embedders: at the learning rates of short
-            runs this stalls distillation (tests/test_distill.py; docs/training/scm.md, "Adaptive weight and the shared
-            embedding").
+            `trigflow_forward(detach_logvar_input=True)`). `False` is the official recipe, which stalls short
+            high-lr runs (docs/training/scm.md, "Adaptive weight and the shared embedding").
         jvp (`str`, defaults to `"exact"`):
             How the tangent `dF = cos t sin t dF/dt` is computed. `"exact"`: `torch.func.jvp` (forward-mode AD; the
-            attention runs on the math SDPA kernel). `"finite_difference"`: a difference of ordinary no-grad
-            forwards along the teacher's PF-ODE (fused attention kernels and `torch.compile` work), in fp32 with
-            autocast off: one-sided with the grad forward's `F` as base point (one extra forward) when that forward
-            ran without autocast, else central (two extra fp32 forwards); see
-            [`trigflow_velocity_finite_difference`]. An approximation: relative error 2-7e-3 on the toy teacher
-            (docs/performance.md), below the exact JVP's own error under bf16 autocast.
+            attention runs on the math SDPA kernel). `"finite_difference"`: fp32 no-grad forwards along the teacher's
+            PF-ODE (fused kernels and `torch.compile` work): one-sided from the grad forward's `F` when that ran
+            without autocast, else central ([`trigflow_velocity_finite_difference`]; accuracy: docs/performance.md).
         finite_difference_step (`float`, defaults to `3e-5`):
             The step `delta` of the finite difference, in radians of TrigFlow time: the inputs move by one teacher
             PF-ODE step of `delta` (`x_t / sigma_d + delta dxt_dt / sigma_d`, `t + delta`). Used with
-            `jvp="finite_difference"` only. `3e-5` was the most accurate of 1e-5 ... 1e-2 over t in [0.05, 1.55]
-            on the toy teacher in fp32 (round-off dominates below it, curvature above; docs/performance.md).
+            `jvp="finite_difference"` only; the default is the measured optimum (docs/performance.md).
     """
 
     sigma_data: float = 0.5
@@ -338,9 +332,8 @@ def trigflow_velocity_finite_difference(
         central (`base` is None):   dF ~ (F(x + h v_x, t + h v_t) - F(x - h v_x, t - h v_t)) / (2 h)
 
     Every forward runs without grad, in fp32 with autocast off: in bf16 the difference of two nearby outputs is
-    rounding noise (relative error 0.1-100 on the toy teacher, docs/performance.md). `base` must be `F(x, t)`
-    computed the same way (fp32, no autocast), e.g. the grad forward's detached output in an fp32 run. Costs one
-    forward (one-sided) or two (central). Fused SDPA kernels and a compiled student work here, unlike in the JVP.
+    rounding noise (docs/performance.md). `base` must be `F(x, t)` computed the same way (fp32, no autocast), e.g.
+    the grad forward's detached output in an fp32 run. Fused SDPA kernels and a compiled student work here.
 
     Args:
         student ([`~models.TrigFlowModel`], possibly wrapped, or a [`SanaSprintTransformer2DModel`]): The model.

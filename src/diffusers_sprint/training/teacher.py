@@ -1,30 +1,11 @@
-"""From a flow-matching Sana teacher to a SANA-Sprint teacher and student (paper sections 3.1, 4.1).
+"""The teacher stage (paper sections 3.1, 4.1): from a flow-matching Sana teacher to a SANA-Sprint teacher and student.
 
-Three steps, each a short function:
-
-1. `prepare_sprint_teacher`: the flow teacher with QK-norm and dense time ("Sprint teacher"). Weights are copied;
-   the new QK-norm gains start where they keep the function. What stays exact and what does not (derivations and
-   measured numbers in `docs/training/teacher.md`):
-   - query norm in Sana's ReLU linear self-attention: exact. `relu(c q) = c relu(q)` for a per-token `c > 0`, and the
-     factor cancels between numerator and normaliser of `sum_j relu(q_i).relu(k_j) v_j / sum_j relu(q_i).relu(k_j)`.
-   - key norm in the linear self-attention: not exact. It re-weights token `j` by `1 / rms(k_j)`; no gain undoes a
-     per-token factor, and a scalar gain cancels.
-   - query / key norm in the softmax cross-attention: not exact; they change the per-query / per-key temperature of
-     `softmax(q.k / sqrt(d))`. Gains equal to the mean RMS of the original queries / keys
-     (`calibration_inputs`) keep the average temperature and remove most of the change.
-   - dense time (the time embedding sees `s` instead of `1000 s`): not exact. Because `1000 = 10000^(96/128)`, the
-     32 lowest of the teacher's 128 sinusoid frequencies reappear exactly among the dense ones;
-     `dense_time_init="remap"` moves their weights there and replaces the other 96 (frequencies above 1 rad per unit
-     `s`) by their mean.
-   Whatever changes the function needs the short fine-tune (paper: 5k iterations), with `teacher_finetune_loss`.
-2. `build_student`: a copy of the Sprint teacher with a guidance embedder grafted on. Its initialisation leaves the
-   output exactly the teacher's while every guidance parameter gets gradient from the first step
-   (`init_guidance_embedder`); a zero-initialised embedder (diffusers' research script) never learns.
-3. `teacher_finetune_loss`: the TrigFlow diffusion loss, `mean((F(x_t / sigma_d, t) - F*)^2)` with
-   `F* = (cos t z - sin t x0) / sigma_d`; it is flow matching weighted by `s^2 + (1 - s)^2` (in `[1/2, 1]`).
-   `teacher_finetune_step` draws one micro-batch's caption dropout (`drop_captions`), time and noise for it;
-   `teacher_calibration_inputs` gives `prepare_sprint_teacher` its calibration forward; and
-   `use_sana_pipeline_time_convention` stores the dense time scale where diffusers' `SanaPipeline` reads it.
+- `prepare_sprint_teacher`: the flow teacher with QK-norm and dense time, weights copied; new norm gains start where
+  they keep the function (what stays exact and what does not, derived and measured: docs/training/teacher.md).
+- `teacher_finetune_loss`, `teacher_finetune_step`: the short TrigFlow fine-tune that repairs the rest, with
+  `drop_captions`, `teacher_calibration_inputs` and `use_sana_pipeline_time_convention`.
+- `build_student`: a copy with a guidance embedder grafted on (`init_guidance_embedder`): the output is exactly the
+  teacher's, yet every guidance parameter gets gradient from the first step.
 """
 
 import math
@@ -140,13 +121,11 @@ def prepare_sprint_teacher(
 @torch.no_grad()
 def remap_time_embedding(time_proj: Timesteps, embedder: TimestepEmbedding, source_scale: float) -> None:
     r"""
-    Re-express a time MLP trained on `phi(source_scale * s)` as one that reads the dense features `phi(s)`.
+    Re-express a time MLP trained on `phi(source_scale * s)` as one that reads the dense features `phi(s)` (in place).
 
-    diffusers' sinusoidal features have frequencies `w_k = 10000^(-k / h)`, `k < h` (channels `[cos | sin]`). When
-    `source_scale = 10000^(m / h)` for an integer `m` (1000 with `h = 128`: `m = 96`), `source_scale * w_k = w_{k-m}`:
-    the teacher's channels `k >= m` are the dense channels `k - m`, exactly. Their weight columns move there; the
-    teacher's channels `k < m` (frequencies above 1, absent from the dense embedding) are replaced by their mean over
-    `s ~ U[0, 1]`, folded into the bias; the lowest dense frequencies, unknown to the teacher, start at zero weight.
+    With `source_scale = 10000^(m / h)` (1000, `h = 128`: `m = 96`) the teacher's frequency channels `k >= m` are the
+    dense channels `k - m` exactly and move there; the others are replaced by their mean over `s ~ U[0, 1]`, folded
+    into the bias (derivation: docs/training/teacher.md, section 1, "Dense time").
     """
     if not time_proj.flip_sin_to_cos or time_proj.downscale_freq_shift != 0:
         raise ValueError("Remapping expects Sana's time projection (flip_sin_to_cos=True, downscale_freq_shift=0).")
@@ -254,13 +233,9 @@ def init_guidance_embedder(
     r"""
     Mirrored initialisation: the embedder outputs exactly zero for every input, yet all its parameters get gradient.
 
-    The MLP is `W2 silu(W1 p + b1) + b2`. Hidden units come in pairs `(i, i')` with the same row `W1[i] = W1[i']`
-    (`~ N(0, std^2)`) and opposite output columns `W2[:, i'] = -W2[:, i]` (`~ N(0, std^2)`); `b1 = b2 = 0` (an odd
-    width ends with a triple weighted `(1, 1, -2)`). Each pair contributes `c silu(h) - c silu(h) = 0`, so the output
-    is zero for every guidance value, while `dL/dW2[:, i] = dL/dy silu(h_i)`, `dL/dW1[i] = (W2[:, i] . dL/dy)
-    silu'(h_i) p` and `dL/db2 = dL/dy` are non-zero: the first update breaks the symmetry. A zero-initialised MLP
-    (`W1 = W2 = 0`) instead has `silu(0) = 0` and `W2 = 0` forever, so only `b2` ever moves and the guidance input is
-    ignored for good.
+    Hidden units of `W2 silu(W1 p + b1) + b2` come in pairs with equal rows `W1[i] = W1[i']` and opposite output
+    columns `W2[:, i'] = -W2[:, i]` (both `~ N(0, std^2)`; an odd width ends with a `(1, 1, -2)` triple), biases zero.
+    A zero-initialised MLP instead only ever moves `b2` (why: docs/training/teacher.md, section 2).
     """
     linear_1, linear_2 = embedder.linear_1, embedder.linear_2
     hidden = linear_1.out_features
@@ -311,13 +286,12 @@ def teacher_finetune_loss(
     The TrigFlow flow-matching loss of the short teacher fine-tune after `prepare_sprint_teacher`.
 
     `x_t = cos t x0 + sin t z`; loss `= mean(lambda(t) (F(x_t / sigma_d, t) - F*)^2)` with
-    `F* = (cos t z - sin t x0) / sigma_d`. Under the Prop. 3.1 transform, `F - F* = sqrt(n) (v - v*)` with
-    `n = s^2 + (1 - s)^2 = 1 / (sin t + cos t)^2` and `v* = (z - x0) / sigma_d` the flow-matching target, so:
+    `F* = (cos t z - sin t x0) / sigma_d`:
 
-    - `weighting="trigflow"` (`lambda = 1`, default): the TrigFlow diffusion loss of sCM, i.e. flow matching weighted
-      by `n in [1/2, 1]`. The sCM step consumes the teacher as `sigma_d F`, so this is the error that matters there,
-      and it stays within a factor 2 of the teacher's pre-training objective.
-    - `weighting="flow"` (`lambda = (sin t + cos t)^2`): exactly the teacher's flow-matching loss `mean((v - v*)^2)`.
+    - `weighting="trigflow"` (`lambda = 1`, default): the TrigFlow diffusion loss of sCM, flow matching weighted by
+      `s^2 + (1 - s)^2 in [1/2, 1]`: the error of `sigma_d F`, which is what the sCM step consumes.
+    - `weighting="flow"` (`lambda = (sin t + cos t)^2`): exactly the teacher's flow-matching loss `mean((v - v*)^2)`
+      (derivation: docs/training/teacher.md, section 3).
 
     Args:
         model: a [`~models.TrigFlowModel`] (possibly DDP / FSDP2-wrapped) or a [`SanaSprintTransformer2DModel`]
