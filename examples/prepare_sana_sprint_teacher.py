@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from diffusers_sprint.models import TrigFlowModel
 from diffusers_sprint.training import (
     SkipMonitor,
-    check_finite_state_dict,
     prepare_sprint_teacher,
 )
 from diffusers_sprint.training.arguments import write_fingerprint
@@ -248,12 +247,7 @@ def main(args):
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
-    if resume_path is not None:
-        logger.info(f"Resuming from {resume_path}")
-        common.load_state(accelerator, resume_path)
-        if ema is not None:
-            ema.to(device)
-            check_finite_state_dict(ema.state_dict(), f"{resume_path} (EMA)")
+    common.resume(accelerator, resume_path, ema, logger)
     global_step = progress["global_step"]
     log = common.TrainingLog(args.output_dir, global_step if resume_path else None, accelerator.is_main_process)
     accelerator.init_trackers(args.tracker_project_name, config=common.tracker_config(args))
@@ -288,11 +282,9 @@ def main(args):
                 step_logs.append(logs)
                 if accelerator.sync_gradients:
                     skipped, grad_norm = common.clip_and_step(accelerator, optimizer, trainable, args.max_grad_norm)
-        skip_monitor.record("finetune", skipped, global_step + 1, grad_norm)
-        if not skipped:
-            lr_scheduler.step()
-            if ema is not None:
-                ema.step(trainable)
+        common.after_update(
+            skip_monitor, "finetune", skipped, global_step + 1, grad_norm, lr_scheduler, ema, trainable
+        )
         global_step += 1
         progress["global_step"] = global_step
         logs = common.mean_logs(step_logs)
@@ -329,22 +321,14 @@ def main(args):
         )
         common.write_output_folder(args.output_dir, pipeline.save_pretrained)
         logger.info(f"Saved the Sprint teacher pipeline to {args.output_dir}")
-        has_grid = False
+        grid = None
         if args.validation_prompts:
             fresh.vae.to(device)
             grid = log_validation(
                 args, accelerator, transformer, fresh, validation_embeds, null_prompt, seed, global_step, False
             )
-            grid.save(os.path.join(args.output_dir, "validation_grid.png"))
-            has_grid = True
-        if args.push_to_hub:
-            common.save_model_card(
-                args, run.repo_id, args.stage, global_step, global_batch, accelerator.mixed_precision, has_grid
-            )
-            common.push_output_folder(args, run.repo_id)
-    # every process waits for the main one's save: one leaving early tears the process group down under it
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        common.publish_output(args, run, accelerator, global_step, global_batch, grid)
+    common.end_run(accelerator)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from diffusers_sprint.training import (
     SCMLossConfig,
     SkipMonitor,
     build_student,
-    check_finite_state_dict,
     discriminator_step,
     generator_step,
 )
@@ -475,12 +474,7 @@ def main(args):
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
-    if resume_path is not None:
-        logger.info(f"Resuming from {resume_path}")
-        common.load_state(accelerator, resume_path)
-        if ema is not None:
-            ema.to(device)
-            check_finite_state_dict(ema.state_dict(), f"{resume_path} (EMA)")
+    common.resume(accelerator, resume_path, ema, logger)
     global_step = progress["global_step"]
 
     log = common.TrainingLog(args.output_dir, global_step if resume_path else None, accelerator.is_main_process)
@@ -519,11 +513,9 @@ def main(args):
                 if accelerator.sync_gradients:
                     skipped, grad_norm = common.clip_and_step(accelerator, optimizer, trainable, args.max_grad_norm)
         state.record("generator", skipped)
-        skip_monitor.record("generator", skipped, global_step + 1, grad_norm)
-        if not skipped:
-            lr_scheduler.step()
-            if ema is not None:
-                ema.step(trainable)
+        common.after_update(
+            skip_monitor, "generator", skipped, global_step + 1, grad_norm, lr_scheduler, ema, trainable
+        )
         logs = common.mean_logs(g_logs)
         logs.update(generator_grad_norm=grad_norm, generator_skipped=float(skipped), lr=lr_scheduler.get_last_lr()[0])
 
@@ -542,9 +534,7 @@ def main(args):
                             accelerator, optimizer_d, head_parameters, args.max_grad_norm
                         )
             state.record("discriminator", skipped_d)
-            skip_monitor.record("discriminator", skipped_d, global_step + 1, norm_d)
-            if not skipped_d:
-                lr_scheduler_d.step()
+            common.after_update(skip_monitor, "discriminator", skipped_d, global_step + 1, norm_d, lr_scheduler_d)
             logs.update(common.mean_logs(d_logs))
             logs.update(
                 discriminator_grad_norm=norm_d,
@@ -594,21 +584,13 @@ def main(args):
                 args.output_dir, lambda folder: common.save_sprint_pipeline(args, transformer, folder)
             )
         logger.info(f"Saved the {'LoRA weights' if lora else 'pipeline'} to {args.output_dir}")
-        has_grid = False
+        grid = None
         if args.validation_prompts:
             grid = log_validation(
                 args, accelerator, transformer, fresh.vae, validation_embeds, seed, global_step, False
             )
-            grid.save(os.path.join(args.output_dir, "validation_grid.png"))
-            has_grid = True
-        if args.push_to_hub:
-            common.save_model_card(
-                args, run.repo_id, args.stage, global_step, global_batch, accelerator.mixed_precision, has_grid
-            )
-            common.push_output_folder(args, run.repo_id)
-    # every process waits for the main one's save: one leaving early tears the process group down under it
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        common.publish_output(args, run, accelerator, global_step, global_batch, grid)
+    common.end_run(accelerator)
 
 
 if __name__ == "__main__":

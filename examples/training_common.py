@@ -1015,6 +1015,28 @@ def load_state(accelerator, checkpoint: str) -> None:
         ) from error
 
 
+def resume(accelerator, resume_path: str | None, ema, logger) -> None:
+    """Restore `resume_path` (if any) through the registered hooks; the EMA follows onto the device, checked finite."""
+    if resume_path is None:
+        return
+    logger.info(f"Resuming from {resume_path}")
+    load_state(accelerator, resume_path)
+    if ema is not None:
+        ema.to(accelerator.device)
+        check_finite_state_dict(ema.state_dict(), f"{resume_path} (EMA)")
+
+
+def after_update(
+    skip_monitor, phase: str, skipped: bool, step: int, grad_norm, lr_scheduler, ema=None, parameters=None
+):
+    """Record the update of `phase` at `step`; unless it was skipped, advance the lr schedule (and the EMA)."""
+    skip_monitor.record(phase, skipped, step, grad_norm)
+    if not skipped:
+        lr_scheduler.step()
+        if ema is not None:
+            ema.step(parameters)
+
+
 @contextmanager
 def ema_weights(ema, parameters):
     """Inside the block `parameters` hold the EMA weights (when there is an EMA), restored after."""
@@ -1101,6 +1123,24 @@ def write_output_folder(output_dir: str, save) -> None:
             os.remove(target)
         os.replace(os.path.join(tmp, name), target)
     os.rmdir(tmp)
+
+
+def publish_output(args, run, accelerator, global_step: int, global_batch: int, grid) -> None:
+    """Main process, after the weights are written: the validation grid beside them, then the model card and the
+    Hub upload (`--push_to_hub`)."""
+    if grid is not None:
+        grid.save(os.path.join(args.output_dir, "validation_grid.png"))
+    if args.push_to_hub:
+        save_model_card(
+            args, run.repo_id, args.stage, global_step, global_batch, accelerator.mixed_precision, grid is not None
+        )
+        push_output_folder(args, run.repo_id)
+
+
+def end_run(accelerator) -> None:
+    """Every process waits for the main one's save (one leaving early tears the process group down under it)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def push_output_folder(args, repo_id: str) -> None:
