@@ -11,7 +11,9 @@ pipeline and loaded back with our `SanaSprintPipeline.from_pretrained`. For each
 
 With `--compile`, it also compiles our transformer with `torch.compile(fullgraph=True)` (inductor), checks the
 compiled pipeline's images against the eager ones (<= 1e-5), counts the graphs compiled over all step counts (1
-expected: the time is a tensor) and reports the eager / compiled speed-up, timed interleaved in the same run.
+expected: the time is a tensor) and reports the eager / compiled speed-up, timed interleaved in the same run; then
+compiles diffusers' transformer the same way and repeats steps 1-3 for the two compiled pipelines (ours vs
+diffusers, both compiled).
 
     python benchmarks/bench_pipeline.py                       # 1 and 2 steps, 128 px, 20 repeats
     python benchmarks/bench_pipeline.py --steps 1 2 4 --size 256 --repeats 20 --json bench.json
@@ -212,11 +214,11 @@ def measure_overhead(pipe, steps: int, size: int, seed: int, repeats: int) -> fl
     return statistics.median(shares)
 
 
-def bench(ours, reference, steps: int, size: int, repeats: int, warmup: int, seed: int) -> dict:
+def bench(ours, reference, steps: int, size: int, repeats: int, warmup: int, seed: int, label: str = "") -> dict:
     ours_images = timed_call(ours, steps, size, seed)[-1]
     reference_images = timed_call(reference, steps, size, seed)[-1]
     max_diff = float(abs(ours_images.astype("float64") - reference_images.astype("float64")).max())
-    print(f"[{steps} step(s)] parity: max |ours - diffusers| = {max_diff:.3e}", flush=True)
+    print(f"[{steps} step(s){label}] parity: max |ours - diffusers| = {max_diff:.3e}", flush=True)
     if not max_diff <= PARITY_TOLERANCE:
         raise SystemExit(f"Parity check failed: max abs image difference {max_diff:.3e} > {PARITY_TOLERANCE}.")
 
@@ -252,7 +254,7 @@ def bench(ours, reference, steps: int, size: int, repeats: int, warmup: int, see
         diffusers_cpu_times_s=reference_cpu,
     )
     print(
-        f"[{steps} step(s)] ours {1e3 * ours_median:.1f} ms, diffusers {1e3 * reference_median:.1f} ms, "
+        f"[{steps} step(s){label}] ours {1e3 * ours_median:.1f} ms, diffusers {1e3 * reference_median:.1f} ms, "
         f"ratio {result['ratio']:.3f} (paired {result['paired_ratio_median']:.3f}, "
         f"CPU time {result['cpu_ratio']:.3f}), "
         f"overhead ours {100 * result['ours_overhead']:.1f}% / diffusers {100 * result['diffusers_overhead']:.1f}%",
@@ -377,7 +379,7 @@ def main(argv=None) -> int:
     for steps in args.steps:
         results.append(bench(ours, reference, steps, args.size, args.repeats, args.warmup, args.seed))
 
-    compile_results = []
+    compile_results, compiled_results = [], []
     if args.compile:
         compiled = diffusers_sprint.SanaSprintPipeline(**ours.components)
         compiled.transformer = torch.compile(ours.transformer, fullgraph=True)
@@ -387,6 +389,22 @@ def main(argv=None) -> int:
             compile_results.append(
                 bench_compile(ours, compiled, steps, args.size, args.repeats, args.warmup, args.seed)
             )
+        reference_compiled = diffusers.SanaSprintPipeline(**reference.components)
+        reference_compiled.transformer = torch.compile(reference.transformer, fullgraph=True)
+        reference_compiled.set_progress_bar_config(disable=True)
+        for steps in args.steps:
+            compiled_results.append(
+                bench(
+                    compiled,
+                    reference_compiled,
+                    steps,
+                    args.size,
+                    args.repeats,
+                    args.warmup,
+                    args.seed,
+                    label=", both compiled",
+                )
+            )
 
     environment["loadavg_end"] = os.getloadavg()[0]
     print()
@@ -395,7 +413,9 @@ def main(argv=None) -> int:
         "| overhead diffusers | max abs diff |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
+    for r in results + compiled_results:
+        if r is (compiled_results or [None])[0]:
+            print("| both transformers torch.compile'd | | | | | | | | |")
         print(
             f"| {r['steps']} | {1e3 * r['ours_median_s']:.1f} | {1e3 * r['diffusers_median_s']:.1f} "
             f"| {r['ratio']:.3f} | {r['paired_ratio_median']:.3f} | {r['cpu_ratio']:.3f} "
@@ -415,6 +435,8 @@ def main(argv=None) -> int:
                 f"| {r['max_abs_diff']:.1e} |"
             )
         print(f"graphs compiled over steps {args.steps}: {compile_results[-1]['graphs_so_far']}")
+    if compiled_results:
+        print(f"graphs compiled in all: {int(torch._dynamo.utils.counters['stats']['unique_graphs'])}")
     missed = [r["steps"] for r in results if r["ratio"] > TARGET_RATIO or r["ours_overhead"] > TARGET_OVERHEAD]
     print(
         f"\ntargets: ratio <= {TARGET_RATIO}, overhead <= {100 * TARGET_OVERHEAD:.0f}%: "
@@ -424,7 +446,12 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(
                 dict(
-                    environment=environment, config=config, results=results, compile=compile_results, lookups=lookups
+                    environment=environment,
+                    config=config,
+                    results=results,
+                    compile=compile_results,
+                    compiled_vs_diffusers=compiled_results,
+                    lookups=lookups,
                 ),
                 f,
                 indent=2,

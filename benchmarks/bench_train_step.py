@@ -12,8 +12,13 @@ teacher with `default_head_block_ids(layers)` (4 heads from 4 layers up). The sc
   finite-difference;
 - the discriminator step (`discriminator_step`, backward, clip, `step_if_finite`; AdamW on the heads; misaligned
   pairs on);
-- with `--compile`, the finite-difference G steps again with the student's `TrigFlowModel` under `torch.compile`
-  (compiled during the untimed pass; not in the memory table);
+- sCM + LADD with the fake's fresh rows in a second student call (`single_student_forward=False`; the default joins
+  them to the sCM forward);
+- with `--compile` (compiled during the untimed pass; not in the memory table): the finite-difference G steps with
+  the student's `TrigFlowModel` under `torch.compile`, and G and D steps with the frozen teacher's blocks compiled
+  too (each block's `Module.compile()`, diffusers' regional compilation: the discriminator's forward hooks stay
+  outside the compiled code and keep firing); the exact-JVP G step can only take the compiled teacher (the JVP does
+  not run through a compiled student);
 - the pieces the G step is made of (teacher CFG forward on 2B, JVP without grad, the one-sided finite-difference
   tangent's shifted forward,
   discriminator forward + backward through the frozen teacher to its input, student fwd+bwd on half the batch,
@@ -38,6 +43,7 @@ before the call, in this process. Without `/proc` (not Linux) memory is not repo
 
     python benchmarks/bench_train_step.py            # 8 layers, dim 128, 16x16 latent, batch 4: ~2 CPU-minutes
     python benchmarks/bench_train_step.py --layers 6 --dim 256 --latent 16 --batch 8 --repeats 3 --json out.json
+    python benchmarks/bench_train_step.py --compile --only g_ladd g_ladd_fd g_ladd_fd_compiled_all --no-memory
 """
 
 import argparse
@@ -50,7 +56,8 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -106,6 +113,8 @@ class Setup:
     w: torch.Tensor
     features: list
     compiled_student: torch.nn.Module | None = None
+    # (block, compiled call) of the teacher's blocks, switched on by `teacher_compiled` (empty without --compile)
+    compiled_teacher_blocks: list = field(default_factory=list)
 
 
 def _update(loss, optimizer, parameters) -> bool:
@@ -159,6 +168,12 @@ def build(args) -> Setup:
     w = torch.full((b,), GUIDANCE, device=device)
     with torch.no_grad():
         features = discriminator.extract_features(x_t_scaled, t, embeds, mask)
+    compiled_teacher_blocks = []
+    if args.compile:
+        for block in teacher.transformer_blocks:
+            block.compile()  # regional: forward hooks (the discriminator's) run outside the compiled call
+            compiled_teacher_blocks.append((block, block._compiled_call_impl))
+            block._compiled_call_impl = None  # eager unless a variant switches it on
     return Setup(
         teacher=teacher,
         student=student,
@@ -173,7 +188,25 @@ def build(args) -> Setup:
         w=w,
         features=features,
         compiled_student=torch.compile(TrigFlowModel(student)) if args.compile else None,
+        compiled_teacher_blocks=compiled_teacher_blocks,
     )
+
+
+@contextmanager
+def teacher_compiled(s: Setup, enabled: bool = True):
+    """The teacher's blocks run their compiled call inside the block (eager again afterwards)."""
+    if not enabled:
+        yield
+        return
+    if not s.compiled_teacher_blocks:
+        raise RuntimeError("the compiled teacher variants need --compile")
+    for block, compiled in s.compiled_teacher_blocks:
+        block._compiled_call_impl = compiled
+    try:
+        yield
+    finally:
+        for block, _ in s.compiled_teacher_blocks:
+            block._compiled_call_impl = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -181,34 +214,46 @@ def build(args) -> Setup:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _config(ladd: bool, max_time_probability: float = 0.5, jvp: str = "exact") -> DistillationConfig:
+def _config(
+    ladd: bool, max_time_probability: float = 0.5, jvp: str = "exact", single: bool = True
+) -> DistillationConfig:
     return DistillationConfig(
         scm=SCMLossConfig(jvp=jvp),
         adversarial_lambda=0.5 if ladd else 0.0,
         max_time_probability=max_time_probability,
+        single_student_forward=single,
     )
 
 
-def generator_variant(ladd: bool, max_time_probability: float = 0.5, jvp: str = "exact", compiled: bool = False):
-    config = _config(ladd, max_time_probability, jvp)
+def generator_variant(
+    ladd: bool,
+    max_time_probability: float = 0.5,
+    jvp: str = "exact",
+    compiled: bool = False,
+    single: bool = True,
+    compiled_teacher: bool = False,
+):
+    config = _config(ladd, max_time_probability, jvp, single)
 
     def run(s: Setup):
         s.discriminator.eval()  # spectral-norm power iterations advance on D steps only (docs/training/ladd.md)
         student = s.compiled_student if compiled else s.student
         discriminator = s.discriminator if ladd else None
-        out = generator_step(student, s.teacher, discriminator, s.batch, s.state, config, s.generator)
-        s.state.record("generator", _update(out.loss, s.g_optimizer, s.student.parameters()))
+        with teacher_compiled(s, compiled_teacher):
+            out = generator_step(student, s.teacher, discriminator, s.batch, s.state, config, s.generator)
+            s.state.record("generator", _update(out.loss, s.g_optimizer, s.student.parameters()))
 
     return run
 
 
-def discriminator_variant():
+def discriminator_variant(compiled_teacher: bool = False):
     config = _config(ladd=True)
 
     def run(s: Setup):
         s.discriminator.train()
-        out = discriminator_step(s.student, s.discriminator, s.batch, config, s.generator)
-        s.state.record("discriminator", _update(out.loss, s.d_optimizer, s.discriminator.parameters()))
+        with teacher_compiled(s, compiled_teacher):
+            out = discriminator_step(s.student, s.discriminator, s.batch, config, s.generator)
+            s.state.record("discriminator", _update(out.loss, s.d_optimizer, s.discriminator.parameters()))
 
     return run
 
@@ -232,6 +277,19 @@ def unit_forward_backward(s: Setup, rows: slice = slice(None)):
 
 def half_forward_backward(s: Setup):
     unit_forward_backward(s, slice(0, max(1, s.batch.latents.shape[0] // 2)))
+
+
+def one_and_a_half_forward_backward(s: Setup):
+    """The sCM forward with the max-time rows joined (B + B/2 rows, one call) + backward."""
+    b, half = s.batch, max(1, s.batch.latents.shape[0] // 2)
+
+    def rows(x):
+        return torch.cat([x, x[:half]])
+
+    s.student.trigflow_forward(
+        rows(s.x_t_scaled), rows(s.t), rows(b.prompt_embeds), rows(b.prompt_attention_mask), guidance_scale=rows(s.w)
+    ).sample.square().mean().backward()
+    s.student.zero_grad(set_to_none=True)
 
 
 def teacher_cfg(s: Setup):
@@ -311,6 +369,10 @@ def optimizer_only(s: Setup):
 STEPS = {
     "g_scm": ("G step, sCM only", generator_variant(ladd=False)),
     "g_ladd": ("G step, sCM+LADD", generator_variant(ladd=True)),
+    "g_ladd_two_calls": (
+        "G step, sCM+LADD, single_student_forward=False (fake rows: 2nd call)",
+        generator_variant(ladd=True, single=False),
+    ),
     "g_ladd_pmax0": (
         "G step, sCM+LADD, max_time_probability=0 (fake from the sCM forward)",
         generator_variant(ladd=True, max_time_probability=0.0),
@@ -334,10 +396,12 @@ PIECES = {
     "disc_to_input": ("discriminator fwd + bwd through the teacher to the input", discriminator_to_input),
     "disc_heads": ("discriminator heads only, fwd + bwd (B samples)", discriminator_heads),
     "fwd_bwd_half": ("student forward + backward on B/2", half_forward_backward),
+    "fwd_bwd_one_and_half": ("student forward + backward on B + B/2 (one call)", one_and_a_half_forward_backward),
     "optimizer": ("clip_grad_norm_ + AdamW step (student)", optimizer_only),
 }
 # --compile: the student's TrigFlowModel under torch.compile (Inductor), finite-difference tangent (the JVP does not
-# run through a compiled module). Timed only: a forked memory child would compile again.
+# run through a compiled module), and the teacher's blocks compiled (regional). Timed only: a forked memory child
+# would compile again.
 COMPILED = {
     "g_scm_fd_compiled": (
         "G step, sCM only, jvp=finite_difference, student torch.compile'd",
@@ -347,6 +411,19 @@ COMPILED = {
         "G step, sCM+LADD, jvp=finite_difference, student torch.compile'd",
         generator_variant(True, jvp="finite_difference", compiled=True),
     ),
+    "g_scm_fd_compiled_all": (
+        "G step, sCM only, jvp=finite_difference, student + teacher blocks compiled",
+        generator_variant(False, jvp="finite_difference", compiled=True, compiled_teacher=True),
+    ),
+    "g_ladd_fd_compiled_all": (
+        "G step, sCM+LADD, jvp=finite_difference, student + teacher blocks compiled",
+        generator_variant(True, jvp="finite_difference", compiled=True, compiled_teacher=True),
+    ),
+    "g_ladd_compiled_teacher": (
+        "G step, sCM+LADD (exact JVP), teacher blocks compiled",
+        generator_variant(True, compiled_teacher=True),
+    ),
+    "d_step_compiled_teacher": ("D step, teacher blocks compiled", discriminator_variant(compiled_teacher=True)),
 }
 ALL = {**UNITS, **STEPS, **PIECES, **COMPILED}
 
@@ -482,39 +559,80 @@ def measure_memory(s: Setup, names: list[str]) -> dict[str, dict | None]:
 
 
 def breakdown(fe: dict[str, float]) -> dict[str, dict]:
-    """The G step rebuilt from its measured pieces (forward-equivalents), against the measured step."""
-    teacher = {"teacher CFG forward (2B, no grad)": fe["teacher_cfg"]}
-    tail = {"student forward + backward (sCM F)": fe["fwd_bwd"], "clip + AdamW": fe["optimizer"]}
-    scm = {**teacher, "JVP (no grad)": fe["jvp"], **tail}
-    scm_fd = {**teacher, "finite-difference tangent (one shifted fp32 forward)": fe["fd_tangent"], **tail}
-    ladd_extra = {  # the fake reuses the sCM forward (default): only the max-time rows, ~B/2 at p = 0.5, run again
-        "LADD fresh student forward + backward, max-time rows (~B/2)": fe["fwd_bwd_half"],
-        "discriminator: teacher fwd + bwd to input": fe["disc_to_input"] - fe["disc_heads"],
-        "discriminator: heads fwd + bwd": fe["disc_heads"],
+    """
+    The G step rebuilt from its measured pieces (forward-equivalents), against the measured step. Steps or pieces
+    left out by `--only` are skipped.
+    """
+    pieces = {
+        "teacher CFG forward (2B, no grad)": "teacher_cfg",
+        "JVP (no grad)": "jvp",
+        "finite-difference tangent (one shifted fp32 forward)": "fd_tangent",
+        "student forward + backward (sCM F)": "fwd_bwd",
+        "student forward + backward, sCM rows + max-time rows (B + ~B/2, one call)": "fwd_bwd_one_and_half",
+        "LADD fresh student forward + backward, max-time rows (~B/2, own call)": "fwd_bwd_half",
+        "discriminator: teacher fwd + bwd to input": ("disc_to_input", "disc_heads"),
+        "discriminator: heads fwd + bwd": "disc_heads",
+        "clip + AdamW": "optimizer",
     }
-    return {
-        "g_scm": scm,
-        "g_scm_fd": scm_fd,
-        "g_ladd": {**scm, **ladd_extra},
-        "g_ladd_fd": {**scm_fd, **ladd_extra},
+    teacher, tail = ["teacher CFG forward (2B, no grad)"], ["clip + AdamW"]
+    discriminator = ["discriminator: teacher fwd + bwd to input", "discriminator: heads fwd + bwd"]
+    fresh_call = ["LADD fresh student forward + backward, max-time rows (~B/2, own call)"]
+    sCM_F = ["student forward + backward (sCM F)"]
+    accounts = {
+        "g_scm": teacher + ["JVP (no grad)"] + sCM_F + tail,
+        "g_scm_fd": teacher + ["finite-difference tangent (one shifted fp32 forward)"] + sCM_F + tail,
+        # default: the max-time rows join the sCM forward (single_student_forward)
+        "g_ladd": teacher
+        + ["JVP (no grad)", "student forward + backward, sCM rows + max-time rows (B + ~B/2, one call)"]
+        + discriminator
+        + tail,
+        "g_ladd_two_calls": teacher + ["JVP (no grad)"] + sCM_F + fresh_call + discriminator + tail,
+        # the one-sided finite difference keeps the max-time rows in their own call (see scm_loss)
+        "g_ladd_fd": teacher
+        + ["finite-difference tangent (one shifted fp32 forward)"]
+        + sCM_F
+        + fresh_call
+        + discriminator
+        + tail,
     }
+
+    def value(key):
+        if isinstance(key, tuple):
+            return fe[key[0]] - fe[key[1]]
+        return fe[key]
+
+    result = {}
+    for step, labels in accounts.items():
+        keys = [pieces[label] for label in labels]
+        flat = [k for key in keys for k in (key if isinstance(key, tuple) else (key,))]
+        if step in fe and all(k in fe for k in flat):
+            result[step] = {label: value(key) for label, key in zip(labels, keys)}
+    return result
 
 
 def what_if(fe: dict[str, float], layers: int, official_layers: int = 20) -> dict[str, float]:
     """
     The sCM+LADD G step under each option, measured, and at the official depth (estimate: the heads' cost
     does not grow with depth while every other piece does, so in forward-equivalents it shrinks by
-    `layers / official_layers`).
+    `layers / official_layers`). Options left out by `--only` are skipped.
     """
-    heads = fe["disc_heads"] * (1 - layers / official_layers)
-    return {
-        "exact JVP (default), measured": fe["g_ladd"],
-        "finite-difference tangent, measured": fe["g_ladd_fd"],
-        "exact JVP, max_time_probability=0 (no fresh forward), measured": fe["g_ladd_pmax0"],
-        "finite-difference tangent, max_time_probability=0, measured": fe["g_ladd_fd_pmax0"],
-        f"exact JVP at {official_layers} layers (heads rescaled, estimate)": fe["g_ladd"] - heads,
-        f"finite-difference tangent at {official_layers} layers (estimate)": fe["g_ladd_fd"] - heads,
+    measured = {
+        "exact JVP (default), measured": "g_ladd",
+        "exact JVP, fake rows in a 2nd student call, measured": "g_ladd_two_calls",
+        "exact JVP, teacher blocks compiled, measured": "g_ladd_compiled_teacher",
+        "finite-difference tangent, measured": "g_ladd_fd",
+        "finite-difference tangent, student compiled, measured": "g_ladd_fd_compiled",
+        "finite-difference tangent, student + teacher blocks compiled, measured": "g_ladd_fd_compiled_all",
+        "exact JVP, max_time_probability=0 (no fresh forward), measured": "g_ladd_pmax0",
+        "finite-difference tangent, max_time_probability=0, measured": "g_ladd_fd_pmax0",
     }
+    options = {label: fe[name] for label, name in measured.items() if name in fe}
+    if "disc_heads" in fe:
+        heads = fe["disc_heads"] * (1 - layers / official_layers)
+        for label, name in (("exact JVP", "g_ladd"), ("finite-difference tangent", "g_ladd_fd")):
+            if name in fe:
+                options[f"{label} at {official_layers} layers (heads rescaled, estimate)"] = fe[name] - heads
+    return options
 
 
 def main(argv=None) -> int:
@@ -536,10 +654,25 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--compile", action="store_true", help="also time G steps with the student under torch.compile (slow start)"
     )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="time (and measure) only these variants besides the unit; names: "
+        + ", ".join(name for name in ALL if name != "fwd"),
+    )
     parser.add_argument("--json", type=str, default=None, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.dim % HEAD_DIM:
         parser.error(f"--dim must be a multiple of {HEAD_DIM}")
+    if args.only is not None:
+        unknown = sorted(set(args.only) - set(ALL) - {"fwd"})
+        if unknown:
+            parser.error(f"--only: unknown variants {unknown}; choose from {[n for n in ALL if n != 'fwd']}")
+        needs_compile = sorted(set(args.only) & set(COMPILED))
+        if needs_compile and not args.compile:
+            parser.error(f"--only: {needs_compile} need --compile")
     torch.set_num_threads(1)
 
     environment = {
@@ -565,9 +698,12 @@ def main(argv=None) -> int:
     memory = {}
     if not args.no_memory:  # first: the CPU path forks, which must happen before this process runs a backward
         print("memory: warm-up call + measured call per variant, each in a fresh forked child on CPU ...", flush=True)
-        memory = measure_memory(s, list(UNITS) + list(STEPS))
+        selected = [n for n in list(UNITS) + list(STEPS) if args.only is None or n in {*args.only, "fwd"}]
+        memory = measure_memory(s, selected)
 
     names = [name for name in ALL if name != "fwd" and (args.compile or name not in COMPILED)]
+    if args.only is not None:
+        names = [name for name in names if name in args.only]
     print(f"timing {len(names)} variants x {args.repeats} repeats, bracketed by unit forwards ...", flush=True)
     seconds, ratios = time_variants(s, names, args.repeats, args.warmup)
     median = {name: statistics.median(values) for name, values in seconds.items()}
@@ -611,7 +747,7 @@ def main(argv=None) -> int:
     accounts = breakdown(fe)
     for name, parts in accounts.items():
         total = sum(parts.values())
-        print(f"  {STEPS[name][0]}: measured {fe[name]:.2f}, sum of pieces {total:.2f}")
+        print(f"  {ALL[name][0]}: measured {fe[name]:.2f}, sum of pieces {total:.2f}")
         for part, value in parts.items():
             print(f"    {value:6.2f}  {part}")
     print()

@@ -320,10 +320,55 @@ def test_ladd_fake_reuses_the_scm_forward_except_for_max_time_rows(toy, monkeypa
         return original(sample, timestep, *args, **kwargs)
 
     monkeypatch.setattr(student, "trigflow_forward", record)
-    config = _config(max_time_probability=probability)
+    config = _config(max_time_probability=probability, single_student_forward=False)
     out = generator_step(student, toy.teacher, discriminator, toy.batch(torch.arange(4)), DistillationState(), config)
     out.loss.backward()
     assert calls[0] == (4, False)  # the sCM forward with grad
     assert [rows for rows, at_max_time in calls[1:] if at_max_time] == expected_fresh_rows
     assert len(calls) == 1 + len(expected_fresh_rows)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+@pytest.mark.parametrize("jvp", ["exact", "finite_difference"])
+@pytest.mark.parametrize("fake_from_scm_forward", [True, False])
+def test_single_student_forward_matches_two_calls(toy, monkeypatch, fake_from_scm_forward, jvp):
+    """The fake's fresh rows joined to the sCM forward: one grad call of B + k rows, same losses and gradients."""
+    student = build_student(toy.teacher, logvar_head=True, generator=torch.Generator().manual_seed(0))
+    discriminator = SanaDiscriminator(toy.teacher, head_block_ids=(0, 1))
+    batch = toy.batch(torch.arange(6))
+    calls = []
+    original = student.trigflow_forward
+
+    def record(sample, timestep, *args, **kwargs):
+        if torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(sample):
+            calls.append(sample.shape[0])
+        return original(sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(student, "trigflow_forward", record)
+    results = {}
+    for single in (True, False):
+        calls.clear()
+        config = DistillationConfig(
+            scm=SCMLossConfig(tangent_warmup_steps=50, guidance_scales=(GUIDANCE, 3.0), jvp=jvp),
+            fake_from_scm_forward=fake_from_scm_forward,
+            single_student_forward=single,
+        )
+        state = DistillationState(generator_steps=10)
+        out = generator_step(
+            student, toy.teacher, discriminator, batch, state, config, generator=torch.Generator().manual_seed(3)
+        )
+        out.loss.backward()
+        gradients = [p.grad.clone() for p in student.parameters()]
+        student.zero_grad(set_to_none=True)
+        results[single] = (out.scm_loss.detach(), out.adversarial_loss.detach(), gradients, list(calls))
+
+    fresh_rows = results[False][3][1:]
+    assert results[False][3][0] == 6 and len(fresh_rows) == 1
+    assert (0 < fresh_rows[0] < 6) if fake_from_scm_forward else fresh_rows[0] == 6  # seed 3: some rows at pi/2
+    # One call, except with the one-sided finite difference (its base point stays a B-row call, see scm_loss).
+    expected_calls = [6, fresh_rows[0]] if jvp == "finite_difference" else [6 + fresh_rows[0]]
+    assert results[True][3] == expected_calls
+    for single_value, two_calls_value in zip(results[True][:2], results[False][:2]):
+        torch.testing.assert_close(single_value, two_calls_value, rtol=1e-5, atol=1e-7)
+    for single_grad, two_calls_grad in zip(results[True][2], results[False][2]):
+        torch.testing.assert_close(single_grad, two_calls_grad, rtol=1e-4, atol=1e-6)

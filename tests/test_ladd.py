@@ -207,6 +207,54 @@ def test_logit_shapes_and_per_head_layout(head_block_ids):
         torch.testing.assert_close(logits[:, k * num_tokens : (k + 1) * num_tokens], expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("head_block_ids", [(0, 1), (2,), (1, 3)])
+def test_teacher_stops_after_the_last_hooked_block(head_block_ids):
+    """Blocks after the last hooked one do not run; features, logits and the input gradient are those of the full
+    teacher forward (the later blocks only feed the discarded output)."""
+    teacher = make_teacher()
+    discriminator = SanaDiscriminator(teacher, head_block_ids=head_block_ids).eval()
+    x, t, embeds, mask = inputs(3)
+
+    calls = dict.fromkeys(range(NUM_LAYERS), 0)
+    counters = [
+        block.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, block in enumerate(teacher.transformer_blocks)
+    ]
+    fake = x.clone().requires_grad_(True)
+    features = discriminator.extract_features(fake, t, embeds, mask)
+    logits = discriminator.forward_heads(features)
+    (gradient,) = torch.autograd.grad(logits.square().mean(), fake)
+    for handle in counters:
+        handle.remove()
+    last = max(head_block_ids)
+    assert calls == {i: int(i <= last) for i in range(NUM_LAYERS)}
+    assert len(teacher.transformer_blocks) == NUM_LAYERS  # the full block list is back
+
+    # Reference: the full teacher forward, features read with our own hooks.
+    captured = {}
+    handles = [
+        teacher.transformer_blocks[i].register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out))
+        for i in head_block_ids
+    ]
+    fake_reference = x.clone().requires_grad_(True)
+    full_output = teacher.trigflow_forward(fake_reference, t, embeds, mask).sample
+    for handle in handles:
+        handle.remove()
+    reference_features = [captured[i].transpose(1, 2) for i in head_block_ids]
+    reference_logits = discriminator.forward_heads(reference_features)
+    (reference_gradient,) = torch.autograd.grad(reference_logits.square().mean(), fake_reference)
+    assert full_output.shape == x.shape
+    for feature, reference in zip(features, reference_features):
+        torch.testing.assert_close(feature, reference, rtol=0, atol=0)
+    torch.testing.assert_close(logits, reference_logits, rtol=0, atol=0)
+    torch.testing.assert_close(gradient, reference_gradient, rtol=0, atol=1e-7)
+
+    # The block list is restored when the teacher forward fails, too.
+    with pytest.raises(RuntimeError):
+        discriminator(x, t, embeds[:, :, :3], mask)
+    assert len(teacher.transformer_blocks) == NUM_LAYERS
+
+
 def test_head_shapes_and_spectral_norm():
     head = DiscriminatorHead(INNER_DIM, hidden_channels=8).train()
     out = head(torch.randn(5, INNER_DIM, 12))

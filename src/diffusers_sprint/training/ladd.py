@@ -18,7 +18,8 @@ Losses (logits are `[B, tokens]`; means run over every logit):
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -165,6 +166,25 @@ def default_head_block_ids(num_layers: int) -> list[int]:
     return sorted({int(math.floor(fraction * last + 0.5)) for fraction in fractions})
 
 
+@contextmanager
+def _blocks_up_to(transformer: nn.Module, last_block_id: int) -> Iterator[None]:
+    """
+    Inside the block, `transformer.transformer_blocks` holds blocks `0..last_block_id` only (the same modules), so a
+    forward stops its block loop there; the full list is restored afterwards, also on error. The blocks after
+    `last_block_id` would only feed the output, which the discriminator discards: their forward (and, with grad, the
+    graph they would keep alive) is saved exactly. The final norm and projection still run on the last kept block.
+    """
+    blocks = transformer.transformer_blocks
+    if last_block_id + 1 >= len(blocks):
+        yield
+        return
+    transformer._modules["transformer_blocks"] = blocks[: last_block_id + 1]
+    try:
+        yield
+    finally:
+        transformer._modules["transformer_blocks"] = blocks
+
+
 def _validate_head_block_ids(head_block_ids: Sequence[int], num_layers: int) -> tuple[int, ...]:
     ids = tuple(head_block_ids)
     for block_id in ids:
@@ -284,7 +304,8 @@ class SanaDiscriminator(nn.Module):
         guidance_scale: torch.Tensor | float | None = None,
     ) -> list[torch.Tensor]:
         r"""
-        Run the teacher once with temporary forward hooks and return the hooked block outputs.
+        Run the teacher once with temporary forward hooks and return the hooked block outputs. The teacher's blocks
+        after the last hooked one do not run (their outputs reach no head).
 
         Args:
             x_t_scaled (`torch.Tensor` of shape `(batch_size, channels, height, width)`): `x_t / sigma_data`.
@@ -312,7 +333,10 @@ class SanaDiscriminator(nn.Module):
         try:
             for block_id in self.head_block_ids:
                 handles.append(blocks[block_id].register_forward_hook(make_hook(block_id)))
-            self.teacher(x_t_scaled, t, encoder_hidden_states, encoder_attention_mask, guidance_scale=guidance_scale)
+            with _blocks_up_to(self.teacher.transformer, max(self.head_block_ids)):
+                self.teacher(
+                    x_t_scaled, t, encoder_hidden_states, encoder_attention_mask, guidance_scale=guidance_scale
+                )
         finally:
             for handle in handles:
                 handle.remove()

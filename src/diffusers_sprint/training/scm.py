@@ -126,11 +126,14 @@ class SCMLossOutput:
         logs (`dict`): Detached 0-dim tensors (not synced to the host): `g_norm_mean` (batch mean of `||g||_2` before
             normalisation), `dF_dt_abs_mean` (`mean |dF/dt|` along the teacher's PF-ODE, per radian),
             `logvar_mean` (with the adaptive weight only); and the float `tangent_warmup_r`.
+        extra_velocity (`torch.Tensor` of shape `(extra_batch, channels, height, width)`, *optional*): With grad:
+            the student's `F` on `extra_inputs`, from the same call as `velocity`.
     """
 
     loss: torch.Tensor
     velocity: torch.Tensor
     logs: dict
+    extra_velocity: torch.Tensor | None = None
 
 
 def _expand_4d(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -142,6 +145,15 @@ def _per_sample(value: torch.Tensor | float, batch_size: int, like: torch.Tensor
     """A float or tensor broadcast to shape `(batch_size,)` on `like`'s device, in at least float32."""
     dtype = torch.promote_types(like.dtype, torch.float32)
     return torch.as_tensor(value, dtype=dtype, device=like.device).reshape(-1).expand(batch_size)
+
+
+def _cat_rows(ours: torch.Tensor | None, extra: torch.Tensor | None) -> torch.Tensor | None:
+    """`ours` and `extra` stacked along the batch, in `ours`' dtype (`None` and `None` give `None`)."""
+    if ours is None or extra is None:
+        if ours is not None or extra is not None:
+            raise ValueError("`extra_inputs` must give an attention mask exactly when the sCM rows have one.")
+        return None
+    return torch.cat([ours, extra.to(device=ours.device, dtype=ours.dtype)])
 
 
 def sample_guidance_scales(
@@ -415,6 +427,7 @@ def scm_loss(
     guidance_scale: torch.Tensor | float,
     step: int,
     config: SCMLossConfig | None = None,
+    extra_inputs: tuple | None = None,
 ) -> SCMLossOutput:
     r"""
     The sCM consistency-distillation loss of one generator step.
@@ -436,6 +449,10 @@ def scm_loss(
             the student's guidance embedding.
         step (`int`): Generator-step counter for the tangent warm-up (count generator steps only, not D steps).
         config ([`SCMLossConfig`], *optional*): Defaults to `SCMLossConfig()`.
+        extra_inputs (`tuple`, *optional*): `(x_t_scaled, t, encoder_hidden_states, encoder_attention_mask,
+            guidance_scale)` of more rows for the student's grad-enabled forward (e.g. the LADD fake's): they join
+            that call, one forward and one backward for both, and their `F` is returned as `extra_velocity`. They do
+            not enter the loss. With the one-sided finite difference they run in a second call (docs/performance.md).
 
     Returns:
         [`SCMLossOutput`]. `loss` is the batch mean of the per-sample mean over elements of
@@ -472,10 +489,21 @@ def scm_loss(
 
     # 3. F and logvar with grad. F_minus is this forward's own value, so F - F_minus is exactly 0 (the JVP's
     #    math-SDPA primal may differ from the fused-kernel forward by float error, which must not enter the target).
+    #    Extra rows (the LADD fake's) join this call, except with the one-sided difference: its base point must come
+    #    from a call laid out like the shifted one, else batching changes F's rounding, which / h enters the tangent.
+    merge_extra = extra_inputs is not None and not one_sided
+    inputs = (x, t, *prompt, w)
+    if merge_extra:
+        inputs = [_cat_rows(ours, extra) for ours, extra in zip(inputs, extra_inputs)]
     out = student(
-        x, t, *prompt, guidance_scale=w,
+        *inputs[:4], guidance_scale=inputs[4],
         return_logvar=config.adaptive_weight, detach_logvar_input=config.detach_logvar_embedding,
     )  # fmt: skip
+    batch_size, extra_velocity = x0.shape[0], None
+    if merge_extra:
+        extra_velocity, out = out[0][batch_size:], tuple(o[:batch_size] for o in out)
+    elif extra_inputs is not None:
+        (extra_velocity,) = student(*extra_inputs[:4], guidance_scale=extra_inputs[4])
     F = out[0].to(dtype)
     F_minus = F.detach()
     if one_sided:
@@ -498,7 +526,7 @@ def scm_loss(
     }
     if config.adaptive_weight:
         logs["logvar_mean"] = logvar.detach().mean()
-    return SCMLossOutput(loss=loss, velocity=F, logs=logs)
+    return SCMLossOutput(loss=loss, velocity=F, logs=logs, extra_velocity=extra_velocity)
 
 
 __all__ = [
