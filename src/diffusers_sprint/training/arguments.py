@@ -128,9 +128,10 @@ FINGERPRINT_NAME = "run_fingerprint.json"
 # run's recipe. Left out on purpose: where files go and what is logged (--output_dir, --logging_dir, --report_to,
 # tracker and Hub flags, --cache_dir), checkpoint/validation cadence and prompts, --resume_from_checkpoint,
 # --dataloader_num_workers, --max_consecutive_skips, --validate_data; flags that change cost but not the math up to
-# float rounding (--gradient_checkpointing, --reuse_jvp_primal, --allow_tf32); and --seed (a checkpoint's seed always
-# wins and is stored in its training state). --gradient_accumulation_steps is replaced by the global batch when the
-# process count is known: N processes x A accumulation steps with the same global batch see the same micro-batches.
+# float rounding (--gradient_checkpointing, --reuse_jvp_primal, --allow_tf32, --fp32_linear_attention, --teacher_fp32);
+# and --seed (a checkpoint's seed always wins and is stored in its training state). --gradient_accumulation_steps is
+# replaced by the global batch when the process count is known: N processes x A accumulation steps with the same global
+# batch see the same micro-batches.
 FINGERPRINT_COMMON = (
     "stage",
     "pretrained_teacher_model_name_or_path",
@@ -198,7 +199,11 @@ FINGERPRINT_DISTILL = (
     "share_discriminator_timesteps",
     "r1_gamma",
     "discriminator_learning_rate",
+    "discriminator_lr_schedule",
     "fake_from_scm_forward",
+    "cfg_null_mask",
+    "teacher_cfg_without_guidance_embeds",
+    "head_block_layout",
     "lora_rank",
     "lora_alpha",
     "lora_target_modules",
@@ -234,6 +239,8 @@ FINGERPRINT_EXCLUDED = (
     "reuse_jvp_primal",
     "gradient_checkpointing",
     "allow_tf32",
+    "fp32_linear_attention",  # precision of the same math, like --allow_tf32
+    "teacher_fp32",  # idem: the teacher's weights in fp32 or the autocast dtype
     "seed",
     "output_dir",
     "checkpointing_steps",

@@ -30,6 +30,7 @@ from .trigflow import add_trigflow_noise
 
 
 TANGENT_NORMS = ("l2", "rms")
+NULL_BRANCH_MASKS = ("conditional", "null")
 JVP_METHODS = ("exact", "finite_difference")
 DEFAULT_FINITE_DIFFERENCE_STEP = 3e-5  # radians of teacher-ODE time (benchmarks/fd_jvp_accuracy.py)
 
@@ -78,6 +79,15 @@ class SCMLossConfig:
             PF-ODE step of `delta` (`x_t / sigma_d + delta dxt_dt / sigma_d`, `t + delta`). Used with
             `jvp="finite_difference"` only. `3e-5` was the most accurate of 1e-5 ... 1e-2 over t in [0.05, 1.55]
             on the toy teacher in fp32 (round-off dominates below it, curvature above; docs/performance.md).
+        guide_teacher (`bool`, defaults to `True`):
+            The teacher target is the CFG velocity at `w`. `False`: the plain conditional velocity
+            `sigma_d F_T(x_t / sigma_d, t | c)` (one forward, no null branch), what the official loop distils into a
+            student without guidance embedder (`cfg_embed: false`).
+        null_branch_mask (`str`, defaults to `"conditional"`):
+            Attention mask of the teacher's unconditional branch. `"conditional"` (official): the empty-prompt
+            embedding under the caption's own mask, as Sana's caption dropout trained it (the null embedding replaces
+            the caption, the mask stays). `"null"`: the empty prompt's own mask (diffusers' negative-prompt
+            convention; right for teachers fine-tuned with [`drop_captions`], which swaps the mask too).
     """
 
     sigma_data: float = 0.5
@@ -92,6 +102,8 @@ class SCMLossConfig:
     reuse_jvp_primal: bool = False
     jvp: str = "exact"
     finite_difference_step: float = DEFAULT_FINITE_DIFFERENCE_STEP
+    guide_teacher: bool = True
+    null_branch_mask: str = "conditional"
 
     def __post_init__(self):
         if not (isinstance(self.sigma_data, (int, float)) and self.sigma_data > 0):
@@ -114,9 +126,11 @@ class SCMLossConfig:
             raise ValueError(
                 f"`guidance_scales` must be a non-empty sequence of finite numbers, got {self.guidance_scales!r}."
             )
-        for name in ("adaptive_weight", "detach_logvar_embedding", "reuse_jvp_primal"):
+        for name in ("adaptive_weight", "detach_logvar_embedding", "reuse_jvp_primal", "guide_teacher"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        if self.null_branch_mask not in NULL_BRANCH_MASKS:
+            raise ValueError(f"`null_branch_mask` must be one of {NULL_BRANCH_MASKS}, got {self.null_branch_mask!r}.")
         if self.jvp not in JVP_METHODS:
             raise ValueError(f"`jvp` must be one of {JVP_METHODS}, got {self.jvp!r}.")
         step = self.finite_difference_step
@@ -486,7 +500,8 @@ def scm_loss(
             `1 / (sigma_d tan t)` is infinite at 0 and the tangent degenerate at `pi/2`).
         encoder_hidden_states (`torch.Tensor` of shape `(batch, seq_len, caption_channels)`), encoder_attention_mask
             (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): The prompt.
-        null_embeds, null_mask: The empty prompt (see [`teacher_cfg_velocity`]).
+        null_embeds, null_mask: The empty prompt (see [`teacher_cfg_velocity`]); `null_mask` is read only with
+            `config.null_branch_mask="null"`, neither with `config.guide_teacher=False`.
         guidance_scale (`torch.Tensor` of shape `(batch,)` or a float): `w` per sample, for the teacher's CFG and
             the student's guidance embedding.
         step (`int`): Generator-step counter for the tangent warm-up (count generator steps only, not D steps).
@@ -507,8 +522,14 @@ def scm_loss(
 
     x_t = add_trigflow_noise(x0, z, t)
     x_t_scaled = x_t / sigma_data
-    cfg_args = (encoder_hidden_states, encoder_attention_mask, null_embeds, null_mask, guidance_scale, sigma_data)
-    dxt_dt = teacher_cfg_velocity(teacher, x_t_scaled, t, *cfg_args).to(compute_dtype)
+    if config.guide_teacher:
+        null_mask = encoder_attention_mask if config.null_branch_mask == "conditional" else null_mask
+        cfg_args = (encoder_hidden_states, encoder_attention_mask, null_embeds, null_mask, guidance_scale, sigma_data)
+        dxt_dt = teacher_cfg_velocity(teacher, x_t_scaled, t, *cfg_args).to(compute_dtype)
+    else:
+        with torch.no_grad():
+            (velocity_cond,) = teacher(x_t_scaled, t, encoder_hidden_states, encoder_attention_mask)
+        dxt_dt = sigma_data * velocity_cond.to(compute_dtype)
     v_x, v_t = pf_ode_tangents(x_t, t, dxt_dt, sigma_data)
 
     jvp_args = (student, x_t_scaled, t, v_x, v_t, encoder_hidden_states, encoder_attention_mask, guidance_scale)
@@ -593,6 +614,7 @@ def scm_loss(
 __all__ = [
     "DEFAULT_FINITE_DIFFERENCE_STEP",
     "JVP_METHODS",
+    "NULL_BRANCH_MASKS",
     "SCMLossConfig",
     "SCMLossOutput",
     "normalize_tangent",
