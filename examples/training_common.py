@@ -1170,7 +1170,12 @@ def save_model_card(
     if stage == "distill":
         recipe += [
             ("sCM / adversarial lambda", f"{args.scm_lambda} / {args.adversarial_lambda} ({args.adversarial_loss})"),
-            ("CFG scales", " ".join(str(w) for w in args.guidance_scales)),
+            (
+                "CFG scales",
+                " ".join(str(w) for w in args.guidance_scales)
+                if (args.guidance_embeds and not lora) or args.teacher_cfg_without_guidance_embeds
+                else "none (the conditional teacher)",
+            ),
             ("CFG embedding", "yes" if args.guidance_embeds and not lora else "no"),
             (
                 "P_mean, P_std (G / D)",
