@@ -43,7 +43,7 @@ VARIANTS = {
     # No guidance embedder: the student can only learn one CFG scale, the one it is evaluated at (4.5).
     "scm_ladd_no_cfg_embedding": (
         "sCM + LADD, no CFG embedding",
-        [*OFF, "--no-guidance_embeds", "--guidance_scales", "4.5", "--teacher_cfg_without_guidance_embeds"],
+        [*OFF, "--no-guidance_embeds", "--guidance_scales", "4.5"],
     ),
     # The official adaptive loss weight, its logvar terms kept out of the shared embedders: the demo's recipe.
     "scm_ladd_adaptive_weight": ("sCM + LADD + adaptive weight (the demo)", []),

@@ -153,12 +153,15 @@ def test_unguided_teacher_target_is_the_conditional_velocity():
     assert abs(unguided.item() - guided.item()) > 1e-3 * abs(guided.item())
 
 
-def test_script_guides_the_teacher_only_for_students_with_an_embedder(script):
+def test_script_guides_the_teacher_of_students_without_embedder_by_default(script):
+    """Default (ours, measured better): CFG for every student; --no-teacher_cfg_without_guidance_embeds (official):
+    the conditional teacher for a student without embedder, CFG still for one with it."""
     args = _args(script)
     assert script.distillation_config(args, False, student_has_guidance_embedder=True).scm.guide_teacher
-    assert not script.distillation_config(args, False, student_has_guidance_embedder=False).scm.guide_teacher
-    args = _args(script, "--teacher_cfg_without_guidance_embeds")
     assert script.distillation_config(args, False, student_has_guidance_embedder=False).scm.guide_teacher
+    args = _args(script, "--no-teacher_cfg_without_guidance_embeds")
+    assert not script.distillation_config(args, False, student_has_guidance_embedder=False).scm.guide_teacher
+    assert script.distillation_config(args, False, student_has_guidance_embedder=True).scm.guide_teacher
     assert script.distillation_config(_args(script), False).scm.null_branch_mask == "conditional"
     assert script.distillation_config(_args(script, "--cfg_null_mask", "null"), False).scm.null_branch_mask == "null"
 

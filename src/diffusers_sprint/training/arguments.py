@@ -227,9 +227,14 @@ _SCHEDULER_FLAGS = {
     "lr_power": ("polynomial",),
 }
 _LORA_ONLY = ("lora_alpha", "lora_target_modules")
-# Data flags recorded only when switched on (so checkpoints written before they existed still resume), and flags that
-# only matter for a stream.
-_RECORDED_WHEN_ON = {"multi_scale": False, "streaming": False, "train_shards": None}
+# Flags recorded only away from the behaviour they were added with (so checkpoints written before they existed still
+# resume), and flags that only matter for a stream.
+_RECORDED_WHEN_ON = {
+    "multi_scale": False,
+    "streaming": False,
+    "train_shards": None,
+    "teacher_cfg_without_guidance_embeds": True,  # the behaviour before the flag existed
+}
 _STREAMING_ONLY = ("shuffle_buffer_size", "caption_fallback_columns")
 # Flags that do not enter the fingerprint (see the comment above FINGERPRINT_COMMON); a test checks that every flag of
 # the training script is in exactly one of the lists.
@@ -278,8 +283,8 @@ def run_fingerprint(args: Namespace, num_processes: int | None = None) -> dict:
     `max_train_steps`, `lr_num_cycles` and `lr_power` count only for the diffusers schedulers that read them (so a
     constant-lr run may be extended), `lora_alpha` and `lora_target_modules` only with `lora_rank`, `jvp_step` only
     with `--jvp finite_difference`, `--shuffle_buffer_size` and `--caption_fallback_columns` only with `--streaming`,
-    and `--multi_scale`, `--streaming` and `--train_shards` only when on (a checkpoint from before they existed still
-    matches). With
+    and `--multi_scale`, `--streaming` and `--train_shards` only when on, `--teacher_cfg_without_guidance_embeds` only
+    when off (a checkpoint from before they existed still matches). With
     `num_processes`, `gradient_accumulation_steps` is replaced by `global_batch_size` (`train_batch_size x
     accumulation x processes`), which is what a layout change must keep (see `training.seeding`).
     """
