@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from diffusers_sprint import SanaSprintPipeline, TrigFlowScheduler
-from diffusers_sprint.models import TrigFlowModel
+from diffusers_sprint.models import TrigFlowModel, set_fp32_linear_attention
 from diffusers_sprint.training import (
     DistillationConfig,
     DistillationState,
@@ -40,7 +40,9 @@ from diffusers_sprint.training import (
     generator_step,
 )
 from diffusers_sprint.training.arguments import write_fingerprint
+from diffusers_sprint.training.ladd import HEAD_BLOCK_LAYOUTS, default_head_block_ids
 from diffusers_sprint.training.lora import DEFAULT_LORA_TARGET_MODULES, build_lora_student, lora_state_dict
+from diffusers_sprint.training.scm import NULL_BRANCH_MASKS
 from diffusers_sprint.training.seeding import global_micro_batch_index, make_generator
 from diffusers_sprint.training.sharding import (
     load_sharded_state,
@@ -59,8 +61,9 @@ logger = get_logger(__name__, log_level="INFO")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="SANA-Sprint distillation (sCM + LADD) with accelerate.",
+    parser = common.RecipeArgumentParser(
+        description="SANA-Sprint distillation (sCM + LADD) with accelerate. Flags may come from a recipe file: "
+        "@examples/configs/<recipe>.args (later flags win).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     common.add_model_arguments(
@@ -129,6 +132,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="Finite-difference step in radians of TrigFlow time (--jvp finite_difference only).",
     )
     group.add_argument("--scm_lambda", type=float, default=1.0, help="Weight of the sCM loss (0: LADD only).")
+    group.add_argument(
+        "--cfg_null_mask",
+        type=str,
+        default="conditional",
+        choices=NULL_BRANCH_MASKS,
+        help="Attention mask of the teacher's unconditional (CFG) branch: 'conditional' (official) runs the empty "
+        "prompt under the caption's mask, as Sana's caption dropout trained it; 'null' uses the empty prompt's own "
+        "mask (diffusers' convention; right for teachers fine-tuned by prepare_sana_sprint_teacher.py).",
+    )
+    group.add_argument(
+        "--teacher_cfg_without_guidance_embeds",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="A student without guidance embedder (LoRA, --no-guidance_embeds) distils the CFG teacher at "
+        "--guidance_scales (measured better on the toy: docs/training.md). --no-teacher_cfg_without_guidance_embeds: "
+        "the plain conditional teacher, as the official loop does. A student with the embedder always distils the "
+        "CFG teacher.",
+    )
+    group.add_argument(
+        "--fp32_linear_attention",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Run the student's linear self-attention product in fp32 with autocast off (official fp32_attention). "
+        "--no-fp32_linear_attention: diffusers' processor, whose matmuls autocast runs in bf16.",
+    )
+    group.add_argument(
+        "--teacher_fp32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Keep the frozen teacher (also the discriminator's backbone) in fp32, computed under autocast "
+        "(official). --no-teacher_fp32: cast it to the --mixed_precision dtype (half its memory).",
+    )
     group = parser.add_argument_group("LADD (adversarial); defaults are the official recipe")
     group.add_argument(
         "--adversarial_lambda",
@@ -151,8 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         default=None,
-        help="Teacher blocks feeding discriminator heads; validated against the teacher depth. Default: (2, 8, 14, "
-        "19) for a 20-block teacher (official), spread the same way over other depths.",
+        help="Teacher blocks feeding discriminator heads; validated against the teacher depth. Default: "
+        "--head_block_layout.",
+    )
+    group.add_argument(
+        "--head_block_layout",
+        type=str,
+        default="official",
+        choices=HEAD_BLOCK_LAYOUTS,
+        help="Head blocks when --head_block_ids is not given: 'official' = 2 8 14 19 for teachers of 20 blocks or "
+        "more (the official 1.6B and 0.6B configs alike); 'spread' = the same fractions of the depth (28 blocks: 3 "
+        "11 20 27). Shallower teachers get the spread either way.",
     )
     group.add_argument(
         "--head_channels", type=int, default=None, help="Width of each head (default: the teacher's inner dim)."
@@ -184,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="Learning rate of the discriminator heads (default: --learning_rate).",
+    )
+    group.add_argument(
+        "--discriminator_lr_schedule",
+        type=str,
+        default="constant",
+        choices=("constant", "generator"),
+        help="'constant' (official): the heads' learning rate is constant from step 0 (no warm-up); 'generator': "
+        "the heads follow --lr_scheduler / --lr_warmup_steps like the generator.",
     )
     group.add_argument(
         "--fake_from_scm_forward",
@@ -229,7 +281,9 @@ def parse_args(input_args=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def distillation_config(args, sharded: bool) -> DistillationConfig:
+def distillation_config(args, sharded: bool, student_has_guidance_embedder: bool = True) -> DistillationConfig:
+    """The library recipe from the flags. A student without guidance embedder distils the CFG teacher unless
+    --no-teacher_cfg_without_guidance_embeds (the official loop's choice: the plain conditional teacher)."""
     return DistillationConfig(
         scm=SCMLossConfig(
             sigma_data=args.sigma_data,
@@ -243,6 +297,8 @@ def distillation_config(args, sharded: bool) -> DistillationConfig:
             detach_logvar_embedding=args.detach_logvar_embedding,
             jvp=args.jvp,
             finite_difference_step=args.jvp_step,
+            guide_teacher=student_has_guidance_embedder or args.teacher_cfg_without_guidance_embeds,
+            null_branch_mask=args.cfg_null_mask,
         ),
         scm_lambda=args.scm_lambda,
         adversarial_lambda=args.adversarial_lambda,
@@ -272,12 +328,49 @@ def make_student(args, teacher, seed: int):
             guidance_embeds=args.guidance_embeds,
             generator=make_generator(seed, "student_init"),
         )
-    if not student.config.guidance_embeds and len(args.guidance_scales) > 1:
+    if args.fp32_linear_attention:
+        set_fp32_linear_attention(student)
+    if not student.config.guidance_embeds and not args.teacher_cfg_without_guidance_embeds:
+        logger.info(
+            "The student has no guidance embedder (LoRA or --no-guidance_embeds) and "
+            "--no-teacher_cfg_without_guidance_embeds: it distils the conditional teacher without CFG (official)."
+        )
+    elif not student.config.guidance_embeds and len(args.guidance_scales) > 1:
         logger.warning(
             "The student has no guidance embedder (LoRA or --no-guidance_embeds): it learns the average of the "
             f"--guidance_scales {args.guidance_scales}; pass a single scale to distil one."
         )
     return student
+
+
+def frozen_teacher_model(args, teacher, device, weight_dtype: torch.dtype) -> TrigFlowModel:
+    """The frozen teacher (sCM target and discriminator backbone): fp32 weights computed under autocast (official,
+    --teacher_fp32), or cast to the autocast dtype `weight_dtype` (--no-teacher_fp32, half the memory)."""
+    return TrigFlowModel(teacher.to(device, dtype=torch.float32 if args.teacher_fp32 else weight_dtype))
+
+
+def head_block_ids(args, teacher) -> list[int]:
+    """--head_block_ids, else the --head_block_layout default for the teacher's depth."""
+    if args.head_block_ids is not None:
+        return list(args.head_block_ids)
+    return default_head_block_ids(len(teacher.transformer_blocks), args.head_block_layout)
+
+
+def make_lr_schedulers(args, optimizer, optimizer_d):
+    """The generator's diffusers schedule; the discriminator's is constant from step 0 (official) or the same
+    schedule (--discriminator_lr_schedule generator)."""
+    schedule = dict(
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=args.max_train_steps,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, **schedule)
+    if optimizer_d is None:
+        return lr_scheduler, None
+    if args.discriminator_lr_schedule == "constant":
+        return lr_scheduler, get_scheduler("constant", optimizer_d)
+    return lr_scheduler, get_scheduler(args.lr_scheduler, optimizer_d, **schedule)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -348,14 +441,14 @@ def main(args):
     # ---- Student, teacher, discriminator ----------------------------------------------------------------------------
     teacher.requires_grad_(False).eval()
     student = make_student(args, teacher, seed)
-    config = distillation_config(args, sharded)
+    config = distillation_config(args, sharded, student.config.guidance_embeds)
     student_model = TrigFlowModel(student).to(device).train()  # fp32 master weights; autocast runs the math
-    teacher_model = TrigFlowModel(teacher.to(device, dtype=weight_dtype))  # frozen: the autocast precision is enough
+    teacher_model = frozen_teacher_model(args, teacher, device, weight_dtype)
     discriminator = None
     if config.uses_discriminator:
         discriminator = SanaDiscriminator(
             teacher_model,
-            head_block_ids=args.head_block_ids,
+            head_block_ids=head_block_ids(args, teacher),
             head_channels=args.head_channels,
             kernel_size=args.head_kernel_size,
             virtual_batch_size=args.head_virtual_batch_size,
@@ -385,14 +478,7 @@ def main(args):
     if discriminator is not None:
         d_lr = (args.discriminator_learning_rate or args.learning_rate) * lr_factor
         optimizer_d = common.make_optimizer(args, head_parameters, d_lr)
-    schedule = dict(
-        num_warmup_steps=args.lr_warmup_steps,
-        num_training_steps=args.max_train_steps,
-        num_cycles=args.lr_num_cycles,
-        power=args.lr_power,
-    )
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, **schedule)
-    lr_scheduler_d = get_scheduler(args.lr_scheduler, optimizer_d, **schedule) if optimizer_d is not None else None
+    lr_scheduler, lr_scheduler_d = make_lr_schedulers(args, optimizer, optimizer_d)
     discriminator_trained = discriminator  # what the D phase calls (the DDP wrapper under DDP)
     if not sharded:
         if discriminator is not None:

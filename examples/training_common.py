@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import shlex
 import shutil
 from collections import Counter
 from contextlib import contextmanager
@@ -84,6 +85,19 @@ HUB_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "step_*", "epoch_*", ".p
 # ---------------------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+class RecipeArgumentParser(argparse.ArgumentParser):
+    """`argparse` that also reads flags from `@file` arguments (the recipes of `examples/configs/`): each line is split
+    like a shell command line (`--flag value` on one line, quotes kept), `#` starts a comment. Flags given after the
+    file win."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("fromfile_prefix_chars", "@")
+        super().__init__(*args, **kwargs)
+
+    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+        return shlex.split(arg_line, comments=True)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, teacher_help: str) -> None:
@@ -1196,7 +1210,12 @@ def save_model_card(
     if stage == "distill":
         recipe += [
             ("sCM / adversarial lambda", f"{args.scm_lambda} / {args.adversarial_lambda} ({args.adversarial_loss})"),
-            ("CFG scales", " ".join(str(w) for w in args.guidance_scales)),
+            (
+                "CFG scales",
+                " ".join(str(w) for w in args.guidance_scales)
+                if (args.guidance_embeds and not lora) or args.teacher_cfg_without_guidance_embeds
+                else "none (the conditional teacher)",
+            ),
             ("CFG embedding", "yes" if args.guidance_embeds and not lora else "no"),
             (
                 "P_mean, P_std (G / D)",

@@ -304,11 +304,11 @@ def test_default_head_block_ids():
     """The documented examples; for every depth, the blocks nearest to the official (2, 8, 14, 19) / 19 fractions of
     the last block (no ties occur), without repeats."""
     documented = {20: [2, 8, 14, 19], 28: [3, 11, 20, 27], 4: [0, 1, 2, 3], 2: [0, 1], 1: [0]}
-    assert {n: default_head_block_ids(n) for n in documented} == documented
+    assert {n: default_head_block_ids(n, "spread") for n in documented} == documented
     for num_layers in range(1, 40):
         last = num_layers - 1
         nearest = {min(range(num_layers), key=lambda b: abs(b - f * last)) for f in (2 / 19, 8 / 19, 14 / 19, 1)}
-        assert default_head_block_ids(num_layers) == sorted(nearest), num_layers
+        assert default_head_block_ids(num_layers, "spread") == sorted(nearest), num_layers
 
 
 # ---------------------------------------------------------------------------------------------------------------------

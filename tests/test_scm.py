@@ -125,7 +125,7 @@ def _hand_scm(student, teacher, x0, z, t, cond, cond_mask, null, w, r, norm, ada
     cos, sin, tan = (f(t).reshape(-1, 1, 1, 1) for f in (torch.cos, torch.sin, torch.tan))
     w4 = w.reshape(-1, 1, 1, 1)
     yc = ToyVelocity.prompt_mean(cond, cond_mask).reshape(-1, 1, 1, 1)
-    yn = ToyVelocity.prompt_mean(null, None).reshape(-1, 1, 1, 1)
+    yn = ToyVelocity.prompt_mean(null, cond_mask).reshape(-1, 1, 1, 1)  # official: the caption's mask
     a, b, e, k, c, d = (p.detach() for p in (student.a, student.b, student.e, student.k, student.c, student.d))
     aT, bT, eT = (p.detach() for p in (teacher.a, teacher.b, teacher.e))
 
@@ -298,7 +298,7 @@ def test_teacher_as_student_with_guidance_closed_form():
     x_scaled = (cos * x0 + torch.sin(t).view(-1, 1, 1, 1) * z) / SIGMA_DATA
     with torch.no_grad():
         F_c = teacher.trigflow_forward(x_scaled, t, embeds, mask).sample
-        F_n = teacher.trigflow_forward(x_scaled, t, null_embeds.expand(3, -1, -1), null_mask.expand(3, -1)).sample
+        F_n = teacher.trigflow_forward(x_scaled, t, null_embeds.expand(3, -1, -1), mask).sample  # caption's mask
         logvar = student.trigflow_forward(x_scaled, t, embeds, mask, return_logvar=True).logvar.view(-1, 1, 1, 1)
     g = SIGMA_DATA * (w.view(-1, 1, 1, 1) - 1) * cos**2 * (F_c - F_n)
     g_hat = g / (g.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 0.1)
@@ -459,6 +459,7 @@ def test_scm_loss_and_gradients_with_finite_difference_are_close_to_exact(autoca
     embeds, mask = text_conditioning(batch_size=4)
 
     def loss_and_grads(config):
+        config.null_branch_mask = "null"  # the thresholds were measured with the empty prompt's own mask
         student.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = scm_loss(student, teacher, x0, z, t, embeds, mask, *_null_prompt(), w, 10**6, config)

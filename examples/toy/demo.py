@@ -82,6 +82,7 @@ TOY_RECIPE = [
     "--learning_rate", "1e-4",
     "--adaptive_weight",
     "--detach_logvar_embedding",
+    "--cfg_null_mask", "null",  # the toy teacher learnt its unconditional branch under the empty prompt's own mask
     "--optimizer", "adamw",
     "--lr_scheduler", "constant",
     "--mixed_precision", "no",

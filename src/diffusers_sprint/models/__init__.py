@@ -1,5 +1,10 @@
 from ..trigflow import flow_time_from_trigflow
-from .attention_processor import forward_ad_is_active, jvp_safe_attention
+from .attention_processor import (
+    Float32SanaLinearAttnProcessor,
+    forward_ad_is_active,
+    jvp_safe_attention,
+    set_fp32_linear_attention,
+)
 from .transformer_sana_sprint import (
     SanaSprintTransformer2DModel,
     SanaSprintTransformerOutput,
@@ -9,6 +14,7 @@ from .trigflow_model import TrigFlowModel, as_trigflow_model, unwrap_transformer
 
 
 __all__ = [
+    "Float32SanaLinearAttnProcessor",
     "SanaSprintTransformer2DModel",
     "SanaSprintTransformerOutput",
     "TrigFlowModel",
@@ -16,6 +22,7 @@ __all__ = [
     "flow_time_from_trigflow",
     "forward_ad_is_active",
     "jvp_safe_attention",
+    "set_fp32_linear_attention",
     "unwrap_controlnet",
     "unwrap_transformer",
 ]

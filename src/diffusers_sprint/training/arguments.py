@@ -128,9 +128,10 @@ FINGERPRINT_NAME = "run_fingerprint.json"
 # run's recipe. Left out on purpose: where files go and what is logged (--output_dir, --logging_dir, --report_to,
 # tracker and Hub flags, --cache_dir), checkpoint/validation cadence and prompts, --resume_from_checkpoint,
 # --dataloader_num_workers, --max_consecutive_skips, --validate_data; flags that change cost but not the math up to
-# float rounding (--gradient_checkpointing, --allow_tf32); and --seed (a checkpoint's seed always
-# wins and is stored in its training state). --gradient_accumulation_steps is replaced by the global batch when the
-# process count is known: N processes x A accumulation steps with the same global batch see the same micro-batches.
+# float rounding (--gradient_checkpointing, --allow_tf32, --fp32_linear_attention, --teacher_fp32);
+# and --seed (a checkpoint's seed always wins and is stored in its training state). --gradient_accumulation_steps is
+# replaced by the global batch when the process count is known: N processes x A accumulation steps with the same global
+# batch see the same micro-batches.
 FINGERPRINT_COMMON = (
     "stage",
     "pretrained_teacher_model_name_or_path",
@@ -198,7 +199,11 @@ FINGERPRINT_DISTILL = (
     "share_discriminator_timesteps",
     "r1_gamma",
     "discriminator_learning_rate",
+    "discriminator_lr_schedule",
     "fake_from_scm_forward",
+    "cfg_null_mask",
+    "teacher_cfg_without_guidance_embeds",
+    "head_block_layout",
     "lora_rank",
     "lora_alpha",
     "lora_target_modules",
@@ -222,9 +227,14 @@ _SCHEDULER_FLAGS = {
     "lr_power": ("polynomial",),
 }
 _LORA_ONLY = ("lora_alpha", "lora_target_modules")
-# Data flags recorded only when switched on (so checkpoints written before they existed still resume), and flags that
-# only matter for a stream.
-_RECORDED_WHEN_ON = {"multi_scale": False, "streaming": False, "train_shards": None}
+# Flags recorded only away from the behaviour they were added with (so checkpoints written before they existed still
+# resume), and flags that only matter for a stream.
+_RECORDED_WHEN_ON = {
+    "multi_scale": False,
+    "streaming": False,
+    "train_shards": None,
+    "teacher_cfg_without_guidance_embeds": True,  # the behaviour before the flag existed
+}
 _STREAMING_ONLY = ("shuffle_buffer_size", "caption_fallback_columns")
 # Flags that do not enter the fingerprint (see the comment above FINGERPRINT_COMMON); a test checks that every flag of
 # the training script is in exactly one of the lists.
@@ -233,6 +243,8 @@ FINGERPRINT_EXCLUDED = (
     "dataloader_num_workers",
     "gradient_checkpointing",
     "allow_tf32",
+    "fp32_linear_attention",  # precision of the same math, like --allow_tf32
+    "teacher_fp32",  # idem: the teacher's weights in fp32 or the autocast dtype
     "seed",
     "output_dir",
     "checkpointing_steps",
@@ -270,8 +282,8 @@ def run_fingerprint(args: Namespace, num_processes: int | None = None) -> dict:
     `max_train_steps`, `lr_num_cycles` and `lr_power` count only for the diffusers schedulers that read them (so a
     constant-lr run may be extended), `lora_alpha` and `lora_target_modules` only with `lora_rank`, `jvp_step` only
     with `--jvp finite_difference`, `--shuffle_buffer_size` and `--caption_fallback_columns` only with `--streaming`,
-    and `--multi_scale`, `--streaming` and `--train_shards` only when on (a checkpoint from before they existed still
-    matches). With
+    and `--multi_scale`, `--streaming` and `--train_shards` only when on, `--teacher_cfg_without_guidance_embeds` only
+    when off (a checkpoint from before they existed still matches). With
     `num_processes`, `gradient_accumulation_steps` is replaced by `global_batch_size` (`train_batch_size x
     accumulation x processes`), which is what a layout change must keep (see `training.seeding`).
     """

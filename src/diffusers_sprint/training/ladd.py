@@ -31,8 +31,9 @@ from ..models.trigflow_model import TrigFlowModel, as_trigflow_model
 from ..trigflow import add_trigflow_noise, sample_noise, sample_trigflow_time
 
 
-# The block ids of the official SANA-Sprint 1.6B recipe (20 transformer blocks).
+# The block ids of the official SANA-Sprint recipes: the 1.6B (20 blocks) and the 0.6B (28 blocks) configs alike.
 DEFAULT_HEAD_BLOCK_IDS = (2, 8, 14, 19)
+HEAD_BLOCK_LAYOUTS = ("official", "spread")
 DISCRIMINATOR_P_MEAN = -0.6
 DISCRIMINATOR_P_STD = 1.0
 ADVERSARIAL_LOSS_TYPES = ("hinge", "bce")
@@ -152,15 +153,23 @@ class DiscriminatorHead(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def default_head_block_ids(num_layers: int) -> list[int]:
+def default_head_block_ids(num_layers: int, layout: str = "official") -> list[int]:
     """
-    Up to 4 block ids spread over a teacher of `num_layers` blocks in the proportions of the official 20-block choice
-    `(2, 8, 14, 19)`: `round(f (num_layers - 1))` for `f in (2/19, 8/19, 14/19, 1)`, duplicates dropped.
+    Default teacher blocks for the discriminator heads of a teacher with `num_layers` blocks.
 
-    Examples: 20 -> `[2, 8, 14, 19]`, 28 -> `[3, 11, 20, 27]`, 4 -> `[0, 1, 2, 3]`, 2 -> `[0, 1]`, 1 -> `[0]`.
+    `"spread"`: up to 4 block ids spread over the depth in the proportions of the official 20-block choice
+    `(2, 8, 14, 19)`: `round(f (num_layers - 1))` for `f in (2/19, 8/19, 14/19, 1)`, duplicates dropped. Examples:
+    20 -> `[2, 8, 14, 19]`, 28 -> `[3, 11, 20, 27]`, 4 -> `[0, 1, 2, 3]`, 2 -> `[0, 1]`, 1 -> `[0]`.
+
+    `"official"`: `[2, 8, 14, 19]` for every teacher of at least 20 blocks (NVlabs' 0.6B configs, 28 blocks, use the
+    1.6B's ids unchanged), and the spread for shallower teachers, for which there is no official choice.
     """
     if num_layers < 1:
         raise ValueError(f"`num_layers` must be >= 1, got {num_layers}.")
+    if layout not in HEAD_BLOCK_LAYOUTS:
+        raise ValueError(f"`layout` must be one of {HEAD_BLOCK_LAYOUTS}, got {layout!r}.")
+    if layout == "official" and num_layers > DEFAULT_HEAD_BLOCK_IDS[-1]:
+        return list(DEFAULT_HEAD_BLOCK_IDS)
     last = num_layers - 1
     fractions = [block_id / DEFAULT_HEAD_BLOCK_IDS[-1] for block_id in DEFAULT_HEAD_BLOCK_IDS]
     return sorted({int(math.floor(fraction * last + 0.5)) for fraction in fractions})
@@ -590,6 +599,7 @@ def r1_penalty(
 __all__ = [
     "ADVERSARIAL_LOSS_TYPES",
     "DEFAULT_HEAD_BLOCK_IDS",
+    "HEAD_BLOCK_LAYOUTS",
     "DISCRIMINATOR_P_MEAN",
     "DISCRIMINATOR_P_STD",
     "BatchNormLocal",

@@ -30,6 +30,7 @@ from ..trigflow import add_trigflow_noise, append_dims
 
 
 TANGENT_NORMS = ("l2", "rms")
+NULL_BRANCH_MASKS = ("conditional", "null")
 JVP_METHODS = ("exact", "finite_difference")
 DEFAULT_FINITE_DIFFERENCE_STEP = 3e-5  # radians of teacher-ODE time (benchmarks/fd_jvp_accuracy.py)
 
@@ -69,6 +70,15 @@ class SCMLossConfig:
             The step `delta` of the finite difference, in radians of TrigFlow time: the inputs move by one teacher
             PF-ODE step of `delta` (`x_t / sigma_d + delta dxt_dt / sigma_d`, `t + delta`). Used with
             `jvp="finite_difference"` only; the default is the measured optimum (docs/performance.md).
+        guide_teacher (`bool`, defaults to `True`):
+            The teacher target is the CFG velocity at `w`. `False`: the plain conditional velocity
+            `sigma_d F_T(x_t / sigma_d, t | c)` (one forward, no null branch), what the official loop distils into a
+            student without guidance embedder (`cfg_embed: false`).
+        null_branch_mask (`str`, defaults to `"conditional"`):
+            Attention mask of the teacher's unconditional branch. `"conditional"` (official): the empty-prompt
+            embedding under the caption's own mask, as Sana's caption dropout trained it (the null embedding replaces
+            the caption, the mask stays). `"null"`: the empty prompt's own mask (diffusers' negative-prompt
+            convention; right for teachers fine-tuned with [`drop_captions`], which swaps the mask too).
     """
 
     sigma_data: float = 0.5
@@ -82,6 +92,8 @@ class SCMLossConfig:
     detach_logvar_embedding: bool = False
     jvp: str = "exact"
     finite_difference_step: float = DEFAULT_FINITE_DIFFERENCE_STEP
+    guide_teacher: bool = True
+    null_branch_mask: str = "conditional"
 
     def __post_init__(self):
         if not (isinstance(self.sigma_data, (int, float)) and self.sigma_data > 0):
@@ -104,9 +116,11 @@ class SCMLossConfig:
             raise ValueError(
                 f"`guidance_scales` must be a non-empty sequence of finite numbers, got {self.guidance_scales!r}."
             )
-        for name in ("adaptive_weight", "detach_logvar_embedding"):
+        for name in ("adaptive_weight", "detach_logvar_embedding", "guide_teacher"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        if self.null_branch_mask not in NULL_BRANCH_MASKS:
+            raise ValueError(f"`null_branch_mask` must be one of {NULL_BRANCH_MASKS}, got {self.null_branch_mask!r}.")
         if self.jvp not in JVP_METHODS:
             raise ValueError(f"`jvp` must be one of {JVP_METHODS}, got {self.jvp!r}.")
         step = self.finite_difference_step
@@ -444,7 +458,8 @@ def scm_loss(
             `1 / (sigma_d tan t)` is infinite at 0 and the tangent degenerate at `pi/2`).
         encoder_hidden_states (`torch.Tensor` of shape `(batch, seq_len, caption_channels)`), encoder_attention_mask
             (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): The prompt.
-        null_embeds, null_mask: The empty prompt (see [`teacher_cfg_velocity`]).
+        null_embeds, null_mask: The empty prompt (see [`teacher_cfg_velocity`]); `null_mask` is read only with
+            `config.null_branch_mask="null"`, neither with `config.guide_teacher=False`.
         guidance_scale (`torch.Tensor` of shape `(batch,)` or a float): `w` per sample, for the teacher's CFG and
             the student's guidance embedding.
         step (`int`): Generator-step counter for the tangent warm-up (count generator steps only, not D steps).
@@ -470,7 +485,12 @@ def scm_loss(
     # 1. The teacher's CFG velocity at x_t and the PF-ODE tangents of the student's inputs (no grad).
     x_t = add_trigflow_noise(x0, z, t)
     x = x_t / sigma_data
-    dxt_dt = teacher_cfg_velocity(teacher, x, t, *prompt, null_embeds, null_mask, w, sigma_data).to(dtype)
+    if config.guide_teacher:
+        null_mask = encoder_attention_mask if config.null_branch_mask == "conditional" else null_mask
+        dxt_dt = teacher_cfg_velocity(teacher, x, t, *prompt, null_embeds, null_mask, w, sigma_data).to(dtype)
+    else:  # the plain conditional velocity (official for students without guidance embedder)
+        with torch.no_grad():
+            dxt_dt = sigma_data * teacher(x, t, *prompt)[0].to(dtype)
     v_x, v_t = pf_ode_tangents(x_t, t, dxt_dt, sigma_data)
 
     # 2. dF = cos t sin t dF/dt along them (no grad, before the grad forward). The one-sided finite difference takes
@@ -532,6 +552,7 @@ def scm_loss(
 __all__ = [
     "DEFAULT_FINITE_DIFFERENCE_STEP",
     "JVP_METHODS",
+    "NULL_BRANCH_MASKS",
     "SCMLossConfig",
     "SCMLossOutput",
     "normalize_tangent",

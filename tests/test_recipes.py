@@ -1,0 +1,166 @@
+"""The release recipes of examples/configs/ parse through the script and hold the official numbers.
+
+Each recipe is a launcher (`<name>.sh`: the exact `accelerate launch` command and its accelerate config) and a flag
+file (`<name>.args`, read by the script as `@file`). The official values come from NVlabs/Sana
+`configs/sana_sprint_config/1024ms/SanaSprint_{600M,1600M}_1024px_allqknorm_bf16_scm_ladd*.yaml` and
+`train_scripts/train_scm_ladd.py` (docs/training.md, "Release recipes").
+"""
+
+import importlib.util
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+CONFIGS = EXAMPLES / "configs"
+sys.path.insert(0, str(REPO / "benchmarks"))
+import sana_configs  # noqa: E402
+
+
+# recipe -> released transformer config (benchmarks/sana_configs.py) and the values that differ between recipes
+RECIPES = {
+    "sana_sprint_0.6b_1024px": dict(model="0.6B", accelerate_config="ddp.yaml", fsdp=False),
+    "sana_sprint_1.6b_1024px": dict(model="1.6B", accelerate_config="ddp.yaml", fsdp=False),
+    "sana_1.5_4.8b_1024px_fsdp2": dict(model="4.8B", accelerate_config="fsdp2.yaml", fsdp=True),
+}
+# The official recipe (the yaml's train/model/scheduler sections; see the module docstring).
+OFFICIAL = dict(
+    resolution=1024,  # image_size
+    multi_scale=True,  # multi_scale, aspect_ratio_type ASPECT_RATIO_1024
+    max_sequence_length=300,  # model_max_length
+    complex_human_instruction=True,  # chi_prompt
+    max_train_steps=20000,  # the paper's 20k iterations
+    optimizer="came",  # CAMEWrapper
+    learning_rate=2e-6,
+    adam_beta1=0.9,
+    adam_beta2=0.999,
+    came_beta3=0.9999,
+    adam_weight_decay=0.0,
+    lr_scheduler="constant_with_warmup",  # lr_schedule constant, num_warmup_steps 5000
+    lr_warmup_steps=5000,
+    discriminator_learning_rate=None,  # optimizer_D built from the generator's optimizer config: lr 2e-6
+    discriminator_lr_schedule="constant",  # no scheduler for optimizer_D
+    max_grad_norm=0.1,  # gradient_clip
+    mixed_precision="bf16",
+    fp32_linear_attention=True,  # fp32_attention
+    teacher_fp32=True,  # the teacher is accelerator.prepare'd in fp32
+    gradient_checkpointing=True,  # grad_checkpointing
+    p_mean=0.2,  # logit_mean
+    p_std=1.6,  # logit_std
+    guidance_scales=[4.0, 4.5, 5.0],  # scm_cfg_scale
+    guidance_embeds=True,  # cfg_embed
+    guidance_embeds_scale=0.1,  # cfg_embed_scale
+    cfg_null_mask="conditional",  # cfg_y_mask = cat([y_mask, y_mask])
+    tangent_warmup_steps=2000,  # 4000 steps of a loop that counts G and D phases
+    tangent_norm="l2",  # vector_norm over (1, 2, 3)
+    tangent_norm_eps=0.1,
+    adaptive_weight=True,  # logvar
+    scm_lambda=1.0,
+    head_block_ids=[2, 8, 14, 19],
+    adversarial_loss="hinge",
+    adversarial_lambda=0.5,  # adv_lambda
+    discriminator_p_mean=-0.6,  # logit_mean_discriminator
+    discriminator_p_std=1.0,  # logit_std_discriminator
+    max_time_probability=0.5,  # largest_timestep_prob (largest_timestep 1.5708)
+    misaligned_pairs=True,  # misaligned_pairs_D
+    fake_from_scm_forward=False,  # train_largest_timestep: fresh t and noise for the fake
+    seed=42,
+)
+GLOBAL_BATCH = 512
+
+
+def _script():
+    sys.path.insert(0, str(EXAMPLES))  # the script imports training_common.py from its folder
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "train_sana_sprint_for_recipes", EXAMPLES / "train_sana_sprint.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _script()
+
+
+@pytest.fixture
+def came_importable(monkeypatch):
+    """`--optimizer came` checks that `came_pytorch` is installed; the recipes are checked without it."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "came_pytorch" else find_spec(name, *a)
+    )
+
+
+def _launch(recipe: str) -> tuple[Path, list[str]]:
+    """The accelerate config and the script arguments of `<recipe>.sh`'s `accelerate launch` command."""
+    text = (CONFIGS / f"{recipe}.sh").read_text()
+    command = re.search(r"^accelerate launch .*?\n(?:  .*\n)*", text, flags=re.MULTILINE).group(0)
+    words = shlex.split(command.replace("\\\n", " "))
+    config = Path(words[words.index("--config_file") + 1])
+    script = words.index("examples/train_sana_sprint.py")
+    return REPO / config, words[script + 1 :]
+
+
+def test_every_shipped_recipe_is_tested():
+    shipped = {path.stem for path in CONFIGS.glob("*.args")} | {path.stem for path in CONFIGS.glob("*.sh")}
+    assert shipped == set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_recipe_parses_and_holds_the_official_values(script, came_importable, recipe):
+    expected = RECIPES[recipe]
+    config_path, arguments = _launch(recipe)
+    assert config_path.name == expected["accelerate_config"]
+    assert arguments[0] == f"@examples/configs/{recipe}.args"
+    accelerate_config = yaml.safe_load(config_path.read_text())
+
+    # The launcher's arguments with its environment variables filled in (flags after the file, as a user gives them).
+    filled = {"$TEACHER": "teacher", "$DATASET": "data", "$OUTPUT_DIR": "out"}
+    arguments = ["@" + str(REPO / arguments[0][1:])] + [
+        filled.get(word, word) for word in arguments[1:] if word != "$@"
+    ]
+    args = script.parse_args(arguments)  # parse_args ends with validate_training_args
+
+    wrong = {name: getattr(args, name) for name, value in OFFICIAL.items() if getattr(args, name) != value}
+    assert wrong == {}, f"{recipe} differs from the official recipe: {wrong}"
+    assert args.fsdp == expected["fsdp"]
+    assert (args.pretrained_teacher_model_name_or_path, args.dataset_name) == ("teacher", "data")
+    processes = accelerate_config["num_processes"]
+    assert args.train_batch_size * args.gradient_accumulation_steps * processes == GLOBAL_BATCH
+    assert accelerate_config["mixed_precision"] == "bf16"
+    if expected["fsdp"]:
+        assert (
+            accelerate_config["distributed_type"] == "FSDP" and accelerate_config["fsdp_config"]["fsdp_version"] == 2
+        )
+    else:
+        assert accelerate_config["distributed_type"] == "MULTI_GPU"
+
+    # The heads sit on existing blocks of the released model; the official ids for the 0.6B and 1.6B.
+    layers = sana_configs.transformer_config(expected["model"])["num_layers"]
+    assert {"0.6B": 28, "1.6B": 20, "4.8B": 60}[expected["model"]] == layers
+    assert max(args.head_block_ids) < layers
+    assert script.head_block_ids(args, _Depth(layers)) == [2, 8, 14, 19]
+
+
+class _Depth:
+    def __init__(self, layers: int):
+        self.transformer_blocks = [None] * layers
+
+
+def test_recipe_flags_after_the_file_win(script, came_importable):
+    args = script.parse_args(
+        [f"@{CONFIGS / 'sana_sprint_1.6b_1024px.args'}", "--pretrained_teacher_model_name_or_path", "t"]
+        + ["--dataset_name", "d", "--learning_rate", "1e-5", "--head_block_ids", "3", "11"]
+    )
+    assert args.learning_rate == 1e-5 and args.head_block_ids == [3, 11] and args.optimizer == "came"
