@@ -5,7 +5,7 @@ from .transformer_sana_sprint import (
     flow_time_from_trigflow,
     unwrap_controlnet,
 )
-from .trigflow_model import TrigFlowModel, as_trigflow_model, unwrap_transformer
+from .trigflow_model import TrigFlowModel, as_trigflow_model, unwrap_transformer, unwrap_trigflow_controlnet
 
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "jvp_safe_attention",
     "unwrap_controlnet",
     "unwrap_transformer",
+    "unwrap_trigflow_controlnet",
 ]

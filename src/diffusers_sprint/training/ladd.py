@@ -283,6 +283,7 @@ class SanaDiscriminator(nn.Module):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
         guidance_scale: torch.Tensor | float | None = None,
+        controlnet_cond: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         r"""
         Run the teacher once with temporary forward hooks and return the hooked block outputs.
@@ -293,6 +294,9 @@ class SanaDiscriminator(nn.Module):
             encoder_hidden_states (`torch.Tensor` of shape `(batch_size, seq_len, caption_channels)`).
             encoder_attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*).
             guidance_scale: Only for a teacher with a guidance embedder (see `trigflow_forward`); else `None`.
+            controlnet_cond (`torch.Tensor` of shape `(batch_size, channels, height, width)`, *optional*): Control
+                latents, for a teacher `TrigFlowModel` with a ControlNet: the features are those of teacher +
+                ControlNet (a block's hooked output carries the residual of the block before it).
 
         Returns:
             `list[torch.Tensor]`, one `(batch_size, inner_dim, num_tokens)` tensor per entry of `head_block_ids`.
@@ -313,7 +317,10 @@ class SanaDiscriminator(nn.Module):
         try:
             for block_id in self.head_block_ids:
                 handles.append(blocks[block_id].register_forward_hook(make_hook(block_id)))
-            self.teacher(x_t_scaled, t, encoder_hidden_states, encoder_attention_mask, guidance_scale=guidance_scale)
+            control = {} if controlnet_cond is None else {"controlnet_cond": controlnet_cond}
+            self.teacher(
+                x_t_scaled, t, encoder_hidden_states, encoder_attention_mask, guidance_scale=guidance_scale, **control
+            )
         finally:
             for handle in handles:
                 handle.remove()
@@ -345,6 +352,7 @@ class SanaDiscriminator(nn.Module):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
         guidance_scale: torch.Tensor | float | None = None,
+        controlnet_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""
         Per-token logits of all heads.
@@ -360,7 +368,12 @@ class SanaDiscriminator(nn.Module):
             num_tokens = self.num_tokens(*x_t_scaled.shape[-2:])
             return x_t_scaled.new_zeros(0, len(self.heads) * num_tokens, dtype=self.heads[0].norm_in.weight.dtype)
         features = self.extract_features(
-            x_t_scaled, t, encoder_hidden_states, encoder_attention_mask, guidance_scale=guidance_scale
+            x_t_scaled,
+            t,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            guidance_scale=guidance_scale,
+            controlnet_cond=controlnet_cond,
         )
         return self.forward_heads(features)
 
@@ -544,6 +557,7 @@ def r1_penalty(
     encoder_attention_mask: torch.Tensor | None = None,
     guidance_scale: torch.Tensor | float | None = None,
     with_respect_to: str = "input",
+    controlnet_cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""
     R1 gradient penalty at real samples, differentiable w.r.t. the heads (`create_graph=True`); scale it yourself
@@ -562,7 +576,7 @@ def r1_penalty(
     Args:
         discriminator ([`SanaDiscriminator`]).
         real_inputs (`torch.Tensor` of shape `(batch_size, C, H, W)`): Real `x_t / sigma_data` (detached here).
-        t, encoder_hidden_states, encoder_attention_mask, guidance_scale: As for the discriminator.
+        t, encoder_hidden_states, encoder_attention_mask, guidance_scale, controlnet_cond: As for the discriminator.
         with_respect_to (`str`, defaults to `"input"`): `"input"` or `"features"`.
 
     Returns:
@@ -572,13 +586,15 @@ def r1_penalty(
         # The fused SDPA kernels (flash / memory-efficient / CPU flash) have no double backward; the math one has.
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             inputs = real_inputs.detach().requires_grad_(True)
-            logits = discriminator(inputs, t, encoder_hidden_states, encoder_attention_mask, guidance_scale)
+            logits = discriminator(
+                inputs, t, encoder_hidden_states, encoder_attention_mask, guidance_scale, controlnet_cond
+            )
             (gradient,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
         return gradient.flatten(1).square().sum(dim=1).mean()
     if with_respect_to == "features":
         with torch.no_grad():
             features = discriminator.extract_features(
-                real_inputs, t, encoder_hidden_states, encoder_attention_mask, guidance_scale
+                real_inputs, t, encoder_hidden_states, encoder_attention_mask, guidance_scale, controlnet_cond
             )
         with torch.enable_grad():
             features = [feature.detach().requires_grad_(True) for feature in features]

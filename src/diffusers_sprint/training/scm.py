@@ -172,6 +172,11 @@ def _expand_4d(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
+def _control(controlnet_cond: torch.Tensor | None) -> dict:
+    """The model-call keyword of the control latents: `{}` without a ControlNet (so any model signature works)."""
+    return {} if controlnet_cond is None else {"controlnet_cond": controlnet_cond}
+
+
 def _per_sample(value: torch.Tensor | float, batch_size: int, like: torch.Tensor) -> torch.Tensor:
     """A float or tensor broadcast to shape `(batch_size,)` on `like`'s device, in at least float32."""
     dtype = torch.promote_types(like.dtype, torch.float32)
@@ -208,6 +213,7 @@ def teacher_cfg_velocity(
     null_mask: torch.Tensor | None,
     guidance_scale: torch.Tensor | float,
     sigma_data: float = 0.5,
+    controlnet_cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""
     The teacher's classifier-free-guided PF-ODE velocity `dxt_dt = sigma_d (F_T(null) + w (F_T(c) - F_T(null)))`.
@@ -226,6 +232,8 @@ def teacher_cfg_velocity(
         null_mask (`torch.Tensor` of shape `(batch or 1, seq_len)`, *optional*): Mask of the empty prompt.
         guidance_scale (`torch.Tensor` of shape `(batch,)` or a float): The CFG scale `w` (1 = no guidance).
         sigma_data (`float`, defaults to 0.5): Scales the unit velocity `F` to `dxt_dt` (sigma_data units).
+        controlnet_cond (`torch.Tensor` of shape `(batch, C, H, W)`, *optional*): Control latents of a teacher with
+            a ControlNet; both CFG branches get them (as diffusers' `SanaControlNetPipeline` does).
 
     Returns:
         `torch.Tensor` of shape `(batch, C, H, W)`: `dxt_dt` in at least float32.
@@ -252,6 +260,7 @@ def teacher_cfg_velocity(
         torch.cat([t, t]),
         torch.cat([null_embeds, cond_embeds.to(null_embeds.dtype)]),
         mask,
+        **_control(None if controlnet_cond is None else torch.cat([controlnet_cond, controlnet_cond])),
     )
     velocity_null, velocity_cond = velocity.chunk(2)
     w = _expand_4d(_per_sample(guidance_scale, batch_size, velocity), velocity)
@@ -281,6 +290,7 @@ def trigflow_velocity_jvp(
     guidance_scale: torch.Tensor | float | None,
     return_logvar: bool = False,
     detach_logvar_input: bool = False,
+    controlnet_cond: torch.Tensor | None = None,
 ):
     """
     `torch.func.jvp` of the student's `F(x_t / sigma_d, t)` along `(tangent_x, tangent_t)`.
@@ -288,7 +298,8 @@ def trigflow_velocity_jvp(
     `student` is called as a [`~models.TrigFlowModel`] (a bare transformer is wrapped), so DDP / FSDP2 wrappers see
     the call. Runs under the caller's grad mode: under `torch.no_grad()` nothing is recorded; with grad enabled the
     primal outputs carry autograd history (used by `reuse_jvp_primal`). `guidance_scale` is used by students with
-    a guidance embedder only; `detach_logvar_input` goes to the student's `trigflow_forward`.
+    a guidance embedder only; `detach_logvar_input` goes to the student's `trigflow_forward`. `controlnet_cond`
+    (control latents of a student with a ControlNet) is a constant of the function: no tangent is taken w.r.t. it.
 
     Returns:
         `(F, dF)`, or `(F, logvar, dF)` with `return_logvar`; `F`, `dF` of shape `(batch, C, H, W)`, `logvar`
@@ -305,6 +316,7 @@ def trigflow_velocity_jvp(
             guidance_scale=guidance_scale,
             return_logvar=return_logvar,
             detach_logvar_input=detach_logvar_input,
+            **_control(controlnet_cond),
         )
         return out if return_logvar else out[0]
 
@@ -316,13 +328,20 @@ def trigflow_velocity_jvp(
     return primal, tangent
 
 
-def _fp32_velocity(student, x, t, encoder_hidden_states, encoder_attention_mask, guidance_scale) -> torch.Tensor:
+def _fp32_velocity(
+    student, x, t, encoder_hidden_states, encoder_attention_mask, guidance_scale, controlnet_cond=None
+) -> torch.Tensor:
     """One no-grad student forward in (at least) fp32 with autocast off: `F(x, t)` in float32."""
     student = as_trigflow_model(student)
     dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
         (velocity,) = student(
-            x.to(dtype), t.to(dtype), encoder_hidden_states, encoder_attention_mask, guidance_scale=guidance_scale
+            x.to(dtype),
+            t.to(dtype),
+            encoder_hidden_states,
+            encoder_attention_mask,
+            guidance_scale=guidance_scale,
+            **_control(controlnet_cond),
         )
     return velocity.to(dtype)
 
@@ -336,7 +355,16 @@ def _finite_difference_direction(t: torch.Tensor, tangent_t: torch.Tensor, step:
 
 
 def _shifted_velocity(
-    student, x, t, tangent_x, tangent_t, encoder_hidden_states, encoder_attention_mask, guidance_scale, step
+    student,
+    x,
+    t,
+    tangent_x,
+    tangent_t,
+    encoder_hidden_states,
+    encoder_attention_mask,
+    guidance_scale,
+    step,
+    controlnet_cond=None,
 ):
     """The one-sided difference's forward: `(F(x + s h v_x, t + s h v_t), s h)`, fp32, no grad."""
     dtype = torch.promote_types(x.dtype, torch.float32)
@@ -350,6 +378,7 @@ def _shifted_velocity(
         encoder_hidden_states,
         encoder_attention_mask,
         guidance_scale,
+        controlnet_cond,
     )
     return shifted, signed_h
 
@@ -375,6 +404,7 @@ def trigflow_velocity_finite_difference(
     guidance_scale: torch.Tensor | float | None,
     step: float = DEFAULT_FINITE_DIFFERENCE_STEP,
     base: torch.Tensor | None = None,
+    controlnet_cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""
     A finite-difference estimate of `jvp(F, (x_t / sigma_d, t), (tangent_x, tangent_t))`, from ordinary forwards.
@@ -399,6 +429,7 @@ def trigflow_velocity_finite_difference(
         encoder_hidden_states, encoder_attention_mask, guidance_scale: As for [`trigflow_velocity_jvp`].
         step (`float`, defaults to `3e-5`): The time step in radians.
         base (`torch.Tensor` like `x_t_scaled`, *optional*): `F(x_t_scaled, t)` for the one-sided difference.
+        controlnet_cond (`torch.Tensor`, *optional*): Control latents of a student with a ControlNet (held fixed).
 
     Returns:
         `torch.Tensor` of shape `(batch, C, H, W)` in float32 (float64 for float64 inputs): the tangent `dF`.
@@ -410,10 +441,10 @@ def trigflow_velocity_finite_difference(
     if base is None:
         h, _ = _finite_difference_direction(t, tangent_t, step)
         h4 = _expand_4d(h, x)
-        plus = _fp32_velocity(student, x + h4 * tangent_x, t + h * tangent_t, *conditioning)
-        minus = _fp32_velocity(student, x - h4 * tangent_x, t - h * tangent_t, *conditioning)
+        plus = _fp32_velocity(student, x + h4 * tangent_x, t + h * tangent_t, *conditioning, controlnet_cond)
+        minus = _fp32_velocity(student, x - h4 * tangent_x, t - h * tangent_t, *conditioning, controlnet_cond)
         return (plus - minus) / (2 * h4)
-    shifted, signed_h = _shifted_velocity(student, x, t, tangent_x, tangent_t, *conditioning, step)
+    shifted, signed_h = _shifted_velocity(student, x, t, tangent_x, tangent_t, *conditioning, step, controlnet_cond)
     return (shifted - base.detach().to(dtype)) / _expand_4d(signed_h, x)
 
 
@@ -470,6 +501,7 @@ def scm_loss(
     guidance_scale: torch.Tensor | float,
     step: int,
     config: SCMLossConfig | None = None,
+    controlnet_cond: torch.Tensor | None = None,
 ) -> SCMLossOutput:
     r"""
     The sCM consistency-distillation loss of one generator step.
@@ -491,6 +523,9 @@ def scm_loss(
             the student's guidance embedding.
         step (`int`): Generator-step counter for the tangent warm-up (count generator steps only, not D steps).
         config ([`SCMLossConfig`], *optional*): Defaults to `SCMLossConfig()`.
+        controlnet_cond (`torch.Tensor` of shape `(batch, C, H, W)`, *optional*): Control latents, for a teacher and
+            a student that both carry a ControlNet: they condition the teacher's CFG velocity (both branches), the
+            student's JVP (as a constant: the tangent is w.r.t. `x_t` and `t` only) and its grad forward.
 
     Returns:
         [`SCMLossOutput`]. `loss` is the batch mean of the per-sample mean over elements of
@@ -508,7 +543,8 @@ def scm_loss(
     x_t = add_trigflow_noise(x0, z, t)
     x_t_scaled = x_t / sigma_data
     cfg_args = (encoder_hidden_states, encoder_attention_mask, null_embeds, null_mask, guidance_scale, sigma_data)
-    dxt_dt = teacher_cfg_velocity(teacher, x_t_scaled, t, *cfg_args).to(compute_dtype)
+    dxt_dt = teacher_cfg_velocity(teacher, x_t_scaled, t, *cfg_args, controlnet_cond=controlnet_cond)
+    dxt_dt = dxt_dt.to(compute_dtype)
     v_x, v_t = pf_ode_tangents(x_t, t, dxt_dt, sigma_data)
 
     jvp_args = (student, x_t_scaled, t, v_x, v_t, encoder_hidden_states, encoder_attention_mask, guidance_scale)
@@ -519,6 +555,7 @@ def scm_loss(
             *jvp_args,
             return_logvar=config.adaptive_weight,
             detach_logvar_input=config.detach_logvar_embedding,
+            controlnet_cond=controlnet_cond,
         )
         F, dF = outputs[0], outputs[-1].detach()
         logvar = outputs[1] if config.adaptive_weight else None
@@ -534,11 +571,15 @@ def scm_loss(
         delta = config.finite_difference_step
         with torch.no_grad():
             if not finite_difference:
-                F_jvp, dF = trigflow_velocity_jvp(*jvp_args)
+                F_jvp, dF = trigflow_velocity_jvp(*jvp_args, controlnet_cond=controlnet_cond)
             elif one_sided:
-                shifted, signed_h = _shifted_velocity(student, x_t_scaled, t, v_x, v_t, *conditioning, delta)
+                shifted, signed_h = _shifted_velocity(
+                    student, x_t_scaled, t, v_x, v_t, *conditioning, delta, controlnet_cond
+                )
             else:
-                dF = trigflow_velocity_finite_difference(student, x_t_scaled, t, v_x, v_t, *conditioning, delta)
+                dF = trigflow_velocity_finite_difference(
+                    student, x_t_scaled, t, v_x, v_t, *conditioning, delta, controlnet_cond=controlnet_cond
+                )
         out = student(
             x_t_scaled,
             t,
@@ -547,6 +588,7 @@ def scm_loss(
             guidance_scale=guidance_scale,
             return_logvar=config.adaptive_weight,
             detach_logvar_input=config.detach_logvar_embedding,
+            **_control(controlnet_cond),
         )
         F, logvar = out[0], (out[1] if config.adaptive_weight else None)
         if one_sided:
