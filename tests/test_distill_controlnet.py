@@ -350,3 +350,40 @@ def test_bad_controlnet_inputs_are_refused(models):
     assert unwrap_trigflow_controlnet(model) is teacher_controlnet
     assert unwrap_trigflow_controlnet(TrigFlowModel(teacher)) is None
     assert math.isfinite(float(model(x, t, batch.prompt_embeds, None, controlnet_cond=batch.control_latents)[0].sum()))
+
+
+def test_control_images_get_the_crop_and_flip_of_their_image():
+    import numpy as np
+    from PIL import Image
+
+    from diffusers_sprint.training.data import ImageCaptionDataset, build_latent_cache
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(4):
+        image = Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8))
+        rows.append({"image": image, "text": "a cat", "edges": image.copy()})
+    dataset = ImageCaptionDataset(
+        rows, "image", "text", 16, random_flip=True, seed=3, conditioning_image_column="edges"
+    )
+    flips = set()
+    for epoch in range(3):
+        for index in range(4):
+            sample = dataset[(epoch, index)]
+            assert torch.equal(sample["conditioning_pixel_values"], sample["pixel_values"])
+            flips.add(bool(torch.equal(sample["pixel_values"], dataset.load(index, epoch, flip=True)["pixel_values"])))
+    assert flips == {True, False}  # both flips were drawn, and the control followed each
+    plain = ImageCaptionDataset(rows, "image", "text", 16, random_flip=True, seed=3)
+    assert "conditioning_pixel_values" not in plain[(0, 0)]
+    assert torch.equal(plain[(1, 2)]["pixel_values"], dataset[(1, 2)]["pixel_values"])  # text-to-image unchanged
+
+    class Encoder:  # prompt encoding is not under test here
+        def __call__(self, prompts, device=None):
+            return torch.zeros(len(prompts), 2, 16), torch.ones(len(prompts), 2, dtype=torch.long)
+
+    from tiny_components import make_vae
+
+    cache = build_latent_cache(dataset, make_vae(), Encoder(), batch_size=3)
+    for key in range(4):
+        sample = cache[(0, key)]
+        assert torch.allclose(sample["control_latents"], sample["latents"] / SIGMA_DATA, atol=1e-6)
