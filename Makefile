@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch lies on this machine's disk; pin it before anything else pulls a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv test lint bench demo clean
+.PHONY: venv test lint bench demo demo-controlnet clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ bench: venv
 # Distil the embedded toy teacher on the CPU (offline, ~10 min on 2 cores); extra flags: make demo DEMO_ARGS="--seed 1"
 demo: venv
 	$(PY) examples/toy/demo.py $(DEMO_ARGS)
+
+# Distil the toy teacher + its edge ControlNet into a 1-4 step Sprint ControlNet (offline, ~10 min on 2 cores)
+demo-controlnet: venv
+	$(PY) examples/toy/demo_controlnet.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

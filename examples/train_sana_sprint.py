@@ -22,13 +22,14 @@ from contextlib import nullcontext
 import torch
 import training_common as common  # examples/training_common.py, beside this script
 from accelerate.logging import get_logger
+from diffusers import SanaControlNetModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from diffusers_sprint import SanaSprintPipeline, TrigFlowScheduler
-from diffusers_sprint.models import TrigFlowModel, set_fp32_linear_attention
+from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel, TrigFlowScheduler
+from diffusers_sprint.models import TrigFlowModel, set_fp32_linear_attention, unwrap_trigflow_controlnet
 from diffusers_sprint.training import (
     DistillationConfig,
     DistillationState,
@@ -40,6 +41,13 @@ from diffusers_sprint.training import (
     generator_step,
 )
 from diffusers_sprint.training.arguments import write_fingerprint
+from diffusers_sprint.training.controlnet import (
+    CONTROLNET_TRAINING_MODES,
+    DEFAULT_CONTROLNET_TRAINING_MODE,
+    apply_controlnet_training_mode,
+    check_controlnet_matches,
+    init_student_controlnet,
+)
 from diffusers_sprint.training.ladd import HEAD_BLOCK_LAYOUTS, default_head_block_ids
 from diffusers_sprint.training.lora import DEFAULT_LORA_TARGET_MODULES, build_lora_student, lora_state_dict
 from diffusers_sprint.training.scm import NULL_BRANCH_MASKS
@@ -261,6 +269,50 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(DEFAULT_LORA_TARGET_MODULES),
         help="Modules that get a LoRA adapter (peft name matching).",
     )
+    group = parser.add_argument_group("ControlNet distillation (docs/controlnet.md)")
+    group.add_argument(
+        "--controlnet_model_name_or_path",
+        type=str,
+        default=None,
+        help="Distil a ControlNet: the teacher's diffusers SanaControlNetModel (a model folder or Hub id, or a "
+        "pipeline with a controlnet/ subfolder). The control images (--conditioning_image_column) condition the "
+        "teacher, the student and the discriminator; the output is a SanaSprintControlNetPipeline folder.",
+    )
+    group.add_argument(
+        "--student_controlnet_model_name_or_path",
+        type=str,
+        default=None,
+        help="Initial weights of the student's ControlNet (default: a copy of the teacher's, its time embedding "
+        "remapped when the student reads another time scale).",
+    )
+    group.add_argument(
+        "--pretrained_student_model_name_or_path",
+        type=str,
+        default=None,
+        help="Start from this Sprint student (a SanaSprintPipeline folder or Hub id with a transformer/ subfolder) "
+        "instead of building one from the teacher; needed by --controlnet_training_mode controlnet_only.",
+    )
+    group.add_argument(
+        "--conditioning_image_column",
+        type=str,
+        default="conditioning_image",
+        help="Column of the control images (cropped and flipped with their image, encoded by the VAE).",
+    )
+    group.add_argument(
+        "--controlnet_training_mode",
+        type=str,
+        default=DEFAULT_CONTROLNET_TRAINING_MODE,
+        choices=CONTROLNET_TRAINING_MODES,
+        help="controlnet_only: the student transformer is frozen, only its ControlNet trains (distil a ControlNet "
+        "onto an existing Sprint student; the default, see docs/controlnet.md). joint: student and ControlNet train "
+        "together.",
+    )
+    group.add_argument(
+        "--controlnet_conditioning_scale",
+        type=float,
+        default=1.0,
+        help="Scale of the ControlNet residuals, for teacher and student alike.",
+    )
     common.add_optimization_arguments(parser, default_learning_rate=2e-6)
     common.add_output_arguments(parser)
     return parser
@@ -273,7 +325,33 @@ def parse_args(input_args=None) -> argparse.Namespace:
         raise ValueError("--fsdp with --lora_rank is not supported: LoRA trains a small adapter; use DDP.")
     if args.validation_inference_steps is None:
         args.validation_inference_steps = [1, 2]
+    check_controlnet_args(args)
     return common.check_args(args)
+
+
+def check_controlnet_args(args) -> None:
+    if not common.controlnet_training(args):
+        given = [flag for flag in ("student_controlnet_model_name_or_path",) if getattr(args, flag) is not None]
+        if given:
+            raise ValueError(f"--{given[0]} needs --controlnet_model_name_or_path (the teacher's ControlNet).")
+        return
+    unsupported = [
+        flag
+        for flag in ("fsdp", "lora_rank", "streaming", "train_shards", "feature_cache_dir", "multi_scale")
+        if getattr(args, flag, None)
+    ]
+    if args.validation_prompts:
+        unsupported.append("validation_prompts")
+    if unsupported:
+        raise ValueError(
+            f"--controlnet_model_name_or_path does not support --{', --'.join(unsupported)} yet (docs/controlnet.md)."
+        )
+    if args.controlnet_training_mode == "controlnet_only" and args.pretrained_student_model_name_or_path is None:
+        raise ValueError(
+            "--controlnet_training_mode controlnet_only distils a ControlNet onto an existing Sprint student (its "
+            "transformer stays frozen): pass --pretrained_student_model_name_or_path, or use "
+            "--controlnet_training_mode joint to distil student and ControlNet together."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -313,10 +391,40 @@ def distillation_config(args, sharded: bool, student_has_guidance_embedder: bool
     )
 
 
+def load_controlnet(path: str, args):
+    """A `SanaControlNetModel` from a model folder / Hub id, or from the `controlnet/` subfolder of a pipeline."""
+    subfolder = "controlnet" if os.path.isfile(os.path.join(path, "controlnet", "config.json")) else None
+    return SanaControlNetModel.from_pretrained(path, subfolder=subfolder, cache_dir=args.cache_dir)
+
+
+def make_controlnets(args, teacher, student):
+    """The frozen teacher ControlNet and the student's (checked against their transformers), or `(None, None)`."""
+    if not common.controlnet_training(args):
+        return None, None
+    teacher_controlnet = load_controlnet(args.controlnet_model_name_or_path, args)
+    check_controlnet_matches(teacher_controlnet, teacher, "--controlnet_model_name_or_path")
+    teacher_controlnet.requires_grad_(False).eval()
+    if args.student_controlnet_model_name_or_path is not None:
+        student_controlnet = load_controlnet(args.student_controlnet_model_name_or_path, args)
+        check_controlnet_matches(student_controlnet, student, "--student_controlnet_model_name_or_path")
+    else:
+        student_controlnet = init_student_controlnet(teacher_controlnet, teacher, student)
+    apply_controlnet_training_mode(student, student_controlnet, args.controlnet_training_mode)
+    return teacher_controlnet, student_controlnet.train()
+
+
 def make_student(args, teacher, seed: int):
     # The logvar head only trains through the sCM term: without it, DDP would wait for its gradient forever.
     logvar_head = args.adaptive_weight and args.scm_lambda > 0
-    if args.lora_rank is not None:
+    if args.pretrained_student_model_name_or_path is not None:
+        student = SanaSprintTransformer2DModel.from_pretrained(
+            args.pretrained_student_model_name_or_path,
+            subfolder="transformer",
+            revision=args.revision,
+            cache_dir=args.cache_dir,
+            logvar_head=logvar_head,
+        )
+    elif args.lora_rank is not None:
         student = build_lora_student(
             teacher, args.lora_rank, args.lora_alpha, args.lora_target_modules, logvar_head=logvar_head
         )
@@ -343,10 +451,14 @@ def make_student(args, teacher, seed: int):
     return student
 
 
-def frozen_teacher_model(args, teacher, device, weight_dtype: torch.dtype) -> TrigFlowModel:
-    """The frozen teacher (sCM target and discriminator backbone): fp32 weights computed under autocast (official,
-    --teacher_fp32), or cast to the autocast dtype `weight_dtype` (--no-teacher_fp32, half the memory)."""
-    return TrigFlowModel(teacher.to(device, dtype=torch.float32 if args.teacher_fp32 else weight_dtype))
+def frozen_teacher_model(args, teacher, teacher_controlnet, device, weight_dtype: torch.dtype) -> TrigFlowModel:
+    """The frozen teacher (sCM target and discriminator backbone) with its ControlNet, if any: fp32 weights computed
+    under autocast (official, --teacher_fp32), or cast to the autocast dtype `weight_dtype` (--no-teacher_fp32, half
+    the memory)."""
+    dtype = torch.float32 if args.teacher_fp32 else weight_dtype
+    if teacher_controlnet is not None:
+        teacher_controlnet.to(device, dtype=dtype)
+    return TrigFlowModel(teacher.to(device, dtype=dtype), teacher_controlnet, args.controlnet_conditioning_scale)
 
 
 def head_block_ids(args, teacher) -> list[int]:
@@ -441,9 +553,12 @@ def main(args):
     # ---- Student, teacher, discriminator ----------------------------------------------------------------------------
     teacher.requires_grad_(False).eval()
     student = make_student(args, teacher, seed)
+    teacher_controlnet, student_controlnet = make_controlnets(args, teacher, student)
     config = distillation_config(args, sharded, student.config.guidance_embeds)
-    student_model = TrigFlowModel(student).to(device).train()  # fp32 master weights; autocast runs the math
-    teacher_model = frozen_teacher_model(args, teacher, device, weight_dtype)
+    scale = args.controlnet_conditioning_scale
+    # fp32 master weights; autocast runs the math. The ControlNet (if any) is a submodule: prepared, EMA'd, saved.
+    student_model = TrigFlowModel(student, student_controlnet, scale).to(device).train()
+    teacher_model = frozen_teacher_model(args, teacher, teacher_controlnet, device, weight_dtype)
     discriminator = None
     if config.uses_discriminator:
         discriminator = SanaDiscriminator(
@@ -525,6 +640,8 @@ def main(args):
                 SanaSprintPipeline.save_lora_weights(folder, transformer_lora_layers=lora_state_dict(bare_student))
             else:
                 bare_student.save_pretrained(os.path.join(output_dir, "transformer"))
+            if student_controlnet is not None:
+                student_controlnet.save_pretrained(os.path.join(output_dir, "controlnet"))
             if discriminator is not None:
                 folder = os.path.join(output_dir, "discriminator_heads")
                 os.makedirs(folder, exist_ok=True)
@@ -553,6 +670,9 @@ def main(args):
                 path = os.path.join(input_dir, "transformer", "diffusion_pytorch_model.safetensors")
                 weights = common.load_checkpoint_file(path)
                 bare_student.load_state_dict(weights)
+            if student_controlnet is not None:
+                path = os.path.join(input_dir, "controlnet", "diffusion_pytorch_model.safetensors")
+                student_controlnet.load_state_dict(common.load_checkpoint_file(path))
             if discriminator is not None:
                 path = os.path.join(input_dir, "discriminator_heads", "heads.safetensors")
                 discriminator.load_state_dict(common.load_checkpoint_file(path))
@@ -569,6 +689,8 @@ def main(args):
     logger.info("***** Running distillation *****")
     engine = "FSDP2" if sharded else accelerator.distributed_type
     logger.info(f"  Student = {'LoRA' if lora else 'full'}, engine = {engine}")
+    if student_controlnet is not None:
+        logger.info(f"  ControlNet distillation, mode = {args.controlnet_training_mode}")
     logger.info(f"  {data.describe()}")
     logger.info(f"  Batch per process = {args.train_batch_size}, accumulation = {args.gradient_accumulation_steps}")
     logger.info(f"  Global batch = {global_batch}, processes = {accelerator.num_processes}, seed = {seed}")
@@ -666,8 +788,11 @@ def main(args):
                 ),
             )
         else:
+            controlnet = unwrap_trigflow_controlnet(student_model)
+            if controlnet is not None:
+                controlnet.eval()
             common.write_output_folder(
-                args.output_dir, lambda folder: common.save_sprint_pipeline(args, transformer, folder)
+                args.output_dir, lambda folder: common.save_sprint_pipeline(args, transformer, folder, controlnet)
             )
         logger.info(f"Saved the {'LoRA weights' if lora else 'pipeline'} to {args.output_dir}")
         grid = None

@@ -33,7 +33,12 @@ from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_
 from huggingface_hub import create_repo, upload_folder
 from safetensors.torch import load_file
 
-from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel, TrigFlowScheduler
+from diffusers_sprint import (
+    SanaSprintControlNetPipeline,
+    SanaSprintPipeline,
+    SanaSprintTransformer2DModel,
+    TrigFlowScheduler,
+)
 from diffusers_sprint.models import unwrap_transformer
 from diffusers_sprint.pipelines.pipeline_sana_sprint import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
 from diffusers_sprint.training.arguments import (
@@ -685,23 +690,33 @@ def make_prompt_encoder(args, base):
     return CachedPromptEncoder(cache, build, args.max_sequence_length)
 
 
+def controlnet_training(args) -> bool:
+    """Whether the run distils a ControlNet (`--controlnet_model_name_or_path` given)."""
+    return getattr(args, "controlnet_model_name_or_path", None) is not None
+
+
 def _writer_name() -> str:
     return f"{os.environ.get('RANK', '0')}-{os.getpid()}"
 
 
-def save_sprint_pipeline(args, transformer, folder: str) -> None:
+def save_sprint_pipeline(args, transformer, folder: str, controlnet=None) -> None:
     """
-    A `SanaSprintPipeline` folder: `transformer` and a TrigFlow scheduler saved, the teacher's tokenizer, text encoder
-    and VAE folders copied file by file (so they are never constructed; `from_pretrained` loads the result as usual).
+    A `SanaSprintPipeline` folder (a `SanaSprintControlNetPipeline` one with a `controlnet`, saved in its `controlnet/`
+    subfolder): `transformer` and a TrigFlow scheduler saved, the teacher's tokenizer, text encoder and VAE folders
+    copied file by file (so they are never constructed; `from_pretrained` loads the result as usual).
     """
     root = FrozenComponents(args, "cpu", torch.float32).root
-    pipeline = SanaSprintPipeline(
+    components = dict(
         tokenizer=None,
         text_encoder=None,
         vae=None,
         transformer=transformer,
         scheduler=TrigFlowScheduler(sigma_data=args.sigma_data),
     )
+    if controlnet is not None:
+        pipeline = SanaSprintControlNetPipeline(controlnet=controlnet, **components)
+    else:
+        pipeline = SanaSprintPipeline(**components)
     pipeline.save_pretrained(folder)
     with open(os.path.join(root, "model_index.json")) as file:
         teacher_index = json.load(file)
@@ -772,6 +787,12 @@ class TrainingData:
                 f"--multi_scale: {len(counts)} aspect-ratio buckets of {len(bins)} bins at {args.resolution} px: "
                 + ", ".join(f"{h}x{w}: {n}" for (h, w), n in sorted(counts.items()))
             )
+        conditioning_column = args.conditioning_image_column if controlnet_training(args) else None
+        if conditioning_column is not None and conditioning_column not in hf_dataset.column_names:
+            raise ValueError(
+                f"`--conditioning_image_column` {conditioning_column!r} is not a column of the dataset (ControlNet "
+                f"distillation needs a control image per row); columns: {hf_dataset.column_names}."
+            )
         self.images = ImageCaptionDataset(
             hf_dataset,
             args.image_column,
@@ -781,6 +802,7 @@ class TrainingData:
             random_flip=args.random_flip,
             seed=seed,
             target_sizes=target_sizes,
+            conditioning_image_column=conditioning_column,
         )
         self.cached = args.cache_latents
         collate = collate_examples
@@ -921,8 +943,13 @@ class TrainingData:
         else:
             latents = encode_images(self.base.vae, examples["pixel_values"].to(self.device), self.args.sigma_data)
             embeds, mask = self.prompt_encoder(examples["caption"], self.device)
+        control = None
+        if "control_latents" in examples:
+            control = examples["control_latents"].to(self.device)
+        elif "conditioning_pixel_values" in examples:
+            control = self._encode_unit_latents(examples["conditioning_pixel_values"].to(self.device))
         embeds, mask, null, null_mask = trim_prompt_padding(embeds, mask, self.null_embeds, self.null_mask)
-        return DistillationBatch(latents, embeds, mask, null, null_mask)
+        return DistillationBatch(latents, embeds, mask, null, null_mask, control_latents=control)
 
     def steps(self, start_step: int):
         """Yields `(epoch, [micro-batch, ...])` for every step from `start_step` on; epochs end on step boundaries."""

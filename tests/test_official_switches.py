@@ -332,7 +332,7 @@ def test_teacher_precision(script):
         expected = teacher_cfg_velocity(reference, *cfg)
         targets = {}
         for flag in ("--teacher_fp32", "--no-teacher_fp32"):
-            model = script.frozen_teacher_model(_args(script, flag), _teacher(), "cpu", torch.bfloat16)
+            model = script.frozen_teacher_model(_args(script, flag), _teacher(), None, "cpu", torch.bfloat16)
             dtypes = {p.dtype for p in model.parameters()}
             assert dtypes == ({torch.float32} if flag == "--teacher_fp32" else {torch.bfloat16}), flag
             targets[flag] = teacher_cfg_velocity(model, *cfg)

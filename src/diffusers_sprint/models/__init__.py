@@ -10,7 +10,7 @@ from .transformer_sana_sprint import (
     SanaSprintTransformerOutput,
     unwrap_controlnet,
 )
-from .trigflow_model import TrigFlowModel, as_trigflow_model, unwrap_transformer
+from .trigflow_model import TrigFlowModel, as_trigflow_model, unwrap_transformer, unwrap_trigflow_controlnet
 
 
 __all__ = [
@@ -25,4 +25,5 @@ __all__ = [
     "set_fp32_linear_attention",
     "unwrap_controlnet",
     "unwrap_transformer",
+    "unwrap_trigflow_controlnet",
 ]

@@ -10,6 +10,8 @@ prepared object is this module.
 import torch
 from torch import nn
 
+from .transformer_sana_sprint import unwrap_controlnet
+
 
 class TrigFlowModel(nn.Module):
     r"""
@@ -20,13 +22,22 @@ class TrigFlowModel(nn.Module):
     here) and dropped otherwise, so the training library can hand every model the per-sample CFG scale `w` without
     reading the config of a (possibly wrapped) model.
 
+    With a `controlnet`, the module is "transformer + ControlNet" (diffusers' `SanaControlNetModel`, residuals added
+    to the transformer's blocks inside the one flow<->TrigFlow transform, see `trigflow_forward`): it is registered
+    as the submodule `controlnet`, so `accelerate.prepare` / DDP / EMA / optimisers see one module, and every call
+    must then pass `controlnet_cond` (the control latents) — the condition is an input like the prompt.
+
     Args:
         transformer ([`SanaSprintTransformer2DModel`]): Registered as the submodule `transformer`, so `state_dict`
             keys are those of the transformer prefixed with `transformer.` (checkpoints are written from the
             transformer itself).
+        controlnet ([`~diffusers.SanaControlNetModel`], *optional*): Registered as the submodule `controlnet`.
+        controlnet_conditioning_scale (`float`, defaults to 1.0): Multiplies the ControlNet residuals of every call.
     """
 
-    def __init__(self, transformer: nn.Module):
+    def __init__(
+        self, transformer: nn.Module, controlnet: nn.Module | None = None, controlnet_conditioning_scale: float = 1.0
+    ):
         super().__init__()
         if isinstance(transformer, TrigFlowModel) or not hasattr(transformer, "trigflow_forward"):
             raise TypeError(
@@ -35,6 +46,10 @@ class TrigFlowModel(nn.Module):
             )
         self.transformer = transformer
         self.uses_guidance = bool(getattr(transformer.config, "guidance_embeds", False))
+        if controlnet is not None:
+            unwrap_controlnet(controlnet)  # a TypeError naming the argument unless it is a SanaControlNetModel
+        self.controlnet = controlnet
+        self.controlnet_conditioning_scale = float(controlnet_conditioning_scale)
 
     def forward(
         self,
@@ -45,6 +60,7 @@ class TrigFlowModel(nn.Module):
         guidance_scale: torch.Tensor | float | None = None,
         return_logvar: bool = False,
         detach_logvar_input: bool = False,
+        controlnet_cond: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         r"""
         Args:
@@ -55,10 +71,24 @@ class TrigFlowModel(nn.Module):
             guidance_scale (`torch.Tensor` of shape `(batch,)` or a float, *optional*): The CFG scale `w`; used only
                 by a transformer with a guidance embedder (which then requires it).
             return_logvar, detach_logvar_input: See `SanaSprintTransformer2DModel.trigflow_forward`.
+            controlnet_cond (`torch.Tensor` of shape `(batch, C, H, W)`, *optional*): The control latents (VAE latent
+                of the control image times `scaling_factor`); required exactly when the module has a `controlnet`.
 
         Returns:
             `(F,)` or, with `return_logvar`, `(F, logvar)`: `F` of shape `(batch, C, H, W)`, `logvar` `(batch, 1)`.
         """
+        if (self.controlnet is None) != (controlnet_cond is None):
+            raise ValueError(
+                "`controlnet_cond` (the control latents) must be given exactly when the TrigFlowModel has a "
+                f"`controlnet` (it has {'one' if self.controlnet is not None else 'none'})."
+            )
+        controlnet_kwargs = {}
+        if self.controlnet is not None:
+            controlnet_kwargs = dict(
+                controlnet=self.controlnet,
+                controlnet_cond=controlnet_cond,
+                controlnet_conditioning_scale=self.controlnet_conditioning_scale,
+            )
         return self.transformer.trigflow_forward(
             sample,
             timestep,
@@ -68,6 +98,7 @@ class TrigFlowModel(nn.Module):
             return_logvar=return_logvar,
             detach_logvar_input=detach_logvar_input,
             return_dict=False,
+            **controlnet_kwargs,
         )
 
 
@@ -91,4 +122,14 @@ def unwrap_transformer(model: nn.Module) -> nn.Module:
     return model.transformer
 
 
-__all__ = ["TrigFlowModel", "as_trigflow_model", "unwrap_transformer"]
+def unwrap_trigflow_controlnet(model: nn.Module) -> nn.Module | None:
+    """The ControlNet inside a [`TrigFlowModel`] (itself possibly wrapped by DDP or `torch.compile`), or `None`."""
+    while not isinstance(model, TrigFlowModel):
+        inner = model._modules.get("module") or model._modules.get("_orig_mod")
+        if inner is None:
+            return None
+        model = inner
+    return model.controlnet
+
+
+__all__ = ["TrigFlowModel", "as_trigflow_model", "unwrap_transformer", "unwrap_trigflow_controlnet"]

@@ -60,6 +60,7 @@ _RANGES = (
     ("lora_alpha", lambda v: v > 0, "> 0 (the LoRA scale is alpha / rank)"),
     ("finetune_logit_std", lambda v: v >= 0, ">= 0"),
     ("caption_dropout_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("controlnet_conditioning_scale", lambda v: v >= 0, ">= 0"),
 )
 # Floats that may be +inf.
 _INFINITY_ALLOWED = ("max_grad_norm",)
@@ -207,6 +208,12 @@ FINGERPRINT_DISTILL = (
     "lora_rank",
     "lora_alpha",
     "lora_target_modules",
+    "pretrained_student_model_name_or_path",
+    "controlnet_model_name_or_path",
+    "student_controlnet_model_name_or_path",
+    "conditioning_image_column",
+    "controlnet_training_mode",
+    "controlnet_conditioning_scale",
 )
 FINGERPRINT_TEACHER = (
     "teacher_qk_norm",
@@ -234,7 +241,16 @@ _RECORDED_WHEN_ON = {
     "streaming": False,
     "train_shards": None,
     "teacher_cfg_without_guidance_embeds": True,  # the behaviour before the flag existed
+    "pretrained_student_model_name_or_path": None,
+    "controlnet_model_name_or_path": None,
 }
+# Flags that only matter when distilling a ControlNet (--controlnet_model_name_or_path).
+_CONTROLNET_ONLY = (
+    "student_controlnet_model_name_or_path",
+    "conditioning_image_column",
+    "controlnet_training_mode",
+    "controlnet_conditioning_scale",
+)
 _STREAMING_ONLY = ("shuffle_buffer_size", "caption_fallback_columns")
 # Flags that do not enter the fingerprint (see the comment above FINGERPRINT_COMMON); a test checks that every flag of
 # the training script is in exactly one of the lists.
@@ -282,8 +298,9 @@ def run_fingerprint(args: Namespace, num_processes: int | None = None) -> dict:
     `max_train_steps`, `lr_num_cycles` and `lr_power` count only for the diffusers schedulers that read them (so a
     constant-lr run may be extended), `lora_alpha` and `lora_target_modules` only with `lora_rank`, `jvp_step` only
     with `--jvp finite_difference`, `--shuffle_buffer_size` and `--caption_fallback_columns` only with `--streaming`,
-    and `--multi_scale`, `--streaming` and `--train_shards` only when on, `--teacher_cfg_without_guidance_embeds` only
-    when off (a checkpoint from before they existed still matches). With
+    the ControlNet flags only with `--controlnet_model_name_or_path`, and `--multi_scale`, `--streaming`,
+    `--train_shards`, `--pretrained_student_model_name_or_path` and `--controlnet_model_name_or_path` only when on,
+    `--teacher_cfg_without_guidance_embeds` only when off (a checkpoint from before they existed still matches). With
     `num_processes`, `gradient_accumulation_steps` is replaced by `global_batch_size` (`train_batch_size x
     accumulation x processes`), which is what a layout change must keep (see `training.seeding`).
     """
@@ -301,6 +318,8 @@ def run_fingerprint(args: Namespace, num_processes: int | None = None) -> dict:
         names = [name for name in names if name != "jvp_step"]
     if not getattr(args, "streaming", False):
         names = [name for name in names if name not in _STREAMING_ONLY]
+    if getattr(args, "controlnet_model_name_or_path", None) is None:
+        names = [name for name in names if name not in _CONTROLNET_ONLY]
     names = [
         name
         for name in names

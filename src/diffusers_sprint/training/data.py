@@ -363,6 +363,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         center_crop (`bool`, defaults to `False`): Centre crop instead of a random crop.
         random_flip (`bool`, defaults to `False`): Flip left-right with probability 0.5.
         seed (`int`, defaults to 0): Base seed of the augmentations.
+        conditioning_image_column (`str`, *optional*): ControlNet training: a column of control images, returned as
+            `"conditioning_pixel_values"`: resized to the row's image size, then cropped and flipped exactly like it.
     """
 
     def __init__(
@@ -375,12 +377,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         random_flip: bool = False,
         seed: int = 0,
         target_sizes: Sequence[tuple[int, int]] | None = None,
+        conditioning_image_column: str | None = None,
     ):
         if target_sizes is not None and len(target_sizes) != len(dataset):
             raise ValueError(f"`target_sizes` has {len(target_sizes)} entries for {len(dataset)} rows.")
         self.dataset = dataset
         self.target_sizes = target_sizes
         self.rows = undecoded_images(dataset, image_column)
+        if conditioning_image_column is not None:
+            self.rows = undecoded_images(self.rows, conditioning_image_column)
+        self.conditioning_image_column = conditioning_image_column
         self.image_column = image_column
         self.caption_column = caption_column
         self.resolution = resolution
@@ -404,14 +410,23 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         drawn_flip = _draw_flip(generator, self.random_flip)
         row = self.rows[int(index)]
         image = read_image(row[self.image_column], index=int(index))
-        pixel_values = preprocess_image(
-            image, self.target_size(index), self.center_crop, drawn_flip if flip is None else flip, generator
-        )
+        crop_state = generator.get_state()
+        flip = drawn_flip if flip is None else flip
+        pixel_values = preprocess_image(image, self.target_size(index), self.center_crop, flip, generator)
+        sample = {}
+        if self.conditioning_image_column is not None:  # the same resize, crop offsets and flip as the image
+            control = read_image(row[self.conditioning_image_column], index=int(index))
+            if control.size != image.size:
+                control = control.resize(image.size, Image.Resampling.BILINEAR)
+            crop = torch.Generator().set_state(crop_state)
+            sample["conditioning_pixel_values"] = preprocess_image(
+                control, self.target_size(index), self.center_crop, flip, crop
+            )
         try:
             caption = _pick_caption(row[self.caption_column], generator if pick_caption else None)
         except ValueError as error:
             raise ValueError(f"Row {index} of the training data: {error}") from error
-        return {"pixel_values": pixel_values, "caption": caption}
+        return {"pixel_values": pixel_values, "caption": caption, **sample}
 
     def __getitem__(self, key) -> dict:
         epoch, index = (0, key) if isinstance(key, (int, np.integer)) else key
@@ -507,7 +522,14 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         prompt_attention_mask: torch.Tensor,
         flipped_latents: torch.Tensor | None = None,
         seed: int = 0,
+        control_latents: torch.Tensor | None = None,
+        flipped_control_latents: torch.Tensor | None = None,
     ):
+        if control_latents is not None and control_latents.shape != latents.shape:
+            raise ValueError("`control_latents` must have the shape of `latents`.")
+        if (flipped_control_latents is None) != (control_latents is None or flipped_latents is None):
+            raise ValueError("`flipped_control_latents` goes exactly with `control_latents` and `flipped_latents`.")
+        self.control_latents, self.flipped_control_latents = control_latents, flipped_control_latents
         if not latents.shape[0] == prompt_embeds.shape[0] == prompt_attention_mask.shape[0]:
             raise ValueError("`latents`, `prompt_embeds` and `prompt_attention_mask` need the same length.")
         if flipped_latents is not None and flipped_latents.shape != latents.shape:
@@ -525,11 +547,14 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         epoch, index = (0, key) if isinstance(key, (int, np.integer)) else key
         flip = _draw_flip(augmentation_generator(self.seed, epoch, index), self.flipped_latents is not None)
         latents = self.flipped_latents[index] if flip else self.latents[index]
-        return {
+        sample = {
             "latents": latents,
             "prompt_embeds": self.prompt_embeds[index],
             "prompt_attention_mask": self.prompt_attention_mask[index],
         }
+        if self.control_latents is not None:
+            sample["control_latents"] = (self.flipped_control_latents if flip else self.control_latents)[index]
+        return sample
 
 
 def collate_examples(examples: Sequence[dict]) -> dict:
@@ -649,11 +674,14 @@ def build_latent_cache(
 ) -> CachedLatentDataset:
     r"""
     Encode every sample once: latents of the epoch-0 crop (and of its mirror image when the dataset flips), the
-    prompt embeddings of the first caption. Tensors are kept on the CPU. `progress` is an optional callable
-    `progress(num_done)` (e.g. a tqdm `update`).
+    prompt embeddings of the first caption, and with a `conditioning_image_column` the control latents (unit scale:
+    `vae_latent * scaling_factor`, diffusers' `controlnet_cond`), flipped alike. Tensors are kept on the CPU.
+    `progress` is an optional callable `progress(num_done)` (e.g. a tqdm `update`).
     """
     device = device if device is not None else vae.device
     latents, flipped, embeds, masks = [], [], [], []
+    controls, flipped_controls = [], []
+    with_control = getattr(dataset, "conditioning_image_column", None) is not None
     for start in range(0, len(dataset), batch_size):
         indices = range(start, min(start + batch_size, len(dataset)))
         samples = [dataset.load(index, epoch=0, flip=False, pick_caption=False) for index in indices]
@@ -661,6 +689,11 @@ def build_latent_cache(
         latents.append(encode_images(vae, pixels, sigma_data).cpu())
         if dataset.random_flip:
             flipped.append(encode_images(vae, pixels.flip(-1), sigma_data).cpu())
+        if with_control:
+            control = torch.stack([sample["conditioning_pixel_values"] for sample in samples]).to(device)
+            controls.append(encode_images(vae, control, sigma_data=1.0).cpu())
+            if dataset.random_flip:
+                flipped_controls.append(encode_images(vae, control.flip(-1), sigma_data=1.0).cpu())
         prompt_embeds, prompt_mask = prompt_encoder([sample["caption"] for sample in samples], device=device)
         embeds.append(prompt_embeds.cpu())
         masks.append(prompt_mask.cpu())
@@ -672,6 +705,8 @@ def build_latent_cache(
         torch.cat(masks),
         torch.cat(flipped) if dataset.random_flip else None,
         seed=dataset.seed,
+        control_latents=torch.cat(controls) if with_control else None,
+        flipped_control_latents=torch.cat(flipped_controls) if with_control and dataset.random_flip else None,
     )
 
 

@@ -113,6 +113,11 @@ class DistillationBatch:
             (`torch.Tensor` of shape `(batch, seq_len)`): the captions.
         null_prompt_embeds, null_prompt_attention_mask: the empty prompt, `(1 or batch, seq_len, ...)`, for the
             teacher's classifier-free guidance.
+        control_latents (`torch.Tensor` of shape `(batch, C, H, W)`, *optional*): ControlNet distillation: the VAE
+            latents of the control images times `scaling_factor` (unit scale, diffusers' `controlnet_cond`
+            convention; not multiplied by sigma_data). They go to every model call of the step: the teacher's CFG
+            velocity (both branches), the student's forward and JVP, the LADD fake and the discriminator's teacher
+            features (real and fake). Teacher and student must then be [`~models.TrigFlowModel`]s with a ControlNet.
     """
 
     latents: torch.Tensor
@@ -120,6 +125,19 @@ class DistillationBatch:
     prompt_attention_mask: torch.Tensor
     null_prompt_embeds: torch.Tensor
     null_prompt_attention_mask: torch.Tensor
+    control_latents: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.control_latents is not None and self.control_latents.shape[0] != self.latents.shape[0]:
+            raise ValueError(
+                f"`control_latents` has {self.control_latents.shape[0]} rows for {self.latents.shape[0]} latents."
+            )
+
+    def control(self, rows: torch.Tensor | None = None) -> dict:
+        """The model-call keyword for the control latents (of `rows`): `{}` in text-to-image distillation."""
+        if self.control_latents is None:
+            return {}
+        return {"controlnet_cond": self.control_latents if rows is None else self.control_latents[rows]}
 
 
 @dataclass
@@ -180,9 +198,11 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
             parameter.requires_grad_(True)
 
 
-def _student_x0(student, x_t, t, prompt_embeds, prompt_attention_mask, guidance_scale, sigma_data):
+def _student_x0(student, x_t, t, prompt_embeds, prompt_attention_mask, guidance_scale, sigma_data, control=None):
     """`x0_hat = cos t x_t - sin t sigma_data F(x_t / sigma_data, t)` (`w` used by a student with an embedder)."""
-    (velocity,) = student(x_t / sigma_data, t, prompt_embeds, prompt_attention_mask, guidance_scale=guidance_scale)
+    (velocity,) = student(
+        x_t / sigma_data, t, prompt_embeds, prompt_attention_mask, guidance_scale=guidance_scale, **(control or {})
+    )
     return denoise_trigflow(x_t, velocity, t, sigma_data)
 
 
@@ -250,6 +270,7 @@ def generator_step(
                 batch.prompt_embeds[rows],
                 None if mask is None else mask[rows],
                 w[rows],
+                batch.control(rows).get("controlnet_cond"),
             )
     one_call = fresh_inputs is not None and config.scm_lambda > 0 and config.single_student_forward
 
@@ -271,6 +292,7 @@ def generator_step(
             state.generator_steps,
             config.scm,
             extra_inputs=fresh_inputs if one_call else None,
+            **batch.control(),
         )
         scm_part, velocity, fresh_velocity = scm_out.loss, scm_out.velocity, scm_out.extra_velocity
         logs.update(scm_loss=scm_out.loss.detach(), **scm_out.logs)
@@ -283,7 +305,7 @@ def generator_step(
             fake_x0 = torch.zeros_like(batch.latents)
         if fresh_inputs is not None:
             if fresh_velocity is None:
-                (fresh_velocity,) = student(*fresh_inputs[:4], guidance_scale=fresh_inputs[4])
+                (fresh_velocity,) = student(*fresh_inputs[:4], guidance_scale=fresh_inputs[4], **batch.control(rows))
             fresh = denoise_trigflow(fresh_x_t, fresh_velocity, t_fake[rows], sigma_data)
             fake_x0 = fake_x0.index_put((rows,), fresh.to(fake_x0.dtype))
         renoised = renoise_for_discriminator(
@@ -295,7 +317,11 @@ def generator_step(
         )
         with frozen(discriminator):
             fake_logits = discriminator(
-                renoised.fake_x_t / sigma_data, renoised.fake_t, batch.prompt_embeds, batch.prompt_attention_mask
+                renoised.fake_x_t / sigma_data,
+                renoised.fake_t,
+                batch.prompt_embeds,
+                batch.prompt_attention_mask,
+                **batch.control(),
             )
         adversarial_part = generator_adversarial_loss(fake_logits, config.adversarial_loss)
         logs.update(adversarial_loss=adversarial_part.detach(), fake_logits_mean_g=fake_logits.detach().mean())
@@ -328,13 +354,27 @@ def discriminator_step(
     t = replace_with_max_time(t, config.max_time_probability, generator=generator)
     with torch.no_grad():
         x_t = add_trigflow_noise(batch.latents, z, t)
-        fake_x0 = _student_x0(student, x_t, t, batch.prompt_embeds, batch.prompt_attention_mask, w, sigma_data)
+        fake_x0 = _student_x0(
+            student, x_t, t, batch.prompt_embeds, batch.prompt_attention_mask, w, sigma_data, batch.control()
+        )
     fake_embeds, fake_mask = batch.prompt_embeds, batch.prompt_attention_mask
+    real_control, fake_control = batch.control(), batch.control()
     if config.misaligned_pairs:
-        pairs = misaligned_pairs(batch.latents, batch.prompt_embeds, batch.prompt_attention_mask)
-        fake_x0 = torch.cat([fake_x0, pairs.latents.to(fake_x0.dtype)])
+        # A misaligned pair keeps its image's own control (only the caption is wrong): the control latents ride
+        # along as extra channels through the row selection.
+        real = batch.latents
+        if fake_control:
+            real = torch.cat([real, batch.control_latents.to(real.dtype)], dim=1)
+        pairs = misaligned_pairs(real, batch.prompt_embeds, batch.prompt_attention_mask)
+        pair_latents, pair_control = pairs.latents.split(
+            [batch.latents.shape[1], real.shape[1] - batch.latents.shape[1]], 1
+        )
+        fake_x0 = torch.cat([fake_x0, pair_latents.to(fake_x0.dtype)])
         fake_embeds = torch.cat([fake_embeds, pairs.encoder_hidden_states])
         fake_mask = torch.cat([fake_mask, pairs.encoder_attention_mask])
+        if fake_control:
+            control = batch.control_latents
+            fake_control = {"controlnet_cond": torch.cat([control, pair_control.to(control.dtype)])}
     renoised = renoise_for_discriminator(
         real_x0=batch.latents,
         fake_x0=fake_x0,
@@ -345,8 +385,12 @@ def discriminator_step(
         generator=generator,
     )
     real_inputs = renoised.real_x_t / sigma_data
-    real_logits = discriminator(real_inputs, renoised.real_t, batch.prompt_embeds, batch.prompt_attention_mask)
-    fake_logits = discriminator(renoised.fake_x_t / sigma_data, renoised.fake_t, fake_embeds, fake_mask)
+    real_logits = discriminator(
+        real_inputs, renoised.real_t, batch.prompt_embeds, batch.prompt_attention_mask, **real_control
+    )
+    fake_logits = discriminator(
+        renoised.fake_x_t / sigma_data, renoised.fake_t, fake_embeds, fake_mask, **fake_control
+    )
     loss = discriminator_loss(real_logits, fake_logits, config.adversarial_loss)
     logs = {
         "discriminator_loss": loss.detach(),
@@ -361,6 +405,7 @@ def discriminator_step(
             renoised.real_t,
             batch.prompt_embeds,
             batch.prompt_attention_mask,
+            **real_control,
         )
         loss = loss + config.r1_gamma / 2 * r1
         logs["r1"] = r1.detach()

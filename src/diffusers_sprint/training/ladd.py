@@ -311,6 +311,7 @@ class SanaDiscriminator(nn.Module):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
         guidance_scale: torch.Tensor | float | None = None,
+        controlnet_cond: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         r"""
         Run the teacher once with temporary forward hooks and return the hooked block outputs. The teacher's blocks
@@ -322,6 +323,9 @@ class SanaDiscriminator(nn.Module):
             encoder_hidden_states (`torch.Tensor` of shape `(batch_size, seq_len, caption_channels)`).
             encoder_attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*).
             guidance_scale: Only for a teacher with a guidance embedder (see `trigflow_forward`); else `None`.
+            controlnet_cond (`torch.Tensor` of shape `(batch_size, channels, height, width)`, *optional*): Control
+                latents, for a teacher `TrigFlowModel` with a ControlNet: the features are those of teacher +
+                ControlNet (a block's hooked output carries the residual of the block before it).
 
         Returns:
             `list[torch.Tensor]`, one `(batch_size, inner_dim, num_tokens)` tensor per entry of `head_block_ids`.
@@ -342,10 +346,12 @@ class SanaDiscriminator(nn.Module):
         try:
             for block_id in self.head_block_ids:
                 handles.append(blocks[block_id].register_forward_hook(make_hook(block_id)))
+            control = {} if controlnet_cond is None else {"controlnet_cond": controlnet_cond}
             with _blocks_up_to(self.teacher.transformer, max(self.head_block_ids)):
                 self.teacher(
-                    x_t_scaled, t, encoder_hidden_states, encoder_attention_mask, guidance_scale=guidance_scale
-                )
+                    x_t_scaled, t, encoder_hidden_states, encoder_attention_mask, guidance_scale=guidance_scale,
+                    **control,
+                )  # fmt: skip
         finally:
             for handle in handles:
                 handle.remove()
@@ -377,6 +383,7 @@ class SanaDiscriminator(nn.Module):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
         guidance_scale: torch.Tensor | float | None = None,
+        controlnet_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""
         Per-token logits of all heads.
@@ -392,7 +399,12 @@ class SanaDiscriminator(nn.Module):
             num_tokens = self.num_tokens(*x_t_scaled.shape[-2:])
             return x_t_scaled.new_zeros(0, len(self.heads) * num_tokens, dtype=self.heads[0].norm_in.weight.dtype)
         features = self.extract_features(
-            x_t_scaled, t, encoder_hidden_states, encoder_attention_mask, guidance_scale=guidance_scale
+            x_t_scaled,
+            t,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            guidance_scale=guidance_scale,
+            controlnet_cond=controlnet_cond,
         )
         return self.forward_heads(features)
 
@@ -567,6 +579,7 @@ def r1_penalty(
     encoder_hidden_states: torch.Tensor,
     encoder_attention_mask: torch.Tensor | None = None,
     guidance_scale: torch.Tensor | float | None = None,
+    controlnet_cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""
     R1 gradient penalty at real samples w.r.t. each head's input features (the official variant), differentiable
@@ -579,14 +592,14 @@ def r1_penalty(
     Args:
         discriminator ([`SanaDiscriminator`]).
         real_inputs (`torch.Tensor` of shape `(batch_size, C, H, W)`): Real `x_t / sigma_data`.
-        t, encoder_hidden_states, encoder_attention_mask, guidance_scale: As for the discriminator.
+        t, encoder_hidden_states, encoder_attention_mask, guidance_scale, controlnet_cond: As for the discriminator.
 
     Returns:
         A scalar tensor.
     """
     with torch.no_grad():
         features = discriminator.extract_features(
-            real_inputs, t, encoder_hidden_states, encoder_attention_mask, guidance_scale
+            real_inputs, t, encoder_hidden_states, encoder_attention_mask, guidance_scale, controlnet_cond
         )
     with torch.enable_grad():
         features = [feature.detach().requires_grad_(True) for feature in features]

@@ -155,6 +155,11 @@ def _expand_4d(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return append_dims(t, like.ndim).to(like.dtype)
 
 
+def _control(controlnet_cond: torch.Tensor | None) -> dict:
+    """The model-call keyword of the control latents: `{}` without a ControlNet (so any model signature works)."""
+    return {} if controlnet_cond is None else {"controlnet_cond": controlnet_cond}
+
+
 def _per_sample(value: torch.Tensor | float, batch_size: int, like: torch.Tensor) -> torch.Tensor:
     """A float or tensor broadcast to shape `(batch_size,)` on `like`'s device, in at least float32."""
     dtype = torch.promote_types(like.dtype, torch.float32)
@@ -165,7 +170,7 @@ def _cat_rows(ours: torch.Tensor | None, extra: torch.Tensor | None) -> torch.Te
     """`ours` and `extra` stacked along the batch, in `ours`' dtype (`None` and `None` give `None`)."""
     if ours is None or extra is None:
         if ours is not None or extra is not None:
-            raise ValueError("`extra_inputs` must give an attention mask exactly when the sCM rows have one.")
+            raise ValueError("`extra_inputs` must give a mask / control latents exactly when the sCM rows have them.")
         return None
     return torch.cat([ours, extra.to(device=ours.device, dtype=ours.dtype)])
 
@@ -200,6 +205,7 @@ def teacher_cfg_velocity(
     null_mask: torch.Tensor | None,
     guidance_scale: torch.Tensor | float,
     sigma_data: float = 0.5,
+    controlnet_cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""
     The teacher's classifier-free-guided PF-ODE velocity `dxt_dt = sigma_d (F_T(null) + w (F_T(c) - F_T(null)))`.
@@ -218,6 +224,8 @@ def teacher_cfg_velocity(
         null_mask (`torch.Tensor` of shape `(batch or 1, seq_len)`, *optional*): Mask of the empty prompt.
         guidance_scale (`torch.Tensor` of shape `(batch,)` or a float): The CFG scale `w` (1 = no guidance).
         sigma_data (`float`, defaults to 0.5): Scales the unit velocity `F` to `dxt_dt` (sigma_data units).
+        controlnet_cond (`torch.Tensor` of shape `(batch, C, H, W)`, *optional*): Control latents of a teacher with
+            a ControlNet; both CFG branches get them (as diffusers' `SanaControlNetPipeline` does).
 
     Returns:
         `torch.Tensor` of shape `(batch, C, H, W)`: `dxt_dt` in at least float32.
@@ -244,6 +252,7 @@ def teacher_cfg_velocity(
         torch.cat([t, t]),
         torch.cat([null_embeds, cond_embeds.to(null_embeds.dtype)]),
         mask,
+        **_control(None if controlnet_cond is None else torch.cat([controlnet_cond, controlnet_cond])),
     )
     velocity_null, velocity_cond = velocity.chunk(2)
     w = _expand_4d(_per_sample(guidance_scale, batch_size, velocity), velocity)
@@ -272,29 +281,45 @@ def trigflow_velocity_jvp(
     encoder_hidden_states: torch.Tensor,
     encoder_attention_mask: torch.Tensor | None,
     guidance_scale: torch.Tensor | float | None,
+    controlnet_cond: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     `torch.func.jvp` of the student's `F(x_t / sigma_d, t)` along `(tangent_x, tangent_t)`, without grad.
 
     `student` is called as a [`~models.TrigFlowModel`] (a bare transformer is wrapped), so DDP / FSDP2 wrappers see
     the call; `guidance_scale` is used by students with a guidance embedder only. Returns `(F, dF)`, both of shape
-    `(batch, C, H, W)`.
+    `(batch, C, H, W)`. `controlnet_cond` (control latents of a student
+    with a ControlNet) is a constant of the function: no tangent is taken w.r.t. it.
     """
     student = as_trigflow_model(student)
 
     def velocity(x, time):
-        return student(x, time, encoder_hidden_states, encoder_attention_mask, guidance_scale=guidance_scale)[0]
+        return student(
+            x,
+            time,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            guidance_scale=guidance_scale,
+            **_control(controlnet_cond),
+        )[0]
 
     return torch.func.jvp(velocity, (x_t_scaled, t), (tangent_x.to(x_t_scaled.dtype), tangent_t.to(t.dtype)))
 
 
-def _fp32_velocity(student, x, t, encoder_hidden_states, encoder_attention_mask, guidance_scale) -> torch.Tensor:
+def _fp32_velocity(
+    student, x, t, encoder_hidden_states, encoder_attention_mask, guidance_scale, controlnet_cond=None
+) -> torch.Tensor:
     """One no-grad student forward in (at least) fp32 with autocast off: `F(x, t)` in float32."""
     student = as_trigflow_model(student)
     dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
         (velocity,) = student(
-            x.to(dtype), t.to(dtype), encoder_hidden_states, encoder_attention_mask, guidance_scale=guidance_scale
+            x.to(dtype),
+            t.to(dtype),
+            encoder_hidden_states,
+            encoder_attention_mask,
+            guidance_scale=guidance_scale,
+            **_control(controlnet_cond),
         )
     return velocity.to(dtype)
 
@@ -308,7 +333,16 @@ def _finite_difference_direction(t: torch.Tensor, tangent_t: torch.Tensor, step:
 
 
 def _shifted_velocity(
-    student, x, t, tangent_x, tangent_t, encoder_hidden_states, encoder_attention_mask, guidance_scale, step
+    student,
+    x,
+    t,
+    tangent_x,
+    tangent_t,
+    encoder_hidden_states,
+    encoder_attention_mask,
+    guidance_scale,
+    step,
+    controlnet_cond=None,
 ):
     """The one-sided difference's forward: `(F(x + s h v_x, t + s h v_t), s h)`, fp32, no grad."""
     dtype = torch.promote_types(x.dtype, torch.float32)
@@ -322,6 +356,7 @@ def _shifted_velocity(
         encoder_hidden_states,
         encoder_attention_mask,
         guidance_scale,
+        controlnet_cond,
     )
     return shifted, signed_h
 
@@ -347,6 +382,7 @@ def trigflow_velocity_finite_difference(
     guidance_scale: torch.Tensor | float | None,
     step: float = DEFAULT_FINITE_DIFFERENCE_STEP,
     base: torch.Tensor | None = None,
+    controlnet_cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""
     A finite-difference estimate of `jvp(F, (x_t / sigma_d, t), (tangent_x, tangent_t))`, from ordinary forwards.
@@ -370,6 +406,7 @@ def trigflow_velocity_finite_difference(
         encoder_hidden_states, encoder_attention_mask, guidance_scale: As for [`trigflow_velocity_jvp`].
         step (`float`, defaults to `3e-5`): The time step in radians.
         base (`torch.Tensor` like `x_t_scaled`, *optional*): `F(x_t_scaled, t)` for the one-sided difference.
+        controlnet_cond (`torch.Tensor`, *optional*): Control latents of a student with a ControlNet (held fixed).
 
     Returns:
         `torch.Tensor` of shape `(batch, C, H, W)` in float32 (float64 for float64 inputs): the tangent `dF`.
@@ -381,10 +418,10 @@ def trigflow_velocity_finite_difference(
     if base is None:
         h, _ = _finite_difference_direction(t, tangent_t, step)
         h4 = _expand_4d(h, x)
-        plus = _fp32_velocity(student, x + h4 * tangent_x, t + h * tangent_t, *conditioning)
-        minus = _fp32_velocity(student, x - h4 * tangent_x, t - h * tangent_t, *conditioning)
+        plus = _fp32_velocity(student, x + h4 * tangent_x, t + h * tangent_t, *conditioning, controlnet_cond)
+        minus = _fp32_velocity(student, x - h4 * tangent_x, t - h * tangent_t, *conditioning, controlnet_cond)
         return (plus - minus) / (2 * h4)
-    shifted, signed_h = _shifted_velocity(student, x, t, tangent_x, tangent_t, *conditioning, step)
+    shifted, signed_h = _shifted_velocity(student, x, t, tangent_x, tangent_t, *conditioning, step, controlnet_cond)
     return (shifted - base.detach().to(dtype)) / _expand_4d(signed_h, x)
 
 
@@ -442,6 +479,7 @@ def scm_loss(
     step: int,
     config: SCMLossConfig | None = None,
     extra_inputs: tuple | None = None,
+    controlnet_cond: torch.Tensor | None = None,
 ) -> SCMLossOutput:
     r"""
     The sCM consistency-distillation loss of one generator step.
@@ -465,9 +503,13 @@ def scm_loss(
         step (`int`): Generator-step counter for the tangent warm-up (count generator steps only, not D steps).
         config ([`SCMLossConfig`], *optional*): Defaults to `SCMLossConfig()`.
         extra_inputs (`tuple`, *optional*): `(x_t_scaled, t, encoder_hidden_states, encoder_attention_mask,
-            guidance_scale)` of more rows for the student's grad-enabled forward (e.g. the LADD fake's): they join
-            that call, one forward and one backward for both, and their `F` is returned as `extra_velocity`. They do
-            not enter the loss. With the one-sided finite difference they run in a second call (docs/performance.md).
+            guidance_scale, controlnet_cond)` of more rows for the student's grad-enabled forward (e.g. the LADD
+            fake's): they join that call, one forward and one backward for both, and their `F` is returned as
+            `extra_velocity`. They do not enter the loss. With the one-sided finite difference they run in a second
+            call (docs/performance.md).
+        controlnet_cond (`torch.Tensor` of shape `(batch, C, H, W)`, *optional*): Control latents, for a teacher and
+            a student that both carry a ControlNet: they condition the teacher's CFG velocity (both branches), the
+            student's JVP (as a constant: the tangent is w.r.t. `x_t` and `t` only) and its grad forward.
 
     Returns:
         [`SCMLossOutput`]. `loss` is the batch mean of the per-sample mean over elements of
@@ -484,13 +526,14 @@ def scm_loss(
 
     # 1. The teacher's CFG velocity at x_t and the PF-ODE tangents of the student's inputs (no grad).
     x_t = add_trigflow_noise(x0, z, t)
-    x = x_t / sigma_data
+    x, control = x_t / sigma_data, _control(controlnet_cond)
     if config.guide_teacher:
         null_mask = encoder_attention_mask if config.null_branch_mask == "conditional" else null_mask
-        dxt_dt = teacher_cfg_velocity(teacher, x, t, *prompt, null_embeds, null_mask, w, sigma_data).to(dtype)
+        cfg_args = (*prompt, null_embeds, null_mask, w, sigma_data)
+        dxt_dt = teacher_cfg_velocity(teacher, x, t, *cfg_args, controlnet_cond=controlnet_cond).to(dtype)
     else:  # the plain conditional velocity (official for students without guidance embedder)
         with torch.no_grad():
-            dxt_dt = sigma_data * teacher(x, t, *prompt)[0].to(dtype)
+            dxt_dt = sigma_data * teacher(x, t, *prompt, **control)[0].to(dtype)
     v_x, v_t = pf_ode_tangents(x_t, t, dxt_dt, sigma_data)
 
     # 2. dF = cos t sin t dF/dt along them (no grad, before the grad forward). The one-sided finite difference takes
@@ -501,29 +544,31 @@ def scm_loss(
         _check_fp32_parameters(student)
     with torch.no_grad():
         if not finite_difference:
-            _, dF = trigflow_velocity_jvp(student, x, t, v_x, v_t, *prompt, w)
+            _, dF = trigflow_velocity_jvp(student, x, t, v_x, v_t, *prompt, w, controlnet_cond=controlnet_cond)
         elif one_sided:
-            shifted, signed_h = _shifted_velocity(student, x, t, v_x, v_t, *prompt, w, delta)
+            shifted, signed_h = _shifted_velocity(student, x, t, v_x, v_t, *prompt, w, delta, controlnet_cond)
         else:
-            dF = trigflow_velocity_finite_difference(student, x, t, v_x, v_t, *prompt, w, delta)
+            dF = trigflow_velocity_finite_difference(
+                student, x, t, v_x, v_t, *prompt, w, delta, controlnet_cond=controlnet_cond
+            )
 
     # 3. F and logvar with grad. F_minus is this forward's own value, so F - F_minus is exactly 0 (the JVP's
     #    math-SDPA primal may differ from the fused-kernel forward by float error, which must not enter the target).
     #    Extra rows (the LADD fake's) join this call, except with the one-sided difference: its base point must come
     #    from a call laid out like the shifted one, else batching changes F's rounding, which / h enters the tangent.
     merge_extra = extra_inputs is not None and not one_sided
-    inputs = (x, t, *prompt, w)
+    inputs = (x, t, *prompt, w, controlnet_cond)
     if merge_extra:
         inputs = [_cat_rows(ours, extra) for ours, extra in zip(inputs, extra_inputs)]
     out = student(
-        *inputs[:4], guidance_scale=inputs[4],
+        *inputs[:4], guidance_scale=inputs[4], **_control(inputs[5]),
         return_logvar=config.adaptive_weight, detach_logvar_input=config.detach_logvar_embedding,
     )  # fmt: skip
     batch_size, extra_velocity = x0.shape[0], None
     if merge_extra:
         extra_velocity, out = out[0][batch_size:], tuple(o[:batch_size] for o in out)
     elif extra_inputs is not None:
-        (extra_velocity,) = student(*extra_inputs[:4], guidance_scale=extra_inputs[4])
+        (extra_velocity,) = student(*extra_inputs[:4], guidance_scale=extra_inputs[4], **_control(extra_inputs[5]))
     F = out[0].to(dtype)
     F_minus = F.detach()
     if one_sided:
