@@ -22,6 +22,7 @@ from .ladd import (
     ADVERSARIAL_LOSS_TYPES,
     DISCRIMINATOR_P_MEAN,
     DISCRIMINATOR_P_STD,
+    DiscriminatorInputs,
     SanaDiscriminator,
     discriminator_loss,
     generator_adversarial_loss,
@@ -277,16 +278,27 @@ def generator_step(
             )
             fake_x0 = fake_x0.index_put((rows,), fresh.to(fake_x0.dtype))
         renoised = renoise_for_discriminator(
+            real_x0=batch.latents,
             fake_x0=fake_x0,
             p_mean=config.discriminator_p_mean,
             p_std=config.discriminator_p_std,
             sigma_data=sigma_data,
+            share_timesteps=config.share_discriminator_timesteps,
             generator=generator,
+        )
+        # The real rows share the heads' batch-norm groups with the fakes (ladd.py): judged alone, a batch of fakes
+        # has its mean logit fixed by the normalisation and the generator gets almost no adversarial gradient.
+        real = DiscriminatorInputs(
+            renoised.real_x_t / sigma_data, renoised.real_t, batch.prompt_embeds, batch.prompt_attention_mask
         )
         with frozen(discriminator):
             fake_logits = discriminator(
-                renoised.fake_x_t / sigma_data, renoised.fake_t, batch.prompt_embeds, batch.prompt_attention_mask
-            )
+                renoised.fake_x_t / sigma_data,
+                renoised.fake_t,
+                batch.prompt_embeds,
+                batch.prompt_attention_mask,
+                reference=real,
+            )[: fake_x0.shape[0]]
         adversarial_part = generator_adversarial_loss(fake_logits, config.adversarial_loss)
         logs.update(adversarial_loss=adversarial_part.detach(), fake_logits_mean_g=fake_logits.detach().mean())
 
@@ -335,8 +347,11 @@ def discriminator_step(
         generator=generator,
     )
     real_inputs = renoised.real_x_t / sigma_data
-    real_logits = discriminator(real_inputs, renoised.real_t, batch.prompt_embeds, batch.prompt_attention_mask)
-    fake_logits = discriminator(renoised.fake_x_t / sigma_data, renoised.fake_t, fake_embeds, fake_mask)
+    # One call, real rows as the reference: every local batch-norm group of the heads holds real and fake rows (in
+    # separate calls each group's statistics divide out the difference and the loss stays at chance, ladd.py).
+    real = DiscriminatorInputs(real_inputs, renoised.real_t, batch.prompt_embeds, batch.prompt_attention_mask)
+    logits = discriminator(renoised.fake_x_t / sigma_data, renoised.fake_t, fake_embeds, fake_mask, reference=real)
+    fake_logits, real_logits = logits.split([fake_x0.shape[0], real_inputs.shape[0]])
     loss = discriminator_loss(real_logits, fake_logits, config.adversarial_loss)
     logs = {
         "discriminator_loss": loss.detach(),
