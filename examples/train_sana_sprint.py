@@ -40,6 +40,7 @@ from diffusers_sprint.training import (
     discriminator_step,
     generator_step,
 )
+from diffusers_sprint.training.monitoring import loss_gradient_norms
 from diffusers_sprint.training.arguments import write_fingerprint
 from diffusers_sprint.training.lora import DEFAULT_LORA_TARGET_MODULES, build_lora_student, lora_state_dict
 from diffusers_sprint.training.seeding import global_micro_batch_index, make_generator
@@ -190,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="Learning rate of the discriminator heads (default: --learning_rate).",
+    )
+    group.add_argument(
+        "--log_gradient_norms_every",
+        type=int,
+        default=0,
+        help="Every N iterations log the gradient norms of the weighted sCM and adversarial losses on the student "
+        "(scm_grad_norm, adversarial_grad_norm in training_log.jsonl; an extra backward per part). 0: off.",
     )
     group.add_argument(
         "--fake_from_scm_forward",
@@ -360,6 +368,8 @@ def main(args):
     teacher.requires_grad_(False).eval()
     student = make_student(args, teacher, seed)
     config = distillation_config(args, sharded)
+    if sharded and args.log_gradient_norms_every:
+        raise ValueError("--log_gradient_norms_every measures local gradients: not available with --fsdp.")
     student_model = TrigFlowModel(student).to(device).train()  # fp32 master weights; autocast runs the math
     teacher_model = TrigFlowModel(teacher.to(device, dtype=weight_dtype))  # frozen: the autocast precision is enough
     discriminator = None
@@ -524,6 +534,13 @@ def main(args):
                 generator = make_generator(seed, "generator", global_step, index, device=device)
                 with accelerator.autocast():
                     out = generator_step(student_model, teacher_model, head_module, batch, state, config, generator)
+                if args.log_gradient_norms_every and global_step % args.log_gradient_norms_every == 0:
+                    parts = {  # the weighted parts of the generator loss, as the update sees them
+                        "scm_grad_norm": (out.scm_loss, config.scm_lambda),
+                        "adversarial_grad_norm": (out.adversarial_loss, config.adversarial_lambda),
+                    }
+                    parts = {k: loss * weight for k, (loss, weight) in parts.items() if loss is not None}
+                    out.logs.update(loss_gradient_norms(parts, trainable))
                 accelerator.backward(out.loss)
                 g_logs.append(out.logs)
                 if accelerator.sync_gradients:

@@ -250,6 +250,7 @@ FINGERPRINT_EXCLUDED = (
     "hub_token",
     "hub_model_id",
     "max_consecutive_skips",
+    "log_gradient_norms_every",  # diagnostics only: an extra backward per loss part on those steps
     "validate_data",
     "feature_cache_dir",  # cached latents equal fresh ones (the same VAE) up to the VAE's batch rounding
     "precompute_only",
