@@ -40,9 +40,9 @@ from diffusers_sprint.training import (
     discriminator_step,
     generator_step,
 )
-from diffusers_sprint.training.monitoring import loss_gradient_norms
 from diffusers_sprint.training.arguments import write_fingerprint
 from diffusers_sprint.training.lora import DEFAULT_LORA_TARGET_MODULES, build_lora_student, lora_state_dict
+from diffusers_sprint.training.monitoring import loss_gradient_norms
 from diffusers_sprint.training.seeding import global_micro_batch_index, make_generator
 from diffusers_sprint.training.sharding import (
     load_sharded_state,
