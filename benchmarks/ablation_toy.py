@@ -61,6 +61,12 @@ def parse_args(argv=None):
     parser.add_argument("--grid", default="docs/images/ablation_toy_grid.png", help="1-step grid ('' to skip).")
     parser.add_argument("--max_train_steps", type=int, default=None, help="Default: the demo's.")
     parser.add_argument("--num_eval_samples", type=int, default=None, help="Default: the demo's.")
+    parser.add_argument(
+        "--split",
+        default="held_out",
+        choices=("tuning", "held_out"),
+        help="Evaluation split (diffusers_sprint.toy.protocol): report on held_out, choose on tuning.",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="Runs at a time (each with --threads 1 when > 1).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1 if --jobs > 1).")
     done = parser.add_mutually_exclusive_group()
@@ -85,7 +91,7 @@ def run_variant(args, variant: str, seed: int) -> dict:
     if args.reevaluate and os.path.isfile(metrics_path):
         with open(metrics_path) as handle:
             previous = json.load(handle)
-    command = [sys.executable, DEMO, "--output_dir", out, "--seed", str(seed)]
+    command = [sys.executable, DEMO, "--output_dir", out, "--seed", str(seed), "--split", args.split]
     if previous is not None:
         command += ["--skip_training"]
     if args.max_train_steps is not None:
@@ -163,10 +169,11 @@ def markdown(summary: dict, runs: dict, args) -> str:
     return (
         f"<!-- written by benchmarks/ablation_toy.py; seeds {seeds}; {steps} iterations; {count} samples -->\n"
         f"{table}\n\n"
-        f"FID: standard Inception, {count} samples per run (dataset captions drawn by the seed, one torch.Generator "
-        "per image) against the fixed 1,024-image dataset reference; mean ± std over seeds "
-        f"{seeds} (each seed: its own training run and evaluation noise). {steps} distillation iterations at batch "
-        f"16 per run. 2 steps: times {two_step_grid} rad. '/ teacher': the run's FID over the teacher's FID on the "
+        f"FID: standard Inception, {count} samples per run ({args.split} split of diffusers_sprint.toy.protocol: "
+        "captions drawn by the seed, one torch.Generator per image) against the fixed 1,024-image dataset reference; "
+        f"mean ± std over seeds {seeds} (each seed: its own training run and evaluation noise). {steps} distillation "
+        f"iterations at batch 16 per run. 2 steps: times {two_step_grid} rad. '/ teacher': the run's FID over the "
+        "teacher's FID on the "
         "same prompts and noise, averaged over seeds.\n"
     )
 

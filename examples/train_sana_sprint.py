@@ -50,6 +50,7 @@ from diffusers_sprint.training.controlnet import (
 )
 from diffusers_sprint.training.ladd import HEAD_BLOCK_LAYOUTS, default_head_block_ids
 from diffusers_sprint.training.lora import DEFAULT_LORA_TARGET_MODULES, build_lora_student, lora_state_dict
+from diffusers_sprint.training.monitoring import loss_gradient_norms
 from diffusers_sprint.training.scm import NULL_BRANCH_MASKS
 from diffusers_sprint.training.seeding import global_micro_batch_index, make_generator
 from diffusers_sprint.training.sharding import (
@@ -246,6 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
         "the heads follow --lr_scheduler / --lr_warmup_steps like the generator.",
     )
     group.add_argument(
+        "--discriminator_shared_norm_groups",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Judge real and fake rows in one discriminator call, interleaved, so that every local batch-norm group "
+        "of the heads holds both. Off (official): separate calls; then each group's statistics divide out what tells "
+        "real from fake, and on small latents (the toy's 16 tokens) the discriminator stays at chance "
+        "(docs/results.md).",
+    )
+    group.add_argument(
+        "--log_gradient_norms_every",
+        type=int,
+        default=0,
+        help="Every N iterations log the gradient norms of the weighted sCM and adversarial losses on the student "
+        "(scm_grad_norm, adversarial_grad_norm in training_log.jsonl; an extra backward per part). 0: off.",
+    )
+    group.add_argument(
         "--fake_from_scm_forward",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -386,6 +403,7 @@ def distillation_config(args, sharded: bool, student_has_guidance_embedder: bool
         max_time_probability=args.max_time_probability,
         misaligned_pairs=args.misaligned_pairs,
         share_discriminator_timesteps=args.share_discriminator_timesteps,
+        discriminator_shared_norm_groups=args.discriminator_shared_norm_groups,
         r1_gamma=args.r1_gamma,
         fake_from_scm_forward=args.fake_from_scm_forward and not sharded,
     )
@@ -555,6 +573,8 @@ def main(args):
     student = make_student(args, teacher, seed)
     teacher_controlnet, student_controlnet = make_controlnets(args, teacher, student)
     config = distillation_config(args, sharded, student.config.guidance_embeds)
+    if sharded and args.log_gradient_norms_every:
+        raise ValueError("--log_gradient_norms_every measures local gradients: not available with --fsdp.")
     scale = args.controlnet_conditioning_scale
     # fp32 master weights; autocast runs the math. The ControlNet (if any) is a submodule: prepared, EMA'd, saved.
     student_model = TrigFlowModel(student, student_controlnet, scale).to(device).train()
@@ -716,6 +736,13 @@ def main(args):
                 generator = make_generator(seed, "generator", global_step, index, device=device)
                 with accelerator.autocast():
                     out = generator_step(student_model, teacher_model, head_module, batch, state, config, generator)
+                if args.log_gradient_norms_every and global_step % args.log_gradient_norms_every == 0:
+                    parts = {  # the weighted parts of the generator loss, as the update sees them
+                        "scm_grad_norm": (out.scm_loss, config.scm_lambda),
+                        "adversarial_grad_norm": (out.adversarial_loss, config.adversarial_lambda),
+                    }
+                    parts = {k: loss * weight for k, (loss, weight) in parts.items() if loss is not None}
+                    out.logs.update(loss_gradient_norms(parts, trainable))
                 accelerator.backward(out.loss)
                 g_logs.append(out.logs)
                 if accelerator.sync_gradients:

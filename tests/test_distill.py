@@ -169,11 +169,19 @@ def test_scm_with_sana_1000_time_scale_diverges_and_build_student_warns():
 
 
 def test_scm_plus_ladd_also_learns(toy):
-    """60 sCM+LADD iterations (G and D alternate): the error falls >= 1.8x (seen 2.3-3.1x)."""
+    """
+    60 sCM+LADD iterations (G and D alternate, adversarial weight 0.1, real and fake in shared batch-norm groups so
+    that the discriminator learns): the error falls >= 1.8x (seen 2.03x; sCM alone 2.34x). The metric is the
+    distance to the teacher's ODE solution from the same noise, which the adversarial term does not ask for: at the
+    default weight 0.5 (D and G both at lr 1e-3) the error fell only 1.17x, the adversarial gradient on the student
+    being ~1.6x the sCM one once the discriminator separates. (With separate calls, the official layout, the
+    discriminator never learns here and this test saw 2.3-3.1x at 0.5: it measured sCM alone.)
+    """
     student = build_student(toy.teacher, logvar_head=False, generator=torch.Generator().manual_seed(0))
     discriminator = SanaDiscriminator(toy.teacher, head_block_ids=(0, 1, 2))
     before = toy.one_step_error(student)
-    state = _train(toy, student, _config(), steps=60, discriminator=discriminator)
+    config = _config(adversarial_lambda=0.1, discriminator_shared_norm_groups=True)
+    state = _train(toy, student, config, steps=60, discriminator=discriminator)
     assert state.generator_steps == state.discriminator_steps == 60
     assert toy.one_step_error(student) < before / 1.8
 
@@ -372,3 +380,31 @@ def test_single_student_forward_matches_two_calls(toy, monkeypatch, fake_from_sc
         torch.testing.assert_close(single_value, two_calls_value, rtol=1e-5, atol=1e-7)
     for single_grad, two_calls_grad in zip(results[True][2], results[False][2]):
         torch.testing.assert_close(single_grad, two_calls_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_discriminator_separates_data_from_the_initial_student_and_the_generator_phase_agrees(toy):
+    """
+    A case the discriminator must win: real data (the teacher's ODE samples) vs the untrained student's 1-step
+    samples, 40 D steps. Before real and fake shared the heads' local batch-norm groups, each group's statistics
+    divided out the difference: the hinge loss stayed at 0.997-1.0 with real and fake logit means equal to 3 decimals
+    (the demo's symptom), and the generator phase, judging fakes alone, saw that same mean. Now the loss falls (seen
+    0.83 over the last 10 steps), the logits part (gap seen 0.6), and the generator phase scores the fakes as fake.
+    """
+    student = build_student(toy.teacher, logvar_head=False, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    discriminator = SanaDiscriminator(toy.teacher, head_block_ids=(0, 2))
+    optimizer = torch.optim.Adam(discriminator.parameters(), lr=1e-3)
+    config = _config(max_time_probability=1.0, misaligned_pairs=False, discriminator_shared_norm_groups=True)
+    generator = torch.Generator().manual_seed(3)
+    losses = []
+    for _ in range(40):
+        batch = toy.batch(torch.randint(len(toy.data), (16,), generator=generator))
+        out = discriminator_step(student, discriminator, batch, config, generator=generator)
+        _update(out.loss, optimizer, discriminator.parameters(), max_grad_norm=0.1)
+        losses.append(out.loss.item())
+    assert sum(losses[-10:]) / 10 < 0.93, losses
+    real, fake = out.logs["real_logits_mean"].item(), out.logs["fake_logits_mean"].item()
+    assert real - fake > 0.3, (real, fake)
+    with torch.no_grad():
+        g_out = generator_step(student, toy.teacher, discriminator, batch, DistillationState(), config, generator)
+    assert g_out.logs["fake_logits_mean_g"].item() < real - 0.3, (g_out.logs, real)

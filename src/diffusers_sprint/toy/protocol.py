@@ -7,6 +7,19 @@ Protocol (docs/toy.md): one image per prompt for `prompts` (default: all 1,628 c
 with `torch.Generator().manual_seed(k * 100_000 + i)`; FID against the Inception features of the whole dataset
 (cached); prompt adherence with the shipped category classifier. FID at this sample count is biased upwards and
 noisy: report the mean and spread over seeds, and compare only runs with the same prompts and counts.
+
+Tuning and held-out splits ([`evaluation_set`], docs/toy.md "Protocols"): every choice (recipe, time grids,
+checkpoints) is made on the `"tuning"` split, numbers are reported on the `"held_out"` split. They share no prompt
+and no noise seed:
+
+- `"tuning"`: captions of the FID-reference rows (`reference_indices(1628, 1024)`), noise seeds `k * 100_000 + i`.
+  This is the set the demo reported on before the split, on which its recipe and 2-step time were chosen.
+- `"held_out"`: captions of the other 604 rows (their images are not in the FID reference), noise seeds
+  `1_000_000_000 + k * 100_000 + i`.
+
+Both splits draw `count` rows with `numpy.random.default_rng(k)` (a permutation of the split's rows, cycled when
+`count` exceeds them). The prompts are held out from the evaluation choices, not from training: the teacher and every
+student train on all captions.
 """
 
 from __future__ import annotations
@@ -14,12 +27,54 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 
 SEED_STRIDE = 100_000
+FID_REFERENCE_IMAGES = 1024
+SPLITS = ("tuning", "held_out")
+SPLIT_SEED_BASES = {"tuning": 0, "held_out": 1_000_000_000}
+"""First noise seed of each split: image i of evaluation seed k uses `base + k * SEED_STRIDE + i`."""
+
+
+def split_rows(split: str, num_rows: int, num_reference: int | None = FID_REFERENCE_IMAGES) -> list[int]:
+    """Dataset rows of `split`: the FID-reference rows (`"tuning"`) or all the others (`"held_out"`), sorted.
+
+    `num_reference=None` or `>= num_rows` (e.g. a 32-row smoke run) takes half the rows as the reference, so that
+    both splits are non-empty."""
+    from ..evaluation.fid import reference_indices
+
+    if split not in SPLITS:
+        raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}.")
+    if num_reference is None or num_reference >= num_rows:
+        num_reference = num_rows // 2
+    reference = set(int(i) for i in reference_indices(num_rows, num_reference))
+    return sorted(reference) if split == "tuning" else [i for i in range(num_rows) if i not in reference]
+
+
+class EvaluationSet(NamedTuple):
+    """Which dataset rows give the prompts and which generator seed each image uses."""
+
+    split: str
+    seed: int
+    rows: list[int]
+    noise_seeds: list[int]
+
+
+def evaluation_set(
+    split: str, count: int, seed: int, num_rows: int, num_reference: int | None = FID_REFERENCE_IMAGES
+) -> EvaluationSet:
+    """`count` prompts (dataset rows) of `split` drawn with `seed`, and their noise seeds (module docstring)."""
+    if count < 1:
+        raise ValueError(f"`count` must be >= 1, got {count}.")
+    rows = split_rows(split, num_rows, num_reference)
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(len(rows)) for _ in range(-(-count // len(rows)))])
+    base = SPLIT_SEED_BASES[split] + seed * SEED_STRIDE
+    return EvaluationSet(split, seed, [rows[int(i)] for i in order[:count]], [base + i for i in range(count)])
 
 
 def dataset_prompts(stride: int = 1, offset: int = 0) -> list[str]:
@@ -30,8 +85,9 @@ def dataset_prompts(stride: int = 1, offset: int = 0) -> list[str]:
 
 
 @torch.no_grad()
-def generate(pipe, prompts: Sequence[str], seed: int, batch_size: int = 64, **call_kwargs) -> list:
-    """PIL images, one per prompt; image i uses generator seed `seed * 100_000 + i` (independent of batching).
+def generate(pipe, prompts: Sequence[str], seed: int, batch_size: int = 64, seed_base: int = 0, **call_kwargs) -> list:
+    """PIL images, one per prompt; image i uses generator seed `seed_base + seed * 100_000 + i` (independent of
+    batching; `seed_base` is `SPLIT_SEED_BASES[split]`).
 
     Defaults for the 32 px toy (overridable by `call_kwargs`): no resolution binning, no Sana prompt instruction."""
     defaults = {"height": 32, "width": 32}
@@ -41,7 +97,9 @@ def generate(pipe, prompts: Sequence[str], seed: int, batch_size: int = 64, **ca
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        generators = [torch.Generator().manual_seed(seed * SEED_STRIDE + start + i) for i in range(len(chunk))]
+        generators = [
+            torch.Generator().manual_seed(seed_base + seed * SEED_STRIDE + start + i) for i in range(len(chunk))
+        ]
         images.extend(pipe(chunk, generator=generators, **kwargs).images)
     return images
 

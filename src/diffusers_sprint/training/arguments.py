@@ -198,6 +198,7 @@ FINGERPRINT_DISTILL = (
     "misaligned_pairs",
     "max_time_probability",
     "share_discriminator_timesteps",
+    "discriminator_shared_norm_groups",
     "r1_gamma",
     "discriminator_learning_rate",
     "discriminator_lr_schedule",
@@ -241,6 +242,7 @@ _RECORDED_WHEN_ON = {
     "streaming": False,
     "train_shards": None,
     "teacher_cfg_without_guidance_embeds": True,  # the behaviour before the flag existed
+    "discriminator_shared_norm_groups": False,
     "pretrained_student_model_name_or_path": None,
     "controlnet_model_name_or_path": None,
 }
@@ -277,6 +279,7 @@ FINGERPRINT_EXCLUDED = (
     "hub_token",
     "hub_model_id",
     "max_consecutive_skips",
+    "log_gradient_norms_every",  # diagnostics only: an extra backward per loss part on those steps
     "validate_data",
     "feature_cache_dir",  # cached latents equal fresh ones (the same VAE) up to the VAE's batch rounding
     "precompute_only",

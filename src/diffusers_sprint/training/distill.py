@@ -23,6 +23,7 @@ from .ladd import (
     ADVERSARIAL_LOSS_TYPES,
     DISCRIMINATOR_P_MEAN,
     DISCRIMINATOR_P_STD,
+    DiscriminatorInputs,
     SanaDiscriminator,
     discriminator_loss,
     generator_adversarial_loss,
@@ -51,6 +52,11 @@ class DistillationConfig:
             `t = pi/2` (pure noise) with this probability, in both phases (max-time weighting).
         misaligned_pairs (`bool`, defaults to `True`): real latents with rolled captions as extra fakes (D phase).
         share_discriminator_timesteps (`bool`, defaults to `False`): one `t_D` for the real and fake branches.
+        discriminator_shared_norm_groups (`bool`, defaults to `False`): The heads judge real and fake rows in one call,
+            interleaved, so every local batch-norm group holds both (the generator phase then also runs the teacher
+            on re-noised reals, without graph). `False` (official): separate calls, where each group's statistics
+            divide out what tells real from fake; at the toy's 16 tokens the discriminator then stays at chance
+            (docs/results.md, "Why the discriminator stayed at chance").
         r1_gamma (`float`, defaults to 0): R1 penalty weight (`loss_D + gamma / 2 * r1`), w.r.t. head features.
         fake_from_scm_forward (`bool`, defaults to `True`): The generator's LADD fake reuses the sCM term's `t`, `z`
             and forward; only the rows moved to `pi/2` run the student again (same expected gradient, about half a
@@ -72,6 +78,7 @@ class DistillationConfig:
     max_time_probability: float = 0.5
     misaligned_pairs: bool = True
     share_discriminator_timesteps: bool = False
+    discriminator_shared_norm_groups: bool = False
     r1_gamma: float = 0.0
     fake_from_scm_forward: bool = True
     single_student_forward: bool = True
@@ -308,21 +315,23 @@ def generator_step(
                 (fresh_velocity,) = student(*fresh_inputs[:4], guidance_scale=fresh_inputs[4], **batch.control(rows))
             fresh = denoise_trigflow(fresh_x_t, fresh_velocity, t_fake[rows], sigma_data)
             fake_x0 = fake_x0.index_put((rows,), fresh.to(fake_x0.dtype))
+        shared = config.discriminator_shared_norm_groups
         renoised = renoise_for_discriminator(
+            real_x0=batch.latents if shared else None,
             fake_x0=fake_x0,
             p_mean=config.discriminator_p_mean,
             p_std=config.discriminator_p_std,
             sigma_data=sigma_data,
+            share_timesteps=shared and config.share_discriminator_timesteps,
             generator=generator,
         )
+        fake = (renoised.fake_x_t / sigma_data, renoised.fake_t, batch.prompt_embeds, batch.prompt_attention_mask)
+        reference = None
+        if shared:  # the real rows share the heads' batch-norm groups with the fakes (no graph through them)
+            control = batch.control().get("controlnet_cond")
+            reference = DiscriminatorInputs(renoised.real_x_t / sigma_data, renoised.real_t, *fake[2:], control)
         with frozen(discriminator):
-            fake_logits = discriminator(
-                renoised.fake_x_t / sigma_data,
-                renoised.fake_t,
-                batch.prompt_embeds,
-                batch.prompt_attention_mask,
-                **batch.control(),
-            )
+            fake_logits = discriminator(*fake, **batch.control(), reference=reference)[: fake_x0.shape[0]]
         adversarial_part = generator_adversarial_loss(fake_logits, config.adversarial_loss)
         logs.update(adversarial_loss=adversarial_part.detach(), fake_logits_mean_g=fake_logits.detach().mean())
 
@@ -385,12 +394,18 @@ def discriminator_step(
         generator=generator,
     )
     real_inputs = renoised.real_x_t / sigma_data
-    real_logits = discriminator(
-        real_inputs, renoised.real_t, batch.prompt_embeds, batch.prompt_attention_mask, **real_control
+    real_control, fake_control = real_control.get("controlnet_cond"), fake_control.get("controlnet_cond")
+    real = DiscriminatorInputs(
+        real_inputs, renoised.real_t, batch.prompt_embeds, batch.prompt_attention_mask, real_control
     )
-    fake_logits = discriminator(
-        renoised.fake_x_t / sigma_data, renoised.fake_t, fake_embeds, fake_mask, **fake_control
-    )
+    fake = DiscriminatorInputs(renoised.fake_x_t / sigma_data, renoised.fake_t, fake_embeds, fake_mask, fake_control)
+    if config.discriminator_shared_norm_groups:
+        # One call, real rows as the reference: every local batch-norm group of the heads holds real and fake rows.
+        logits = discriminator(*fake[:4], controlnet_cond=fake_control, reference=real)
+        fake_logits, real_logits = logits.split([fake.x_t_scaled.shape[0], real_inputs.shape[0]])
+    else:  # official: real and fake judged in separate calls
+        real_logits = discriminator(*real[:4], controlnet_cond=real_control)
+        fake_logits = discriminator(*fake[:4], controlnet_cond=fake_control)
     loss = discriminator_loss(real_logits, fake_logits, config.adversarial_loss)
     logs = {
         "discriminator_loss": loss.detach(),
@@ -405,7 +420,7 @@ def discriminator_step(
             renoised.real_t,
             batch.prompt_embeds,
             batch.prompt_attention_mask,
-            **real_control,
+            controlnet_cond=real_control,
         )
         loss = loss + config.r1_gamma / 2 * r1
         logs["r1"] = r1.detach()

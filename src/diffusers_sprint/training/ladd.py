@@ -9,6 +9,14 @@ Both branches are re-noised before the discriminator: `x_t = cos(t_D) x0 + sin(t
 `t_D = atan(exp(N(-0.6, 1.0)) / sigma_data)` drawn independently per branch by default. The discriminator is called on
 `x_t / sigma_data`, like every TrigFlow network here.
 
+Real and fake rows share the heads' local batch norm. Each head normalises its features over groups of a few samples
+(`BatchNormLocal`). A group that holds only fakes (or only reals) loses what sets it apart: its per-channel mean and
+variance are divided out, so the mean logit of the group is nearly a constant of the head, whatever the inputs. Judged
+in separate calls, real and fake get the same mean logit, the hinge loss sits at 1 and the generator's adversarial
+gradient is mostly cancelled (docs/results.md, "Why the discriminator stayed at chance"). So the discriminator judges
+fakes together with real `reference` rows: both run through the teacher (separately: the real rows build no graph),
+and the heads see them interleaved, every group holding both in proportion ([`interleave_order`]).
+
 Losses (logits are `[B, tokens]`; means run over every logit):
 
 - hinge: `L_D = 0.5 (mean relu(1 - D(real)) + mean relu(1 + D(fake)))`, `L_G = -mean D(fake)`
@@ -146,6 +154,35 @@ class DiscriminatorHead(nn.Module):
         hidden = self.act(self.norm_in(self.conv_in(features)))
         hidden = (self.act(self.norm_res(self.conv_res(hidden))) + hidden) / math.sqrt(2)
         return self.conv_out(hidden).squeeze(1)
+
+
+def interleave_order(num_first: int, num_second: int, device: torch.device | str | None = None) -> torch.Tensor:
+    r"""
+    A permutation of `num_first + num_second` rows (the first set at `0..num_first-1`, the second after) that spreads
+    both sets evenly: row `i` of a set of size `n` gets the key `(i + 1/2) / n`, rows are sorted by key (ties: the
+    first set first). Equal sizes give `a0 b0 a1 b1 ...`; any run of `k` consecutive rows holds about
+    `k n_1 / (n_1 + n_2)` of the first set, so every [`BatchNormLocal`] group sees both sets in proportion.
+
+    Returns:
+        `torch.Tensor` of shape `(num_first + num_second,)`, `int64`: `mixed = rows[order]`.
+    """
+    if num_first < 0 or num_second < 0:
+        raise ValueError(f"Row counts must be >= 0, got {num_first} and {num_second}.")
+
+    def keys(count: int) -> torch.Tensor:
+        return (torch.arange(count, device=device, dtype=torch.float64) + 0.5) / max(count, 1)
+
+    return torch.sort(torch.cat([keys(num_first), keys(num_second)]), stable=True).indices
+
+
+class DiscriminatorInputs(NamedTuple):
+    """One branch of discriminator inputs: `x_t / sigma_data`, the time `t` (radians), the caption, the control."""
+
+    x_t_scaled: torch.Tensor
+    t: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    encoder_attention_mask: torch.Tensor | None = None
+    controlnet_cond: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -384,29 +421,43 @@ class SanaDiscriminator(nn.Module):
         encoder_attention_mask: torch.Tensor | None = None,
         guidance_scale: torch.Tensor | float | None = None,
         controlnet_cond: torch.Tensor | None = None,
+        reference: DiscriminatorInputs | None = None,
     ) -> torch.Tensor:
         r"""
         Per-token logits of all heads.
 
-        Args: as in [`extract_features`].
+        Args: as in [`extract_features`], and
+            reference ([`DiscriminatorInputs`], *optional*): Rows judged together with `x_t_scaled` (the real
+                branch, when `x_t_scaled` holds fakes). They run through the teacher in a forward of their own (no
+                graph when they do not require grad), and the heads normalise both sets together, rows interleaved by
+                [`interleave_order`], so that no local batch-norm group holds only one kind. Without it a batch of
+                only fakes is normalised on its own, which divides out what tells it from real data (module
+                docstring). `guidance_scale` applies to both.
 
         Returns:
-            `torch.Tensor` of shape `(batch_size, len(head_block_ids) * num_tokens)`: head `k`'s logits are columns
+            `torch.Tensor` of shape `(batch_size [+ reference batch_size], len(head_block_ids) * num_tokens)`: the
+            rows of `x_t_scaled`, then those of `reference`; head `k`'s logits are columns
             `k * num_tokens : (k + 1) * num_tokens`. An empty batch (e.g. [`misaligned_pairs`] at batch size 1)
             returns an empty `(0, ...)` tensor without running the teacher.
         """
-        if x_t_scaled.shape[0] == 0:
+        branches = [DiscriminatorInputs(x_t_scaled, t, encoder_hidden_states, encoder_attention_mask, controlnet_cond)]
+        if reference is not None:
+            branches.append(tuple(reference))
+        branches = [branch for branch in branches if branch[0].shape[0] > 0]
+        if not branches:
             num_tokens = self.num_tokens(*x_t_scaled.shape[-2:])
             return x_t_scaled.new_zeros(0, len(self.heads) * num_tokens, dtype=self.heads[0].norm_in.weight.dtype)
-        features = self.extract_features(
-            x_t_scaled,
-            t,
-            encoder_hidden_states,
-            encoder_attention_mask,
-            guidance_scale=guidance_scale,
-            controlnet_cond=controlnet_cond,
-        )
-        return self.forward_heads(features)
+        features = [
+            self.extract_features(*branch[:4], guidance_scale=guidance_scale, controlnet_cond=branch[4])
+            for branch in branches
+        ]
+        if len(features) == 1:
+            return self.forward_heads(features[0])
+        first, second = features[0][0].shape[0], features[1][0].shape[0]
+        order = interleave_order(first, second, device=features[0][0].device)
+        mixed = [torch.cat([a, b.to(a.dtype)])[order] for a, b in zip(*features)]
+        logits = self.forward_heads(mixed)
+        return logits[torch.argsort(order)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -617,6 +668,7 @@ __all__ = [
     "DISCRIMINATOR_P_STD",
     "BatchNormLocal",
     "DiscriminatorHead",
+    "DiscriminatorInputs",
     "MisalignedPairs",
     "RenoisedInputs",
     "SanaDiscriminator",
@@ -627,6 +679,7 @@ __all__ = [
     "generator_adversarial_loss",
     "hinge_discriminator_loss",
     "hinge_generator_loss",
+    "interleave_order",
     "misaligned_pairs",
     "r1_penalty",
     "renoise_for_discriminator",

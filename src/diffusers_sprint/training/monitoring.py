@@ -144,4 +144,24 @@ def check_finite_state_dict(state_dict: Mapping, where: str) -> None:
     walk(state_dict, "")
 
 
-__all__ = ["DEFAULT_MAX_CONSECUTIVE_SKIPS", "SkipMonitor", "check_finite_state_dict"]
+def loss_gradient_norms(losses: Mapping[str, torch.Tensor | None], parameters) -> dict[str, float]:
+    r"""
+    `{name: ||d loss / d parameters||_2}` for each (already weighted) loss part, e.g. the generator's
+    `scm_lambda L_sCM` and `adversarial_lambda L_adv`: are the two gradients comparable in size? Uses
+    `torch.autograd.grad` with `retain_graph=True` (no `.grad` is touched; the caller's backward of the total loss
+    still works afterwards), so it costs about one extra backward per part: call it every few steps. A part that is
+    `None` or does not reach `parameters` gets 0. Local to the process (not all-reduced, not for sharded parameters).
+    """
+    parameters = [p for p in parameters if p.requires_grad]
+    norms = {}
+    for name, loss in losses.items():
+        if loss is None or not loss.requires_grad:
+            norms[name] = 0.0
+            continue
+        grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+        squares = [g.detach().float().square().sum() for g in grads if g is not None]
+        norms[name] = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+    return norms
+
+
+__all__ = ["DEFAULT_MAX_CONSECUTIVE_SKIPS", "SkipMonitor", "check_finite_state_dict", "loss_gradient_norms"]
