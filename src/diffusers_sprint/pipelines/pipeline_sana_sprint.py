@@ -175,31 +175,6 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
             )
         return binned
 
-    def _start_sampling(
-        self,
-        num_inference_steps,
-        timesteps,
-        max_timesteps,
-        intermediate_timesteps,
-        device,
-        guidance_scale,
-        attention_kwargs,
-        **scheduler_kwargs,
-    ) -> None:
-        """The scheduler's time grid (radians) and the per-call state the properties and callbacks read."""
-        self.scheduler.set_timesteps(
-            num_inference_steps,
-            timesteps=timesteps,
-            device=device,
-            max_timesteps=max_timesteps,
-            intermediate_timesteps=intermediate_timesteps,
-            **scheduler_kwargs,
-        )
-        self.scheduler.set_begin_index(0)
-        self._guidance_scale = guidance_scale
-        self._attention_kwargs = attention_kwargs
-        self._interrupt = False
-
     @property
     def _execution_device(self) -> torch.device:
         r"""
@@ -593,16 +568,18 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         height, width = self._binned_size(height, width, latents, use_resolution_binning)
 
         device = self._execution_device
-        self._start_sampling(
+        self.scheduler.set_timesteps(
             num_inference_steps,
-            timesteps,
-            max_timesteps,
-            intermediate_timesteps,
-            device,
-            guidance_scale,
-            attention_kwargs,
+            timesteps=timesteps,
+            device=device,
+            max_timesteps=max_timesteps,
+            intermediate_timesteps=intermediate_timesteps,
             **scheduler_kwargs,
         )
+        self.scheduler.set_begin_index(0)
+        self._guidance_scale = guidance_scale  # the per-call state the properties and callbacks read
+        self._attention_kwargs = attention_kwargs
+        self._interrupt = False
         prompt_embeds, prompt_attention_mask = self._encode_text(
             prompt, num_images_per_prompt, device, prompt_embeds, prompt_attention_mask, attention_kwargs,
             clean_caption=clean_caption, max_sequence_length=max_sequence_length,
