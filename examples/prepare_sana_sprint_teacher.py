@@ -13,7 +13,6 @@ engine is the same as there (accelerate prepare / accumulate / save_state, `--fs
 
 import argparse
 import os
-from contextlib import nullcontext
 
 import torch
 import training_common as common  # examples/training_common.py, beside this script
@@ -21,7 +20,6 @@ from accelerate.logging import get_logger
 from diffusers import SanaPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from diffusers_sprint.models import TrigFlowModel
 from diffusers_sprint.training import (
@@ -110,56 +108,32 @@ def parse_args(input_args=None) -> argparse.Namespace:
 @torch.no_grad()
 def log_validation(args, accelerator, transformer, base, validation_embeds, null_prompt, seed, step, autocast):
     """Validation images of the teacher through diffusers' own `SanaPipeline` (CFG against the empty prompt)."""
-    vae_device = base.vae.device
-    base.vae.to(accelerator.device)
-    training = transformer.training
-    transformer.eval()
     pipeline = SanaPipeline(
         tokenizer=None, text_encoder=None, vae=base.vae, transformer=transformer, scheduler=base.scheduler
     )
-    pipeline.set_progress_bar_config(disable=True)
     embeds, mask = validation_embeds
     null_embeds, null_mask = null_prompt
-    columns = []
-    with accelerator.autocast() if autocast else nullcontext():
-        for num_steps in args.validation_inference_steps:
-            generator = torch.Generator(device=accelerator.device).manual_seed(seed)
-            columns.append(
-                pipeline(
-                    prompt_embeds=embeds,
-                    prompt_attention_mask=mask,
-                    negative_prompt=None,
-                    negative_prompt_embeds=null_embeds.expand(embeds.shape[0], -1, -1),
-                    negative_prompt_attention_mask=null_mask.expand(embeds.shape[0], -1),
-                    guidance_scale=args.validation_guidance_scale,
-                    height=args.resolution,
-                    width=args.resolution,
-                    use_resolution_binning=False,
-                    num_inference_steps=num_steps,
-                    generator=generator,
-                    output_type="pil",
-                ).images
-            )
-    transformer.train(training)
-    base.vae.to(vae_device)
-    return common.save_validation_grid(accelerator, args, columns, step, args.validation_inference_steps)
+    kwargs = dict(
+        prompt_embeds=embeds,
+        prompt_attention_mask=mask,
+        negative_prompt=None,
+        negative_prompt_embeds=null_embeds.expand(embeds.shape[0], -1, -1),
+        negative_prompt_attention_mask=null_mask.expand(embeds.shape[0], -1),
+        guidance_scale=args.validation_guidance_scale,
+    )
+    return common.run_validation(args, accelerator, pipeline, seed, step, autocast, **kwargs)
 
 
 def main(args):
     run = common.start_run(args, logger)
     accelerator, sharded, resume_path, seed = run.accelerator, run.sharded, run.resume_path, run.seed
-    device, weight_dtype, fingerprint = accelerator.device, run.weight_dtype, run.fingerprint
+    device, fingerprint = accelerator.device, run.fingerprint
 
-    base = common.load_text_and_vae(args, device, weight_dtype)
     flow_teacher = common.load_teacher_transformer(args).to(device)
-    prompt_encoder = common.make_prompt_encoder(args, base)
-    validation_embeds = prompt_encoder(args.validation_prompts, device) if args.validation_prompts else None
-    data = common.TrainingData(args, accelerator, base, prompt_encoder, seed, flow_teacher.config.patch_size, logger)
-    if args.precompute_only:
-        data.precompute(accelerator, args.validation_prompts, logger)
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
+    loaded = common.load_frozen_and_data(args, run, flow_teacher.config.patch_size, logger)
+    if loaded is None:  # --precompute_only
         return
+    base, validation_embeds, data = loaded
     null_prompt = (data.null_embeds, data.null_mask)
 
     # ---- The Sprint teacher: QK-norm + dense time, then fine-tuned ----------------------------------------------
@@ -230,9 +204,7 @@ def main(args):
 
     def load_model_hook(models, input_dir):
         models.clear()
-        saved = common.read_training_state(input_dir)
-        if saved.get("stage") != args.stage:
-            raise ValueError(f"Checkpoint {input_dir} was written by --stage {saved.get('stage')}, not {args.stage}.")
+        saved = common.read_training_state(input_dir, stage=args.stage)
         if sharded:
             load_sharded_state(
                 os.path.join(input_dir, "sharded"),
@@ -245,20 +217,15 @@ def main(args):
             teacher.load_state_dict(common.load_checkpoint_file(path))
         progress["global_step"] = saved["global_step"]
 
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-    common.resume(accelerator, resume_path, ema, logger)
-    global_step = progress["global_step"]
-    log = common.TrainingLog(args.output_dir, global_step if resume_path else None, accelerator.is_main_process)
-    accelerator.init_trackers(args.tracker_project_name, config=common.tracker_config(args))
+    global_step, log = common.start_training(
+        args, accelerator, save_model_hook, load_model_hook, resume_path, ema, progress, logger
+    )
     global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     logger.info("***** Running teacher preparation *****")
     logger.info(f"  {data.describe()}, global batch = {global_batch}, seed = {seed}")
     logger.info(f"  Total iterations = {args.max_train_steps}, starting at {global_step}")
 
-    progress_bar = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
+    progress_bar = common.steps_progress_bar(args, accelerator, global_step)
     for epoch, micro_batches in data.steps(global_step):
         if global_step >= args.max_train_steps:
             break

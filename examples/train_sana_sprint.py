@@ -17,7 +17,6 @@ see every call, `accelerator.accumulate` / `backward` / `clip_grad_norm_` run th
 
 import argparse
 import os
-from contextlib import nullcontext
 
 import torch
 import training_common as common  # examples/training_common.py, beside this script
@@ -26,7 +25,6 @@ from diffusers import SanaControlNetModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel, TrigFlowScheduler
 from diffusers_sprint.models import TrigFlowModel, set_fp32_linear_attention, unwrap_trigflow_controlnet
@@ -511,10 +509,6 @@ def make_lr_schedulers(args, optimizer, optimizer_d):
 @torch.no_grad()
 def log_validation(args, accelerator, transformer, vae, validation_embeds, seed: int, step: int, autocast: bool):
     """Validation images through the real `SanaSprintPipeline`: rows are prompts, columns the sampling steps."""
-    vae_device = vae.device
-    vae.to(accelerator.device)
-    training = transformer.training
-    transformer.eval()
     pipeline = SanaSprintPipeline(
         tokenizer=None,
         text_encoder=None,
@@ -522,28 +516,13 @@ def log_validation(args, accelerator, transformer, vae, validation_embeds, seed:
         transformer=transformer,
         scheduler=TrigFlowScheduler(sigma_data=args.sigma_data),
     )
-    pipeline.set_progress_bar_config(disable=True)
     embeds, mask = validation_embeds
-    columns = []
-    with accelerator.autocast() if autocast else nullcontext():
-        for num_steps in args.validation_inference_steps:
-            generator = torch.Generator(device=accelerator.device).manual_seed(seed)
-            columns.append(
-                pipeline(
-                    prompt_embeds=embeds,
-                    prompt_attention_mask=mask,
-                    height=args.resolution,
-                    width=args.resolution,
-                    use_resolution_binning=False,
-                    guidance_scale=args.validation_guidance_scale if transformer.config.guidance_embeds else None,
-                    num_inference_steps=num_steps,
-                    generator=generator,
-                    output_type="pil",
-                ).images
-            )
-    transformer.train(training)
-    vae.to(vae_device)
-    return common.save_validation_grid(accelerator, args, columns, step, args.validation_inference_steps)
+    kwargs = dict(
+        prompt_embeds=embeds,
+        prompt_attention_mask=mask,
+        guidance_scale=args.validation_guidance_scale if transformer.config.guidance_embeds else None,
+    )
+    return common.run_validation(args, accelerator, pipeline, seed, step, autocast, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -557,16 +536,11 @@ def main(args):
     device, weight_dtype, fingerprint = accelerator.device, run.weight_dtype, run.fingerprint
 
     # ---- Frozen components, data, the teacher -----------------------------------------------------------------------
-    base = common.load_text_and_vae(args, device, weight_dtype)
     teacher = common.load_teacher_transformer(args)
-    prompt_encoder = common.make_prompt_encoder(args, base)
-    validation_embeds = prompt_encoder(args.validation_prompts, device) if args.validation_prompts else None
-    data = common.TrainingData(args, accelerator, base, prompt_encoder, seed, teacher.config.patch_size, logger)
-    if args.precompute_only:
-        data.precompute(accelerator, args.validation_prompts, logger)
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
+    loaded = common.load_frozen_and_data(args, run, teacher.config.patch_size, logger)
+    if loaded is None:  # --precompute_only
         return
+    base, validation_embeds, data = loaded
 
     # ---- Student, teacher, discriminator ----------------------------------------------------------------------------
     teacher.requires_grad_(False).eval()
@@ -673,9 +647,7 @@ def main(args):
 
     def load_model_hook(models, input_dir):
         models.clear()  # loaded below from our formats
-        saved = common.read_training_state(input_dir)
-        if saved.get("stage") != args.stage:
-            raise ValueError(f"Checkpoint {input_dir} was written by --stage {saved.get('stage')}, not {args.stage}.")
+        saved = common.read_training_state(input_dir, stage=args.stage)
         if sharded:
             load_sharded_state(os.path.join(input_dir, "sharded"), *sharded_objects(), common.ema_shards(ema))
         else:
@@ -698,13 +670,9 @@ def main(args):
                 discriminator.load_state_dict(common.load_checkpoint_file(path))
         progress["global_step"] = saved["global_step"]
 
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-    common.resume(accelerator, resume_path, ema, logger)
-    global_step = progress["global_step"]
-
-    log = common.TrainingLog(args.output_dir, global_step if resume_path else None, accelerator.is_main_process)
-    accelerator.init_trackers(args.tracker_project_name, config=common.tracker_config(args))
+    global_step, log = common.start_training(
+        args, accelerator, save_model_hook, load_model_hook, resume_path, ema, progress, logger
+    )
     global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     logger.info("***** Running distillation *****")
     engine = "FSDP2" if sharded else accelerator.distributed_type
@@ -718,9 +686,7 @@ def main(args):
 
     # ---- Loop: per iteration one generator update, then one discriminator update ------------------------------------
     head_module = accelerator.unwrap_model(discriminator_trained) if discriminator is not None else None
-    progress_bar = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
+    progress_bar = common.steps_progress_bar(args, accelerator, global_step)
     for epoch, micro_batches in data.steps(global_step):
         if global_step >= args.max_train_steps:
             break

@@ -17,7 +17,7 @@ import random
 import shlex
 import shutil
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from diffusers.utils import is_wandb_available, make_image_grid
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 from huggingface_hub import create_repo, upload_folder
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from diffusers_sprint import (
     SanaSprintControlNetPipeline,
@@ -530,13 +531,17 @@ def find_resume_checkpoint(args) -> str | None:
     return latest_checkpoint(args.output_dir)
 
 
-def read_training_state(checkpoint: str) -> dict:
+def read_training_state(checkpoint: str, stage: str | None = None) -> dict:
+    """The checkpoint's `training_state.json`; with `stage`, refused when another `--stage` wrote it."""
     path = os.path.join(checkpoint, TRAINING_STATE)
     try:
         with open(path) as file:
-            return json.load(file)
+            saved = json.load(file)
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"Checkpoint {checkpoint}: cannot read {path} ({error}).") from error
+    if stage is not None and saved.get("stage") != stage:
+        raise ValueError(f"Checkpoint {checkpoint} was written by --stage {saved.get('stage')}, not {stage}.")
+    return saved
 
 
 def resolve_seed(args, resume_path: str | None, logger) -> int:
@@ -688,6 +693,27 @@ def make_prompt_encoder(args, base):
     )
     cache = FeatureCache(args.feature_cache_dir, "text", namespace, writer=_writer_name())
     return CachedPromptEncoder(cache, build, args.max_sequence_length)
+
+
+def load_frozen_and_data(args, run: Run, patch_size: int, logger):
+    r"""
+    The frozen text encoder and VAE (`FrozenComponents`), the validation prompts' embeddings (or `None`) and the
+    [`TrainingData`] of a run, as `(base, validation_embeds, data)`. With `--precompute_only` the feature caches are
+    filled instead and `None` is returned: the run is then over.
+    """
+    accelerator = run.accelerator
+    base = load_text_and_vae(args, accelerator.device, run.weight_dtype)
+    prompt_encoder = make_prompt_encoder(args, base)
+    validation_embeds = (
+        prompt_encoder(args.validation_prompts, accelerator.device) if args.validation_prompts else None
+    )
+    data = TrainingData(args, accelerator, base, prompt_encoder, run.seed, patch_size, logger)
+    if args.precompute_only:
+        data.precompute(accelerator, args.validation_prompts, logger)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return None
+    return base, validation_embeds, data
 
 
 def controlnet_training(args) -> bool:
@@ -1067,6 +1093,30 @@ def resume(accelerator, resume_path: str | None, ema, logger) -> None:
         check_finite_state_dict(ema.state_dict(), f"{resume_path} (EMA)")
 
 
+def start_training(
+    args, accelerator, save_model_hook, load_model_hook, resume_path: str | None, ema, progress, logger
+):
+    """
+    Registers the checkpoint hooks, resumes from `resume_path` (if any) through them and opens the training log (cut
+    back to the resumed step) and the trackers. Returns `(global_step, log)`; `progress["global_step"]` is set by the
+    load hook.
+    """
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    resume(accelerator, resume_path, ema, logger)
+    global_step = progress["global_step"]
+    log = TrainingLog(args.output_dir, global_step if resume_path else None, accelerator.is_main_process)
+    accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
+    return global_step, log
+
+
+def steps_progress_bar(args, accelerator, global_step: int) -> tqdm:
+    """The bar over `--max_train_steps` iterations (on each node's main process), starting at `global_step`."""
+    return tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+
+
 def after_update(
     skip_monitor, phase: str, skipped: bool, step: int, grad_norm, lr_scheduler, ema=None, parameters=None
 ):
@@ -1110,6 +1160,39 @@ def clip_and_step(accelerator, optimizer, parameters, max_grad_norm: float) -> t
 # ---------------------------------------------------------------------------------------------------------------------
 # Validation images and the final folder
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def run_validation(args, accelerator, pipeline, seed: int, step: int, autocast: bool, **call_kwargs):
+    """
+    `pipeline(**call_kwargs)` at every `--validation_inference_steps` count from the same `seed`, its transformer in
+    eval mode and its VAE on the accelerator's device (both restored after); saves and returns the grid (rows are
+    prompts, columns the step counts) via [`save_validation_grid`].
+    """
+    transformer, vae = pipeline.transformer, pipeline.vae
+    vae_device = vae.device
+    vae.to(accelerator.device)
+    training = transformer.training
+    transformer.eval()
+    pipeline.set_progress_bar_config(disable=True)
+    columns = []
+    with accelerator.autocast() if autocast else nullcontext():
+        for num_steps in args.validation_inference_steps:
+            generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+            columns.append(
+                pipeline(
+                    **call_kwargs,
+                    height=args.resolution,
+                    width=args.resolution,
+                    use_resolution_binning=False,
+                    num_inference_steps=num_steps,
+                    generator=generator,
+                    output_type="pil",
+                ).images
+            )
+    transformer.train(training)
+    vae.to(vae_device)
+    return save_validation_grid(accelerator, args, columns, step, args.validation_inference_steps)
 
 
 def save_validation_grid(accelerator, args, columns: list, step: int, inference_steps: list[int]):

@@ -98,6 +98,18 @@ TOY_RECIPE = [
 ]  # fmt: skip
 
 
+def parse_with_train_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args` of the flags before a `--`; those after it go verbatim to the training script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    args = parser.parse_args(argv)
+    args.train_args = extra
+    return args
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__,
@@ -136,13 +148,7 @@ def parse_args(argv=None):
         "--skip_training", action="store_true", help="Evaluate the student already in OUTPUT_DIR/student."
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1 :]
-    args = parser.parse_args(argv)
-    args.train_args = extra
+    args = parse_with_train_args(parser, argv)
     if args.max_train_steps is None:
         args.max_train_steps = 2 if args.quick else 400
     if args.num_eval_samples is None:

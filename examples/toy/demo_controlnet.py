@@ -36,7 +36,14 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from demo import GUIDANCE_SCALE, RESOLUTION, TOY_RECIPE, TRAIN_SCRIPT, TWO_STEP_INTERMEDIATE_TIME  # noqa: E402
+from demo import (  # noqa: E402
+    GUIDANCE_SCALE,
+    RESOLUTION,
+    TOY_RECIPE,
+    TRAIN_SCRIPT,
+    TWO_STEP_INTERMEDIATE_TIME,
+    parse_with_train_args,
+)
 from eval_toy_controlnet import GRID_NAMES, ToyControlNetTeacher, held_out_rows  # noqa: E402
 
 from diffusers_sprint.toy.protocol import SEED_STRIDE  # noqa: E402
@@ -60,13 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--skip_fid", action="store_true", help="Edge adherence only (no Inception).")
     p.add_argument("--threads", type=int, default=None, help="torch threads of this process.")
     p.add_argument("--quick", action="store_true", help="Smoke run: 32 rows, 2 steps, 4 eval samples, 1 seed.")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1 :]
-    args = p.parse_args(argv)
-    args.train_args = extra
+    args = parse_with_train_args(p, argv)
     if args.max_train_steps is None:
         args.max_train_steps = 2 if args.quick else 300
     if args.num_eval_samples is None:

@@ -72,6 +72,13 @@ def _unwrap(module):
     return getattr(module, "_orig_mod", module)
 
 
+def _resolve_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs: list[str]) -> list[str]:
+    """The tensors a callback receives: a `PipelineCallback` names its own (diffusers' rule)."""
+    if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+        return callback_on_step_end.tensor_inputs
+    return callback_on_step_end_tensor_inputs
+
+
 class SanaSprintPipeline(DiffusersSanaSprintPipeline):
     r"""
     Text-to-image with a SANA-Sprint student ([arXiv 2503.09641](https://huggingface.co/papers/2503.09641)) in 1 to
@@ -167,31 +174,6 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
                 f"{binned[0]}x{binned[1]}; pass `use_resolution_binning=False` or latents of the binned size."
             )
         return binned
-
-    def _start_sampling(
-        self,
-        num_inference_steps,
-        timesteps,
-        max_timesteps,
-        intermediate_timesteps,
-        device,
-        guidance_scale,
-        attention_kwargs,
-        **scheduler_kwargs,
-    ) -> None:
-        """The scheduler's time grid (radians) and the per-call state the properties and callbacks read."""
-        self.scheduler.set_timesteps(
-            num_inference_steps,
-            timesteps=timesteps,
-            device=device,
-            max_timesteps=max_timesteps,
-            intermediate_timesteps=intermediate_timesteps,
-            **scheduler_kwargs,
-        )
-        self.scheduler.set_begin_index(0)
-        self._guidance_scale = guidance_scale
-        self._attention_kwargs = attention_kwargs
-        self._interrupt = False
 
     @property
     def _execution_device(self) -> torch.device:
@@ -506,8 +488,59 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
             `SanaPipelineOutput` with `.images`, or a tuple `(images,)`.
         """
         self._require("vae", "transformer", "scheduler")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        device, total, (height, width), crop_to, prompt_embeds, prompt_attention_mask = self._prepare_call(
+            prompt, height, width, num_inference_steps, timesteps, max_timesteps, intermediate_timesteps,
+            guidance_scale, num_images_per_prompt, generator, latents, prompt_embeds, prompt_attention_mask,
+            output_type, clean_caption, use_resolution_binning, attention_kwargs, callback_on_step_end,
+            callback_on_step_end_tensor_inputs, max_sequence_length, complex_human_instruction,
+        )  # fmt: skip
+
+        # Noise x_{t_0} with standard deviation sigma_data.
+        latents = self.prepare_latents(
+            total, self.transformer.config.in_channels, height, width, torch.float32, device, generator, latents
+        )
+        latents = latents * self.scheduler.config.sigma_data
+        latents = self._sample(
+            latents, prompt_embeds, prompt_attention_mask, guidance_scale, generator, attention_kwargs,
+            callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        return self._output(latents, output_type, crop_to, return_dict)
+
+    def _prepare_call(
+        self,
+        prompt,
+        height: int | None,
+        width: int | None,
+        num_inference_steps: int,
+        timesteps,
+        max_timesteps: float,
+        intermediate_timesteps,
+        guidance_scale: float | None,
+        num_images_per_prompt: int,
+        generator,
+        latents: torch.Tensor | None,
+        prompt_embeds: torch.Tensor | None,
+        prompt_attention_mask: torch.Tensor | None,
+        output_type: str,
+        clean_caption: bool,
+        use_resolution_binning: bool,
+        attention_kwargs: dict | None,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs: list[str],
+        max_sequence_length: int,
+        complex_human_instruction: list[str] | None,
+        check_batch: Callable[[int], None] | None = None,
+        **scheduler_kwargs,
+    ):
+        r"""
+        The part of `__call__` every SANA-Sprint pipeline shares: the default size, `check_inputs` (then
+        `check_batch(batch_size)` for a subclass's own arguments), resolution binning, the scheduler's grid
+        (`scheduler_kwargs` go to `set_timesteps`) and the text conditioning.
+
+        Returns `(device, total, (height, width), crop_to, prompt_embeds, prompt_attention_mask)`: `total` images
+        (prompts x `num_images_per_prompt`) are generated at the binned `height x width`; `crop_to` is the size asked
+        for when binning (for [`_output`]), else `None`.
+        """
         default_size = self.transformer.config.sample_size * self.vae_scale_factor
         height = default_size if height is None else height
         width = default_size if width is None else width
@@ -523,59 +556,41 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
             prompt_embeds=prompt_embeds,
             prompt_attention_mask=prompt_attention_mask,
             output_type=output_type,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs=_resolve_callback_inputs(
+                callback_on_step_end, callback_on_step_end_tensor_inputs
+            ),
             max_sequence_length=max_sequence_length,
         )
-        orig_height, orig_width = height, width
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if check_batch is not None:
+            check_batch(batch_size)
+        crop_to = (height, width) if use_resolution_binning else None
         height, width = self._binned_size(height, width, latents, use_resolution_binning)
 
         device = self._execution_device
-        self._start_sampling(
+        self.scheduler.set_timesteps(
             num_inference_steps,
-            timesteps,
-            max_timesteps,
-            intermediate_timesteps,
-            device,
-            guidance_scale,
-            attention_kwargs,
+            timesteps=timesteps,
+            device=device,
+            max_timesteps=max_timesteps,
+            intermediate_timesteps=intermediate_timesteps,
+            **scheduler_kwargs,
         )
-
-        # 1. Text conditioning.
-        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        self.scheduler.set_begin_index(0)
+        self._guidance_scale = guidance_scale  # the per-call state the properties and callbacks read
+        self._attention_kwargs = attention_kwargs
+        self._interrupt = False
         prompt_embeds, prompt_attention_mask = self._encode_text(
             prompt, num_images_per_prompt, device, prompt_embeds, prompt_attention_mask, attention_kwargs,
             clean_caption=clean_caption, max_sequence_length=max_sequence_length,
             complex_human_instruction=complex_human_instruction,
         )  # fmt: skip
+        total = batch_size * num_images_per_prompt
+        return device, total, (height, width), crop_to, prompt_embeds, prompt_attention_mask
 
-        # 2. Noise x_{t_0} with standard deviation sigma_data.
-        sigma_data = self.scheduler.config.sigma_data
-        latents = self.prepare_latents(
-            batch_size * num_images_per_prompt,
-            self.transformer.config.in_channels,
-            height,
-            width,
-            torch.float32,
-            device,
-            generator,
-            latents,
-        )
-        latents = latents * sigma_data
-
-        # 3. Sampling: evaluate F at every time of the grid but the final 0.
-        latents = self._sample(
-            latents,
-            prompt_embeds,
-            prompt_attention_mask,
-            guidance_scale,
-            generator,
-            attention_kwargs,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
-
-        # 4. Decode x0_hat / sigma_data (the VAE latent times its scaling factor).
-        image = self._decode(latents, output_type, (orig_height, orig_width) if use_resolution_binning else None)
+    def _output(self, latents: torch.Tensor, output_type: str, crop_to: tuple[int, int] | None, return_dict: bool):
+        """The end of every `__call__`: [`_decode`] the final `x0_hat` (data units), offload, wrap the images."""
+        image = self._decode(latents, output_type, crop_to)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
@@ -626,6 +641,9 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         `controlnet_kwargs` (`controlnet`, `controlnet_cond`, `controlnet_conditioning_scale`) go to every call; a
         callback sees and may replace `controlnet_cond` as `"control_image"`.
         """
+        callback_on_step_end_tensor_inputs = _resolve_callback_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         controlnet_kwargs = dict(controlnet_kwargs or {})
         sigma_data = self.scheduler.config.sigma_data
         batch_size = latents.shape[0]

@@ -1,6 +1,7 @@
 """SanaSprintControlNetPipeline: one- and few-step controlled text-to-image with a SANA-Sprint student + ControlNet."""
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -146,51 +147,15 @@ class SanaSprintControlNetPipeline(SanaSprintPipeline):
         Returns:
             `SanaPipelineOutput` with `.images`, or a tuple `(images,)`.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        default_size = self.transformer.config.sample_size * self.vae_scale_factor
-        height = default_size if height is None else height
-        width = default_size if width is None else width
-        self.check_inputs(
-            prompt,
-            height,
-            width,
-            num_inference_steps,
-            guidance_scale=guidance_scale,
-            num_images_per_prompt=num_images_per_prompt,
-            generator=generator,
-            latents=latents,
-            prompt_embeds=prompt_embeds,
-            prompt_attention_mask=prompt_attention_mask,
-            output_type=output_type,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            max_sequence_length=max_sequence_length,
-        )
-        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        self.check_control_inputs(control_image, controlnet_conditioning_scale, batch_size)
-        orig_height, orig_width = height, width
-        height, width = self._binned_size(height, width, latents, use_resolution_binning)
-
-        device = self._execution_device
-        self._start_sampling(
-            num_inference_steps,
-            timesteps,
-            max_timesteps,
-            intermediate_timesteps,
-            device,
-            guidance_scale,
-            attention_kwargs,
-        )
-
-        # 1. Text conditioning.
-        prompt_embeds, prompt_attention_mask = self._encode_text(
-            prompt, num_images_per_prompt, device, prompt_embeds, prompt_attention_mask, attention_kwargs,
-            clean_caption=clean_caption, max_sequence_length=max_sequence_length,
-            complex_human_instruction=complex_human_instruction,
+        device, total, (height, width), crop_to, prompt_embeds, prompt_attention_mask = self._prepare_call(
+            prompt, height, width, num_inference_steps, timesteps, max_timesteps, intermediate_timesteps,
+            guidance_scale, num_images_per_prompt, generator, latents, prompt_embeds, prompt_attention_mask,
+            output_type, clean_caption, use_resolution_binning, attention_kwargs, callback_on_step_end,
+            callback_on_step_end_tensor_inputs, max_sequence_length, complex_human_instruction,
+            check_batch=partial(self.check_control_inputs, control_image, controlnet_conditioning_scale),
         )  # fmt: skip
 
-        # 2. Control latents (VAE latent x scaling_factor, diffusers' units) and noise x_{t_0} of std sigma_data.
-        total = batch_size * num_images_per_prompt
+        # Control latents (VAE latent x scaling_factor, diffusers' units) and noise x_{t_0} of std sigma_data.
         control_image = self.prepare_control_latents(
             control_image, height, width, num_images_per_prompt, total, device
         )
@@ -199,25 +164,14 @@ class SanaSprintControlNetPipeline(SanaSprintPipeline):
         )
         latents = latents * self.scheduler.config.sigma_data
 
-        # 3. Sampling: F of transformer + ControlNet at every time of the grid but the final 0; then decoding.
+        # Sampling: F of transformer + ControlNet at every time of the grid but the final 0; then decoding.
         controlnet_kwargs = dict(
             controlnet=self.controlnet,
             controlnet_cond=control_image,
             controlnet_conditioning_scale=float(controlnet_conditioning_scale),
         )
         latents = self._sample(
-            latents,
-            prompt_embeds,
-            prompt_attention_mask,
-            guidance_scale,
-            generator,
-            attention_kwargs,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            controlnet_kwargs,
-        )
-        image = self._decode(latents, output_type, (orig_height, orig_width) if use_resolution_binning else None)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return SanaPipelineOutput(images=image)
+            latents, prompt_embeds, prompt_attention_mask, guidance_scale, generator, attention_kwargs,
+            callback_on_step_end, callback_on_step_end_tensor_inputs, controlnet_kwargs,
+        )  # fmt: skip
+        return self._output(latents, output_type, crop_to, return_dict)

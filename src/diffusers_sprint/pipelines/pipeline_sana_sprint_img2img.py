@@ -131,8 +131,6 @@ class SanaSprintImg2ImgPipeline(SanaSprintPipeline):
         self._require("vae", "transformer", "scheduler")
         if image is None:
             raise ValueError("`image` is required for image-to-image.")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise ValueError(f"`strength` must be a float in (0, 1], got {strength!r}.")
         if height is None and width is None:
@@ -144,72 +142,26 @@ class SanaSprintImg2ImgPipeline(SanaSprintPipeline):
                 )
         elif height is None or width is None:
             raise ValueError("Pass both `height` and `width`, or neither (then the image's own size is used).")
-        self.check_inputs(
-            prompt,
-            height,
-            width,
-            num_inference_steps,
-            guidance_scale=guidance_scale,
-            num_images_per_prompt=num_images_per_prompt,
-            generator=generator,
-            latents=latents,
-            prompt_embeds=prompt_embeds,
-            prompt_attention_mask=prompt_attention_mask,
-            output_type=output_type,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            max_sequence_length=max_sequence_length,
-        )
-        orig_height, orig_width = height, width
-        height, width = self._binned_size(height, width, latents, use_resolution_binning)
-
-        device = self._execution_device
-        self._start_sampling(
-            num_inference_steps,
-            timesteps,
-            max_timesteps,
-            intermediate_timesteps,
-            device,
-            guidance_scale,
-            attention_kwargs,
-            strength=strength,
-        )
-
-        # 1. Image latents x0 (data units), tiled over the batch.
-        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        total = batch_size * num_images_per_prompt
-        pixels = self.prepare_image(image, height, width, device, _model_dtype(self.vae))
-        image_latents = self.encode_image(pixels, total)
-
-        # 2. Text conditioning.
-        prompt_embeds, prompt_attention_mask = self._encode_text(
-            prompt, num_images_per_prompt, device, prompt_embeds, prompt_attention_mask, attention_kwargs,
-            clean_caption=clean_caption, max_sequence_length=max_sequence_length,
-            complex_human_instruction=complex_human_instruction,
+        device, total, (height, width), crop_to, prompt_embeds, prompt_attention_mask = self._prepare_call(
+            prompt, height, width, num_inference_steps, timesteps, max_timesteps, intermediate_timesteps,
+            guidance_scale, num_images_per_prompt, generator, latents, prompt_embeds, prompt_attention_mask,
+            output_type, clean_caption, use_resolution_binning, attention_kwargs, callback_on_step_end,
+            callback_on_step_end_tensor_inputs, max_sequence_length, complex_human_instruction, strength=strength,
         )  # fmt: skip
 
-        # 3. x_{t_0'} = cos(t_0') x0 + sin(t_0') sigma_data z.
+        # Image latents x0 (data units), tiled over the batch, and x_{t_0'} = cos(t_0') x0 + sin(t_0') sigma_data z.
+        pixels = self.prepare_image(image, height, width, device, _model_dtype(self.vae))
+        image_latents = self.encode_image(pixels, total)
         if latents is None:
             noise = randn_tensor(image_latents.shape, generator=generator, device=device, dtype=torch.float32)
         else:
             noise = latents.to(device=device, dtype=torch.float32)
         latents = self.scheduler.add_noise(image_latents, noise, self.scheduler.timesteps[0])
-
-        # 4. Sampling and decoding, as in text-to-image.
         latents = self._sample(
-            latents,
-            prompt_embeds,
-            prompt_attention_mask,
-            guidance_scale,
-            generator,
-            attention_kwargs,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
-        image = self._decode(latents, output_type, (orig_height, orig_width) if use_resolution_binning else None)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return SanaPipelineOutput(images=image)
+            latents, prompt_embeds, prompt_attention_mask, guidance_scale, generator, attention_kwargs,
+            callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        return self._output(latents, output_type, crop_to, return_dict)
 
 
 __all__ = ["SanaSprintImg2ImgPipeline"]
