@@ -10,11 +10,10 @@ import re
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
 from PIL import Image
 from safetensors.torch import load_file
 from test_train_script import _env, _load_script_module, base_args, read_log, run_script
-from tiny_components import make_controlnet, make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae
+from tiny_components import make_controlnet, save_tiny_teacher_pipeline
 
 from diffusers_sprint import SanaSprintControlNetPipeline
 
@@ -31,13 +30,7 @@ def control_assets(tmp_path_factory):
     import datasets
 
     root = tmp_path_factory.mktemp("controlnet_assets")
-    SanaPipeline(
-        tokenizer=make_tokenizer(),
-        text_encoder=make_text_encoder(),
-        vae=make_vae(),
-        transformer=make_diffusers_transformer(student=False, sample_size=8),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-    ).save_pretrained(root / "teacher")
+    save_tiny_teacher_pipeline(root / "teacher")
     make_controlnet(seed=1, num_layers=1, sample_size=8).save_pretrained(root / "controlnet")
     make_controlnet(seed=1, num_layers=1, sample_size=8, num_attention_heads=4).save_pretrained(root / "wide")
     images, controls, texts = [], [], []

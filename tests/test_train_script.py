@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+from diffusers import SanaPipeline
 from diffusers.utils import make_image_grid
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_components import make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae
+from tiny_components import save_tiny_teacher_pipeline
 
 from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel
 
@@ -44,13 +44,7 @@ WORDS = ["red", "green", "blue", "yellow", "black", "white"]
 def assets(tmp_path_factory):
     """A tiny diffusers `SanaPipeline` teacher, 8 captioned PNGs as an imagefolder and as a `save_to_disk` dataset."""
     root = tmp_path_factory.mktemp("assets")
-    SanaPipeline(
-        tokenizer=make_tokenizer(),
-        text_encoder=make_text_encoder(),
-        vae=make_vae(),
-        transformer=make_diffusers_transformer(student=False, sample_size=8),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-    ).save_pretrained(root / "teacher")
+    save_tiny_teacher_pipeline(root / "teacher")
     images = root / "images"
     images.mkdir()
     rows = []

@@ -174,3 +174,16 @@ def make_controlnet(seed: int = 0, num_layers: int = 1, **overrides) -> SanaCont
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     return model.eval()
+
+
+def save_tiny_teacher_pipeline(folder) -> None:
+    """A tiny diffusers `SanaPipeline` flow teacher (8x8 latents) saved to `folder`, for the training-script tests."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+
+    SanaPipeline(
+        tokenizer=make_tokenizer(),
+        text_encoder=make_text_encoder(),
+        vae=make_vae(),
+        transformer=make_diffusers_transformer(student=False, sample_size=8),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    ).save_pretrained(folder)

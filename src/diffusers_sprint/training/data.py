@@ -13,6 +13,7 @@ Latents are in the units of the training library: `x0 = vae_latent * scaling_fac
 sampling see identical text conditioning.
 """
 
+import abc
 import io
 import numbers
 import os
@@ -33,7 +34,7 @@ from .seeding import make_generator
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class StepGroupBatchSampler(torch.utils.data.Sampler):
+class StepGroupBatchSampler(torch.utils.data.Sampler, abc.ABC):
     r"""
     The process-layout logic shared by the batch samplers: an epoch is a sequence of *step groups*, the
     `batch_size * num_processes * gradient_accumulation_steps` sample indices of one optimisation step, and
@@ -73,9 +74,9 @@ class StepGroupBatchSampler(torch.utils.data.Sampler):
         self.epoch = 0
         self.start_step = 0
 
+    @abc.abstractmethod
     def step_groups(self, epoch: int) -> Sequence[Sequence[int]]:
         """The sample indices of every step of `epoch`, in order."""
-        raise NotImplementedError
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Iterate epoch `epoch` from its step `start_step` on (to resume mid-epoch)."""
