@@ -17,8 +17,9 @@ teacher with `default_head_block_ids(layers)` (4 heads from 4 layers up). The sc
 - with `--compile` (compiled during the untimed pass; not in the memory table): the finite-difference G steps with
   the student's `TrigFlowModel` under `torch.compile`, and G and D steps with the frozen teacher's blocks compiled
   too (each block's `Module.compile()`, diffusers' regional compilation: the discriminator's forward hooks stay
-  outside the compiled code and keep firing); the exact-JVP G step can only take the compiled teacher (the JVP does
-  not run through a compiled student);
+  outside the compiled code and keep firing), and the exact-JVP G step with `SCMLossConfig(compile_jvp=True)`
+  (`torch.compile` around `torch.func.jvp`, checked against the eager tangent first), alone and with the rest
+  compiled;
 - the pieces the G step is made of (teacher CFG forward on 2B, JVP without grad, the one-sided finite-difference
   tangent's shifted forward,
   discriminator forward + backward through the frozen teacher to its input, student fwd+bwd on half the batch,
@@ -215,10 +216,10 @@ def teacher_compiled(s: Setup, enabled: bool = True):
 
 
 def _config(
-    ladd: bool, max_time_probability: float = 0.5, jvp: str = "exact", single: bool = True
+    ladd: bool, max_time_probability: float = 0.5, jvp: str = "exact", single: bool = True, compile_jvp: bool = False
 ) -> DistillationConfig:
     return DistillationConfig(
-        scm=SCMLossConfig(jvp=jvp),
+        scm=SCMLossConfig(jvp=jvp, compile_jvp=compile_jvp),
         adversarial_lambda=0.5 if ladd else 0.0,
         max_time_probability=max_time_probability,
         single_student_forward=single,
@@ -232,8 +233,9 @@ def generator_variant(
     compiled: bool = False,
     single: bool = True,
     compiled_teacher: bool = False,
+    compile_jvp: bool = False,
 ):
-    config = _config(ladd, max_time_probability, jvp, single)
+    config = _config(ladd, max_time_probability, jvp, single, compile_jvp)
 
     def run(s: Setup):
         s.discriminator.eval()  # spectral-norm power iterations advance on D steps only (docs/training/ladd.md)
@@ -307,7 +309,7 @@ def teacher_cfg(s: Setup):
     )
 
 
-def _jvp(s: Setup):
+def _jvp(s: Setup, compile: bool = False):
     b = s.batch
     cos_sin = torch.cos(s.t) * torch.sin(s.t)
     tangent_x = torch.ones_like(s.x_t_scaled) * cos_sin[:, None, None, None]
@@ -320,11 +322,16 @@ def _jvp(s: Setup):
         b.prompt_embeds,
         b.prompt_attention_mask,
         s.w,
+        compile=compile,
     )
 
 
 def jvp_no_grad(s: Setup):
     _jvp(s)
+
+
+def compiled_jvp_no_grad(s: Setup):
+    _jvp(s, compile=True)
 
 
 def finite_difference_tangent(s: Setup):
@@ -424,6 +431,12 @@ COMPILED = {
         generator_variant(True, compiled_teacher=True),
     ),
     "d_step_compiled_teacher": ("D step, teacher blocks compiled", discriminator_variant(compiled_teacher=True)),
+    "jvp_compiled": ("student JVP, no grad, compile_jvp", compiled_jvp_no_grad),
+    "g_ladd_compiled_jvp": ("G step, sCM+LADD (exact JVP), compile_jvp", generator_variant(True, compile_jvp=True)),
+    "g_ladd_compiled_jvp_all": (
+        "G step, sCM+LADD (exact JVP), compile_jvp + student + teacher blocks compiled",
+        generator_variant(True, compiled=True, compiled_teacher=True, compile_jvp=True),
+    ),
 }
 ALL = {**UNITS, **STEPS, **PIECES, **COMPILED}
 
@@ -620,6 +633,8 @@ def what_if(fe: dict[str, float], layers: int, official_layers: int = 20) -> dic
         "exact JVP (default), measured": "g_ladd",
         "exact JVP, fake rows in a 2nd student call, measured": "g_ladd_two_calls",
         "exact JVP, teacher blocks compiled, measured": "g_ladd_compiled_teacher",
+        "exact JVP, compile_jvp, measured": "g_ladd_compiled_jvp",
+        "exact JVP, compile_jvp + student + teacher blocks compiled, measured": "g_ladd_compiled_jvp_all",
         "finite-difference tangent, measured": "g_ladd_fd",
         "finite-difference tangent, student compiled, measured": "g_ladd_fd_compiled",
         "finite-difference tangent, student + teacher blocks compiled, measured": "g_ladd_fd_compiled_all",
@@ -701,6 +716,14 @@ def main(argv=None) -> int:
         selected = [n for n in list(UNITS) + list(STEPS) if args.only is None or n in {*args.only, "fwd"}]
         memory = measure_memory(s, selected)
 
+    if args.compile:  # the compiled JVP must be the eager one up to float rounding before it is timed
+        with torch.no_grad():
+            (_, eager), (_, compiled) = _jvp(s), _jvp(s, compile=True)
+        error = ((compiled - eager).norm() / eager.norm()).item()
+        print(f"compile_jvp: tangent relative error vs eager {error:.1e}", flush=True)
+        if error > 1e-4:
+            print("compile_jvp parity FAILED (> 1e-4)")
+            return 1
     names = [name for name in ALL if name != "fwd" and (args.compile or name not in COMPILED)]
     if args.only is not None:
         names = [name for name in names if name in args.only]

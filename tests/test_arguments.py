@@ -68,6 +68,7 @@ BAD = [
     (dict(lora_rank=4, lora_alpha=0.0), "--lora_alpha must be > 0 (the LoRA scale is alpha / rank) (got 0.0)"),
     (dict(lora_rank=4, lora_alpha=-8.0), "--lora_alpha must be > 0"),
     (dict(lora_alpha=4.0), "--lora_alpha applies only with --lora_rank"),
+    (dict(compile_jvp=True, jvp="finite_difference"), "--compile_jvp applies only with --jvp exact"),
     (dict(lora_rank=0), "--lora_rank must be >= 1 (got 0)"),
     (dict(learning_rate=0.0), "--learning_rate must be > 0 (got 0.0)"),
     (dict(learning_rate=-1e-4), "--learning_rate must be > 0"),
@@ -223,7 +224,8 @@ def test_fingerprint_file_round_trip(tmp_path, parser):
 
 
 def test_jvp_flags_reach_the_scm_config(parser):
-    """--jvp / --jvp_step become `SCMLossConfig.jvp` / `finite_difference_step`; a bad --jvp is refused by argparse."""
+    """--jvp / --jvp_step / --compile_jvp become `SCMLossConfig.jvp` / `finite_difference_step` / `compile_jvp`; a bad
+    --jvp is refused by argparse."""
     sys.path.insert(0, str(EXAMPLES))
     try:
         spec = importlib.util.spec_from_file_location("train_sana_sprint_for_jvp", EXAMPLES / "train_sana_sprint.py")
@@ -238,6 +240,10 @@ def test_jvp_flags_reach_the_scm_config(parser):
     with pytest.raises(SystemExit):
         script_args(parser, "--jvp", "fd")
     assert "jvp_step" in run_fingerprint(args) and "jvp_step" not in run_fingerprint(script_args(parser))
+    compiled = script_args(parser, "--compile_jvp", sigma_data=0.5)
+    assert module.distillation_config(compiled, sharded=False).scm.compile_jvp
+    assert not module.distillation_config(script_args(parser, sigma_data=0.5), sharded=False).scm.compile_jvp
+    assert run_fingerprint(compiled) == run_fingerprint(script_args(parser, sigma_data=0.5))  # float rounding only
 
 
 def test_new_data_flags_enter_the_fingerprint_only_when_on(parser):

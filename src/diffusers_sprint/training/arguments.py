@@ -109,6 +109,8 @@ def validate_training_args(args: Namespace) -> None:
             errors.append(f"--{name} must be {allowed} (got {value!r}).")
     if getattr(args, "lora_alpha", None) is not None and getattr(args, "lora_rank", None) is None:
         errors.append(f"--lora_alpha applies only with --lora_rank (got --lora_alpha {args.lora_alpha!r} alone).")
+    if getattr(args, "compile_jvp", False) and getattr(args, "jvp", "exact") != "exact":
+        errors.append(f"--compile_jvp applies only with --jvp exact (got --jvp {args.jvp!r}).")
     scm, adversarial = getattr(args, "scm_lambda", None), getattr(args, "adversarial_lambda", None)
     distill = getattr(args, "stage", "distill") == "distill"
     if distill and scm is not None and adversarial is not None and scm == 0 and adversarial == 0:
@@ -129,7 +131,7 @@ FINGERPRINT_NAME = "run_fingerprint.json"
 # run's recipe. Left out on purpose: where files go and what is logged (--output_dir, --logging_dir, --report_to,
 # tracker and Hub flags, --cache_dir), checkpoint/validation cadence and prompts, --resume_from_checkpoint,
 # --dataloader_num_workers, --max_consecutive_skips, --validate_data; flags that change cost but not the math up to
-# float rounding (--gradient_checkpointing, --allow_tf32, --fp32_linear_attention, --teacher_fp32);
+# float rounding (--gradient_checkpointing, --allow_tf32, --fp32_linear_attention, --teacher_fp32, --compile_jvp);
 # and --seed (a checkpoint's seed always wins and is stored in its training state). --gradient_accumulation_steps is
 # replaced by the global batch when the process count is known: N processes x A accumulation steps with the same global
 # batch see the same micro-batches.
@@ -263,6 +265,7 @@ FINGERPRINT_EXCLUDED = (
     "allow_tf32",
     "fp32_linear_attention",  # precision of the same math, like --allow_tf32
     "teacher_fp32",  # idem: the teacher's weights in fp32 or the autocast dtype
+    "compile_jvp",  # the same JVP compiled: float rounding only
     "seed",
     "output_dir",
     "checkpointing_steps",

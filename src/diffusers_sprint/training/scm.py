@@ -20,6 +20,7 @@ One generator step (official `train_scm_ladd.py`, generator phase):
 `F - F_minus - g` is `F - stopgrad(F + g)`: the value of the residual is `-g`, its gradient is that of `F`.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -70,6 +71,10 @@ class SCMLossConfig:
             The step `delta` of the finite difference, in radians of TrigFlow time: the inputs move by one teacher
             PF-ODE step of `delta` (`x_t / sigma_d + delta dxt_dt / sigma_d`, `t + delta`). Used with
             `jvp="finite_difference"` only; the default is the measured optimum (docs/performance.md).
+        compile_jvp (`bool`, defaults to `False`):
+            Run the exact JVP under `torch.compile` (Inductor), which traces `torch.func.jvp` through the student:
+            the same tangent up to float rounding at ~0.4x the eager cost on CPU (docs/performance.md). The first
+            call compiles (minutes); each new input shape recompiles. Used with `jvp="exact"` only.
         guide_teacher (`bool`, defaults to `True`):
             The teacher target is the CFG velocity at `w`. `False`: the plain conditional velocity
             `sigma_d F_T(x_t / sigma_d, t | c)` (one forward, no null branch), what the official loop distils into a
@@ -92,6 +97,7 @@ class SCMLossConfig:
     detach_logvar_embedding: bool = False
     jvp: str = "exact"
     finite_difference_step: float = DEFAULT_FINITE_DIFFERENCE_STEP
+    compile_jvp: bool = False
     guide_teacher: bool = True
     null_branch_mask: str = "conditional"
 
@@ -123,6 +129,10 @@ class SCMLossConfig:
             raise ValueError(f"`null_branch_mask` must be one of {NULL_BRANCH_MASKS}, got {self.null_branch_mask!r}.")
         if self.jvp not in JVP_METHODS:
             raise ValueError(f"`jvp` must be one of {JVP_METHODS}, got {self.jvp!r}.")
+        if not isinstance(self.compile_jvp, bool) or (self.compile_jvp and self.jvp != "exact"):
+            raise ValueError(
+                f"`compile_jvp` must be a bool, and True only with jvp='exact'; got {self.compile_jvp!r}."
+            )
         step = self.finite_difference_step
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 0.1:
             raise ValueError(f"`finite_difference_step` must be a number in (0, 0.1] radians, got {step!r}.")
@@ -282,28 +292,46 @@ def trigflow_velocity_jvp(
     encoder_attention_mask: torch.Tensor | None,
     guidance_scale: torch.Tensor | float | None,
     controlnet_cond: torch.Tensor | None = None,
+    compile: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     `torch.func.jvp` of the student's `F(x_t / sigma_d, t)` along `(tangent_x, tangent_t)`, without grad.
 
     `student` is called as a [`~models.TrigFlowModel`] (a bare transformer is wrapped), so DDP / FSDP2 wrappers see
     the call; `guidance_scale` is used by students with a guidance embedder only. Returns `(F, dF)`, both of shape
-    `(batch, C, H, W)`. `controlnet_cond` (control latents of a student
-    with a ControlNet) is a constant of the function: no tangent is taken w.r.t. it.
+    `(batch, C, H, W)`. `controlnet_cond` (control latents of a student with a ControlNet) is a constant of the
+    function: no tangent is taken w.r.t. it. `compile=True` runs the JVP under `torch.compile` with
+    `JVP_COMPILE_BACKEND` ([`SCMLossConfig`] `compile_jvp`).
     """
-    student = as_trigflow_model(student)
+    jvp = _compiled_velocity_jvp(JVP_COMPILE_BACKEND) if compile else _velocity_jvp
+    tangents = (tangent_x.to(x_t_scaled.dtype), tangent_t.to(t.dtype))
+    return jvp(
+        as_trigflow_model(student),
+        (x_t_scaled, t),
+        tangents,
+        encoder_hidden_states,
+        encoder_attention_mask,
+        guidance_scale,
+        controlnet_cond,
+    )
 
+
+JVP_COMPILE_BACKEND = "inductor"
+"""The `torch.compile` backend of `compile_jvp` (tests set `"aot_eager"`, which traces without code generation)."""
+
+
+def _velocity_jvp(student, primals, tangents, encoder_hidden_states, encoder_attention_mask, w, controlnet_cond):
     def velocity(x, time):
         return student(
-            x,
-            time,
-            encoder_hidden_states,
-            encoder_attention_mask,
-            guidance_scale=guidance_scale,
-            **_control(controlnet_cond),
+            x, time, encoder_hidden_states, encoder_attention_mask, guidance_scale=w, **_control(controlnet_cond)
         )[0]
 
-    return torch.func.jvp(velocity, (x_t_scaled, t), (tangent_x.to(x_t_scaled.dtype), tangent_t.to(t.dtype)))
+    return torch.func.jvp(velocity, primals, tangents)
+
+
+@functools.cache
+def _compiled_velocity_jvp(backend: str):
+    return torch.compile(_velocity_jvp, backend=backend)
 
 
 def _fp32_velocity(
@@ -544,7 +572,9 @@ def scm_loss(
         _check_fp32_parameters(student)
     with torch.no_grad():
         if not finite_difference:
-            _, dF = trigflow_velocity_jvp(student, x, t, v_x, v_t, *prompt, w, controlnet_cond=controlnet_cond)
+            _, dF = trigflow_velocity_jvp(
+                student, x, t, v_x, v_t, *prompt, w, controlnet_cond=controlnet_cond, compile=config.compile_jvp
+            )
         elif one_sided:
             shifted, signed_h = _shifted_velocity(student, x, t, v_x, v_t, *prompt, w, delta, controlnet_cond)
         else:
