@@ -8,7 +8,7 @@
 
 Writes a diffusers `SanaPipeline` folder (stock `SanaPipeline` samples it) to pass to `train_sana_sprint.py`. The
 engine is the same as there (accelerate prepare / accumulate / save_state, `--fsdp` for FSDP2); the math is
-`diffusers_sprint.training.teacher` / `.finetune`.
+`diffusers_sprint.training.teacher`.
 """
 
 import argparse

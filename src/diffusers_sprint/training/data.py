@@ -535,10 +535,8 @@ class CachedLatentDataset(torch.utils.data.Dataset):
             raise ValueError("`latents`, `prompt_embeds` and `prompt_attention_mask` need the same length.")
         if flipped_latents is not None and flipped_latents.shape != latents.shape:
             raise ValueError("`flipped_latents` must have the shape of `latents`.")
-        self.latents = latents
-        self.flipped_latents = flipped_latents
-        self.prompt_embeds = prompt_embeds
-        self.prompt_attention_mask = prompt_attention_mask
+        self.latents, self.flipped_latents = latents, flipped_latents
+        self.prompt_embeds, self.prompt_attention_mask = prompt_embeds, prompt_attention_mask
         self.seed = seed
 
     def __len__(self) -> int:
