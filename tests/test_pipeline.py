@@ -320,3 +320,12 @@ def test_prompt_encoding_skips_trailing_padding_but_matches_diffusers(reference,
 def test_from_pretrained_dtype_reaches_the_transformer(diffusers_dir, dtype_argument):
     pipe = SanaSprintPipeline.from_pretrained(diffusers_dir, **{dtype_argument: torch.bfloat16})
     assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("missing", ["transformer", "vae", "scheduler"])
+def test_a_pipeline_built_without_a_component_names_it(pipe, missing):
+    """A clear ValueError naming the component, not an AttributeError from deep inside the call."""
+    components = dict(pipe.components, **{missing: None})
+    partial = SanaSprintPipeline(**components)
+    with pytest.raises(ValueError, match=f"built without `{missing}`, which generating images needs"):
+        partial(PROMPTS, **FAST)

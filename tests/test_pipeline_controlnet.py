@@ -394,6 +394,14 @@ def test_bad_arguments_raise_naming_the_argument(pipe, kwargs, error, match):
         pipe(**call)
 
 
+@pytest.mark.parametrize("missing", ["controlnet", "transformer", "vae"])
+def test_a_pipeline_built_without_a_component_names_it(parts, missing):
+    """Like the text-to-image and img2img pipelines: a clear ValueError, not an AttributeError from deep inside."""
+    pipe = SanaSprintControlNetPipeline(**dict(parts, **{missing: None}))
+    with pytest.raises(ValueError, match=f"built without `{missing}`, which generating images needs"):
+        pipe(PROMPTS, height=32, width=32, complex_human_instruction=None, control_image=_control_images())
+
+
 def test_constructor_rejects_a_non_sana_controlnet(parts):
     with pytest.raises(TypeError, match="controlnet"):
         SanaSprintControlNetPipeline(**dict(parts, controlnet=parts["transformer"]))

@@ -54,7 +54,8 @@ class SanaSprintControlNetPipeline(SanaSprintPipeline):
         scheduler: TrigFlowScheduler,
     ):
         try:
-            unwrap_controlnet(controlnet)
+            if controlnet is not None:  # None: refused at call time, like the other components
+                unwrap_controlnet(controlnet)
         except TypeError as error:
             raise TypeError(f"{error} Load it with `SanaControlNetModel.from_pretrained(path)`.") from None
         super().__init__(
@@ -147,6 +148,7 @@ class SanaSprintControlNetPipeline(SanaSprintPipeline):
         Returns:
             `SanaPipelineOutput` with `.images`, or a tuple `(images,)`.
         """
+        self._require("vae", "transformer", "controlnet", "scheduler")
         device, total, (height, width), crop_to, prompt_embeds, prompt_attention_mask = self._prepare_call(
             prompt, height, width, num_inference_steps, timesteps, max_timesteps, intermediate_timesteps,
             guidance_scale, num_images_per_prompt, generator, latents, prompt_embeds, prompt_attention_mask,
