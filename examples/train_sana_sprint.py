@@ -208,10 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--head_channels", type=int, default=None, help="Width of each head (default: the teacher's inner dim)."
     )
-    group.add_argument("--head_kernel_size", type=int, default=9, help="Kernel size of the heads' residual conv.")
-    group.add_argument(
-        "--head_virtual_batch_size", type=int, default=8, help="Samples per local batch-norm group in the heads."
-    )
     group.add_argument(
         "--misaligned_pairs",
         action=argparse.BooleanOptionalAction,
@@ -559,8 +555,6 @@ def main(args):
             teacher_model,
             head_block_ids=head_block_ids(args, teacher),
             head_channels=args.head_channels,
-            kernel_size=args.head_kernel_size,
-            virtual_batch_size=args.head_virtual_batch_size,
         ).to(device)
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
