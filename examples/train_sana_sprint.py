@@ -17,7 +17,6 @@ see every call, `accelerator.accumulate` / `backward` / `clip_grad_norm_` run th
 
 import argparse
 import os
-from dataclasses import fields
 
 import torch
 import training_common as common  # examples/training_common.py, beside this script
@@ -371,25 +370,36 @@ def check_controlnet_args(args) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def config_from_flags(cls, args, **given):
-    """The dataclass `cls` with `given` fields, every other field read from the flag of its name when there is one."""
-    flags = {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in given and hasattr(args, f.name)}
-    return cls(**flags, **given)
-
-
 def distillation_config(args, sharded: bool, student_has_guidance_embedder: bool = True) -> DistillationConfig:
     """The library recipe from the flags. A student without guidance embedder distils the CFG teacher unless
     --no-teacher_cfg_without_guidance_embeds (the official loop's choice: the plain conditional teacher)."""
-    scm = config_from_flags(
-        SCMLossConfig,
-        args,
-        guidance_scales=tuple(args.guidance_scales),
-        finite_difference_step=args.jvp_step,
-        guide_teacher=student_has_guidance_embedder or args.teacher_cfg_without_guidance_embeds,
-        null_branch_mask=args.cfg_null_mask,
-    )
-    return config_from_flags(
-        DistillationConfig, args, scm=scm, fake_from_scm_forward=args.fake_from_scm_forward and not sharded
+    return DistillationConfig(
+        scm=SCMLossConfig(
+            sigma_data=args.sigma_data,
+            p_mean=args.p_mean,
+            p_std=args.p_std,
+            tangent_warmup_steps=args.tangent_warmup_steps,
+            tangent_norm=args.tangent_norm,
+            tangent_norm_eps=args.tangent_norm_eps,
+            guidance_scales=tuple(args.guidance_scales),
+            adaptive_weight=args.adaptive_weight,
+            detach_logvar_embedding=args.detach_logvar_embedding,
+            jvp=args.jvp,
+            finite_difference_step=args.jvp_step,
+            guide_teacher=student_has_guidance_embedder or args.teacher_cfg_without_guidance_embeds,
+            null_branch_mask=args.cfg_null_mask,
+        ),
+        scm_lambda=args.scm_lambda,
+        adversarial_lambda=args.adversarial_lambda,
+        adversarial_loss=args.adversarial_loss,
+        discriminator_p_mean=args.discriminator_p_mean,
+        discriminator_p_std=args.discriminator_p_std,
+        max_time_probability=args.max_time_probability,
+        misaligned_pairs=args.misaligned_pairs,
+        share_discriminator_timesteps=args.share_discriminator_timesteps,
+        discriminator_shared_norm_groups=args.discriminator_shared_norm_groups,
+        r1_gamma=args.r1_gamma,
+        fake_from_scm_forward=args.fake_from_scm_forward and not sharded,
     )
 
 
