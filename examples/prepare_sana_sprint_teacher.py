@@ -45,14 +45,15 @@ logger = get_logger(__name__, log_level="INFO")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="SANA-Sprint teacher preparation (QK-norm + dense time + TrigFlow fine-tune) with accelerate.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    return common.build_parser(
+        "SANA-Sprint teacher preparation (QK-norm + dense time + TrigFlow fine-tune) with accelerate.",
+        teacher_help="The flow-matching Sana pipeline to prepare (diffusers format, Hub id or local folder).",
+        add_script_arguments=add_teacher_arguments,
+        default_learning_rate=2e-5,
     )
-    common.add_model_arguments(
-        parser, teacher_help="The flow-matching Sana pipeline to prepare (diffusers format, Hub id or local folder)."
-    )
-    common.add_data_arguments(parser)
+
+
+def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("teacher preparation")
     group.add_argument(
         "--teacher_qk_norm",
@@ -90,18 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--caption_dropout_prob", type=float, default=0.1, help="Fine-tune: captions replaced by the empty prompt."
     )
-    common.add_optimization_arguments(parser, default_learning_rate=2e-5)
-    common.add_output_arguments(parser)
-    return parser
 
 
 def parse_args(input_args=None) -> argparse.Namespace:
-    args = build_parser().parse_args(input_args)
-    args.stage = "prepare_teacher"  # not a flag: names this script's checkpoints and fingerprint
+    args = common.parse_args(build_parser(), input_args, stage="prepare_teacher", validation_inference_steps=[20])
     if args.validation_prompts and args.resolution % 32:
         raise ValueError("Validating the teacher uses diffusers' SanaPipeline, which needs --resolution % 32 == 0.")
-    if args.validation_inference_steps is None:
-        args.validation_inference_steps = [20]
     return common.check_args(args)
 
 

@@ -68,17 +68,18 @@ logger = get_logger(__name__, log_level="INFO")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.RecipeArgumentParser(
-        description="SANA-Sprint distillation (sCM + LADD) with accelerate. Flags may come from a recipe file: "
+    return common.build_parser(
+        "SANA-Sprint distillation (sCM + LADD) with accelerate. Flags may come from a recipe file: "
         "@examples/configs/<recipe>.args (later flags win).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    common.add_model_arguments(
-        parser,
         teacher_help="Teacher: a diffusers-format Sana pipeline (Hub id or local folder): a Sprint teacher written by "
         "prepare_sana_sprint_teacher.py (recommended) or any flow-matching Sana pipeline.",
+        add_script_arguments=add_distillation_arguments,
+        default_learning_rate=2e-6,
+        parser_class=common.RecipeArgumentParser,
     )
-    common.add_data_arguments(parser)
+
+
+def add_distillation_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sCM (generator phase); defaults are the official recipe")
     group.add_argument("--p_mean", type=float, default=0.2, help="Generator time: mean of log(sigma_d tan t).")
     group.add_argument("--p_std", type=float, default=1.6, help="Generator time: std of log(sigma_d tan t).")
@@ -324,18 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="Scale of the ControlNet residuals, for teacher and student alike.",
     )
-    common.add_optimization_arguments(parser, default_learning_rate=2e-6)
-    common.add_output_arguments(parser)
-    return parser
 
 
 def parse_args(input_args=None) -> argparse.Namespace:
-    args = build_parser().parse_args(input_args)
-    args.stage = "distill"  # not a flag: names this script's checkpoints and fingerprint
+    args = common.parse_args(build_parser(), input_args, stage="distill", validation_inference_steps=[1, 2])
     if args.fsdp and args.lora_rank is not None:
         raise ValueError("--fsdp with --lora_rank is not supported: LoRA trains a small adapter; use DDP.")
-    if args.validation_inference_steps is None:
-        args.validation_inference_steps = [1, 2]
     check_controlnet_args(args)
     return common.check_args(args)
 

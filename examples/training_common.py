@@ -106,6 +106,34 @@ class RecipeArgumentParser(argparse.ArgumentParser):
         return shlex.split(arg_line, comments=True)
 
 
+def build_parser(
+    description: str,
+    teacher_help: str,
+    add_script_arguments,
+    default_learning_rate: float,
+    parser_class=argparse.ArgumentParser,
+) -> argparse.ArgumentParser:
+    """Both scripts' parser: the model and data groups, the script's own (`add_script_arguments(parser)`), then the
+    optimisation and output groups."""
+    parser = parser_class(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_arguments(parser, teacher_help)
+    add_data_arguments(parser)
+    add_script_arguments(parser)
+    add_optimization_arguments(parser, default_learning_rate)
+    add_output_arguments(parser)
+    return parser
+
+
+def parse_args(parser, input_args, stage: str, validation_inference_steps: list[int]) -> argparse.Namespace:
+    """The flags, with `args.stage` (not a flag: it names the script's checkpoints and fingerprint) and the script's
+    default `--validation_inference_steps`."""
+    args = parser.parse_args(input_args)
+    args.stage = stage
+    if args.validation_inference_steps is None:
+        args.validation_inference_steps = list(validation_inference_steps)
+    return args
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, teacher_help: str) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
