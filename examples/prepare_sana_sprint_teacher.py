@@ -22,18 +22,10 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from diffusers_sprint.models import TrigFlowModel
-from diffusers_sprint.training import (
-    SkipMonitor,
-    prepare_sprint_teacher,
-)
-from diffusers_sprint.training.arguments import write_fingerprint
+from diffusers_sprint.training import SkipMonitor, prepare_sprint_teacher
 from diffusers_sprint.training.data import collate_examples
 from diffusers_sprint.training.seeding import global_micro_batch_index, make_generator
-from diffusers_sprint.training.sharding import (
-    load_sharded_state,
-    save_sharded_state,
-    shard_trigflow_model,
-)
+from diffusers_sprint.training.sharding import shard_trigflow_model
 from diffusers_sprint.training.teacher import (
     teacher_calibration_inputs,
     teacher_finetune_step,
@@ -45,14 +37,15 @@ logger = get_logger(__name__, log_level="INFO")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="SANA-Sprint teacher preparation (QK-norm + dense time + TrigFlow fine-tune) with accelerate.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    return common.build_parser(
+        "SANA-Sprint teacher preparation (QK-norm + dense time + TrigFlow fine-tune) with accelerate.",
+        teacher_help="The flow-matching Sana pipeline to prepare (diffusers format, Hub id or local folder).",
+        add_script_arguments=add_teacher_arguments,
+        default_learning_rate=2e-5,
     )
-    common.add_model_arguments(
-        parser, teacher_help="The flow-matching Sana pipeline to prepare (diffusers format, Hub id or local folder)."
-    )
-    common.add_data_arguments(parser)
+
+
+def add_teacher_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("teacher preparation")
     group.add_argument(
         "--teacher_qk_norm",
@@ -90,18 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--caption_dropout_prob", type=float, default=0.1, help="Fine-tune: captions replaced by the empty prompt."
     )
-    common.add_optimization_arguments(parser, default_learning_rate=2e-5)
-    common.add_output_arguments(parser)
-    return parser
 
 
 def parse_args(input_args=None) -> argparse.Namespace:
-    args = build_parser().parse_args(input_args)
-    args.stage = "prepare_teacher"  # not a flag: names this script's checkpoints and fingerprint
+    args = common.parse_args(build_parser(), input_args, stage="prepare_teacher", validation_inference_steps=[20])
     if args.validation_prompts and args.resolution % 32:
         raise ValueError("Validating the teacher uses diffusers' SanaPipeline, which needs --resolution % 32 == 0.")
-    if args.validation_inference_steps is None:
-        args.validation_inference_steps = [20]
     return common.check_args(args)
 
 
@@ -126,8 +113,7 @@ def log_validation(args, accelerator, transformer, base, validation_embeds, null
 
 def main(args):
     run = common.start_run(args, logger)
-    accelerator, sharded, resume_path, seed = run.accelerator, run.sharded, run.resume_path, run.seed
-    device, fingerprint = accelerator.device, run.fingerprint
+    accelerator, sharded, seed, device = run.accelerator, run.sharded, run.seed, run.accelerator.device
 
     flow_teacher = common.load_teacher_transformer(args).to(device)
     loaded = common.load_frozen_and_data(args, run, flow_teacher.config.patch_size, logger)
@@ -187,43 +173,25 @@ def main(args):
         if obj is not None:
             accelerator.register_for_checkpointing(obj)
 
-    def save_model_hook(models, weights, output_dir):
-        weights.clear()
-        if sharded:
-            save_sharded_state(
-                os.path.join(output_dir, "sharded"),
-                {"teacher": model},
-                {"optimizer": (model, optimizer)},
-                common.ema_shards(ema),
-            )
-        elif accelerator.is_main_process:
-            teacher.save_pretrained(os.path.join(output_dir, "transformer"))
-        if accelerator.is_main_process:
-            common.write_training_state(output_dir, progress["global_step"], seed, args.stage)
-            write_fingerprint(output_dir, fingerprint)
+    def sharded_objects():
+        return {"teacher": model}, {"optimizer": (model, optimizer)}, common.ema_shards(ema)
 
-    def load_model_hook(models, input_dir):
-        models.clear()
-        saved = common.read_training_state(input_dir, stage=args.stage)
-        if sharded:
-            load_sharded_state(
-                os.path.join(input_dir, "sharded"),
-                {"teacher": model},
-                {"optimizer": (model, optimizer)},
-                common.ema_shards(ema),
-            )
-        else:
-            path = os.path.join(input_dir, "transformer", "diffusion_pytorch_model.safetensors")
-            teacher.load_state_dict(common.load_checkpoint_file(path))
-        progress["global_step"] = saved["global_step"]
+    def save_weights(output_dir):
+        teacher.save_pretrained(os.path.join(output_dir, "transformer"))
+
+    def load_weights(input_dir):
+        path = os.path.join(input_dir, "transformer", "diffusion_pytorch_model.safetensors")
+        teacher.load_state_dict(common.load_checkpoint_file(path))
 
     global_step, log = common.start_training(
-        args, accelerator, save_model_hook, load_model_hook, resume_path, ema, progress, logger
+        args, run, save_weights, load_weights, sharded_objects, ema, progress, logger
     )
-    global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     logger.info("***** Running teacher preparation *****")
-    logger.info(f"  {data.describe()}, global batch = {global_batch}, seed = {seed}")
+    logger.info(f"  {data.describe()}, global batch = {run.global_batch}, seed = {seed}")
     logger.info(f"  Total iterations = {args.max_train_steps}, starting at {global_step}")
+
+    def validate(transformer, step, autocast):
+        log_validation(args, accelerator, transformer, base, validation_embeds, null_prompt, seed, step, autocast)
 
     progress_bar = common.steps_progress_bar(args, accelerator, global_step)
     for epoch, micro_batches in data.steps(global_step):
@@ -256,28 +224,11 @@ def main(args):
         progress["global_step"] = global_step
         logs = common.mean_logs(step_logs)
         logs.update(grad_norm=grad_norm, skipped=float(skipped), lr=lr_scheduler.get_last_lr()[0], epoch=epoch)
-        logs = common.reduce_logs(accelerator, logs)
-        accelerator.log(logs, step=global_step)
-        log.write(global_step, logs)
-        progress_bar.set_postfix(loss=logs["finetune_loss"], lr=logs["lr"])
-        progress_bar.update(1)
-        if global_step % args.checkpointing_steps == 0:
-            common.save_state(args, accelerator, global_step, logger)
-        if args.validation_prompts and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-            with common.ema_weights(ema, trainable):
-                transformer = common.gather_transformer(model, sharded, accelerator.is_main_process)
-                if accelerator.is_main_process:
-                    log_validation(
-                        args, accelerator, transformer, base, validation_embeds, null_prompt, seed, global_step, True
-                    )
+        common.end_iteration(args, accelerator, log, progress_bar, global_step, logs, "finetune_loss", logger)
+        common.validate_at_step(args, accelerator, model, sharded, ema, trainable, global_step, validate)
 
-    accelerator.wait_for_everyone()
-    logger.info(skip_monitor.summary())
-    if ema is not None:
-        ema.copy_to(trainable)
-    transformer = common.gather_transformer(model, sharded, accelerator.is_main_process)
+    transformer = common.trained_transformer(accelerator, model, sharded, ema, trainable, skip_monitor, logger)
     if accelerator.is_main_process:
-        transformer.eval()
         fresh = common.load_pipeline_without_transformer(args)
         pipeline = SanaPipeline(
             tokenizer=fresh.tokenizer,
@@ -294,7 +245,7 @@ def main(args):
             grid = log_validation(
                 args, accelerator, transformer, fresh, validation_embeds, null_prompt, seed, global_step, False
             )
-        common.publish_output(args, run, accelerator, global_step, global_batch, grid)
+        common.publish_output(args, run, accelerator, global_step, grid)
     common.end_run(accelerator)
 
 

@@ -26,7 +26,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 
-from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel, TrigFlowScheduler
+from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel
 from diffusers_sprint.models import TrigFlowModel, set_fp32_linear_attention, unwrap_trigflow_controlnet
 from diffusers_sprint.training import (
     DistillationConfig,
@@ -38,7 +38,6 @@ from diffusers_sprint.training import (
     discriminator_step,
     generator_step,
 )
-from diffusers_sprint.training.arguments import write_fingerprint
 from diffusers_sprint.training.controlnet import (
     CONTROLNET_TRAINING_MODES,
     DEFAULT_CONTROLNET_TRAINING_MODE,
@@ -51,12 +50,7 @@ from diffusers_sprint.training.lora import DEFAULT_LORA_TARGET_MODULES, build_lo
 from diffusers_sprint.training.monitoring import loss_gradient_norms
 from diffusers_sprint.training.scm import NULL_BRANCH_MASKS
 from diffusers_sprint.training.seeding import global_micro_batch_index, make_generator
-from diffusers_sprint.training.sharding import (
-    load_sharded_state,
-    save_sharded_state,
-    shard_discriminator_heads,
-    shard_trigflow_model,
-)
+from diffusers_sprint.training.sharding import shard_discriminator_heads, shard_trigflow_model
 
 
 logger = get_logger(__name__, log_level="INFO")
@@ -68,17 +62,18 @@ logger = get_logger(__name__, log_level="INFO")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.RecipeArgumentParser(
-        description="SANA-Sprint distillation (sCM + LADD) with accelerate. Flags may come from a recipe file: "
+    return common.build_parser(
+        "SANA-Sprint distillation (sCM + LADD) with accelerate. Flags may come from a recipe file: "
         "@examples/configs/<recipe>.args (later flags win).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    common.add_model_arguments(
-        parser,
         teacher_help="Teacher: a diffusers-format Sana pipeline (Hub id or local folder): a Sprint teacher written by "
         "prepare_sana_sprint_teacher.py (recommended) or any flow-matching Sana pipeline.",
+        add_script_arguments=add_distillation_arguments,
+        default_learning_rate=2e-6,
+        parser_class=common.RecipeArgumentParser,
     )
-    common.add_data_arguments(parser)
+
+
+def add_distillation_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sCM (generator phase); defaults are the official recipe")
     group.add_argument("--p_mean", type=float, default=0.2, help="Generator time: mean of log(sigma_d tan t).")
     group.add_argument("--p_std", type=float, default=1.6, help="Generator time: std of log(sigma_d tan t).")
@@ -214,10 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--head_channels", type=int, default=None, help="Width of each head (default: the teacher's inner dim)."
     )
-    group.add_argument("--head_kernel_size", type=int, default=9, help="Kernel size of the heads' residual conv.")
-    group.add_argument(
-        "--head_virtual_batch_size", type=int, default=8, help="Samples per local batch-norm group in the heads."
-    )
     group.add_argument(
         "--misaligned_pairs",
         action=argparse.BooleanOptionalAction,
@@ -334,18 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="Scale of the ControlNet residuals, for teacher and student alike.",
     )
-    common.add_optimization_arguments(parser, default_learning_rate=2e-6)
-    common.add_output_arguments(parser)
-    return parser
 
 
 def parse_args(input_args=None) -> argparse.Namespace:
-    args = build_parser().parse_args(input_args)
-    args.stage = "distill"  # not a flag: names this script's checkpoints and fingerprint
+    args = common.parse_args(build_parser(), input_args, stage="distill", validation_inference_steps=[1, 2])
     if args.fsdp and args.lora_rank is not None:
         raise ValueError("--fsdp with --lora_rank is not supported: LoRA trains a small adapter; use DDP.")
-    if args.validation_inference_steps is None:
-        args.validation_inference_steps = [1, 2]
     check_controlnet_args(args)
     return common.check_args(args)
 
@@ -516,13 +501,7 @@ def make_lr_schedulers(args, optimizer, optimizer_d):
 @torch.no_grad()
 def log_validation(args, accelerator, transformer, vae, validation_embeds, seed: int, step: int, autocast: bool):
     """Validation images through the real `SanaSprintPipeline`: rows are prompts, columns the sampling steps."""
-    pipeline = SanaSprintPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=vae,
-        transformer=transformer,
-        scheduler=TrigFlowScheduler(sigma_data=args.sigma_data),
-    )
+    pipeline = common.sprint_pipeline(args, transformer, vae)
     embeds, mask = validation_embeds
     kwargs = dict(
         prompt_embeds=embeds,
@@ -539,8 +518,8 @@ def log_validation(args, accelerator, transformer, vae, validation_embeds, seed:
 
 def main(args):
     run = common.start_run(args, logger)
-    accelerator, sharded, resume_path, seed = run.accelerator, run.sharded, run.resume_path, run.seed
-    device, weight_dtype, fingerprint = accelerator.device, run.weight_dtype, run.fingerprint
+    accelerator, sharded, seed, weight_dtype = run.accelerator, run.sharded, run.seed, run.weight_dtype
+    device = accelerator.device
 
     # ---- Frozen components, data, the teacher -----------------------------------------------------------------------
     teacher = common.load_teacher_transformer(args)
@@ -566,8 +545,6 @@ def main(args):
             teacher_model,
             head_block_ids=head_block_ids(args, teacher),
             head_channels=args.head_channels,
-            kernel_size=args.head_kernel_size,
-            virtual_batch_size=args.head_virtual_batch_size,
         ).to(device)
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
@@ -617,70 +594,56 @@ def main(args):
     lora = args.lora_rank is not None
     bare_student = student  # the transformer (PEFT model with LoRA); under FSDP2 its parameters are shards
 
-    # ---- Checkpoint hooks: trained weights in our formats; the frozen teacher is never saved (diffusers #12444) -----
+    # ---- Checkpoints: trained weights in our formats; the frozen teacher is never saved (diffusers #12444) ---------
     def sharded_objects():
         models = {"student": student_model}
         optimizers = {"optimizer": (student_model, optimizer)}
         if discriminator is not None:
             models["discriminator_heads"] = discriminator
             optimizers["optimizer_d"] = (discriminator, optimizer_d)
-        return models, optimizers
+        return models, optimizers, common.ema_shards(ema)
 
-    def save_model_hook(models, weights, output_dir):
-        weights.clear()  # accelerate would pickle the prepared modules; we write them ourselves below
-        if sharded:
-            save_sharded_state(os.path.join(output_dir, "sharded"), *sharded_objects(), common.ema_shards(ema))
-        elif accelerator.is_main_process:
-            if lora:
-                folder = os.path.join(output_dir, "transformer_lora")
-                os.makedirs(folder, exist_ok=True)
-                save_file(
-                    {n: p.detach().contiguous() for n, p in bare_student.named_parameters() if p.requires_grad},
-                    os.path.join(folder, "trainable_parameters.safetensors"),
-                )
-                SanaSprintPipeline.save_lora_weights(folder, transformer_lora_layers=lora_state_dict(bare_student))
-            else:
-                bare_student.save_pretrained(os.path.join(output_dir, "transformer"))
-            if student_controlnet is not None:
-                student_controlnet.save_pretrained(os.path.join(output_dir, "controlnet"))
-            if discriminator is not None:
-                folder = os.path.join(output_dir, "discriminator_heads")
-                os.makedirs(folder, exist_ok=True)
-                heads = {k: v.contiguous() for k, v in discriminator.state_dict().items()}
-                save_file(heads, os.path.join(folder, "heads.safetensors"))
-        if accelerator.is_main_process:
-            common.write_training_state(output_dir, progress["global_step"], seed, args.stage)
-            write_fingerprint(output_dir, fingerprint)
-
-    def load_model_hook(models, input_dir):
-        models.clear()  # loaded below from our formats
-        saved = common.read_training_state(input_dir, stage=args.stage)
-        if sharded:
-            load_sharded_state(os.path.join(input_dir, "sharded"), *sharded_objects(), common.ema_shards(ema))
+    def save_weights(output_dir):
+        if lora:
+            folder = os.path.join(output_dir, "transformer_lora")
+            os.makedirs(folder, exist_ok=True)
+            save_file(
+                {n: p.detach().contiguous() for n, p in bare_student.named_parameters() if p.requires_grad},
+                os.path.join(folder, "trainable_parameters.safetensors"),
+            )
+            SanaSprintPipeline.save_lora_weights(folder, transformer_lora_layers=lora_state_dict(bare_student))
         else:
-            if lora:
-                path = os.path.join(input_dir, "transformer_lora", "trainable_parameters.safetensors")
-                weights = common.load_checkpoint_file(path)
-                expected = {n for n, p in bare_student.named_parameters() if p.requires_grad}
-                if set(weights) != expected:
-                    raise ValueError(f"Checkpoint {input_dir} does not hold this run's LoRA parameters ({path}).")
-                bare_student.load_state_dict(weights, strict=False)
-            else:
-                path = os.path.join(input_dir, "transformer", "diffusion_pytorch_model.safetensors")
-                weights = common.load_checkpoint_file(path)
-                bare_student.load_state_dict(weights)
-            if student_controlnet is not None:
-                path = os.path.join(input_dir, "controlnet", "diffusion_pytorch_model.safetensors")
-                student_controlnet.load_state_dict(common.load_checkpoint_file(path))
-            if discriminator is not None:
-                path = os.path.join(input_dir, "discriminator_heads", "heads.safetensors")
-                discriminator.load_state_dict(common.load_checkpoint_file(path))
-        progress["global_step"] = saved["global_step"]
+            bare_student.save_pretrained(os.path.join(output_dir, "transformer"))
+        if student_controlnet is not None:
+            student_controlnet.save_pretrained(os.path.join(output_dir, "controlnet"))
+        if discriminator is not None:
+            folder = os.path.join(output_dir, "discriminator_heads")
+            os.makedirs(folder, exist_ok=True)
+            heads = {k: v.contiguous() for k, v in discriminator.state_dict().items()}
+            save_file(heads, os.path.join(folder, "heads.safetensors"))
+
+    def load_weights(input_dir):
+        if lora:
+            path = os.path.join(input_dir, "transformer_lora", "trainable_parameters.safetensors")
+            weights = common.load_checkpoint_file(path)
+            expected = {n for n, p in bare_student.named_parameters() if p.requires_grad}
+            if set(weights) != expected:
+                raise ValueError(f"Checkpoint {input_dir} does not hold this run's LoRA parameters ({path}).")
+            bare_student.load_state_dict(weights, strict=False)
+        else:
+            path = os.path.join(input_dir, "transformer", "diffusion_pytorch_model.safetensors")
+            weights = common.load_checkpoint_file(path)
+            bare_student.load_state_dict(weights)
+        if student_controlnet is not None:
+            path = os.path.join(input_dir, "controlnet", "diffusion_pytorch_model.safetensors")
+            student_controlnet.load_state_dict(common.load_checkpoint_file(path))
+        if discriminator is not None:
+            path = os.path.join(input_dir, "discriminator_heads", "heads.safetensors")
+            discriminator.load_state_dict(common.load_checkpoint_file(path))
 
     global_step, log = common.start_training(
-        args, accelerator, save_model_hook, load_model_hook, resume_path, ema, progress, logger
+        args, run, save_weights, load_weights, sharded_objects, ema, progress, logger
     )
-    global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     logger.info("***** Running distillation *****")
     engine = "FSDP2" if sharded else accelerator.distributed_type
     logger.info(f"  Student = {'LoRA' if lora else 'full'}, engine = {engine}")
@@ -688,10 +651,13 @@ def main(args):
         logger.info(f"  ControlNet distillation, mode = {args.controlnet_training_mode}")
     logger.info(f"  {data.describe()}")
     logger.info(f"  Batch per process = {args.train_batch_size}, accumulation = {args.gradient_accumulation_steps}")
-    logger.info(f"  Global batch = {global_batch}, processes = {accelerator.num_processes}, seed = {seed}")
+    logger.info(f"  Global batch = {run.global_batch}, processes = {accelerator.num_processes}, seed = {seed}")
     logger.info(f"  Total iterations = {args.max_train_steps}, starting at {global_step}")
 
     # ---- Loop: per iteration one generator update, then one discriminator update ------------------------------------
+    def validate(transformer, step, autocast):
+        log_validation(args, accelerator, transformer, base.vae, validation_embeds, seed, step, autocast)
+
     head_module = accelerator.unwrap_model(discriminator_trained) if discriminator is not None else None
     progress_bar = common.steps_progress_bar(args, accelerator, global_step)
     for epoch, micro_batches in data.steps(global_step):
@@ -755,30 +721,12 @@ def main(args):
         logs.update(generator_steps=state.generator_steps, discriminator_steps=state.discriminator_steps, epoch=epoch)
         if torch.cuda.is_available():
             logs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        logs = common.reduce_logs(accelerator, logs)
-        accelerator.log(logs, step=global_step)
-        log.write(global_step, logs)
-        progress_bar.set_postfix(loss=logs["generator_loss"], lr=logs["lr"])
-        progress_bar.update(1)
-
-        if global_step % args.checkpointing_steps == 0:
-            common.save_state(args, accelerator, global_step, logger)
-        if args.validation_prompts and global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
-            with common.ema_weights(ema, trainable):
-                transformer = common.gather_transformer(student_model, sharded, accelerator.is_main_process)
-                if accelerator.is_main_process:
-                    log_validation(
-                        args, accelerator, transformer, base.vae, validation_embeds, seed, global_step, True
-                    )
+        common.end_iteration(args, accelerator, log, progress_bar, global_step, logs, "generator_loss", logger)
+        common.validate_at_step(args, accelerator, student_model, sharded, ema, trainable, global_step, validate)
 
     # ---- Save: the pipeline (or LoRA weights), a validation grid, the model card, the Hub ---------------------------
-    accelerator.wait_for_everyone()
-    logger.info(skip_monitor.summary())
-    if ema is not None:
-        ema.copy_to(trainable)
-    transformer = common.gather_transformer(student_model, sharded, accelerator.is_main_process)
+    transformer = common.trained_transformer(accelerator, student_model, sharded, ema, trainable, skip_monitor, logger)
     if accelerator.is_main_process:
-        transformer.eval()
         fresh = common.load_text_and_vae(args, device, torch.float32)  # each part loaded at its first use
         if lora:
             common.write_output_folder(
@@ -800,7 +748,7 @@ def main(args):
             grid = log_validation(
                 args, accelerator, transformer, fresh.vae, validation_embeds, seed, global_step, False
             )
-        common.publish_output(args, run, accelerator, global_step, global_batch, grid)
+        common.publish_output(args, run, accelerator, global_step, grid)
     common.end_run(accelerator)
 
 

@@ -47,6 +47,7 @@ from diffusers_sprint.training.arguments import (
     read_fingerprint,
     run_fingerprint,
     validate_training_args,
+    write_fingerprint,
 )
 from diffusers_sprint.training.buckets import AspectRatioBucketBatchSampler, assign_buckets, image_size, training_bins
 from diffusers_sprint.training.checkpoints import (
@@ -78,7 +79,7 @@ from diffusers_sprint.training.feature_cache import (
     resolve_latents,
 )
 from diffusers_sprint.training.monitoring import check_finite_state_dict
-from diffusers_sprint.training.sharding import full_model_state_dict
+from diffusers_sprint.training.sharding import full_model_state_dict, load_sharded_state, save_sharded_state
 from diffusers_sprint.training.streaming import StreamingImageCaptionDataset, StreamPosition, load_streaming_dataset
 
 
@@ -104,6 +105,34 @@ class RecipeArgumentParser(argparse.ArgumentParser):
 
     def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
         return shlex.split(arg_line, comments=True)
+
+
+def build_parser(
+    description: str,
+    teacher_help: str,
+    add_script_arguments,
+    default_learning_rate: float,
+    parser_class=argparse.ArgumentParser,
+) -> argparse.ArgumentParser:
+    """Both scripts' parser: the model and data groups, the script's own (`add_script_arguments(parser)`), then the
+    optimisation and output groups."""
+    parser = parser_class(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_arguments(parser, teacher_help)
+    add_data_arguments(parser)
+    add_script_arguments(parser)
+    add_optimization_arguments(parser, default_learning_rate)
+    add_output_arguments(parser)
+    return parser
+
+
+def parse_args(parser, input_args, stage: str, validation_inference_steps: list[int]) -> argparse.Namespace:
+    """The flags, with `args.stage` (not a flag: it names the script's checkpoints and fingerprint) and the script's
+    default `--validation_inference_steps`."""
+    args = parser.parse_args(input_args)
+    args.stage = stage
+    if args.validation_inference_steps is None:
+        args.validation_inference_steps = list(validation_inference_steps)
+    return args
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, teacher_help: str) -> None:
@@ -403,6 +432,7 @@ class Run:
     repo_id: str | None
     weight_dtype: torch.dtype  # of the frozen models: the autocast precision
     fingerprint: dict
+    global_batch: int  # samples per update: --train_batch_size x accumulation x processes
 
 
 def start_run(args, logger) -> Run:
@@ -474,6 +504,7 @@ def start_run(args, logger) -> Run:
         repo_id=repo_id,
         weight_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32),
         fingerprint=fingerprint,
+        global_batch=args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
     )
 
 
@@ -725,6 +756,21 @@ def _writer_name() -> str:
     return f"{os.environ.get('RANK', '0')}-{os.getpid()}"
 
 
+def sprint_pipeline(args, transformer, vae=None, controlnet=None):
+    """A `SanaSprintPipeline` (`SanaSprintControlNetPipeline` with a `controlnet`) of `transformer`, `vae` and a
+    TrigFlow scheduler, without tokenizer and text encoder (it takes prompt embeddings)."""
+    components = dict(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        transformer=transformer,
+        scheduler=TrigFlowScheduler(sigma_data=args.sigma_data),
+    )
+    if controlnet is not None:
+        return SanaSprintControlNetPipeline(controlnet=controlnet, **components)
+    return SanaSprintPipeline(**components)
+
+
 def save_sprint_pipeline(args, transformer, folder: str, controlnet=None) -> None:
     """
     A `SanaSprintPipeline` folder (a `SanaSprintControlNetPipeline` one with a `controlnet`, saved in its `controlnet/`
@@ -732,18 +778,7 @@ def save_sprint_pipeline(args, transformer, folder: str, controlnet=None) -> Non
     copied file by file (so they are never constructed; `from_pretrained` loads the result as usual).
     """
     root = FrozenComponents(args, "cpu", torch.float32).root
-    components = dict(
-        tokenizer=None,
-        text_encoder=None,
-        vae=None,
-        transformer=transformer,
-        scheduler=TrigFlowScheduler(sigma_data=args.sigma_data),
-    )
-    if controlnet is not None:
-        pipeline = SanaSprintControlNetPipeline(controlnet=controlnet, **components)
-    else:
-        pipeline = SanaSprintPipeline(**components)
-    pipeline.save_pretrained(folder)
+    sprint_pipeline(args, transformer, controlnet=controlnet).save_pretrained(folder)
     with open(os.path.join(root, "model_index.json")) as file:
         teacher_index = json.load(file)
     index_path = os.path.join(folder, "model_index.json")
@@ -1006,18 +1041,14 @@ class TrainingData:
 
 
 def make_optimizer(args, parameters, learning_rate):
-    if args.optimizer == "adamw":
-        return torch.optim.AdamW(
-            parameters,
-            lr=learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2),
-            weight_decay=args.adam_weight_decay,
-            eps=args.adam_epsilon,
-        )
-    if args.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
+    if args.optimizer in ("adamw", "adamw8bit"):
+        if args.optimizer == "adamw8bit":
+            import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(
+            adamw = bnb.optim.AdamW8bit
+        else:
+            adamw = torch.optim.AdamW
+        return adamw(
             parameters,
             lr=learning_rate,
             betas=(args.adam_beta1, args.adam_beta2),
@@ -1093,21 +1124,80 @@ def resume(accelerator, resume_path: str | None, ema, logger) -> None:
         check_finite_state_dict(ema.state_dict(), f"{resume_path} (EMA)")
 
 
-def start_training(
-    args, accelerator, save_model_hook, load_model_hook, resume_path: str | None, ema, progress, logger
-):
+def start_training(args, run: Run, save_weights, load_weights, sharded_objects, ema, progress, logger):
     """
-    Registers the checkpoint hooks, resumes from `resume_path` (if any) through them and opens the training log (cut
-    back to the resumed step) and the trackers. Returns `(global_step, log)`; `progress["global_step"]` is set by the
-    load hook.
+    Registers accelerate's checkpoint hooks, resumes from `run.resume_path` (if any) through them and opens the
+    training log (cut back to the resumed step) and the trackers. Returns `(global_step, log)`.
+
+    A checkpoint holds the trained weights in our formats, not accelerate's pickles of the prepared modules: under
+    FSDP2 the DCP shards of `sharded_objects()` (`save_sharded_state`'s models, optimizers, tensors), otherwise what
+    `save_weights(folder)` writes on the main process and `load_weights(folder)` reads back; beside them
+    `training_state.json` (`progress["global_step"]`, the seed, the stage) and the run fingerprint.
     """
+    accelerator = run.accelerator
+
+    def save_model_hook(models, weights, output_dir):
+        weights.clear()  # accelerate would pickle the prepared modules
+        if run.sharded:
+            save_sharded_state(os.path.join(output_dir, "sharded"), *sharded_objects())
+        elif accelerator.is_main_process:
+            save_weights(output_dir)
+        if accelerator.is_main_process:
+            write_training_state(output_dir, progress["global_step"], run.seed, args.stage)
+            write_fingerprint(output_dir, run.fingerprint)
+
+    def load_model_hook(models, input_dir):
+        models.clear()  # loaded from our formats instead
+        saved = read_training_state(input_dir, stage=args.stage)
+        if run.sharded:
+            load_sharded_state(os.path.join(input_dir, "sharded"), *sharded_objects())
+        else:
+            load_weights(input_dir)
+        progress["global_step"] = saved["global_step"]
+
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
-    resume(accelerator, resume_path, ema, logger)
+    resume(accelerator, run.resume_path, ema, logger)
     global_step = progress["global_step"]
-    log = TrainingLog(args.output_dir, global_step if resume_path else None, accelerator.is_main_process)
+    log = TrainingLog(args.output_dir, global_step if run.resume_path else None, accelerator.is_main_process)
     accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
     return global_step, log
+
+
+def end_iteration(args, accelerator, log: TrainingLog, progress_bar, step: int, logs: dict, loss: str, logger) -> None:
+    """After iteration `step`: `logs` averaged over the processes go to the trackers, `training_log.jsonl` and the
+    progress bar (`logs[loss]` and the lr); a checkpoint is saved every `--checkpointing_steps`."""
+    logs = reduce_logs(accelerator, logs)
+    accelerator.log(logs, step=step)
+    log.write(step, logs)
+    progress_bar.set_postfix(loss=logs[loss], lr=logs["lr"])
+    progress_bar.update(1)
+    if step % args.checkpointing_steps == 0:
+        save_state(args, accelerator, step, logger)
+
+
+def validate_at_step(args, accelerator, model, sharded: bool, ema, parameters, step: int, validate) -> None:
+    """Every `--validation_steps` before the last (that one is validated after saving): `validate(transformer, step,
+    True)` on the main process, the EMA weights (if any) in `parameters`; `transformer` is the gathered model."""
+    if not args.validation_prompts or step % args.validation_steps or step >= args.max_train_steps:
+        return
+    with ema_weights(ema, parameters):
+        transformer = gather_transformer(model, sharded, accelerator.is_main_process)
+        if accelerator.is_main_process:
+            validate(transformer, step, True)
+
+
+def trained_transformer(accelerator, model, sharded: bool, ema, parameters, skip_monitor, logger):
+    """After the loop: logs the skipped updates, copies the EMA (if any) into `parameters` and returns the gathered
+    transformer in eval mode on the main process (`None` elsewhere under FSDP2)."""
+    accelerator.wait_for_everyone()
+    logger.info(skip_monitor.summary())
+    if ema is not None:
+        ema.copy_to(parameters)
+    transformer = gather_transformer(model, sharded, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        transformer.eval()
+    return transformer
 
 
 def steps_progress_bar(args, accelerator, global_step: int) -> tqdm:
@@ -1249,14 +1339,14 @@ def write_output_folder(output_dir: str, save) -> None:
     os.rmdir(tmp)
 
 
-def publish_output(args, run, accelerator, global_step: int, global_batch: int, grid) -> None:
+def publish_output(args, run, accelerator, global_step: int, grid) -> None:
     """Main process, after the weights are written: the validation grid beside them, then the model card and the
     Hub upload (`--push_to_hub`)."""
     if grid is not None:
         grid.save(os.path.join(args.output_dir, "validation_grid.png"))
     if args.push_to_hub:
         save_model_card(
-            args, run.repo_id, args.stage, global_step, global_batch, accelerator.mixed_precision, grid is not None
+            args, run.repo_id, args.stage, global_step, run.global_batch, accelerator.mixed_precision, grid is not None
         )
         push_output_folder(args, run.repo_id)
 

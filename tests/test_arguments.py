@@ -102,7 +102,7 @@ BAD = [
     (dict(caption_dropout_prob=-0.1), "--caption_dropout_prob must be in [0, 1]"),
     (dict(adam_beta2=1.0), "--adam_beta2 must be in [0, 1)"),
     (dict(adam_weight_decay=-0.01), "--adam_weight_decay must be >= 0"),
-    (dict(head_kernel_size=4), "--head_kernel_size must be an odd number >= 1"),
+    (dict(head_channels=0), "--head_channels must be >= 1 (got 0)"),
     (dict(max_train_samples=0), "--max_train_samples must be >= 1"),
     (dict(validation_inference_steps=[1, 0]), "--validation_inference_steps must be >= 1"),
     (dict(scm_lambda=-1.0), "--scm_lambda must be >= 0"),
@@ -202,6 +202,12 @@ def test_compare_fingerprints_lists_each_difference(parser):
     cosine = run_fingerprint(script_args(parser, "--lr_scheduler", "cosine"))
     longer = run_fingerprint(script_args(parser, "--lr_scheduler", "cosine", "--max_train_steps", "30000"))
     assert compare_fingerprints(cosine, longer) == ["--max_train_steps: 20000 in the checkpoint, 30000 now"]
+    # --head_kernel_size / --head_virtual_batch_size are gone (always 9 and 8): checkpoints at those values resume
+    older = {**saved, "head_kernel_size": 9, "head_virtual_batch_size": 8}
+    assert compare_fingerprints(older, saved) == []
+    assert compare_fingerprints({**older, "head_kernel_size": 3}, saved) == [
+        "--head_kernel_size: 3 in the checkpoint, a removed flag (always 9 now)"
+    ]
 
 
 def test_fingerprint_keeps_the_global_batch_across_layouts(parser):

@@ -1,14 +1,17 @@
 """The release recipes of examples/configs/ parse through the script and hold the official numbers.
 
-Each recipe is a launcher (`<name>.sh`: the exact `accelerate launch` command and its accelerate config) and a flag
-file (`<name>.args`, read by the script as `@file`). The official values come from NVlabs/Sana
+Each recipe is a flag file (`<name>.args`, read by the script as `@file`) whose header names its launch command,
+`examples/configs/launch.sh <name> <ddp|fsdp2>` (the one `accelerate launch` command, with that accelerate config).
+The official values come from NVlabs/Sana
 `configs/sana_sprint_config/1024ms/SanaSprint_{600M,1600M}_1024px_allqknorm_bf16_scm_ladd*.yaml` and
 `train_scripts/train_scm_ladd.py` (docs/training.md, "Release recipes").
 """
 
 import importlib.util
+import os
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -102,40 +105,64 @@ def came_importable(monkeypatch):
     )
 
 
-def _launch(recipe: str) -> tuple[Path, list[str]]:
-    """The accelerate config and the script arguments of `<recipe>.sh`'s `accelerate launch` command."""
-    text = (CONFIGS / f"{recipe}.sh").read_text()
-    command = re.search(r"^accelerate launch .*?\n(?:  .*\n)*", text, flags=re.MULTILINE).group(0)
-    words = shlex.split(command.replace("\\\n", " "))
-    config = Path(words[words.index("--config_file") + 1])
-    script = words.index("examples/train_sana_sprint.py")
-    return REPO / config, words[script + 1 :]
+def _launch(recipe: str, tmp_path: Path) -> tuple[Path, list[str]]:
+    """The accelerate config and the script arguments of the `accelerate launch` command that the launch line in
+    `<recipe>.args` runs: `launch.sh` is run with a stand-in `accelerate` that records its arguments."""
+    header = re.search(r"^# Launch: (.*)$", (CONFIGS / f"{recipe}.args").read_text(), flags=re.MULTILINE)
+    words = shlex.split(header.group(1))
+    command = words[words.index("bash") :]
+    assert command[:3] == ["bash", "examples/configs/launch.sh", recipe]
+    record = tmp_path / "accelerate_argv"
+    stand_in = tmp_path / "bin" / "accelerate"
+    stand_in.parent.mkdir()
+    stand_in.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" > {shlex.quote(str(record))}\n')
+    stand_in.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}"}
+    env.update(TEACHER="teacher", DATASET="data", OUTPUT_DIR="out")
+    subprocess.run([*command, "--validation_prompts", "a red fox in the snow"], cwd=REPO, env=env, check=True)
+    argv = record.read_text().split("\0")[:-1]
+    assert argv[:2] == ["launch", "--config_file"]
+    script = argv.index("examples/train_sana_sprint.py")
+    return REPO / argv[2], argv[script + 1 :]
 
 
 def test_every_shipped_recipe_is_tested():
-    shipped = {path.stem for path in CONFIGS.glob("*.args")} | {path.stem for path in CONFIGS.glob("*.sh")}
-    assert shipped == set(RECIPES)
+    assert {path.stem for path in CONFIGS.glob("*.args")} == set(RECIPES)
+    assert [path.name for path in CONFIGS.glob("*.sh")] == ["launch.sh"]
+
+
+@pytest.mark.parametrize(
+    "words, message",
+    [
+        (["no_such_recipe", "ddp"], "no recipe examples/configs/no_such_recipe.args"),
+        (["sana_sprint_1.6b_1024px", "deepspeed"], "no accelerate config examples/accelerate_configs/deepspeed.yaml"),
+    ],
+)
+def test_launcher_refuses_an_unknown_recipe_or_config(words, message):
+    env = {**os.environ, "TEACHER": "teacher", "DATASET": "data"}
+    ran = subprocess.run(
+        ["bash", "examples/configs/launch.sh", *words], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert ran.returncode == 2 and message in ran.stderr, ran.stderr
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_recipe_parses_and_holds_the_official_values(script, came_importable, recipe):
+def test_recipe_parses_and_holds_the_official_values(script, came_importable, recipe, tmp_path):
     expected = RECIPES[recipe]
-    config_path, arguments = _launch(recipe)
+    config_path, arguments = _launch(recipe, tmp_path)
     assert config_path.name == expected["accelerate_config"]
     assert arguments[0] == f"@examples/configs/{recipe}.args"
     accelerate_config = yaml.safe_load(config_path.read_text())
 
-    # The launcher's arguments with its environment variables filled in (flags after the file, as a user gives them).
-    filled = {"$TEACHER": "teacher", "$DATASET": "data", "$OUTPUT_DIR": "out"}
-    arguments = ["@" + str(REPO / arguments[0][1:])] + [
-        filled.get(word, word) for word in arguments[1:] if word != "$@"
-    ]
-    args = script.parse_args(arguments)  # parse_args ends with validate_training_args
+    # The launcher's arguments (flags after the file, as a user gives them; the script runs from the repository root).
+    args = script.parse_args(["@" + str(REPO / arguments[0][1:]), *arguments[1:]])  # ends with validate_training_args
 
     wrong = {name: getattr(args, name) for name, value in OFFICIAL.items() if getattr(args, name) != value}
     assert wrong == {}, f"{recipe} differs from the official recipe: {wrong}"
     assert args.fsdp == expected["fsdp"]
     assert (args.pretrained_teacher_model_name_or_path, args.dataset_name) == ("teacher", "data")
+    assert args.output_dir == "out"
+    assert args.validation_prompts == ["a red fox in the snow"]  # a flag after the recipe reaches the script whole
     processes = accelerate_config["num_processes"]
     assert args.train_batch_size * args.gradient_accumulation_steps * processes == GLOBAL_BATCH
     assert accelerate_config["mixed_precision"] == "bf16"

@@ -516,8 +516,6 @@ def test_pull_teacher_from_and_push_result_to_the_hub(assets, tmp_path, stand_in
                 max_time_probability=1.0,
                 head_block_ids=[1],
                 head_channels=8,
-                head_kernel_size=3,
-                head_virtual_batch_size=1,
                 discriminator_learning_rate=1e-4,
                 log_gradient_norms_every=1,
             ),

@@ -30,28 +30,24 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import torch
 
-for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_name, "1")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from demo import (  # noqa: E402
+# demo.py (beside this script) sets the HF offline variables when imported, before anything reads them.
+from demo import (
     GUIDANCE_SCALE,
+    REPO_ROOT,
     RESOLUTION,
+    STUDENT_STEPS,
+    TEACHER_STEPS,
     TOY_RECIPE,
     TRAIN_SCRIPT,
     TWO_STEP_INTERMEDIATE_TIME,
     parse_with_train_args,
 )
-from eval_toy_controlnet import GRID_NAMES, ToyControlNetTeacher, held_out_rows  # noqa: E402
+from eval_toy_controlnet import GRID_NAMES, ToyControlNetTeacher, held_out_rows, teacher_images
 
-from diffusers_sprint.toy.protocol import SEED_STRIDE  # noqa: E402
-
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STUDENT_STEPS = (1, 2, 4)
-TEACHER_STEPS = 20
+from diffusers_sprint.toy.protocol import generate
 
 
 def parse_args(argv=None):
@@ -133,39 +129,24 @@ def run_training(command: list[str], num_processes: int) -> None:
 
 
 def student_images(pipe, prompts, controls, seed: int, steps: int, scale: float = 1.0, batch_size: int = 100):
-    """`SanaSprintControlNetPipeline` samples; image i uses the generator `seed * SEED_STRIDE + i`."""
+    """`SanaSprintControlNetPipeline` samples at the toy's defaults (`diffusers_sprint.toy.protocol.generate`), a
+    chunk of prompts with its control images at a time; image i uses the generator `seed * SEED_STRIDE + i`."""
     extra = {"intermediate_timesteps": TWO_STEP_INTERMEDIATE_TIME} if steps == 2 else {}
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        images += pipe(
+        images += generate(
+            pipe,
             chunk,
+            seed,
+            batch_size=len(chunk),
+            seed_base=start,  # the chunk's first image index
             control_image=controls[start : start + len(chunk)],
             controlnet_conditioning_scale=scale,
             num_inference_steps=steps,
             guidance_scale=GUIDANCE_SCALE,
-            height=RESOLUTION,
-            width=RESOLUTION,
-            use_resolution_binning=False,
-            complex_human_instruction=None,
-            generator=[torch.Generator().manual_seed(seed * SEED_STRIDE + start + i) for i in range(len(chunk))],
             **extra,
-        ).images
-    return images
-
-
-def teacher_images(teacher, prompts, edges, seed: int, controlled: bool, batch_size: int = 100):
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        noise = torch.cat(
-            [
-                torch.randn(1, 32, 4, 4, generator=torch.Generator().manual_seed(seed * SEED_STRIDE + start + i))
-                for i in range(len(chunk))
-            ]
         )
-        control = teacher.control_latents(edges[start : start + len(chunk)]) if controlled else None
-        images += teacher.sample(chunk, noise, control, steps=TEACHER_STEPS, guidance_scale=GUIDANCE_SCALE)
     return images
 
 
@@ -230,6 +211,7 @@ def main(argv=None):
     prompts = [dataset[i]["caption"] for i in rows]
     edges = edge_maps([dataset[i]["image"] for i in rows])
     controls = edge_images(edges)
+    sample = dict(steps=TEACHER_STEPS, guidance_scale=GUIDANCE_SCALE)  # the teacher's
     samplers = {f"teacher-{TEACHER_STEPS}": None, **{f"student-{k}": k for k in STUDENT_STEPS}}
     edge_only = {"teacher-20 without ControlNet": None, "student-1 at controlnet_conditioning_scale 0": 1}
     images = {name: {} for name in [*samplers, *edge_only]}
@@ -238,7 +220,7 @@ def main(argv=None):
         t1 = time.perf_counter()
         for seed in args.seeds:
             if name.startswith("teacher"):
-                images[name][seed] = teacher_images(teacher, prompts, edges, seed, "without" not in name)
+                images[name][seed] = teacher_images(teacher, prompts, edges, seed, "without" not in name, **sample)
             else:
                 steps = int(name.split("-")[1].split()[0])
                 scale = 0.0 if "scale 0" in name else 1.0
@@ -277,7 +259,7 @@ def main(argv=None):
     grid_edges = edge_maps([dataset[i]["image"] for i in grid_rows])
     grid_controls = edge_images(grid_edges)
     columns = {"condition": grid_controls, "teacher\n20 steps, CFG": None}
-    columns["teacher\n20 steps, CFG"] = teacher_images(teacher, grid_prompts, grid_edges, 0, True)
+    columns["teacher\n20 steps, CFG"] = teacher_images(teacher, grid_prompts, grid_edges, 0, True, **sample)
     for k in STUDENT_STEPS:
         columns[f"student\n{k} step{'s' * (k > 1)}"] = student_images(student, grid_prompts, grid_controls, 0, k)
     grid_path = os.path.join(args.output_dir, "grid.png")

@@ -119,10 +119,13 @@ def held_out_rows(num_rows: int, count: int) -> list[int]:
     return sorted(np.random.default_rng(1).choice(rows, size=count, replace=False).tolist())
 
 
-def generate(model, prompts, edges, seed, args, controlled: bool):
+def teacher_images(model, prompts, edges, seed: int, controlled: bool, batch_size: int = 100, **sample_kwargs):
+    """`model.sample` images (`sample_kwargs`: steps, guidance_scale, conditioning_scale), `batch_size` at a time;
+    image i starts from the noise of generator `seed * SEED_STRIDE + i`, with the control of `edges[i]` when
+    `controlled`."""
     images = []
-    for start in range(0, len(prompts), args.batch_size):
-        chunk = prompts[start : start + args.batch_size]
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
         noise = torch.cat(
             [
                 torch.randn(1, 32, 4, 4, generator=torch.Generator().manual_seed(seed * SEED_STRIDE + start + i))
@@ -130,14 +133,7 @@ def generate(model, prompts, edges, seed, args, controlled: bool):
             ]
         )
         control = model.control_latents(edges[start : start + len(chunk)]) if controlled else None
-        images += model.sample(
-            chunk,
-            noise,
-            control,
-            steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale,
-            conditioning_scale=args.controlnet_conditioning_scale,
-        )
+        images += model.sample(chunk, noise, control, **sample_kwargs)
     return images
 
 
@@ -203,7 +199,17 @@ def main(argv=None):
         sets[name] = {}
         for seed in args.seeds:
             t0 = time.time()
-            sets[name][seed] = generate(model, prompts, edges, seed, args, controlled)
+            sets[name][seed] = teacher_images(
+                model,
+                prompts,
+                edges,
+                seed,
+                controlled,
+                args.batch_size,
+                steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                conditioning_scale=args.controlnet_conditioning_scale,
+            )
             print(f"{name} seed {seed}: {len(rows)} samples in {time.time() - t0:.0f}s", flush=True)
 
     for name, per_seed in sets.items():

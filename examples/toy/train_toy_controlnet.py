@@ -24,6 +24,7 @@ Images: Twemoji by Twitter, Inc. and other contributors, CC-BY 4.0.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -52,26 +53,11 @@ def parse_args(argv=None):
 
 
 def controlnet_from_teacher(transformer, num_layers: int) -> SanaControlNetModel:
-    """A `SanaControlNetModel` with the teacher's embedders and first `num_layers` blocks; zero output projections."""
-    config = transformer.config
-    controlnet = SanaControlNetModel(
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        num_attention_heads=config.num_attention_heads,
-        attention_head_dim=config.attention_head_dim,
-        num_layers=num_layers,
-        num_cross_attention_heads=config.num_cross_attention_heads,
-        cross_attention_head_dim=config.cross_attention_head_dim,
-        cross_attention_dim=config.cross_attention_dim,
-        caption_channels=config.caption_channels,
-        mlp_ratio=config.mlp_ratio,
-        attention_bias=config.attention_bias,
-        sample_size=config.sample_size,
-        patch_size=config.patch_size,
-        norm_elementwise_affine=config.norm_elementwise_affine,
-        norm_eps=config.norm_eps,
-        interpolation_scale=config.interpolation_scale,
-    )
+    """A `SanaControlNetModel` with the teacher's config (every argument the two share), embedders and first
+    `num_layers` blocks; zero output projections."""
+    shared = inspect.signature(SanaControlNetModel.__init__).parameters
+    config = {key: value for key, value in transformer.config.items() if key in shared}
+    controlnet = SanaControlNetModel(**{**config, "num_layers": num_layers})
     for name in ("patch_embed", "time_embed", "caption_projection", "caption_norm"):
         getattr(controlnet, name).load_state_dict(getattr(transformer, name).state_dict())
     for block, source in zip(controlnet.transformer_blocks, transformer.transformer_blocks):

@@ -15,24 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
+import numpy as np
+import torch
 
-for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_name, "1")
+# demo.py (beside this script) sets the HF offline variables when imported, before anything reads them.
+from demo import GUIDANCE_SCALE, MAX_SEQUENCE_LENGTH, RESOLUTION
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from diffusers_sprint import SanaSprintPipeline, TrigFlowScheduler, tune_timesteps  # noqa: E402
-
-
-RESOLUTION = 32
-GUIDANCE_SCALE = 4.5
-MAX_SEQUENCE_LENGTH = 32
-FID_REFERENCE_IMAGES = 1024  # the demo's reference subset: held-out prompts come from these rows only
+from diffusers_sprint import SanaSprintPipeline, TrigFlowScheduler, tune_timesteps
+from diffusers_sprint.toy.protocol import FID_REFERENCE_IMAGES, generate
 
 
 def parse_args(argv=None):
@@ -47,15 +40,6 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--json", default=None, metavar="PATH", help="Write grids, scores and the search table.")
     return parser.parse_args(argv)
-
-
-def generate(pipe, prompts, seed, timesteps, batch_size=64):
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        generators = [torch.Generator().manual_seed(seed * 100_000 + start + i) for i in range(len(chunk))]
-        images.extend(pipe(chunk, timesteps=timesteps, generator=generators, **call_kwargs(pipe)).images)
-    return images
 
 
 def call_kwargs(pipe) -> dict:
@@ -129,7 +113,8 @@ def main(argv=None) -> int:
         for seed in args.eval_seeds:
             order = np.random.default_rng(seed).permutation(len(reference_rows))[: args.num_eval_samples]
             prompts = [dataset[reference_rows[i]]["caption"] for i in order]
-            fids.append(fid_from_features(inception_features(generate(pipe, prompts, seed, grid)), reference))
+            images = generate(pipe, prompts, seed, timesteps=grid, **call_kwargs(pipe))
+            fids.append(fid_from_features(inception_features(images), reference))
         held_out[name] = dict(timesteps=[round(t, 5) for t in grid], fid=float(np.mean(fids)), fid_per_seed=fids)
         print(f"  held-out {name:12s} FID {held_out[name]['fid']:.2f}  {held_out[name]['timesteps']}", flush=True)
 

@@ -33,8 +33,6 @@ _RANGES = (
     ("lora_rank", lambda v: v >= 1, ">= 1"),
     ("head_block_ids", lambda v: v >= 0, ">= 0 (each block id)"),
     ("head_channels", lambda v: v >= 1, ">= 1"),
-    ("head_kernel_size", lambda v: v >= 1 and v % 2 == 1, "an odd number >= 1"),
-    ("head_virtual_batch_size", lambda v: v >= 1, ">= 1"),
     # optimisation
     ("learning_rate", lambda v: v > 0, "> 0"),
     ("discriminator_learning_rate", lambda v: v > 0, "> 0 (or unset: --learning_rate)"),
@@ -195,8 +193,6 @@ FINGERPRINT_DISTILL = (
     "discriminator_p_std",
     "head_block_ids",
     "head_channels",
-    "head_kernel_size",
-    "head_virtual_batch_size",
     "misaligned_pairs",
     "max_time_probability",
     "share_discriminator_timesteps",
@@ -256,6 +252,8 @@ _CONTROLNET_ONLY = (
     "controlnet_conditioning_scale",
 )
 _STREAMING_ONLY = ("shuffle_buffer_size", "caption_fallback_columns")
+# Flags the script no longer has, with the value it now always uses: a checkpoint that recorded that value resumes.
+_RETIRED = {"head_kernel_size": 9, "head_virtual_batch_size": 8}
 # Flags that do not enter the fingerprint (see the comment above FINGERPRINT_COMMON); a test checks that every flag of
 # the training script is in exactly one of the lists.
 FINGERPRINT_EXCLUDED = (
@@ -341,13 +339,18 @@ def run_fingerprint(args: Namespace, num_processes: int | None = None) -> dict:
 def compare_fingerprints(saved: dict, current: dict) -> list[str]:
     r"""
     Human-readable differences between a checkpoint's fingerprint and this run's, one line per flag, e.g.
-    `"--learning_rate: 0.0001 in the checkpoint, 0.001 now"`. Empty when they agree.
+    `"--learning_rate: 0.0001 in the checkpoint, 0.001 now"`. Empty when they agree. A removed flag (`_RETIRED`)
+    saved at the value the script now always uses agrees.
     """
     saved, current = _json_value(saved), _json_value(current)
     lines = []
     for name in sorted(set(saved) | set(current)):
         flag = name if name == "global_batch_size" else f"--{name}"
-        if name not in current:
+        if name in _RETIRED and name not in current:
+            if saved[name] != _RETIRED[name]:
+                fixed = _RETIRED[name]
+                lines.append(f"{flag}: {saved[name]!r} in the checkpoint, a removed flag (always {fixed!r} now)")
+        elif name not in current:
             lines.append(f"{flag}: {saved[name]!r} in the checkpoint, not recorded now")
         elif name not in saved:
             lines.append(f"{flag}: not recorded in the checkpoint, {current[name]!r} now")
