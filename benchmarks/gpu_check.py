@@ -121,6 +121,7 @@ class CheckContext:
     train_model: str = "0.6B"
     train_batch: int = 2
     train_repeats: int = 5
+    train_compile_jvp: bool = True
     seed: int = 0
 
     def transformer_config(self, name: str) -> dict:
@@ -682,14 +683,14 @@ def _generator_loss(s: TrainSetup, config: DistillationConfig, generator: torch.
         return generator_step(s.student_model, s.teacher_model, discriminator, s.batch, s.state, config, generator)
 
 
-def _train_variants() -> dict[str, DistillationConfig]:
+def _train_variants(compile_jvp: bool = True) -> dict[str, DistillationConfig]:
+    """The G-step variants by name: sCM and sCM+LADD, each with the exact JVP, the finite difference, compile_jvp."""
+    methods = [("exact JVP", dict(jvp="exact")), ("finite-difference JVP", dict(jvp="finite_difference"))]
+    if compile_jvp:
+        methods.append(("exact JVP, compile_jvp", dict(jvp="exact", compile_jvp=True)))
     variants = {}
     for recipe, ladd in (("sCM", False), ("sCM+LADD", True)):
-        for jvp, options in (
-            ("exact JVP", dict(jvp="exact")),
-            ("finite-difference JVP", dict(jvp="finite_difference")),
-            ("exact JVP, compile_jvp", dict(jvp="exact", compile_jvp=True)),
-        ):
+        for jvp, options in methods:
             scm = SCMLossConfig(**options)
             variants[f"G {recipe}, {jvp}"] = DistillationConfig(scm=scm, adversarial_lambda=0.5 if ladd else 0.0)
     return variants
@@ -712,7 +713,7 @@ def check_train_step(context: CheckContext) -> list[Row]:
 def _train_step_rows(context: CheckContext) -> list[Row]:
     device, seed = context.device, context.seed
     s = build_train_setup(context)
-    variants = _train_variants()
+    variants = _train_variants(context.train_compile_jvp)
     d_config = DistillationConfig()  # sCM+LADD defaults: misaligned pairs, max-time probability 0.5
     b = s.batch.latents.shape[0]
     label = f"{'tiny' if context.smoke else context.train_model} {context.image_size}px batch {b} bf16 autocast"
@@ -735,19 +736,29 @@ def _train_step_rows(context: CheckContext) -> list[Row]:
         first_seconds[name] = time.perf_counter() - start  # float() synchronised
         first[name] = values
 
-    for name, config in variants.items():
-        first_call(name, config)
+    for name, config in list(variants.items()):
+        if name.endswith(", exact JVP"):  # the baseline: without it there is nothing to compare or count in
+            first_call(name, config)
+            continue
+        try:
+            first_call(name, config)
+        except Exception:  # noqa: BLE001 (e.g. an Inductor failure: reported, and the other variants still run)
+            error = traceback.format_exc().strip().splitlines()[-1]
+            rows.append(Row("train_step", f"{label}, {name}, first call", "crashed", ok=False, note=error[:200]))
+            del variants[name]
+            release_device_memory(device)
     compile_graphs = compiled_graph_count() - graphs_before
     diagnostic = "G sCM, finite-difference JVP, TF32 off"  # the difference's fp32 forwards without TF32 rounding
-    with full_fp32_matmuls():
-        first_call(diagnostic, variants["G sCM, finite-difference JVP"])
+    if "G sCM, finite-difference JVP" in variants:
+        with full_fp32_matmuls():
+            first_call(diagnostic, variants["G sCM, finite-difference JVP"])
     s.discriminator.train()
     d_generator = torch.Generator(device).manual_seed(seed + 1)
     with training_autocast(device):
         d_first = discriminator_step(s.student_model, s.discriminator, s.batch, d_config, d_generator).loss.detach()
 
-    for name in [*variants, diagnostic]:
-        if "exact JVP" in name and "compile_jvp" not in name:
+    for name in first:  # the variants that ran, then the diagnostic
+        if name.endswith(", exact JVP"):
             continue
         recipe = name.split(",")[0]
         exact = first[f"{recipe}, exact JVP"]
@@ -767,16 +778,18 @@ def _train_step_rows(context: CheckContext) -> list[Row]:
             )
         )
     compiled_name = "G sCM, exact JVP, compile_jvp"
-    compile_row = Row(  # baseline: the same step once compiled (after the timed phase); ratio = compile cost in steps
-        "train_step",
-        f"{label}, {compiled_name}, first call (compiles) vs a timed call",
-        "s",
-        ours=first_seconds[compiled_name],
-        ok=compile_graphs > 0,
-        note=f"torch.compile backend {context.compile_backend}: {compile_graphs} Dynamo graph(s) for both recipes"
-        " (first calls)",
-    )
-    rows.append(compile_row)
+    compile_row = None  # baseline: the same step once compiled (set after the timed phase); ratio: compile in steps
+    if compiled_name in variants:
+        compile_row = Row(
+            "train_step",
+            f"{label}, {compiled_name}, first call (compiles) vs a timed call",
+            "s",
+            ours=first_seconds[compiled_name],
+            ok=compile_graphs > 0,
+            note=f"torch.compile backend {context.compile_backend}: {compile_graphs} Dynamo graph(s) for both recipes"
+            " (first calls)",
+        )
+        rows.append(compile_row)
     graphs_before_timing = compiled_graph_count()
 
     # 2. Timed steps, interleaved: generator_step / discriminator_step under autocast, backward, clip, AdamW step.
@@ -807,9 +820,11 @@ def _train_step_rows(context: CheckContext) -> list[Row]:
     peaks = {}
     medians = interleaved_medians(calls, context, repeats=context.train_repeats, peaks=peaks)
     unit_seconds = medians.pop("student forward (no grad)")
-    compile_row.baseline = medians[compiled_name]
-    compile_row.ratio = compile_row.ours / compile_row.baseline
-    compile_row.note += f"; {compiled_graph_count() - graphs_before_timing} more during the timed steps (recompiles)"
+    if compile_row is not None:
+        compile_row.baseline = medians[compiled_name]
+        compile_row.ratio = compile_row.ours / compile_row.baseline
+        recompiles = compiled_graph_count() - graphs_before_timing
+        compile_row.note += f"; {recompiles} more during the timed steps (recompiles)"
     note = f"median of {context.train_repeats} after {context.warmup} warm-up(s), interleaved{tf32}"
     rows.append(
         Row("train_step", f"{label}, student forward (no grad), the unit", "ms", ours=1e3 * unit_seconds, note=note)
@@ -924,6 +939,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-model", default="0.6B", help="Transformer config of the training-step check.")
     parser.add_argument("--train-batch", type=int, default=2, help="Batch of the training-step check.")
     parser.add_argument("--train-repeats", type=int, default=None, help="Timed steps per variant (5; smoke 2).")
+    parser.add_argument(
+        "--train-compile-jvp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Include the compile_jvp variants of the training step (one compile of the JVP).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="Write environment, settings and rows here.")
     args = parser.parse_args(argv)
@@ -963,6 +984,7 @@ def make_context(args: argparse.Namespace) -> CheckContext:
         train_model=args.train_model,
         train_batch=args.train_batch,
         train_repeats=args.train_repeats or (2 if args.smoke else 5),
+        train_compile_jvp=args.train_compile_jvp,
         seed=args.seed,
     )
 

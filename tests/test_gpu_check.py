@@ -115,6 +115,30 @@ def test_train_step_restores_the_jvp_compile_backend(smoke_report):
     assert scm.JVP_COMPILE_BACKEND == "inductor"
 
 
+def test_a_crashing_train_step_variant_is_reported_and_the_others_still_run(monkeypatch):
+    """A variant that fails on its first call (on a GPU: e.g. Inductor on the JVP) becomes a failed row; the rest of
+    the check still times its steps. Here the finite difference is made to fail and compile_jvp is left out."""
+    generator_loss = gpu_check._generator_loss
+
+    def failing_finite_difference(s, config, generator):
+        if config.scm.jvp == "finite_difference":
+            raise RuntimeError("no finite difference today")
+        return generator_loss(s, config, generator)
+
+    monkeypatch.setattr(gpu_check, "_generator_loss", failing_finite_difference)
+    argv = ["--smoke", "--device", "cpu", "--checks", "train_step", "--train-repeats", "1", "--no-train-compile-jvp"]
+    report = gpu_check.main(argv)
+    assert report["failures"] == {} and not report["all_ok"]
+    rows = {row["case"].split(", ", 1)[1]: row for row in rows_of(report, "train_step")}
+    for recipe in ("sCM", "sCM+LADD"):
+        crashed = rows[f"G {recipe}, finite-difference JVP, first call"]
+        assert crashed["metric"] == "crashed" and not crashed["ok"]
+        assert crashed["note"] == "RuntimeError: no finite difference today"
+        assert rows[f"G {recipe}, exact JVP"]["ok"] and rows[f"G {recipe}, exact JVP"]["ratio"] > 1
+    assert rows["D step"]["ok"]
+    assert not [name for name in rows if "compile_jvp" in name or "vs exact JVP" in name]
+
+
 def test_a_crashing_check_is_reported_not_hidden(monkeypatch):
     def broken(context):
         raise RuntimeError("boom")
