@@ -18,22 +18,37 @@ Checks (each one function, registered in `CHECKS`; more can be appended with `@r
   plain forward (which may use the fused kernels), and the same JVP on diffusers' stock `SanaTransformer2DModel`
   with the same weights is run as a control (expected to fail on fused kernels). Also the JVP under bf16 autocast
   (the training precision) against the fp32 one. TF32 is switched off inside this check.
+- `train_step` (issue 15, item 4b): the distillation step of `diffusers_sprint.training` on the 0.6B config at
+  1024 px (32 x 32 latents), batch 2, 300-token padded captions: a random-weight Sprint teacher (fp32, no guidance
+  embedder), `build_student(teacher, logvar_head=True)`, `SanaDiscriminator(teacher, default_head_block_ids(28))`,
+  fp32 master weights, AdamW, `torch.autocast(bf16)` around `generator_step` / `discriminator_step` (backward, clip
+  and `step_if_finite` outside it), as examples/train_sana_sprint.py and benchmarks/bench_train_step.py do. The G
+  step, sCM only and sCM+LADD, with the exact JVP (math SDPA, picked by the model), `jvp="finite_difference"` (fp32
+  forwards on the fused kernels; central under autocast) and `compile_jvp=True` (backend `--compile-backend`), and
+  the D step: median wall time of `--train-repeats` interleaved steps (after `--warmup`), in ms and in
+  forward-equivalents (the student's no-grad forward under the same autocast is the unit; target <= 9 for the
+  sCM+LADD G step), and peak memory per step (CUDA). First, before any update, every G variant's loss and tangent
+  statistics on the same weights and draws against the exact JVP's (finite difference within 5e-2, compiled JVP
+  2e-2; also the finite difference with TF32 off), and the compile time of the first compiled call.
 
 It prints one table and writes JSON (`--json`). `--smoke` runs the same code paths on tiny configs, on the CPU in
-a few seconds (`torch.compile` with the `eager` backend: Dynamo traces, no Inductor code generation);
-`tests/test_gpu_check.py` runs it.
+a few seconds (`torch.compile` with the `eager` backend: Dynamo traces, no Inductor code generation; the training
+step under CPU bf16 autocast); `tests/test_gpu_check.py` runs it.
 
     bash benchmarks/gpu_check.sh                       # full check on one GPU, <= 8 minutes on an H100/H200
     python benchmarks/gpu_check.py --smoke             # tiny, CPU
     python benchmarks/gpu_check.py --checks jvp_math_kernel --json jvp.json
+    python benchmarks/gpu_check.py --checks train_step --train-repeats 10
 """
 
 import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -57,6 +72,20 @@ import diffusers_sprint  # noqa: E402
 from diffusers_sprint import SanaSprintTransformer2DModel  # noqa: E402
 from diffusers_sprint.models import TrigFlowModel  # noqa: E402
 from diffusers_sprint.toy.tokenizer import train_gemma_layout_tokenizer  # noqa: E402
+from diffusers_sprint.training import (  # noqa: E402
+    DistillationBatch,
+    DistillationConfig,
+    DistillationState,
+    SanaDiscriminator,
+    SCMLossConfig,
+    build_student,
+    default_head_block_ids,
+    discriminator_step,
+    generator_step,
+    sample_trigflow_time,
+    step_if_finite,
+)
+from diffusers_sprint.training import scm as scm_module  # noqa: E402
 from diffusers_sprint.training.scm import (  # noqa: E402
     DEFAULT_FINITE_DIFFERENCE_STEP,
     trigflow_velocity_finite_difference,
@@ -89,6 +118,10 @@ class CheckContext:
     compile_backend: str
     jvp_model: str
     jvp_step: float
+    train_model: str = "0.6B"
+    train_batch: int = 2
+    train_repeats: int = 5
+    train_compile_jvp: bool = True
     seed: int = 0
 
     def transformer_config(self, name: str) -> dict:
@@ -143,24 +176,44 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall seconds of `fn()`, the device synchronised before and after."""
+def time_call(fn: Callable[[], object], device: torch.device, peaks: list | None = None) -> float:
+    """
+    Wall seconds of `fn()`, the device synchronised before and after. CUDA with `peaks`: appends the call's peak
+    memory in MiB, `max_memory_allocated` after a `reset_peak_memory_stats` minus the bytes allocated before.
+    """
     synchronize(device)
+    measure_memory = peaks is not None and device.type == "cuda"
+    if measure_memory:
+        torch.cuda.reset_peak_memory_stats(device)
+        allocated = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if measure_memory:
+        peaks.append((torch.cuda.max_memory_allocated(device) - allocated) / 2**20)
+    return seconds
 
 
-def interleaved_medians(calls: dict[str, Callable[[], object]], context: CheckContext) -> dict[str, float]:
-    """Median seconds of each call after `warmup` untimed calls, timed A B A B ... (load drift hits both alike)."""
+def interleaved_medians(
+    calls: dict[str, Callable[[], object]],
+    context: CheckContext,
+    repeats: int | None = None,
+    peaks: dict[str, list] | None = None,
+) -> dict[str, float]:
+    """
+    Median seconds of each call after `warmup` untimed calls, timed A B A B ... (load drift hits both alike), over
+    `repeats` (default `context.repeats`). CUDA with `peaks` (a dict): `peaks[name]` gets each timed call's peak MiB.
+    """
     for _ in range(context.warmup):
         for fn in calls.values():
             fn()
     samples = {name: [] for name in calls}
-    for _ in range(context.repeats):
+    if peaks is not None:
+        peaks.update({name: [] for name in calls})
+    for _ in range(repeats or context.repeats):
         for name, fn in calls.items():
-            samples[name].append(time_call(fn, context.device))
+            samples[name].append(time_call(fn, context.device, None if peaks is None else peaks[name]))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -530,6 +583,298 @@ def check_jvp_math_kernel(context: CheckContext) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# (b) Training step: time and peak memory
+# ---------------------------------------------------------------------------------------------------------------------
+
+TRAIN_TARGET_FORWARD_EQUIVALENTS = 9.0  # issue 15: the sCM+LADD generator step, in student forwards
+# First-call agreement with the exact JVP, relative, on the generator loss and the tangent statistics the step logs
+# (`g_norm_mean`: per-sample L2 norm of the sCM tangent g before normalisation; `dF_dt_abs_mean`: mean |dF/dt|). The
+# loss alone barely sees the tangent: it holds g / (||g||_2 + 0.1) over a sample's ~33k elements, whose squared norm
+# is about 1 whatever g is once ||g||_2 >> 0.1. Under bf16 autocast the exact JVP is computed in bf16 while the finite
+# difference runs fp32 forwards: their difference is the bf16 JVP's rounding (the jvp_math_kernel check allows 0.1
+# on the tangent tensor; these are means, where it partly averages out) plus the difference's truncation error
+# (2-7e-3 on the toy teacher, docs/performance.md), hence 5e-2. compile_jvp computes the same math in a different
+# order and fusion (Inductor keeps fused intermediates in fp32 where eager rounds to bf16): bf16-rounding scale, 2e-2.
+FINITE_DIFFERENCE_TOLERANCE = 5e-2
+COMPILED_JVP_TOLERANCE = 2e-2
+AGREEMENT_LOGS = ("generator_loss", "g_norm_mean", "dF_dt_abs_mean")
+TRAIN_GUIDANCE = 4.5  # the unit forward's CFG scale (the steps draw theirs from SCMLossConfig.guidance_scales)
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """The models, optimisers and batch of the training-step check (fp32 master weights)."""
+
+    student: SanaSprintTransformer2DModel
+    student_model: TrigFlowModel
+    teacher_model: TrigFlowModel
+    discriminator: SanaDiscriminator
+    batch: DistillationBatch
+    state: DistillationState
+    g_optimizer: torch.optim.Optimizer
+    d_optimizer: torch.optim.Optimizer
+    unit_inputs: tuple  # (x_t / sigma_d, t, w): the student forward everything is counted in
+
+
+def build_train_setup(context: CheckContext) -> TrainSetup:
+    """
+    As benchmarks/bench_train_step.py and examples/train_sana_sprint.py: a random-weight Sprint teacher in the
+    released config (no guidance embedder, dense time, fp32), `build_student(teacher, logvar_head=True)`,
+    `SanaDiscriminator(teacher, default_head_block_ids(layers))`, AdamW on the student and on the heads, one batch
+    of `train_batch` latents with padded captions (300 tokens; smoke 12) and a null caption for the teacher's CFG.
+    """
+    device, seed = context.device, context.seed
+    config = sana_configs.teacher_config(context.transformer_config(context.train_model))
+    config["flow_time_scale"] = 1.0  # the Sprint teacher's dense time (as bench_train_step and gpu_train_smoke)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        teacher = SanaSprintTransformer2DModel(**config)
+    teacher.eval().requires_grad_(False)
+    student = build_student(teacher, logvar_head=True, generator=torch.Generator().manual_seed(seed))
+    student = student.to(device).train()
+    teacher_model = TrigFlowModel(teacher)
+    discriminator = SanaDiscriminator(teacher_model, default_head_block_ids(config["num_layers"])).to(device)
+
+    sigma_data = SCMLossConfig().sigma_data
+    generator = torch.Generator(device).manual_seed(seed)
+    b, seq, channels = context.train_batch, 12 if context.smoke else 300, config["caption_channels"]
+    side = context.latent_side()
+    latents = torch.randn(b, config["in_channels"], side, side, generator=generator, device=device)
+    embeds = torch.randn(b, seq, channels, generator=generator, device=device)
+    mask = torch.ones(b, seq, dtype=torch.long, device=device)
+    mask[::2, seq // 2 :] = 0  # every other caption half padding
+    null = torch.randn(1, seq, channels, generator=generator, device=device)
+    null_mask = torch.zeros(1, seq, dtype=torch.long, device=device)
+    null_mask[:, :4] = 1
+    t = sample_trigflow_time(b, device=device, generator=generator)
+    z = torch.randn(latents.shape, generator=generator, device=device)
+    x_t_scaled = torch.cos(t)[:, None, None, None] * latents + torch.sin(t)[:, None, None, None] * z
+    return TrainSetup(
+        student=student,
+        student_model=TrigFlowModel(student),
+        teacher_model=teacher_model,
+        discriminator=discriminator,
+        batch=DistillationBatch(latents * sigma_data, embeds, mask, null, null_mask),
+        # tangent warm-up over (r = 1): dF enters the tangent at full weight
+        state=DistillationState(generator_steps=SCMLossConfig().tangent_warmup_steps),
+        g_optimizer=torch.optim.AdamW(student.parameters(), lr=1e-6, weight_decay=0.0),
+        d_optimizer=torch.optim.AdamW(discriminator.parameters(), lr=1e-6, weight_decay=0.0),
+        unit_inputs=(x_t_scaled, t, torch.full((b,), TRAIN_GUIDANCE, device=device)),
+    )
+
+
+def training_autocast(device: torch.device):
+    """The training script's precision: bf16 autocast over fp32 weights (`accelerate --mixed_precision bf16`)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters) -> bool:
+    """The training script's update: backward, clip to 1.0, step unless NaN/Inf (`step_if_finite`); True if skipped."""
+    parameters = [p for p in parameters if p.requires_grad]
+    loss.backward()
+    return step_if_finite(optimizer, torch.nn.utils.clip_grad_norm_(parameters, 1.0))
+
+
+def _generator_loss(s: TrainSetup, config: DistillationConfig, generator: torch.Generator):
+    """`generator_step` under the training autocast (the discriminator judged in eval mode, as the script does)."""
+    s.discriminator.eval()  # spectral-norm power iterations advance on D steps only
+    discriminator = s.discriminator if config.uses_discriminator else None
+    with training_autocast(s.batch.latents.device):
+        return generator_step(s.student_model, s.teacher_model, discriminator, s.batch, s.state, config, generator)
+
+
+def _train_variants(compile_jvp: bool = True) -> dict[str, DistillationConfig]:
+    """The G-step variants by name: sCM and sCM+LADD, each with the exact JVP, the finite difference, compile_jvp."""
+    methods = [("exact JVP", dict(jvp="exact")), ("finite-difference JVP", dict(jvp="finite_difference"))]
+    if compile_jvp:
+        methods.append(("exact JVP, compile_jvp", dict(jvp="exact", compile_jvp=True)))
+    variants = {}
+    for recipe, ladd in (("sCM", False), ("sCM+LADD", True)):
+        for jvp, options in methods:
+            scm = SCMLossConfig(**options)
+            variants[f"G {recipe}, {jvp}"] = DistillationConfig(scm=scm, adversarial_lambda=0.5 if ladd else 0.0)
+    return variants
+
+
+def _relative_difference(value: float, reference: float) -> float:
+    return abs(value - reference) / max(abs(reference), torch.finfo(torch.float32).tiny)
+
+
+@register_check("train_step")
+def check_train_step(context: CheckContext) -> list[Row]:
+    saved_backend = scm_module.JVP_COMPILE_BACKEND
+    scm_module.JVP_COMPILE_BACKEND = context.compile_backend
+    try:
+        return _train_step_rows(context)
+    finally:
+        scm_module.JVP_COMPILE_BACKEND = saved_backend
+
+
+def _train_step_rows(context: CheckContext) -> list[Row]:
+    device, seed = context.device, context.seed
+    s = build_train_setup(context)
+    variants = _train_variants(context.train_compile_jvp)
+    d_config = DistillationConfig()  # sCM+LADD defaults: misaligned pairs, max-time probability 0.5
+    b = s.batch.latents.shape[0]
+    label = f"{'tiny' if context.smoke else context.train_model} {context.image_size}px batch {b} bf16 autocast"
+    tf32 = ""
+    if device.type == "cuda":
+        tf32 = f"; TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}"
+    rows = []
+
+    # 1. First calls, before any optimizer step: every variant on the same weights and the same random draws
+    #    (a fresh generator per call; scm_loss draws nothing, so the JVP method does not move the draws). The
+    #    compiled variants compile here; no backward.
+    first, first_seconds = {}, {}
+    graphs_before = compiled_graph_count()
+
+    def first_call(name: str, config: DistillationConfig):
+        synchronize(device)
+        start = time.perf_counter()
+        out = _generator_loss(s, config, torch.Generator(device).manual_seed(seed + 1))
+        values = {key: float(out.logs[key]) for key in AGREEMENT_LOGS}
+        first_seconds[name] = time.perf_counter() - start  # float() synchronised
+        first[name] = values
+
+    for name, config in list(variants.items()):
+        if name.endswith(", exact JVP"):  # the baseline: without it there is nothing to compare or count in
+            first_call(name, config)
+            continue
+        try:
+            first_call(name, config)
+        except Exception:  # noqa: BLE001 (e.g. an Inductor failure: reported, and the other variants still run)
+            error = traceback.format_exc().strip().splitlines()[-1]
+            rows.append(Row("train_step", f"{label}, {name}, first call", "crashed", ok=False, note=error[:200]))
+            del variants[name]
+            release_device_memory(device)
+    compile_graphs = compiled_graph_count() - graphs_before
+    diagnostic = "G sCM, finite-difference JVP, TF32 off"  # the difference's fp32 forwards without TF32 rounding
+    if "G sCM, finite-difference JVP" in variants:
+        with full_fp32_matmuls():
+            first_call(diagnostic, variants["G sCM, finite-difference JVP"])
+    s.discriminator.train()
+    d_generator = torch.Generator(device).manual_seed(seed + 1)
+    with training_autocast(device):
+        d_first = discriminator_step(s.student_model, s.discriminator, s.batch, d_config, d_generator).loss.detach()
+
+    for name in first:  # the variants that ran, then the diagnostic
+        if name.endswith(", exact JVP"):
+            continue
+        recipe = name.split(",")[0]
+        exact = first[f"{recipe}, exact JVP"]
+        differences = {key: _relative_difference(first[name][key], exact[key]) for key in AGREEMENT_LOGS}
+        worst = max(differences.values())
+        finite = all(math.isfinite(v) for v in (*first[name].values(), *exact.values()))
+        tolerance = COMPILED_JVP_TOLERANCE if "compile_jvp" in name else FINITE_DIFFERENCE_TOLERANCE
+        rows.append(
+            Row(
+                "train_step",
+                f"{label}, {name} vs exact JVP, first call",
+                "max rel diff (loss, tangent stats)",
+                ours=worst,
+                baseline=tolerance,
+                ok=finite and worst <= tolerance,
+                note="same weights and draws; " + ", ".join(f"{k} {v:.1e}" for k, v in differences.items()),
+            )
+        )
+    compiled_name = "G sCM, exact JVP, compile_jvp"
+    compile_row = None  # baseline: the same step once compiled (set after the timed phase); ratio: compile in steps
+    if compiled_name in variants:
+        compile_row = Row(
+            "train_step",
+            f"{label}, {compiled_name}, first call (compiles) vs a timed call",
+            "s",
+            ours=first_seconds[compiled_name],
+            ok=compile_graphs > 0,
+            note=f"torch.compile backend {context.compile_backend}: {compile_graphs} Dynamo graph(s) for both recipes"
+            " (first calls)",
+        )
+        rows.append(compile_row)
+    graphs_before_timing = compiled_graph_count()
+
+    # 2. Timed steps, interleaved: generator_step / discriminator_step under autocast, backward, clip, AdamW step.
+    generator = torch.Generator(device).manual_seed(seed + 2)
+    losses = {name: [] for name in [*variants, "D step"]}
+    losses["D step"].append(d_first)
+
+    def g_step(name: str, config: DistillationConfig):
+        out = _generator_loss(s, config, generator)
+        s.state.record("generator", _update(out.loss, s.g_optimizer, s.student.parameters()))
+        losses[name].append(out.loss.detach())
+
+    def d_step():
+        s.discriminator.train()
+        with training_autocast(device):
+            out = discriminator_step(s.student_model, s.discriminator, s.batch, d_config, generator)
+        s.state.record("discriminator", _update(out.loss, s.d_optimizer, s.discriminator.parameters()))
+        losses["D step"].append(out.loss.detach())
+
+    def unit():
+        x, t, w = s.unit_inputs
+        with torch.no_grad(), training_autocast(device):
+            s.student.trigflow_forward(x, t, s.batch.prompt_embeds, s.batch.prompt_attention_mask, guidance_scale=w)
+
+    calls = {"student forward (no grad)": unit}
+    calls.update({name: functools.partial(g_step, name, config) for name, config in variants.items()})
+    calls["D step"] = d_step
+    peaks = {}
+    medians = interleaved_medians(calls, context, repeats=context.train_repeats, peaks=peaks)
+    unit_seconds = medians.pop("student forward (no grad)")
+    if compile_row is not None:
+        compile_row.baseline = medians[compiled_name]
+        compile_row.ratio = compile_row.ours / compile_row.baseline
+        recompiles = compiled_graph_count() - graphs_before_timing
+        compile_row.note += f"; {recompiles} more during the timed steps (recompiles)"
+    note = f"median of {context.train_repeats} after {context.warmup} warm-up(s), interleaved{tf32}"
+    rows.append(
+        Row("train_step", f"{label}, student forward (no grad), the unit", "ms", ours=1e3 * unit_seconds, note=note)
+    )
+    for name, seconds in medians.items():
+        values = [float(v) for v in losses[name]]
+        finite = bool(values) and all(math.isfinite(v) for v in values)
+        ratio = seconds / unit_seconds
+        extra = f"ok: {len(values)} losses finite" if finite else f"non-finite loss in {values}"
+        if name.startswith("G sCM+LADD"):
+            met = "met" if ratio <= TRAIN_TARGET_FORWARD_EQUIVALENTS else "MISSED"
+            extra += f"; target <= {TRAIN_TARGET_FORWARD_EQUIVALENTS:g} forward-equivalents {met}"
+        exact = name.split(",")[0] + ", exact JVP"
+        if name.startswith("G ") and name != exact:
+            extra += f"; {seconds / medians[exact]:.2f}x the exact-JVP step"
+        if "finite-difference" in name:
+            extra += " (under autocast the difference is central: two fp32 no-grad forwards)"
+        rows.append(
+            Row(
+                "train_step",
+                f"{label}, {name}",
+                "ms (ratio: forward-equivalents)",
+                ours=1e3 * seconds,
+                baseline=1e3 * unit_seconds,
+                ratio=ratio,
+                ok=finite,
+                note=f"{extra}; {note}",
+            )
+        )
+    if device.type == "cuda":
+        peak = {name: max(values) for name, values in peaks.items()}
+        for name, value in peak.items():
+            exact = peak.get(name.split(",")[0] + ", exact JVP") if name.startswith("G ") else None
+            exact = None if exact is None or name.endswith(", exact JVP") else exact
+            rows.append(
+                Row(
+                    "train_step",
+                    f"{label}, {name}",
+                    "peak MiB",
+                    ours=value,
+                    baseline=exact,
+                    ratio=None if exact is None else value / exact,
+                    note="max over the timed calls of max_memory_allocated - allocated before the call"
+                    + ("; baseline: the exact-JVP step" if exact is not None else ""),
+                )
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -591,13 +936,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (inductor; smoke eager).")
     parser.add_argument("--jvp-model", default="0.6B", help="Transformer config of the JVP check.")
     parser.add_argument("--jvp-step", type=float, default=1e-3, help="Finite-difference step h (fp32).")
+    parser.add_argument("--train-model", default="0.6B", help="Transformer config of the training-step check.")
+    parser.add_argument("--train-batch", type=int, default=2, help="Batch of the training-step check.")
+    parser.add_argument("--train-repeats", type=int, default=None, help="Timed steps per variant (5; smoke 2).")
+    parser.add_argument(
+        "--train-compile-jvp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Include the compile_jvp variants of the training step (one compile of the JVP).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="Write environment, settings and rows here.")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.checks or []) - set(CHECKS))
     if unknown:
         parser.error(f"--checks: unknown {unknown}; allowed: {list(CHECKS)}.")
-    for name in [*args.models, args.jvp_model]:
+    if args.train_batch < 1:
+        parser.error(f"--train-batch must be >= 1, got {args.train_batch}.")
+    for name in [*args.models, args.jvp_model, args.train_model]:
         try:
             sana_configs.resolve_model_name(name)
         except ValueError as error:
@@ -625,6 +981,10 @@ def make_context(args: argparse.Namespace) -> CheckContext:
         compile_backend=args.compile_backend or ("eager" if args.smoke else "inductor"),
         jvp_model=args.jvp_model,
         jvp_step=args.jvp_step,
+        train_model=args.train_model,
+        train_batch=args.train_batch,
+        train_repeats=args.train_repeats or (2 if args.smoke else 5),
+        train_compile_jvp=args.train_compile_jvp,
         seed=args.seed,
     )
 
