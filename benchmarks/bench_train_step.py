@@ -116,6 +116,7 @@ class Setup:
     compiled_student: torch.nn.Module | None = None
     # (block, compiled call) of the teacher's blocks, switched on by `teacher_compiled` (empty without --compile)
     compiled_teacher_blocks: list = field(default_factory=list)
+    compiled_heads: list = field(default_factory=list)  # (head, compiled call) of the discriminator's heads
 
 
 def _update(loss, optimizer, parameters) -> bool:
@@ -169,12 +170,16 @@ def build(args) -> Setup:
     w = torch.full((b,), GUIDANCE, device=device)
     with torch.no_grad():
         features = discriminator.extract_features(x_t_scaled, t, embeds, mask)
-    compiled_teacher_blocks = []
+    compiled_teacher_blocks, compiled_heads = [], []
     if args.compile:
         for block in teacher.transformer_blocks:
             block.compile()  # regional: forward hooks (the discriminator's) run outside the compiled call
             compiled_teacher_blocks.append((block, block._compiled_call_impl))
             block._compiled_call_impl = None  # eager unless a variant switches it on
+        for head in discriminator.heads:  # the discriminator's heads, switched on with the teacher's blocks
+            head.compile()
+            compiled_heads.append((head, head._compiled_call_impl))
+            head._compiled_call_impl = None
     return Setup(
         teacher=teacher,
         student=student,
@@ -190,24 +195,27 @@ def build(args) -> Setup:
         features=features,
         compiled_student=torch.compile(TrigFlowModel(student)) if args.compile else None,
         compiled_teacher_blocks=compiled_teacher_blocks,
+        compiled_heads=compiled_heads,
     )
 
 
 @contextmanager
-def teacher_compiled(s: Setup, enabled: bool = True):
-    """The teacher's blocks run their compiled call inside the block (eager again afterwards)."""
+def teacher_compiled(s: Setup, enabled: bool = True, heads: bool = False):
+    """The teacher's blocks (and with `heads` the discriminator's heads) run their compiled call inside the module
+    (eager again afterwards)."""
     if not enabled:
         yield
         return
     if not s.compiled_teacher_blocks:
         raise RuntimeError("the compiled teacher variants need --compile")
-    for block, compiled in s.compiled_teacher_blocks:
-        block._compiled_call_impl = compiled
+    modules = s.compiled_teacher_blocks + (s.compiled_heads if heads else [])
+    for module, compiled in modules:
+        module._compiled_call_impl = compiled
     try:
         yield
     finally:
-        for block, _ in s.compiled_teacher_blocks:
-            block._compiled_call_impl = None
+        for module, _ in modules:
+            module._compiled_call_impl = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -234,6 +242,7 @@ def generator_variant(
     single: bool = True,
     compiled_teacher: bool = False,
     compile_jvp: bool = False,
+    compiled_heads: bool = False,
 ):
     config = _config(ladd, max_time_probability, jvp, single, compile_jvp)
 
@@ -241,7 +250,7 @@ def generator_variant(
         s.discriminator.eval()  # spectral-norm power iterations advance on D steps only (docs/training/ladd.md)
         student = s.compiled_student if compiled else s.student
         discriminator = s.discriminator if ladd else None
-        with teacher_compiled(s, compiled_teacher):
+        with teacher_compiled(s, compiled_teacher, compiled_heads):
             out = generator_step(student, s.teacher, discriminator, s.batch, s.state, config, s.generator)
             s.state.record("generator", _update(out.loss, s.g_optimizer, s.student.parameters()))
 
@@ -436,6 +445,14 @@ COMPILED = {
     "g_ladd_compiled_jvp_all": (
         "G step, sCM+LADD (exact JVP), compile_jvp + student + teacher blocks compiled",
         generator_variant(True, compiled=True, compiled_teacher=True, compile_jvp=True),
+    ),
+    "g_ladd_compiled_jvp_all_heads": (
+        "G step, sCM+LADD (exact JVP), compile_jvp + student + teacher blocks + D heads compiled",
+        generator_variant(True, compiled=True, compiled_teacher=True, compile_jvp=True, compiled_heads=True),
+    ),
+    "g_ladd_fd_compiled_all_heads": (
+        "G step, sCM+LADD, jvp=finite_difference, student + teacher blocks + D heads compiled",
+        generator_variant(True, jvp="finite_difference", compiled=True, compiled_teacher=True, compiled_heads=True),
     ),
 }
 ALL = {**UNITS, **STEPS, **PIECES, **COMPILED}
@@ -635,6 +652,8 @@ def what_if(fe: dict[str, float], layers: int, official_layers: int = 20) -> dic
         "exact JVP, teacher blocks compiled, measured": "g_ladd_compiled_teacher",
         "exact JVP, compile_jvp, measured": "g_ladd_compiled_jvp",
         "exact JVP, compile_jvp + student + teacher blocks compiled, measured": "g_ladd_compiled_jvp_all",
+        "exact JVP, compile_jvp, all compiled incl. D heads, measured": "g_ladd_compiled_jvp_all_heads",
+        "finite-difference tangent, all compiled incl. D heads, measured": "g_ladd_fd_compiled_all_heads",
         "finite-difference tangent, measured": "g_ladd_fd",
         "finite-difference tangent, student compiled, measured": "g_ladd_fd_compiled",
         "finite-difference tangent, student + teacher blocks compiled, measured": "g_ladd_fd_compiled_all",
