@@ -65,6 +65,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import diffusers  # noqa: E402
 import torch  # noqa: E402
+from distillation_inputs import random_distillation_inputs, update  # noqa: E402
 
 from diffusers_sprint import SanaSprintTransformer2DModel  # noqa: E402
 from diffusers_sprint.models import TrigFlowModel  # noqa: E402
@@ -78,8 +79,6 @@ from diffusers_sprint.training import (  # noqa: E402
     default_head_block_ids,
     discriminator_step,
     generator_step,
-    sample_trigflow_time,
-    step_if_finite,
     teacher_cfg_velocity,
 )
 from diffusers_sprint.training.scm import _shifted_velocity, trigflow_velocity_jvp  # noqa: E402
@@ -119,13 +118,6 @@ class Setup:
     compiled_heads: list = field(default_factory=list)  # (head, compiled call) of the discriminator's heads
 
 
-def _update(loss, optimizer, parameters) -> bool:
-    """What the training script does at a sync step: backward, clip to 1.0, step unless NaN/Inf; True if skipped."""
-    parameters = [p for p in parameters if p.requires_grad]
-    loss.backward()
-    return step_if_finite(optimizer, torch.nn.utils.clip_grad_norm_(parameters, 1.0))
-
-
 def build(args) -> Setup:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -154,22 +146,13 @@ def build(args) -> Setup:
     ).to(device)
 
     generator = torch.Generator(device).manual_seed(args.seed)
-    b, seq = args.batch, args.seq_len
-    latents = torch.randn(b, LATENT_CHANNELS, args.latent, args.latent, generator=generator, device=device)
-    embeds = torch.randn(b, seq, args.caption_channels, generator=generator, device=device)
-    mask = torch.ones(b, seq, dtype=torch.long, device=device)
-    mask[::2, seq // 2 :] = 0  # half the captions padded
-    null = torch.randn(1, seq, args.caption_channels, generator=generator, device=device)
-    null_mask = torch.zeros(1, seq, dtype=torch.long, device=device)
-    null_mask[:, :4] = 1
-    batch = DistillationBatch(latents * SIGMA_DATA, embeds, mask, null, null_mask)
-
-    t = sample_trigflow_time(b, device=device, generator=generator)
-    z = torch.randn(latents.shape, generator=generator, device=device)
-    x_t_scaled = torch.cos(t)[:, None, None, None] * latents + torch.sin(t)[:, None, None, None] * z
+    b = args.batch
+    batch, x_t_scaled, t = random_distillation_inputs(
+        b, LATENT_CHANNELS, args.latent, args.seq_len, args.caption_channels, SIGMA_DATA, generator, device
+    )
     w = torch.full((b,), GUIDANCE, device=device)
     with torch.no_grad():
-        features = discriminator.extract_features(x_t_scaled, t, embeds, mask)
+        features = discriminator.extract_features(x_t_scaled, t, batch.prompt_embeds, batch.prompt_attention_mask)
     compiled_teacher_blocks, compiled_heads = [], []
     if args.compile:
         for block in teacher.transformer_blocks:
@@ -252,7 +235,7 @@ def generator_variant(
         discriminator = s.discriminator if ladd else None
         with teacher_compiled(s, compiled_teacher, compiled_heads):
             out = generator_step(student, s.teacher, discriminator, s.batch, s.state, config, s.generator)
-            s.state.record("generator", _update(out.loss, s.g_optimizer, s.student.parameters()))
+            s.state.record("generator", update(out.loss, s.g_optimizer, s.student.parameters()))
 
     return run
 
@@ -264,7 +247,7 @@ def discriminator_variant(compiled_teacher: bool = False):
         s.discriminator.train()
         with teacher_compiled(s, compiled_teacher):
             out = discriminator_step(s.student, s.discriminator, s.batch, config, s.generator)
-            s.state.record("discriminator", _update(out.loss, s.d_optimizer, s.discriminator.parameters()))
+            s.state.record("discriminator", update(out.loss, s.d_optimizer, s.discriminator.parameters()))
 
     return run
 

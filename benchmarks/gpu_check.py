@@ -66,6 +66,7 @@ import diffusers  # noqa: E402
 import sana_configs  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from distillation_inputs import random_distillation_inputs, update  # noqa: E402
 from transformers import Gemma2Config, Gemma2Model  # noqa: E402
 
 import diffusers_sprint  # noqa: E402
@@ -82,8 +83,6 @@ from diffusers_sprint.training import (  # noqa: E402
     default_head_block_ids,
     discriminator_step,
     generator_step,
-    sample_trigflow_time,
-    step_if_finite,
 )
 from diffusers_sprint.training import scm as scm_module  # noqa: E402
 from diffusers_sprint.training.scm import (  # noqa: E402
@@ -637,24 +636,16 @@ def build_train_setup(context: CheckContext) -> TrainSetup:
 
     sigma_data = SCMLossConfig().sigma_data
     generator = torch.Generator(device).manual_seed(seed)
-    b, seq, channels = context.train_batch, 12 if context.smoke else 300, config["caption_channels"]
-    side = context.latent_side()
-    latents = torch.randn(b, config["in_channels"], side, side, generator=generator, device=device)
-    embeds = torch.randn(b, seq, channels, generator=generator, device=device)
-    mask = torch.ones(b, seq, dtype=torch.long, device=device)
-    mask[::2, seq // 2 :] = 0  # every other caption half padding
-    null = torch.randn(1, seq, channels, generator=generator, device=device)
-    null_mask = torch.zeros(1, seq, dtype=torch.long, device=device)
-    null_mask[:, :4] = 1
-    t = sample_trigflow_time(b, device=device, generator=generator)
-    z = torch.randn(latents.shape, generator=generator, device=device)
-    x_t_scaled = torch.cos(t)[:, None, None, None] * latents + torch.sin(t)[:, None, None, None] * z
+    b, seq = context.train_batch, 12 if context.smoke else 300
+    batch, x_t_scaled, t = random_distillation_inputs(
+        b, config["in_channels"], context.latent_side(), seq, config["caption_channels"], sigma_data, generator, device
+    )
     return TrainSetup(
         student=student,
         student_model=TrigFlowModel(student),
         teacher_model=teacher_model,
         discriminator=discriminator,
-        batch=DistillationBatch(latents * sigma_data, embeds, mask, null, null_mask),
+        batch=batch,
         # tangent warm-up over (r = 1): dF enters the tangent at full weight
         state=DistillationState(generator_steps=SCMLossConfig().tangent_warmup_steps),
         g_optimizer=torch.optim.AdamW(student.parameters(), lr=1e-6, weight_decay=0.0),
@@ -666,13 +657,6 @@ def build_train_setup(context: CheckContext) -> TrainSetup:
 def training_autocast(device: torch.device):
     """The training script's precision: bf16 autocast over fp32 weights (`accelerate --mixed_precision bf16`)."""
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def _update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters) -> bool:
-    """The training script's update: backward, clip to 1.0, step unless NaN/Inf (`step_if_finite`); True if skipped."""
-    parameters = [p for p in parameters if p.requires_grad]
-    loss.backward()
-    return step_if_finite(optimizer, torch.nn.utils.clip_grad_norm_(parameters, 1.0))
 
 
 def _generator_loss(s: TrainSetup, config: DistillationConfig, generator: torch.Generator):
@@ -799,14 +783,14 @@ def _train_step_rows(context: CheckContext) -> list[Row]:
 
     def g_step(name: str, config: DistillationConfig):
         out = _generator_loss(s, config, generator)
-        s.state.record("generator", _update(out.loss, s.g_optimizer, s.student.parameters()))
+        s.state.record("generator", update(out.loss, s.g_optimizer, s.student.parameters()))
         losses[name].append(out.loss.detach())
 
     def d_step():
         s.discriminator.train()
         with training_autocast(device):
             out = discriminator_step(s.student_model, s.discriminator, s.batch, d_config, generator)
-        s.state.record("discriminator", _update(out.loss, s.d_optimizer, s.discriminator.parameters()))
+        s.state.record("discriminator", update(out.loss, s.d_optimizer, s.discriminator.parameters()))
         losses["D step"].append(out.loss.detach())
 
     def unit():
