@@ -286,16 +286,27 @@ def test_eval_toy_teacher_split_protocol_samples_the_split_rows_with_their_noise
     report = eval_toy_teacher.evaluate_split(pipe, args)
 
     dataset = load_emoji_dataset()
-    assert [(seed, len(images)) for seed, images, _ in scored] == [(1, 3), (2, 3)] * 3
+    # per seed: sampler, real images, reconstructions
+    assert [(seed, len(images)) for seed, images, _ in scored] == [(1, 3)] * 3 + [(2, 3)] * 3
     for position, seed in enumerate((1, 2)):
         rows = evaluation_set("held_out", 3, seed, dataset.num_rows).rows
         captions = [dataset[row]["caption"] for row in rows]
         expected = generate(pipe, captions, seed, seed_base=SPLIT_SEED_BASES["held_out"], num_inference_steps=1)
-        sampled, real = scored[position], scored[2 + position]
+        sampled, real = scored[3 * position], scored[3 * position + 1]
         assert sampled[2] == real[2] == captions
         for image, reference in zip(sampled[1], expected):
             np.testing.assert_array_equal(np.asarray(image), np.asarray(reference))
         for image, row in zip(real[1], rows):
             np.testing.assert_array_equal(np.asarray(image), np.asarray(dataset[row]["image"]))
-    assert report["sampler"]["fid_per_seed"] == [1.0, 2.0]
-    assert report["vae_reconstruction"]["fid_per_seed"] == [5.0, 6.0]
+    assert report["sampler"]["fid_per_seed"] == [1.0, 4.0]
+    assert report["vae_reconstruction"]["fid_per_seed"] == [3.0, 6.0]
+
+    # Seeds that draw the same set of rows (the whole split, permuted) score the floor rows once.
+    scored.clear()
+    args = eval_toy_teacher.parse_args(["--split", "held_out", "--count", "604", "--seeds", "1", "2"])
+    args.num_inference_steps = 1
+    report = eval_toy_teacher.evaluate_split(pipe, args)
+    assert [(seed, len(images)) for seed, images, _ in scored] == [(1, 604)] * 3 + [(2, 604)]
+    assert report["dataset_floor"]["fid_per_seed"] == [2.0, 2.0]
+    assert report["vae_reconstruction"]["fid_per_seed"] == [3.0, 3.0]
+    assert report["sampler"]["fid_per_seed"] == [1.0, 4.0]
