@@ -6,6 +6,7 @@ takes half of the batch; the per-rank mean losses average to the full batch's lo
 update, must agree with one process to float error. A bare-module run without sync shows what the test catches.
 """
 
+import gc
 import os
 import time
 
@@ -94,41 +95,50 @@ def _worker(rank, world_size, folder, engine):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'store')}", rank=rank, world_size=2)
     try:
-        student, teacher, discriminator = _models()
-        if engine == "ddp":
-            trained = torch.nn.parallel.DistributedDataParallel(student)
-            heads = torch.nn.parallel.DistributedDataParallel(discriminator)
-        elif engine == "fsdp2":
-            trained = shard_trigflow_model(student)
-            shard_trigflow_model(teacher)
-            heads = shard_discriminator_heads(discriminator)
-        else:  # no sync at all: each rank keeps its own gradients
-            trained, heads = student, discriminator
-        optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
-        optimizer_d = torch.optim.SGD(heads.parameters(), lr=0.1)
-        rows = list(range(rank, BATCH, world_size))
-        losses = _step(trained, teacher, heads, discriminator, rows, optimizer, optimizer_d)
-        losses = torch.stack([torch.as_tensor(v) for v in losses])
-        dist.all_reduce(losses)
-        losses /= world_size  # the mean of the per-rank means is the full batch's mean
-        if engine == "fsdp2":
-            state = full_model_state_dict(trained)
-            save_sharded_state(os.path.join(folder, "dcp"), {"student": trained}, {"optimizer": (trained, optimizer)})
-            weights_before = {k: v.detach().clone() for k, v in trained.state_dict().items()}
-            with torch.no_grad():
-                for parameter in trained.parameters():
-                    parameter.zero_()
-            load_sharded_state(os.path.join(folder, "dcp"), {"student": trained}, {"optimizer": (trained, optimizer)})
-            restored = all(
-                torch.equal(v.to_local(), weights_before[k].to_local()) for k, v in trained.state_dict().items()
-            )
-        else:
-            state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-            restored = True
-        if rank == 0:
-            torch.save({"losses": losses, "state": state, "restored": restored}, os.path.join(folder, "result.pt"))
+        _train_and_save(rank, world_size, folder, engine)
+        gc.collect()  # DDP wrappers caught in reference cycles too
     finally:
+        # Only after the DDP wrappers are gone: a DDP `Reducer` that holds the last reference to the gloo process
+        # group destroys it with the GIL held, and the group's destructor joins a gloo thread that may still need
+        # the GIL to free the tensor of the last all-reduce: a deadlock (seen once in ~4 runs, pytorch#56297).
         dist.destroy_process_group()
+
+
+def _train_and_save(rank, world_size, folder, engine):
+    """The 2-process update; its DDP wrappers are freed on return, while the process group is still registered."""
+    student, teacher, discriminator = _models()
+    if engine == "ddp":
+        trained = torch.nn.parallel.DistributedDataParallel(student)
+        heads = torch.nn.parallel.DistributedDataParallel(discriminator)
+    elif engine == "fsdp2":
+        trained = shard_trigflow_model(student)
+        shard_trigflow_model(teacher)
+        heads = shard_discriminator_heads(discriminator)
+    else:  # no sync at all: each rank keeps its own gradients
+        trained, heads = student, discriminator
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    optimizer_d = torch.optim.SGD(heads.parameters(), lr=0.1)
+    rows = list(range(rank, BATCH, world_size))
+    losses = _step(trained, teacher, heads, discriminator, rows, optimizer, optimizer_d)
+    losses = torch.stack([torch.as_tensor(v) for v in losses])
+    dist.all_reduce(losses)
+    losses /= world_size  # the mean of the per-rank means is the full batch's mean
+    if engine == "fsdp2":
+        state = full_model_state_dict(trained)
+        save_sharded_state(os.path.join(folder, "dcp"), {"student": trained}, {"optimizer": (trained, optimizer)})
+        weights_before = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+        with torch.no_grad():
+            for parameter in trained.parameters():
+                parameter.zero_()
+        load_sharded_state(os.path.join(folder, "dcp"), {"student": trained}, {"optimizer": (trained, optimizer)})
+        restored = all(
+            torch.equal(v.to_local(), weights_before[k].to_local()) for k, v in trained.state_dict().items()
+        )
+    else:
+        state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        restored = True
+    if rank == 0:
+        torch.save({"losses": losses, "state": state, "restored": restored}, os.path.join(folder, "result.pt"))
 
 
 def _reference():
