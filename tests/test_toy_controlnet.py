@@ -66,21 +66,23 @@ def test_training_script_writes_a_loadable_controlnet(tmp_path):
 
 
 def test_embedded_controlnet_fits_the_toy_teacher_and_follows_edges():
-    """16 held-out emoji, 8 CFG steps: the edges of controlled samples match the condition better than the teacher's
-    own samples for the same prompts and noise (edge F1, 1 px tolerance; seen 0.67-0.71 -> 0.92-0.93 over noise
-    seeds 0-2, the same gap as at 20 steps)."""
+    """16 held-out emoji relaid by their fixed layouts, 8 CFG steps: the edges of controlled samples match the
+    condition much better than the teacher's own samples for the same prompts and noise, which are upright and
+    centred (edge F1, 1 px tolerance; seen 0.65-0.67 -> 0.90-0.91 over noise seeds 0-2; against the emoji's own edges
+    the teacher alone scores 0.93, so the gap is the layout, which only the condition carries)."""
     evaluate = _load_script("eval_toy_controlnet")
     from diffusers_sprint.evaluation.edges import edge_adherence, edge_maps
     from diffusers_sprint.toy import load_emoji_dataset
+    from diffusers_sprint.toy.layout import relaid_images
 
     controlnet = SanaControlNetModel.from_pretrained(TOY_CONTROLNET_PATH)
     assert controlnet.config.caption_channels == 64 and controlnet.config.in_channels == 32
     model = evaluate.ToyControlNetTeacher(TOY_TEACHER_PATH, TOY_CONTROLNET_PATH)
     dataset = load_emoji_dataset(resolution=32)
     rows = evaluate.held_out_rows(dataset.num_rows, 16)
-    prompts, sources = [dataset[i]["caption"] for i in rows], [dataset[i]["image"] for i in rows]
-    edges = edge_maps(sources)
+    prompts = [dataset[i]["caption"] for i in rows]
+    edges = edge_maps(relaid_images([dataset[i]["image"] for i in rows], rows))
     noise = torch.randn(16, 32, 4, 4, generator=torch.Generator().manual_seed(0))
     plain = edge_adherence(model.sample(prompts, noise, steps=8), edges)
     controlled = edge_adherence(model.sample(prompts, noise, model.control_latents(edges), steps=8), edges)
-    assert controlled["f1"] > plain["f1"] + 0.1, (plain, controlled)
+    assert controlled["f1"] > plain["f1"] + 0.15 and controlled["f1"] > 0.85, (plain, controlled)

@@ -5,8 +5,10 @@
     python examples/toy/demo_controlnet.py --quick         # a smoke run (tests)
 
 What it does (docs/controlnet.md, section 5):
-  1. Builds the embedded emoji dataset at 32 px with a `conditioning_image` column: the Sobel edge map of each emoji
-     (`diffusers_sprint.evaluation.edges`, the toy ControlNet's training condition), white on black.
+  1. Builds the embedded emoji dataset at 32 px, each emoji relaid by its fixed layout (mirrored or not, shifted by up
+     to 4 px: `diffusers_sprint.toy.layout`, which the caption does not imply), with a `conditioning_image` column: the
+     Sobel edge map of each relaid emoji (`diffusers_sprint.evaluation.edges`, the toy ControlNet's condition), white
+     on black.
   2. Runs `examples/train_sana_sprint.py --controlnet_model_name_or_path <toy ControlNet> --controlnet_training_mode
      joint` (student transformer + ControlNet from the toy teacher + toy ControlNet; the T2I demo's toy recipe) under
      `accelerate launch` with 2 gloo processes (DDP on the CPU; `--num_processes 1` to use one).
@@ -74,18 +76,21 @@ def parse_args(argv=None):
 
 
 def build_dataset(output_dir: str, limit: int | None):
-    """The emoji dataset with a `conditioning_image` column (edge maps, white on black), saved with save_to_disk."""
+    """The relaid emoji dataset with a `conditioning_image` column (their edge maps, white on black), saved with
+    save_to_disk."""
     import datasets
 
     from diffusers_sprint.evaluation.edges import edge_images, edge_maps
     from diffusers_sprint.toy import load_emoji_dataset
+    from diffusers_sprint.toy.layout import relaid_images
 
     dataset = load_emoji_dataset(resolution=RESOLUTION, limit=limit)
-    controls = edge_images(edge_maps(list(dataset["image"])))
+    images = relaid_images(list(dataset["image"]), range(dataset.num_rows))
     features = dataset.features.copy()
     features["conditioning_image"] = datasets.Image()
     columns = {name: dataset[name] for name in dataset.column_names}
-    dataset = datasets.Dataset.from_dict({**columns, "conditioning_image": controls}, features=features)
+    columns.update(image=images, conditioning_image=edge_images(edge_maps(images)))
+    dataset = datasets.Dataset.from_dict(columns, features=features)
     path = os.path.join(output_dir, "dataset")
     dataset.save_to_disk(path)
     return dataset, path

@@ -5,16 +5,19 @@
 
 Protocol. Prompts and conditions come from emoji *outside* the fixed 1,024-image FID reference subset
 (`reference_indices(1628, 1024)`), so a controlled sample cannot score well by copying a reference image: the
-condition of prompt `i` is the edge map of that emoji (`edge_maps`, the ControlNet's training condition). For each
-seed, image `i` starts from `torch.Generator().manual_seed(seed * 100000 + i)`; the teacher without and with the
-ControlNet get the same noise. Sampling: 20 flow-Euler steps (shift 1), CFG 4.5, written as TrigFlow ODE steps over
+condition of prompt `i` is the edge map (`edge_maps`) of that emoji relaid by its fixed layout
+(`diffusers_sprint.toy.layout.relaid_images`: mirrored or not, shifted by up to 4 px), which the caption does not
+imply, as in the ControlNet's training. For each seed, image `i` starts from
+`torch.Generator().manual_seed(seed * 100000 + i)`; the teacher without and with the ControlNet get the same noise.
+Sampling: 20 flow-Euler steps (shift 1), CFG 4.5, written as TrigFlow ODE steps over
 `trigflow_forward(..., controlnet=...)` (equal to diffusers' `SanaControlNetPipeline` to 1e-5, see
 tests/test_pipeline_controlnet.py; unlike it, the transformer's dense time `timestep_scale` is honoured). Scores:
 edge F1 (tolerance 1 px; `f1_exact`: 0 px) / precision / recall / L1 of the samples' edges against the condition,
-and FID against the 1,024 reference images. Also reported: the real emoji (FID floor; their edge F1 is 1 by
-construction) and their VAE reconstructions (the edge F1 a perfect latent can reach through this autoencoder).
+and FID against the 1,024 (upright, centred) reference images. Also reported: the relaid real emoji (the FID floor of
+relaid images; their edge F1 is 1 by construction) and their VAE reconstructions (the edge F1 a perfect latent can
+reach through this autoencoder).
 
-Writes a grid with `--grid`: one column per emoji; rows: source emoji, condition, teacher, teacher + ControlNet.
+Writes a grid with `--grid`: one column per emoji; rows: relaid source emoji, condition, teacher, teacher + ControlNet.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SanaControlNetModel
 from diffusers_sprint import SanaSprintTransformer2DModel, TrigFlowScheduler
 from diffusers_sprint.evaluation.edges import edge_adherence, edge_images, edge_maps
 from diffusers_sprint.toy import TOY_CONTROLNET_PATH, TOY_TEACHER_PATH, load_emoji_dataset
+from diffusers_sprint.toy.layout import relaid_images
 from diffusers_sprint.toy.protocol import SEED_STRIDE
 
 
@@ -142,7 +146,7 @@ def save_grid(model, dataset, args, path: str, scale: int = 3):
 
     by_name = {n: i for i, n in enumerate(dataset["name"])}
     rows = [by_name[n] for n in GRID_NAMES]
-    sources = [dataset[i]["image"] for i in rows]
+    sources = relaid_images([dataset[i]["image"] for i in rows], rows)
     edges = edge_maps(sources)
     prompts = [dataset[i]["caption"] for i in rows]
     noise = torch.cat([torch.randn(1, 32, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(len(rows))])
@@ -176,7 +180,7 @@ def main(argv=None):
     model.pipe.set_progress_bar_config(disable=True)
     rows = held_out_rows(dataset.num_rows, args.num_samples)
     prompts = [dataset[i]["caption"] for i in rows]
-    sources = [dataset[i]["image"] for i in rows]
+    sources = relaid_images([dataset[i]["image"] for i in rows], rows)
     edges = edge_maps(sources)
 
     if args.grid:
@@ -194,7 +198,7 @@ def main(argv=None):
         pixels = model.pipe.image_processor.preprocess(sources)
         latents = model.vae.encode(pixels).latent
         reconstructions = model.pipe.image_processor.postprocess(model.vae.decode(latents).sample, output_type="pil")
-    sets = {"real images": {None: sources}, "VAE reconstructions": {None: reconstructions}}
+    sets = {"relaid real images": {None: sources}, "VAE reconstructions": {None: reconstructions}}
     for name, controlled in (("teacher", False), ("teacher + ControlNet", True)):
         sets[name] = {}
         for seed in args.seeds:

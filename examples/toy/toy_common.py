@@ -19,10 +19,10 @@ def training_parser(description: str, steps: int, batch_size: int, lr: float) ->
     return p
 
 
-def add_flow_training_arguments(p: argparse.ArgumentParser) -> None:
+def add_flow_training_arguments(p: argparse.ArgumentParser, ema_decay: float = 0.995) -> None:
     """The flow-matching trainers' `--warmup_steps`, `--ema_decay` and `--cfg_dropout`."""
     p.add_argument("--warmup_steps", type=int, default=100)
-    p.add_argument("--ema_decay", type=float, default=0.995)
+    p.add_argument("--ema_decay", type=float, default=ema_decay)
     p.add_argument("--cfg_dropout", type=float, default=0.1)
 
 

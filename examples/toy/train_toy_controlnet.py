@@ -3,11 +3,14 @@
 
     python examples/toy/train_toy_controlnet.py --threads 1 --output_dir src/diffusers_sprint/toy/toy_controlnet
 
-The condition is the Sobel edge map of each emoji (`diffusers_sprint.evaluation.edges.edge_maps`, luminance step
-0.2), drawn as white edges on black and encoded by the teacher's own autoencoder (times its `scaling_factor`), as
-diffusers' `SanaControlNetPipeline` encodes control images. The frozen teacher (`TOY_TEACHER_PATH`, rectified flow,
-dense time `s`) is trained against with its own loss, `v = z - x0` at `x_s = (1 - s) x0 + s z`, while only the
-ControlNet learns; its residuals are added to the teacher's blocks as in diffusers.
+The training images are the emoji *relaid*: `--variants` random layouts per emoji (mirrored or not, shifted by up to
+`--max_shift` px; `diffusers_sprint.toy.layout`), which the caption does not imply, so the ControlNet must read them
+from the condition. The condition is the Sobel edge map of each relaid emoji
+(`diffusers_sprint.evaluation.edges.edge_maps`, luminance step 0.2), drawn as white edges on black and encoded by the
+teacher's own autoencoder (times its `scaling_factor`), as diffusers' `SanaControlNetPipeline` encodes control
+images. The frozen teacher (`TOY_TEACHER_PATH`, rectified flow, dense time `s`) is trained against with its own loss,
+`v = z - x0` at `x_s = (1 - s) x0 + s z`, while only the ControlNet learns; its residuals are added to the teacher's
+blocks as in diffusers.
 
 The ControlNet is initialised the way Sana's (and PixArt's) ControlNets are: its patch, time and caption embedders
 and its transformer blocks are copies of the teacher's first `--layers` blocks; `input_block` and the per-block
@@ -38,15 +41,18 @@ from diffusers.training_utils import EMAModel
 from diffusers_sprint.evaluation.edges import DEFAULT_THRESHOLD, edge_maps
 from diffusers_sprint.toy import TOY_TEACHER_PATH, load_emoji_dataset
 from diffusers_sprint.toy.classifier import images_to_tensor
+from diffusers_sprint.toy.layout import MAX_SHIFT, random_layouts, relayout
 
 
 def parse_args(argv=None):
-    p = common.training_parser(__doc__, steps=3000, batch_size=32, lr=1e-3)
+    p = common.training_parser(__doc__, steps=5000, batch_size=32, lr=1e-3)
     common.add_flow_training_arguments(p)
     p.add_argument("--teacher", default=TOY_TEACHER_PATH)
     p.add_argument("--output_dir", default="src/diffusers_sprint/toy/toy_controlnet")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--edge_threshold", type=float, default=DEFAULT_THRESHOLD)
+    p.add_argument("--variants", type=int, default=8, help="random layouts per emoji in the training set")
+    p.add_argument("--max_shift", type=int, default=MAX_SHIFT, help="largest shift of a layout, in pixels")
     p.add_argument("--layers", type=int, default=3, help="ControlNet blocks (copies of the teacher's first ones)")
     p.add_argument("--eval_batch", type=int, default=256, help="held-fixed noise/time batch for the final losses")
     return p.parse_args(argv)
@@ -123,16 +129,19 @@ def main(argv=None):
 
     dataset = load_emoji_dataset(resolution=args.resolution)
     captions = list(dataset["caption"])
-    pixels = images_to_tensor(dataset["image"])
-    edges = edge_maps(dataset["image"], args.edge_threshold)
+    rows = torch.arange(len(captions)).repeat(args.variants)  # variant v of emoji i is sample v * N + i
+    layouts = random_layouts(len(rows), torch.Generator().manual_seed(args.seed + 2), args.max_shift)
+    pixels = relayout(images_to_tensor(dataset["image"])[rows], layouts)
+    edges = edge_maps((pixels + 1) / 2, args.edge_threshold)
     edge_pixels = edges[:, None].float().expand(-1, 3, -1, -1) * 2 - 1  # white edges on black, in [-1, 1]
     latents, control = encode(vae, pixels), encode(vae, edge_pixels)
     max_length = max(len(ids) for ids in pipe.tokenizer(captions).input_ids)
     embeds, masks = common.encode_captions(pipe, captions, max_length)
+    embeds, masks = embeds[rows], masks[rows]
     null_embed, null_mask = common.encode_captions(pipe, [""], max_length)
     print(
-        f"{len(captions)} emoji, edge density {edges.float().mean():.3f}, latents {tuple(latents.shape[1:])} "
-        f"({time.time() - t0:.0f}s)",
+        f"{len(captions)} emoji x {args.variants} layouts, edge density {edges.float().mean():.3f}, "
+        f"latents {tuple(latents.shape[1:])} ({time.time() - t0:.0f}s)",
         flush=True,
     )
 
@@ -172,8 +181,9 @@ def main(argv=None):
     info = {
         "script": "examples/toy/train_toy_controlnet.py",
         "args": recorded,
-        "condition": f"edge_maps(emoji, threshold={args.edge_threshold}) as white-on-black RGB, VAE-encoded",
+        "condition": f"edge_maps(relaid emoji, threshold={args.edge_threshold}) as white-on-black RGB, VAE-encoded",
         "dataset_size": len(captions),
+        "training_samples": len(rows),
         "edge_density": round(float(edges.float().mean()), 4),
         "controlnet_params": sum(p.numel() for p in params),
         "fixed_batch_flow_loss": {k: round(v, 4) for k, v in losses.items()},

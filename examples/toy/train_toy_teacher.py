@@ -65,8 +65,8 @@ GRID_PROMPTS = [
 
 
 def parse_args(argv=None):
-    p = common.training_parser(__doc__, steps=6000, batch_size=32, lr=3e-3)  # the transformer's
-    common.add_flow_training_arguments(p)
+    p = common.training_parser(__doc__, steps=15000, batch_size=32, lr=3e-3)  # the transformer's
+    common.add_flow_training_arguments(p, ema_decay=0.999)
     p.add_argument("--output_dir", default="src/diffusers_sprint/toy/toy_teacher")
     p.add_argument("--grid_path", default="docs/images/toy_teacher_grid.png")
     p.add_argument("--resolution", type=int, default=32)
