@@ -68,7 +68,7 @@ def test_training_script_writes_a_loadable_controlnet(tmp_path):
 def test_embedded_controlnet_fits_the_toy_teacher_and_follows_edges():
     """16 held-out emoji relaid by their fixed layouts, 8 CFG steps: the edges of controlled samples match the
     condition much better than the teacher's own samples for the same prompts and noise, which are upright and
-    centred (edge F1, 1 px tolerance; seen 0.65-0.67 -> 0.90-0.91 over noise seeds 0-2; against the emoji's own edges
+    centred (edge F1, 1 px tolerance; seen 0.65-0.67 -> 0.92-0.93 over noise seeds 0-2; against the emoji's own edges
     the teacher alone scores 0.93, so the gap is the layout, which only the condition carries)."""
     evaluate = _load_script("eval_toy_controlnet")
     from diffusers_sprint.evaluation.edges import edge_adherence, edge_maps
@@ -85,4 +85,4 @@ def test_embedded_controlnet_fits_the_toy_teacher_and_follows_edges():
     noise = torch.randn(16, 32, 4, 4, generator=torch.Generator().manual_seed(0))
     plain = edge_adherence(model.sample(prompts, noise, steps=8), edges)
     controlled = edge_adherence(model.sample(prompts, noise, model.control_latents(edges), steps=8), edges)
-    assert controlled["f1"] > plain["f1"] + 0.15 and controlled["f1"] > 0.85, (plain, controlled)
+    assert controlled["f1"] > plain["f1"] + 0.2 and controlled["f1"] > 0.88, (plain, controlled)

@@ -45,7 +45,7 @@ from diffusers_sprint.toy.layout import MAX_SHIFT, random_layouts, relayout
 
 
 def parse_args(argv=None):
-    p = common.training_parser(__doc__, steps=5000, batch_size=32, lr=1e-3)
+    p = common.training_parser(__doc__, steps=15000, batch_size=32, lr=1e-3)
     common.add_flow_training_arguments(p)
     p.add_argument("--teacher", default=TOY_TEACHER_PATH)
     p.add_argument("--output_dir", default="src/diffusers_sprint/toy/toy_controlnet")
