@@ -27,7 +27,8 @@ Load it with `SanaPipeline.from_pretrained(TOY_TEACHER_PATH)`; retrain it with e
 
 TOY_CONTROLNET_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_controlnet")
 """The embedded toy ControlNet, a diffusers `SanaControlNetModel` folder for the toy teacher, conditioned on Sobel edge
-maps (`diffusers_sprint.evaluation.edges.edge_maps`). Load it with `SanaControlNetModel.from_pretrained(...)`; see
+maps (`diffusers_sprint.evaluation.edges.edge_maps`) of emoji in layouts their captions do not imply
+(`diffusers_sprint.toy.layout`: mirrored, shifted). Load it with `SanaControlNetModel.from_pretrained(...)`; see
 docs/controlnet.md; retrain it with examples/toy/train_toy_controlnet.py.
 """
 
