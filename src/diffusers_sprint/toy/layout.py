@@ -11,7 +11,6 @@ right / down).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,8 +38,8 @@ def row_layouts(rows, seed: int = 0, max_shift: int = MAX_SHIFT) -> torch.Tensor
 
 
 def relayout(images: torch.Tensor, layouts: torch.Tensor, fill: float = 1.0) -> torch.Tensor:
-    """Mirror and shift each image `(N, C, H, W)` by its layout `(N, 3)`; uncovered pixels get `fill` (white in both
-    `[0, 1]` and `[-1, 1]` pixels)."""
+    """Mirror and shift each image `(N, C, H, W)` by its layout `(N, 3)`; uncovered pixels get `fill` (white: 1 in
+    `[0, 1]` and `[-1, 1]` pixels, 255 in uint8 ones)."""
     if images.ndim != 4 or layouts.shape != (images.shape[0], 3):
         shapes = f"{tuple(images.shape)} and {tuple(layouts.shape)}"
         raise ValueError(f"`images` must be (N, C, H, W) and `layouts` (N, 3), got {shapes}.")
@@ -61,11 +60,11 @@ def relaid_images(images, rows, seed: int = 0, max_shift: int = MAX_SHIFT) -> li
     layout: the toy ControlNet's evaluation images (their edge maps are the conditions)."""
     from PIL import Image
 
+    from ..evaluation.fid import to_uint8_tensor
+
     if len(images) != len(rows):
         raise ValueError(f"`images` and `rows` must have the same length, got {len(images)} and {len(rows)}.")
     if not images:
         return []
-    pixels = torch.stack([torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1) for image in images])
-    relaid = relayout(pixels.float() / 255, row_layouts(rows, seed, max_shift))
-    arrays = (relaid * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(array) for array in arrays]
+    relaid = relayout(to_uint8_tensor(images), row_layouts(rows, seed, max_shift), fill=255)  # exact on uint8
+    return [Image.fromarray(array) for array in relaid.permute(0, 2, 3, 1).numpy()]
