@@ -539,6 +539,7 @@ def main(args):
     # fp32 master weights; autocast runs the math. The ControlNet (if any) is a submodule: prepared, EMA'd, saved.
     student_model = TrigFlowModel(student, student_controlnet, scale).to(device).train()
     teacher_model = frozen_teacher_model(args, teacher, teacher_controlnet, device, weight_dtype)
+    common.compile_frozen_teacher(accelerator, teacher, sharded, logger)
     discriminator = None
     if config.uses_discriminator:
         discriminator = SanaDiscriminator(
@@ -658,7 +659,12 @@ def main(args):
     def validate(transformer, step, autocast):
         log_validation(args, accelerator, transformer, base.vae, validation_embeds, seed, step, autocast)
 
-    head_module = accelerator.unwrap_model(discriminator_trained) if discriminator is not None else None
+    head_module = None  # the discriminator of the G phase: never through DDP (the heads take no update there)
+    if discriminator is not None:
+        # Not `keep_torch_compile`: that returns the compiled wrapper, whose forward still calls DDP's.
+        head_module = accelerator.unwrap_model(discriminator_trained, keep_torch_compile=False)
+        if (compile_kwargs := common.dynamo_compile_kwargs(accelerator)) is not None and not sharded:
+            head_module = torch.compile(head_module, **compile_kwargs)
     progress_bar = common.steps_progress_bar(args, accelerator, global_step)
     for epoch, micro_batches in data.steps(global_step):
         if global_step >= args.max_train_steps:
@@ -723,6 +729,9 @@ def main(args):
             logs["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         common.end_iteration(args, accelerator, log, progress_bar, global_step, logs, "generator_loss", logger)
         common.validate_at_step(args, accelerator, student_model, sharded, ema, trainable, global_step, validate)
+
+    if common.dynamo_compile_kwargs(accelerator) is not None:
+        logger.info(f"torch.compile: {common.compiled_graph_count()} graphs compiled in this process")
 
     # ---- Save: the pipeline (or LoRA weights), a validation grid, the model card, the Hub ---------------------------
     transformer = common.trained_transformer(accelerator, student_model, sharded, ema, trainable, skip_monitor, logger)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, DynamoBackend, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers import DiffusionPipeline, SanaPipeline
 from diffusers.utils import is_wandb_available, make_image_grid
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
@@ -527,6 +527,39 @@ def load_pipeline_without_transformer(args) -> SanaPipeline:
         variant=args.variant,
         cache_dir=args.cache_dir,
     )
+
+
+def dynamo_compile_kwargs(accelerator) -> dict | None:
+    """accelerate's `--dynamo_backend` settings (`accelerate launch` or its config file) as `torch.compile` keyword
+    arguments, or `None` when compilation is off. `accelerator.prepare` compiles the modules it is given with them."""
+    plugin = accelerator.state.dynamo_plugin
+    if plugin.backend == DynamoBackend.NO:
+        return None
+    return plugin.to_kwargs()
+
+
+def compile_frozen_teacher(accelerator, teacher, sharded: bool, logger) -> None:
+    """Under `--dynamo_backend`, compile the frozen teacher's blocks in place with accelerate's settings.
+
+    `prepare` compiles the student and the discriminator heads, but the frozen teacher is never prepared. Its
+    blocks are compiled one by one (diffusers' `compile_repeated_blocks`), so the discriminator's forward hooks on
+    them run outside the compiled code, and the CFG velocity and the discriminator both use it. With `--fsdp`
+    nothing is prepared (the script shards with `fully_shard`), so nothing is compiled."""
+    kwargs = dynamo_compile_kwargs(accelerator)
+    if kwargs is None:
+        return
+    if sharded:
+        logger.warning("--dynamo_backend is ignored with --fsdp: the sharded modules are not compiled.")
+        return
+    teacher.compile_repeated_blocks(**kwargs)
+    logger.info(f"torch.compile {kwargs}: the student and discriminator heads (prepare), the teacher's blocks")
+
+
+def compiled_graph_count() -> int:
+    """Graphs TorchDynamo has compiled in this process so far (0 without `--dynamo_backend`)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def gather_transformer(model, sharded: bool, is_main_process: bool):

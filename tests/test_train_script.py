@@ -84,11 +84,15 @@ def _free_port() -> int:
     return int(subprocess.check_output([sys.executable, "-c", code], text=True))
 
 
-def run_script(tmp_path, args, launcher="python", num_processes=1, env=None, timeout=300, script=SCRIPT, check=True):
+def run_script(
+    tmp_path, args, launcher="python", num_processes=1, env=None, timeout=300, script=SCRIPT, check=True,
+    dynamo_backend="no",
+):  # fmt: skip
     if launcher == "python":
         command = [sys.executable, str(script)]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no"]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
+        command += ["--dynamo_backend", dynamo_backend]
         command += ["--mixed_precision", "no", "--num_processes", str(num_processes)]
         if num_processes > 1:
             command += ["--multi_gpu", "--main_process_port", str(_free_port())]
@@ -359,6 +363,28 @@ def test_two_processes_match_one_process_with_the_same_global_batch(assets, tmp_
     )
     assert "MULTI_CPU" in result.stdout + result.stderr and "Num processes: 2" in result.stdout + result.stderr
     _assert_same_run(one, two, lora="lora_rank" in flags)
+
+
+def test_compiled_two_processes_match_one_eager_process(assets, tmp_path):
+    """`accelerate launch --dynamo_backend aot_eager` on 2 processes (prepare compiles the student and the heads, the
+    script the teacher's blocks; aot_eager traces as Inductor does, without code generation) with a checkpoint at
+    step 2 vs 1 eager process with accumulation 2: the same run, and Dynamo did compile graphs."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = dict(random_flip=True, checkpointing_steps=2)
+    run_script(tmp_path, base_args(assets, one, 3, gradient_accumulation_steps=2, **flags))
+    result = run_script(
+        tmp_path,
+        base_args(assets, two, 3, gradient_accumulation_steps=1, **flags),
+        launcher="accelerate",
+        num_processes=2,
+        env=_env(tmp_path, ACCELERATE_USE_CPU="1"),
+        dynamo_backend="aot_eager",
+    )
+    output = result.stdout + result.stderr
+    assert "MULTI_CPU" in output and "Num processes: 2" in output
+    graphs = re.search(r"torch.compile: (\d+) graphs compiled", output)
+    assert graphs is not None and int(graphs.group(1)) > 0, output[-3000:]
+    _assert_same_run(one, two)
 
 
 def _final_weights(output, lora: bool):

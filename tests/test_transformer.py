@@ -217,3 +217,26 @@ def test_time_embedding_stays_fp32_under_bf16_autocast(student):
         assert got.dtype == torch.bfloat16
         assert torch.equal(got, want)  # only the final rounding to bf16
         assert not torch.equal(half, want)  # diffusers' path rounds inside the MLP too
+
+
+def test_compile_repeated_blocks_compiles_each_block_and_keeps_the_output():
+    """`_repeated_blocks` (unset on diffusers' Sana) makes diffusers' regional compilation work: every block gets
+    a compiled call, Dynamo captures the blocks only (one graph each at most, none for the rest of the model), and
+    the output is eager's."""
+    torch._dynamo.reset()
+    model = SanaSprintTransformer2DModel(**transformer_config(student=True)).eval()
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.3, 1.2])
+    embeds, mask = text_conditioning(batch_size=2)
+    with torch.no_grad():
+        eager = model.trigflow_forward(x, t, embeds, mask, guidance_scale=4.5).sample
+        graphs = []
+
+        def counting_backend(graph_module, example_inputs):
+            graphs.append(graph_module)
+            return graph_module.forward
+
+        model.compile_repeated_blocks(backend=counting_backend)
+        compiled = model.trigflow_forward(x, t, embeds, mask, guidance_scale=4.5).sample
+    assert all(block._compiled_call_impl is not None for block in model.transformer_blocks)
+    assert 1 <= len(graphs) <= len(model.transformer_blocks)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)

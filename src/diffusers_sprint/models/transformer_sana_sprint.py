@@ -63,6 +63,9 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
         "time_embed",
         "logvar",
     ]
+    # diffusers' regional compilation (`compile_repeated_blocks`), which `SanaTransformer2DModel` leaves unset: each
+    # block compiles once and the compiled code serves all of them; hooks on the blocks stay outside it.
+    _repeated_blocks = ["SanaTransformerBlock"]
 
     @register_to_config
     def __init__(
