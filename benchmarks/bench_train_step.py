@@ -14,12 +14,14 @@ teacher with `default_head_block_ids(layers)` (4 heads from 4 layers up). The sc
   pairs on);
 - sCM + LADD with the fake's fresh rows in a second student call (`single_student_forward=False`; the default joins
   them to the sCM forward);
-- with `--compile` (compiled during the untimed pass; not in the memory table): the finite-difference G steps with
+- with `--compile` (compiled during the untimed pass; in the memory table only when `--only` names them, since each
+  forked memory child compiles its variant anew, minutes per variant): the finite-difference G steps with
   the student's `TrigFlowModel` under `torch.compile`, and G and D steps with the frozen teacher's blocks compiled
   too (each block's `Module.compile()`, diffusers' regional compilation: the discriminator's forward hooks stay
   outside the compiled code and keep firing), and the exact-JVP G step with `SCMLossConfig(compile_jvp=True)`
   (`torch.compile` around `torch.func.jvp`, checked against the eager tangent first), alone and with the rest
-  compiled;
+  compiled; and the layout the training script compiles under `accelerate launch --dynamo_backend` (the student,
+  the teacher's blocks and the whole discriminator);
 - the pieces the G step is made of (teacher CFG forward on 2B, JVP without grad, the one-sided finite-difference
   tangent's shifted forward,
   discriminator forward + backward through the frozen teacher to its input, student fwd+bwd on half the batch,
@@ -116,6 +118,8 @@ class Setup:
     # (block, compiled call) of the teacher's blocks, switched on by `teacher_compiled` (empty without --compile)
     compiled_teacher_blocks: list = field(default_factory=list)
     compiled_heads: list = field(default_factory=list)  # (head, compiled call) of the discriminator's heads
+    # the whole discriminator under torch.compile, as the training script's G phase runs it under --dynamo_backend
+    compiled_discriminator: torch.nn.Module | None = None
 
 
 def build(args) -> Setup:
@@ -155,8 +159,8 @@ def build(args) -> Setup:
         features = discriminator.extract_features(x_t_scaled, t, batch.prompt_embeds, batch.prompt_attention_mask)
     compiled_teacher_blocks, compiled_heads = [], []
     if args.compile:
+        teacher.compile_repeated_blocks()  # regional: the discriminator's forward hooks run outside the compiled call
         for block in teacher.transformer_blocks:
-            block.compile()  # regional: forward hooks (the discriminator's) run outside the compiled call
             compiled_teacher_blocks.append((block, block._compiled_call_impl))
             block._compiled_call_impl = None  # eager unless a variant switches it on
         for head in discriminator.heads:  # the discriminator's heads, switched on with the teacher's blocks
@@ -179,6 +183,7 @@ def build(args) -> Setup:
         compiled_student=torch.compile(TrigFlowModel(student)) if args.compile else None,
         compiled_teacher_blocks=compiled_teacher_blocks,
         compiled_heads=compiled_heads,
+        compiled_discriminator=torch.compile(discriminator) if args.compile else None,
     )
 
 
@@ -226,13 +231,14 @@ def generator_variant(
     compiled_teacher: bool = False,
     compile_jvp: bool = False,
     compiled_heads: bool = False,
+    compiled_discriminator: bool = False,
 ):
     config = _config(ladd, max_time_probability, jvp, single, compile_jvp)
 
     def run(s: Setup):
         s.discriminator.eval()  # spectral-norm power iterations advance on D steps only (docs/training/ladd.md)
         student = s.compiled_student if compiled else s.student
-        discriminator = s.discriminator if ladd else None
+        discriminator = (s.compiled_discriminator if compiled_discriminator else s.discriminator) if ladd else None
         with teacher_compiled(s, compiled_teacher, compiled_heads):
             out = generator_step(student, s.teacher, discriminator, s.batch, s.state, config, s.generator)
             s.state.record("generator", update(out.loss, s.g_optimizer, s.student.parameters()))
@@ -399,8 +405,8 @@ PIECES = {
     "optimizer": ("clip_grad_norm_ + AdamW step (student)", optimizer_only),
 }
 # --compile: the student's TrigFlowModel under torch.compile (Inductor), finite-difference tangent (the JVP does not
-# run through a compiled module), and the teacher's blocks compiled (regional). Timed only: a forked memory child
-# would compile again.
+# run through a compiled module), and the teacher's blocks compiled (regional). Their memory is measured only when
+# --only names them: a forked memory child compiles its variant again.
 COMPILED = {
     "g_scm_fd_compiled": (
         "G step, sCM only, jvp=finite_difference, student torch.compile'd",
@@ -432,6 +438,18 @@ COMPILED = {
     "g_ladd_compiled_jvp_all_heads": (
         "G step, sCM+LADD (exact JVP), compile_jvp + student + teacher blocks + D heads compiled",
         generator_variant(True, compiled=True, compiled_teacher=True, compile_jvp=True, compiled_heads=True),
+    ),
+    # What `accelerate launch --dynamo_backend inductor examples/train_sana_sprint.py` compiles: the student, the
+    # teacher's blocks (regional) and the whole discriminator (teacher pass and heads) for the G phase.
+    "g_ladd_compiled_jvp_script": (
+        "G step, sCM+LADD (exact JVP), compile_jvp + student + teacher blocks + whole discriminator compiled",
+        generator_variant(True, compiled=True, compiled_teacher=True, compile_jvp=True, compiled_discriminator=True),
+    ),
+    "g_ladd_fd_compiled_script": (
+        "G step, sCM+LADD, jvp=finite_difference, student + teacher blocks + whole discriminator compiled",
+        generator_variant(
+            True, jvp="finite_difference", compiled=True, compiled_teacher=True, compiled_discriminator=True
+        ),
     ),
     "g_ladd_fd_compiled_all_heads": (
         "G step, sCM+LADD, jvp=finite_difference, student + teacher blocks + D heads compiled",
@@ -716,6 +734,7 @@ def main(argv=None) -> int:
     if not args.no_memory:  # first: the CPU path forks, which must happen before this process runs a backward
         print("memory: warm-up call + measured call per variant, each in a fresh forked child on CPU ...", flush=True)
         selected = [n for n in list(UNITS) + list(STEPS) if args.only is None or n in {*args.only, "fwd"}]
+        selected += [n for n in COMPILED if args.only is not None and n in args.only]
         memory = measure_memory(s, selected)
 
     if args.compile:  # the compiled JVP must be the eager one up to float rounding before it is timed

@@ -34,7 +34,11 @@ def test_tiny_run_times_the_selected_variants_and_accounts_for_the_g_step(tmp_pa
 
 @pytest.mark.parametrize(
     "only, message",
-    [(["g_nope"], "unknown variants"), (["g_ladd_fd_compiled_all"], "need --compile")],
+    [
+        (["g_nope"], "unknown variants"),
+        (["g_ladd_fd_compiled_all"], "need --compile"),
+        (["g_ladd_fd_compiled_script"], "need --compile"),
+    ],
 )
 def test_only_rejects_unknown_and_uncompiled_variants(only, message, capsys):
     with pytest.raises(SystemExit):
