@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The paper's Table 3 ablation on the emoji toy: sCM only / LADD only / sCM + LADD, and sCM + LADD without max-time
-weighting, without the CFG embedding, or with the adaptive loss weight.
+weighting, without the CFG embedding, or as the demo runs it (the official separate calls: D at chance).
 
     python benchmarks/ablation_toy.py                         # 6 variants x 3 seeds, ~1.5 hours on 2 CPU cores
                                                               # (--jobs 2: two runs at a time, 1 thread each)

@@ -539,7 +539,9 @@ def main(args):
     # fp32 master weights; autocast runs the math. The ControlNet (if any) is a submodule: prepared, EMA'd, saved.
     student_model = TrigFlowModel(student, student_controlnet, scale).to(device).train()
     teacher_model = frozen_teacher_model(args, teacher, teacher_controlnet, device, weight_dtype)
-    common.compile_frozen_teacher(accelerator, teacher, sharded, logger)
+    compile_kwargs = common.training_compile_kwargs(accelerator, sharded, logger)  # None: eager
+    if compile_kwargs is not None:  # never prepared: its blocks one by one, the discriminator's hooks stay outside
+        teacher.compile_repeated_blocks(**compile_kwargs)
     discriminator = None
     if config.uses_discriminator:
         discriminator = SanaDiscriminator(
@@ -663,7 +665,7 @@ def main(args):
     if discriminator is not None:
         # Not `keep_torch_compile`: that returns the compiled wrapper, whose forward still calls DDP's.
         head_module = accelerator.unwrap_model(discriminator_trained, keep_torch_compile=False)
-        if (compile_kwargs := common.dynamo_compile_kwargs(accelerator)) is not None and not sharded:
+        if compile_kwargs is not None:
             head_module = torch.compile(head_module, **compile_kwargs)
     progress_bar = common.steps_progress_bar(args, accelerator, global_step)
     for epoch, micro_batches in data.steps(global_step):
@@ -730,7 +732,7 @@ def main(args):
         common.end_iteration(args, accelerator, log, progress_bar, global_step, logs, "generator_loss", logger)
         common.validate_at_step(args, accelerator, student_model, sharded, ema, trainable, global_step, validate)
 
-    if common.dynamo_compile_kwargs(accelerator) is not None:
+    if compile_kwargs is not None:
         logger.info(f"torch.compile: {common.compiled_graph_count()} graphs compiled in this process")
 
     # ---- Save: the pipeline (or LoRA weights), a validation grid, the model card, the Hub ---------------------------

@@ -529,30 +529,22 @@ def load_pipeline_without_transformer(args) -> SanaPipeline:
     )
 
 
-def dynamo_compile_kwargs(accelerator) -> dict | None:
+def training_compile_kwargs(accelerator, sharded: bool, logger) -> dict | None:
     """accelerate's `--dynamo_backend` settings (`accelerate launch` or its config file) as `torch.compile` keyword
-    arguments, or `None` when compilation is off. `accelerator.prepare` compiles the modules it is given with them."""
+    arguments, or `None` when the run stays eager.
+
+    `prepare` compiles the modules it is given (the student, the discriminator) with them; the script applies them to
+    what `prepare` never sees (the frozen teacher's blocks, the G phase's view of the heads). With `--fsdp` nothing is
+    prepared (the script shards with `fully_shard`), so the run stays eager and a warning says so."""
     plugin = accelerator.state.dynamo_plugin
     if plugin.backend == DynamoBackend.NO:
         return None
-    return plugin.to_kwargs()
-
-
-def compile_frozen_teacher(accelerator, teacher, sharded: bool, logger) -> None:
-    """Under `--dynamo_backend`, compile the frozen teacher's blocks in place with accelerate's settings.
-
-    `prepare` compiles the student and the discriminator heads, but the frozen teacher is never prepared. Its
-    blocks are compiled one by one (diffusers' `compile_repeated_blocks`), so the discriminator's forward hooks on
-    them run outside the compiled code, and the CFG velocity and the discriminator both use it. With `--fsdp`
-    nothing is prepared (the script shards with `fully_shard`), so nothing is compiled."""
-    kwargs = dynamo_compile_kwargs(accelerator)
-    if kwargs is None:
-        return
     if sharded:
         logger.warning("--dynamo_backend is ignored with --fsdp: the sharded modules are not compiled.")
-        return
-    teacher.compile_repeated_blocks(**kwargs)
-    logger.info(f"torch.compile {kwargs}: the student and discriminator heads (prepare), the teacher's blocks")
+        return None
+    kwargs = plugin.to_kwargs()
+    logger.info(f"torch.compile {kwargs}: the student and the discriminator (prepare), the teacher's blocks")
+    return kwargs
 
 
 def compiled_graph_count() -> int:

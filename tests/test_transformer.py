@@ -221,8 +221,8 @@ def test_time_embedding_stays_fp32_under_bf16_autocast(student):
 
 def test_compile_repeated_blocks_compiles_each_block_and_keeps_the_output():
     """`_repeated_blocks` (unset on diffusers' Sana) makes diffusers' regional compilation work: every block gets
-    a compiled call, Dynamo captures the blocks only (one graph each at most, none for the rest of the model), and
-    the output is eager's."""
+    a compiled call, Dynamo captures one graph per block and none for the rest of the model (a whole-model compile
+    would give one), a second call reuses them, and the output is eager's."""
     torch._dynamo.reset()
     model = SanaSprintTransformer2DModel(**transformer_config(student=True)).eval()
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.3, 1.2])
@@ -237,6 +237,8 @@ def test_compile_repeated_blocks_compiles_each_block_and_keeps_the_output():
 
         model.compile_repeated_blocks(backend=counting_backend)
         compiled = model.trigflow_forward(x, t, embeds, mask, guidance_scale=4.5).sample
+        graphs_after_first_call = len(graphs)
+        model.trigflow_forward(x, t, embeds, mask, guidance_scale=4.5)
     assert all(block._compiled_call_impl is not None for block in model.transformer_blocks)
-    assert 1 <= len(graphs) <= len(model.transformer_blocks)
+    assert len(model.transformer_blocks) == 2 and graphs_after_first_call == 2 and len(graphs) == 2
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)

@@ -64,7 +64,7 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
         "logvar",
     ]
     # diffusers' regional compilation (`compile_repeated_blocks`), which `SanaTransformer2DModel` leaves unset: each
-    # block compiles once and the compiled code serves all of them; hooks on the blocks stay outside it.
+    # block is compiled on its own (the rest of the model stays eager); hooks on the blocks run outside it.
     _repeated_blocks = ["SanaTransformerBlock"]
 
     @register_to_config
