@@ -16,7 +16,8 @@ What it builds (all diffusers / transformers classes, saved as a `diffusers.Sana
                   timestep_scale 0.001 x 1000 s, the convention of SANA-Sprint teachers, under which sCM distillation
                   is stable), s ~ U(0, 1), captions dropped
                   to the empty prompt 10% of the time (classifier-free guidance). No guidance embedding, no QK-norm:
-                  a standard flow-matching teacher. The EMA weights are saved.
+                  a standard flow-matching teacher. 24,000 steps at batch 64 (~75 min on one core). The EMA weights
+                  are saved.
   * scheduler     `FlowMatchEulerDiscreteScheduler` (shift 1).
 
 Sample with `SanaPipeline.from_pretrained(path)(prompt, height=32, width=32, num_inference_steps=20,
@@ -65,7 +66,7 @@ GRID_PROMPTS = [
 
 
 def parse_args(argv=None):
-    p = common.training_parser(__doc__, steps=15000, batch_size=32, lr=3e-3)  # the transformer's
+    p = common.training_parser(__doc__, steps=24000, batch_size=64, lr=3e-3)  # the transformer's
     common.add_flow_training_arguments(p, ema_decay=0.999)
     p.add_argument("--output_dir", default="src/diffusers_sprint/toy/toy_teacher")
     p.add_argument("--grid_path", default="docs/images/toy_teacher_grid.png")
