@@ -13,6 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 
 MAX_TIME = math.pi / 2
+SIGMA_DATA = 0.5  # the data standard deviation of SANA-Sprint's TrigFlow parametrisation
 
 
 def append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:

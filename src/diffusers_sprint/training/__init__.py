@@ -1,7 +1,6 @@
 """Pure training building blocks for SANA-Sprint distillation (no accelerate inside)."""
 
 from ..trigflow import MAX_TIME, add_trigflow_noise, denoise_trigflow, replace_with_max_time, sample_trigflow_time
-from .arguments import compare_fingerprints, run_fingerprint, validate_training_args
 from .distill import (
     DiscriminatorStepOutput,
     DistillationBatch,
@@ -13,6 +12,7 @@ from .distill import (
     generator_step,
     step_if_finite,
 )
+from .fingerprint import compare_fingerprints, run_fingerprint
 from .ladd import (
     DiscriminatorHead,
     SanaDiscriminator,
@@ -24,6 +24,7 @@ from .ladd import (
     renoise_for_discriminator,
 )
 from .monitoring import SkipMonitor, check_finite_state_dict
+from .recipe import DISTILLATION, TEACHER_PREPARATION, parse_recipe, validate_training_args
 from .scm import SCMLossConfig, SCMLossOutput, sample_guidance_scales, scm_loss, teacher_cfg_velocity
 from .teacher import build_student, prepare_sprint_teacher, teacher_finetune_loss
 
@@ -34,12 +35,14 @@ __all__ = [
     "DiscriminatorStepOutput",
     "DistillationBatch",
     "DistillationConfig",
+    "DISTILLATION",
     "DistillationState",
     "GeneratorStepOutput",
     "SCMLossConfig",
     "SCMLossOutput",
     "SanaDiscriminator",
     "SkipMonitor",
+    "TEACHER_PREPARATION",
     "add_trigflow_noise",
     "build_student",
     "check_finite_state_dict",
@@ -52,6 +55,7 @@ __all__ = [
     "generator_adversarial_loss",
     "generator_step",
     "misaligned_pairs",
+    "parse_recipe",
     "prepare_sprint_teacher",
     "r1_penalty",
     "renoise_for_discriminator",

@@ -32,6 +32,7 @@ from .ladd import (
     renoise_for_discriminator,
 )
 from .scm import SCMLossConfig, sample_guidance_scales, scm_loss
+from .settings import PROBABILITY, at_least, check_settings, setting
 
 
 @dataclass
@@ -69,35 +70,55 @@ class DistillationConfig:
             `False` runs them in a second call.
     """
 
+    _argument_group_name = "LADD (adversarial); defaults are the official recipe"
+
     scm: SCMLossConfig = field(default_factory=SCMLossConfig)
-    scm_lambda: float = 1.0
-    adversarial_lambda: float = 0.5
-    adversarial_loss: str = "hinge"
-    discriminator_p_mean: float = DISCRIMINATOR_P_MEAN
-    discriminator_p_std: float = DISCRIMINATOR_P_STD
-    max_time_probability: float = 0.5
-    misaligned_pairs: bool = True
-    share_discriminator_timesteps: bool = False
-    discriminator_shared_norm_groups: bool = False
-    r1_gamma: float = 0.0
-    fake_from_scm_forward: bool = True
+    scm_lambda: float = setting(1.0, help="Weight of the sCM loss (0: LADD only).", range=at_least(0))
+    adversarial_lambda: float = setting(0.5, help="Weight of the adversarial loss (0: sCM only).", range=at_least(0))
+    adversarial_loss: str = setting("hinge", help="Adversarial loss.", choices=ADVERSARIAL_LOSS_TYPES, advanced=True)
+    discriminator_p_mean: float = setting(DISCRIMINATOR_P_MEAN, help="Discriminator re-noising mean.", advanced=True)
+    discriminator_p_std: float = setting(
+        DISCRIMINATOR_P_STD, help="Discriminator re-noising std.", range=at_least(0), advanced=True
+    )
+    max_time_probability: float = setting(
+        0.5,
+        help="Max-time weighting: the judged student sample starts from t = pi/2 with this probability.",
+        range=PROBABILITY,
+        advanced=True,
+    )
+    misaligned_pairs: bool = setting(
+        True,
+        help="Real latents with rolled captions as extra fakes for the discriminator (needs batch size >= 2).",
+        advanced=True,
+    )
+    share_discriminator_timesteps: bool = setting(
+        False, help="One re-noising time for real and fake (needs --no-misaligned_pairs).", advanced=True
+    )
+    discriminator_shared_norm_groups: bool = setting(
+        False,
+        help="Judge real and fake rows in one discriminator call, interleaved, so that every local batch-norm group "
+        "of the heads holds both. Off (official): separate calls; then each group's statistics divide out what tells "
+        "real from fake, and on small latents (the toy's 16 tokens) the discriminator stays at chance "
+        "(docs/results.md).",
+        recorded_unless=False,
+        advanced=True,
+    )
+    r1_gamma: float = setting(
+        0.0, help="R1 penalty weight on head features (0: off).", range=at_least(0), advanced=True
+    )
+    fake_from_scm_forward: bool = setting(
+        True,
+        help="The generator's LADD fake reuses the sCM term's t, noise and forward (only rows moved to pi/2 run the "
+        "student again). --no-fake_from_scm_forward: fresh t and noise and a full-batch forward (official; always "
+        "used under --fsdp, where every rank must run the same forwards).",
+        advanced=True,
+    )
     single_student_forward: bool = True
 
     def __post_init__(self):
-        if self.scm_lambda < 0 or self.adversarial_lambda < 0:
-            raise ValueError("`scm_lambda` and `adversarial_lambda` must be >= 0.")
+        check_settings(self)
         if self.scm_lambda == 0 and self.adversarial_lambda == 0:
             raise ValueError("At least one of `scm_lambda` and `adversarial_lambda` must be > 0.")
-        if self.adversarial_loss not in ADVERSARIAL_LOSS_TYPES:
-            raise ValueError(
-                f"`adversarial_loss` must be one of {ADVERSARIAL_LOSS_TYPES}, got {self.adversarial_loss!r}."
-            )
-        if not 0.0 <= self.max_time_probability <= 1.0:
-            raise ValueError(f"`max_time_probability` must be in [0, 1], got {self.max_time_probability}.")
-        if self.discriminator_p_std < 0:
-            raise ValueError(f"`discriminator_p_std` must be >= 0, got {self.discriminator_p_std}.")
-        if self.r1_gamma < 0:
-            raise ValueError(f"`r1_gamma` must be >= 0, got {self.r1_gamma}.")
         if self.share_discriminator_timesteps and self.misaligned_pairs:
             raise ValueError(
                 "`share_discriminator_timesteps=True` needs equal real/fake batches: set `misaligned_pairs=False`."

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from ..models.trigflow_model import as_trigflow_model
-from ..trigflow import add_trigflow_noise, append_dims
+from ..trigflow import SIGMA_DATA, add_trigflow_noise, append_dims
+from .settings import Range, When, at_least, check_settings, greater_than, setting
 
 
 TANGENT_NORMS = ("l2", "rms")
@@ -86,56 +87,73 @@ class SCMLossConfig:
             convention; right for teachers fine-tuned with [`drop_captions`], which swaps the mask too).
     """
 
-    sigma_data: float = 0.5
-    p_mean: float = 0.2
-    p_std: float = 1.6
-    tangent_warmup_steps: int = 4000
-    tangent_norm: str = "l2"
-    tangent_norm_eps: float = 0.1
-    guidance_scales: tuple[float, ...] = (4.0, 4.5, 5.0)
-    adaptive_weight: bool = True
-    detach_logvar_embedding: bool = False
-    jvp: str = "exact"
-    finite_difference_step: float = DEFAULT_FINITE_DIFFERENCE_STEP
-    compile_jvp: bool = False
+    _argument_group_name = "sCM (generator phase); defaults are the official recipe"
+
+    sigma_data: float = SIGMA_DATA
+    p_mean: float = setting(0.2, help="Generator time: mean of log(sigma_d tan t).")
+    p_std: float = setting(1.6, help="Generator time: std of log(sigma_d tan t).", range=at_least(0))
+    tangent_warmup_steps: int = setting(
+        4000,
+        help="Generator updates over which the tangent's second term ramps in (0: none). The official loop counts "
+        "G and D phases together; pass half its value to reproduce it exactly (see docs/training.md).",
+        range=at_least(0),
+    )
+    tangent_norm: str = setting("l2", help="Per-sample tangent normalisation.", choices=TANGENT_NORMS, advanced=True)
+    tangent_norm_eps: float = setting(0.1, help="The c of g / (||g|| + c).", range=greater_than(0), advanced=True)
+    guidance_scales: list[float] = setting(
+        [4.0, 4.5, 5.0],
+        help="CFG scales w of the teacher, drawn per sample (the full student also gets w as input).",
+        range=at_least(1, " (each value; 1 is the conditional teacher without guidance)"),
+    )
+    adaptive_weight: bool = setting(
+        True, help="Adaptive loss weight exp(-logvar) + logvar from a logvar head (official).", advanced=True
+    )
+    detach_logvar_embedding: bool = setting(
+        False,
+        help="The adaptive weight's logvar terms train the logvar head only, not the shared time/guidance "
+        "embedders (official: they train both; that stalls short, high-learning-rate runs, docs/training/scm.md).",
+        advanced=True,
+    )
+    jvp: str = setting(
+        "exact",
+        help="The sCM tangent: torch.func.jvp (exact; attention on the math SDPA kernel) or a finite difference of "
+        "fp32 no-grad forwards along the teacher's ODE (fused kernels and torch.compile work; needs fp32 master "
+        "weights, not --fsdp with bf16; docs/performance.md).",
+        choices=JVP_METHODS,
+    )
+    finite_difference_step: float = setting(
+        DEFAULT_FINITE_DIFFERENCE_STEP,
+        help="Finite-difference step in radians of TrigFlow time (--jvp finite_difference only).",
+        range=Range(lambda v: 0 < v <= 0.1, "in (0, 0.1] radians"),
+        fingerprint=When("with --jvp finite_difference", lambda args: args.jvp == "finite_difference"),
+        aliases=("--jvp_step",),
+    )
+    compile_jvp: bool = setting(
+        False,
+        help="Run the exact JVP under torch.compile (Inductor): the same tangent up to float rounding at ~0.4x the "
+        "eager cost on CPU; the first step compiles (minutes). --jvp exact only; docs/performance.md.",
+        fingerprint=False,  # the same JVP compiled: float rounding only
+        advanced=True,
+    )
     guide_teacher: bool = True
-    null_branch_mask: str = "conditional"
+    null_branch_mask: str = setting(
+        "conditional",
+        help="Attention mask of the teacher's unconditional (CFG) branch: 'conditional' (official) runs the empty "
+        "prompt under the caption's mask, as Sana's caption dropout trained it; 'null' uses the empty prompt's own "
+        "mask (diffusers' convention; right for teachers fine-tuned by prepare_sana_sprint_teacher.py).",
+        choices=NULL_BRANCH_MASKS,
+        aliases=("--cfg_null_mask",),
+    )
 
     def __post_init__(self):
+        self.guidance_scales = tuple(self.guidance_scales)
+        if not self.guidance_scales:
+            raise ValueError("`guidance_scales` must be a non-empty sequence of numbers >= 1, got ().")
+        check_settings(self)
         if not (isinstance(self.sigma_data, (int, float)) and self.sigma_data > 0):
             raise ValueError(f"`sigma_data` must be a number > 0, got {self.sigma_data!r}.")
-        if not (isinstance(self.p_std, (int, float)) and self.p_std >= 0):
-            raise ValueError(f"`p_std` must be a number >= 0, got {self.p_std!r}.")
-        if not isinstance(self.p_mean, (int, float)) or not math.isfinite(self.p_mean):
-            raise ValueError(f"`p_mean` must be a finite number, got {self.p_mean!r}.")
-        warmup = self.tangent_warmup_steps
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"`tangent_warmup_steps` must be an integer >= 0, got {warmup!r}.")
-        if self.tangent_norm not in TANGENT_NORMS:
-            raise ValueError(f"`tangent_norm` must be one of {TANGENT_NORMS}, got {self.tangent_norm!r}.")
-        if not (isinstance(self.tangent_norm_eps, (int, float)) and self.tangent_norm_eps > 0):
-            raise ValueError(f"`tangent_norm_eps` must be a number > 0, got {self.tangent_norm_eps!r}.")
-        self.guidance_scales = tuple(self.guidance_scales)
-        if not self.guidance_scales or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in self.guidance_scales
-        ):
-            raise ValueError(
-                f"`guidance_scales` must be a non-empty sequence of finite numbers, got {self.guidance_scales!r}."
-            )
-        for name in ("adaptive_weight", "detach_logvar_embedding", "guide_teacher"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
-        if self.null_branch_mask not in NULL_BRANCH_MASKS:
-            raise ValueError(f"`null_branch_mask` must be one of {NULL_BRANCH_MASKS}, got {self.null_branch_mask!r}.")
-        if self.jvp not in JVP_METHODS:
-            raise ValueError(f"`jvp` must be one of {JVP_METHODS}, got {self.jvp!r}.")
-        if not isinstance(self.compile_jvp, bool) or (self.compile_jvp and self.jvp != "exact"):
-            raise ValueError(
-                f"`compile_jvp` must be a bool, and True only with jvp='exact'; got {self.compile_jvp!r}."
-            )
-        step = self.finite_difference_step
-        if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 0.1:
-            raise ValueError(f"`finite_difference_step` must be a number in (0, 0.1] radians, got {step!r}.")
+        if self.compile_jvp and self.jvp != "exact":
+            raise ValueError(f"`compile_jvp` must be True only with jvp='exact'; got jvp={self.jvp!r}.")
 
 
 @dataclass
