@@ -1,50 +1,34 @@
-"""training.arguments: range checks of the training flags and the run fingerprint."""
+"""training.recipe / training.fingerprint: range checks of the training settings and the run fingerprint."""
 
-import importlib.util
 import json
 import math
-import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
 
-from diffusers_sprint.training.arguments import (
-    _SCHEDULER_FLAGS,
-    FINGERPRINT_COMMON,
-    FINGERPRINT_DISTILL,
-    FINGERPRINT_EXCLUDED,
-    FINGERPRINT_TEACHER,
+from diffusers_sprint.training.fingerprint import (
     compare_fingerprints,
     read_fingerprint,
     run_fingerprint,
-    validate_training_args,
     write_fingerprint,
 )
-
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def _parser(name: str):
-    sys.path.insert(0, str(EXAMPLES))  # the scripts import training_common.py from their folder
-    try:
-        spec = importlib.util.spec_from_file_location(f"{name}_for_arguments", EXAMPLES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return module.build_parser()
+from diffusers_sprint.training.recipe import (
+    DISTILLATION,
+    TEACHER_PREPARATION,
+    distillation_config,
+    validate_training_args,
+)
 
 
 @pytest.fixture(scope="module")
 def parser():
-    return _parser("train_sana_sprint")
+    return DISTILLATION.parser()
 
 
 @pytest.fixture(scope="module")
 def teacher_parser():
-    return _parser("prepare_sana_sprint_teacher")
+    return TEACHER_PREPARATION.parser()
 
 
 def script_args(parser, *extra, stage="distill", **overrides) -> Namespace:
@@ -61,8 +45,8 @@ BAD = [
     # (overrides, text the message must hold: the flag and its allowed range)
     (dict(max_grad_norm=0.0), "--max_grad_norm must be > 0 (inf: no clipping) (got 0.0)"),
     (dict(max_grad_norm=-1.0), "--max_grad_norm must be > 0"),
-    (dict(jvp_step=0.0), "--jvp_step must be in (0, 0.1] radians (got 0.0)"),
-    (dict(jvp_step=0.5), "--jvp_step must be in (0, 0.1] radians"),
+    (dict(finite_difference_step=0.0), "--finite_difference_step must be in (0, 0.1] radians (got 0.0)"),
+    (dict(finite_difference_step=0.5), "--finite_difference_step must be in (0, 0.1] radians"),
     (dict(max_grad_norm=NAN), "--max_grad_norm must be a finite number (got nan)"),
     (dict(max_grad_norm=-INF), "--max_grad_norm must be a finite number"),
     (dict(lora_rank=4, lora_alpha=0.0), "--lora_alpha must be > 0 (the LoRA scale is alpha / rank) (got 0.0)"),
@@ -158,19 +142,64 @@ def test_absent_flags_are_skipped_and_every_error_is_listed():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_every_script_flag_is_classified_once(parser, teacher_parser):
-    dests = {action.dest for p in (parser, teacher_parser) for action in p._actions if action.dest != "help"}
-    lists = [
-        FINGERPRINT_COMMON,
-        FINGERPRINT_DISTILL,
-        FINGERPRINT_TEACHER,
-        tuple(_SCHEDULER_FLAGS),
-        FINGERPRINT_EXCLUDED,
-    ]
-    listed = [name for names in lists for name in names]
-    assert len(listed) == len(set(listed)), "a flag is listed twice"
-    assert dests - set(listed) == set(), "classify the new flags in training/arguments.py"
-    assert set(listed) - dests <= {"stage"}, "fingerprint lists name unknown flags"  # stage: set by each script
+# The settings of each script that enter the fingerprint at the defaults (each declared with its setting). A setting
+# whose classification changes must change here too: resuming across such a change is refused or silently allowed.
+DISTILL_FINGERPRINT = """stage pretrained_teacher_model_name_or_path revision variant dataset_name dataset_config_name
+train_data_dir image_column caption_column max_train_samples resolution center_crop random_flip cache_latents
+max_sequence_length complex_human_instruction sigma_data p_mean p_std tangent_warmup_steps tangent_norm
+tangent_norm_eps guidance_scales adaptive_weight detach_logvar_embedding jvp null_branch_mask scm_lambda
+adversarial_lambda adversarial_loss discriminator_p_mean discriminator_p_std max_time_probability misaligned_pairs
+share_discriminator_timesteps r1_gamma fake_from_scm_forward guidance_embeds guidance_embeds_scale head_block_ids
+head_block_layout head_channels discriminator_learning_rate discriminator_lr_schedule lora_rank
+train_batch_size gradient_accumulation_steps learning_rate max_grad_norm scale_lr optimizer adam_beta1 adam_beta2
+came_beta3 adam_weight_decay adam_epsilon lr_scheduler use_ema ema_decay mixed_precision fsdp""".split()
+TEACHER_ONLY = """teacher_qk_norm dense_time dense_time_init calibrate_qk_norm finetune_logit_mean finetune_logit_std
+finetune_weighting caption_dropout_prob""".split()
+NEVER = """cache_dir feature_cache_dir precompute_only dataloader_num_workers validate_data max_consecutive_skips
+gradient_checkpointing allow_tf32 seed output_dir checkpointing_steps checkpoints_total_limit resume_from_checkpoint
+validation_prompts validation_steps validation_inference_steps validation_guidance_scale logging_dir report_to
+tracker_project_name push_to_hub hub_token hub_model_id fp32_linear_attention teacher_fp32 compile_jvp
+log_gradient_norms_every""".split()
+
+
+def test_fingerprint_classification_of_every_setting(parser, teacher_parser):
+    distill = run_fingerprint(script_args(parser))
+    assert sorted(distill) == sorted(DISTILL_FINGERPRINT)
+    teacher = run_fingerprint(script_args(teacher_parser, stage="prepare_teacher"))
+    shared = [name for name in DISTILL_FINGERPRINT if hasattr(script_args(teacher_parser), name)]
+    assert sorted(teacher) == sorted(shared + TEACHER_ONLY)
+    for name in NEVER:  # declared fingerprint=False: never recorded, whatever the value
+        settings = parser.setting_names() | teacher_parser.setting_names()
+        assert settings[name].fingerprint is False, name
+    # conditional ones: recorded exactly when their condition holds
+    on = script_args(
+        parser,
+        "--lr_scheduler",
+        "cosine_with_restarts",
+        "--lora_rank",
+        "4",
+        "--jvp",
+        "finite_difference",
+        "--train_shards",
+        "a.tar",
+        "--streaming",
+        "--controlnet_model_name_or_path",
+        "c",
+        "--pretrained_student_model_name_or_path",
+        "s",
+        "--discriminator_shared_norm_groups",
+        "--no-teacher_cfg_without_guidance_embeds",
+        "--multi_scale",
+    )
+    conditional = set(run_fingerprint(on)) - set(DISTILL_FINGERPRINT)
+    assert conditional == set(
+        """lr_warmup_steps max_train_steps lr_num_cycles lora_alpha lora_target_modules finite_difference_step
+        train_shards streaming shuffle_buffer_size caption_fallback_columns controlnet_model_name_or_path
+        student_controlnet_model_name_or_path pretrained_student_model_name_or_path conditioning_image_column
+        controlnet_training_mode controlnet_conditioning_scale discriminator_shared_norm_groups
+        teacher_cfg_without_guidance_embeds multi_scale""".split()
+    )
+    assert "lr_power" in run_fingerprint(script_args(parser, "--lr_scheduler", "polynomial"))
 
 
 def test_fingerprint_holds_the_math_flags_of_the_stage(parser, teacher_parser):
@@ -230,25 +259,19 @@ def test_fingerprint_file_round_trip(tmp_path, parser):
 
 
 def test_jvp_flags_reach_the_scm_config(parser):
-    """--jvp / --jvp_step / --compile_jvp become `SCMLossConfig.jvp` / `finite_difference_step` / `compile_jvp`; a bad
-    --jvp is refused by argparse."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        spec = importlib.util.spec_from_file_location("train_sana_sprint_for_jvp", EXAMPLES / "train_sana_sprint.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    """--jvp / --jvp_step (alias of --finite_difference_step) / --compile_jvp become `SCMLossConfig.jvp` /
+    `finite_difference_step` / `compile_jvp`; a bad --jvp is refused by argparse."""
     args = script_args(parser, "--jvp", "finite_difference", "--jvp_step", "1e-4", sigma_data=0.5)
-    scm = module.distillation_config(args, sharded=False).scm
+    scm = distillation_config(args, sharded=False).scm
     assert (scm.jvp, scm.finite_difference_step) == ("finite_difference", 1e-4)
-    assert module.distillation_config(script_args(parser, sigma_data=0.5), sharded=False).scm.jvp == "exact"
+    assert distillation_config(script_args(parser, sigma_data=0.5), sharded=False).scm.jvp == "exact"
     with pytest.raises(SystemExit):
         script_args(parser, "--jvp", "fd")
-    assert "jvp_step" in run_fingerprint(args) and "jvp_step" not in run_fingerprint(script_args(parser))
+    assert "finite_difference_step" in run_fingerprint(args)
+    assert "finite_difference_step" not in run_fingerprint(script_args(parser))
     compiled = script_args(parser, "--compile_jvp", sigma_data=0.5)
-    assert module.distillation_config(compiled, sharded=False).scm.compile_jvp
-    assert not module.distillation_config(script_args(parser, sigma_data=0.5), sharded=False).scm.compile_jvp
+    assert distillation_config(compiled, sharded=False).scm.compile_jvp
+    assert not distillation_config(script_args(parser, sigma_data=0.5), sharded=False).scm.compile_jvp
     assert run_fingerprint(compiled) == run_fingerprint(script_args(parser, sigma_data=0.5))  # float rounding only
 
 

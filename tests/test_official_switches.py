@@ -5,7 +5,6 @@ Each switch changes what it should and nothing else, checked against an independ
 
 import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from tiny_components import make_diffusers_transformer, text_conditioning, trans
 from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.models import Float32SanaLinearAttnProcessor, TrigFlowModel, set_fp32_linear_attention
 from diffusers_sprint.training import SCMLossConfig, build_student, default_head_block_ids, scm_loss
+from diffusers_sprint.training.recipe import DISTILLATION, distillation_config, parse_recipe
 from diffusers_sprint.training.scm import teacher_cfg_velocity
 
 
@@ -25,14 +25,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _script():
-    sys.path.insert(0, str(EXAMPLES))  # the script imports training_common.py from its folder
-    try:
-        path = EXAMPLES / "train_sana_sprint.py"
-        spec = importlib.util.spec_from_file_location("train_sana_sprint_for_switches", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    """The script's own wiring functions (make_student, head_block_ids, ...); its recipe is the library's."""
+    spec = importlib.util.spec_from_file_location("train_sana_sprint_for_switches", EXAMPLES / "train_sana_sprint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
@@ -42,7 +38,9 @@ def script():
 
 
 def _args(script, *extra):
-    return script.parse_args(["--pretrained_teacher_model_name_or_path", "teacher", "--dataset_name", "data", *extra])
+    return parse_recipe(
+        DISTILLATION, ["--pretrained_teacher_model_name_or_path", "teacher", "--dataset_name", "data", *extra]
+    )
 
 
 def _teacher(seed: int = 1) -> SanaSprintTransformer2DModel:
@@ -157,13 +155,13 @@ def test_script_guides_the_teacher_of_students_without_embedder_by_default(scrip
     """Default (ours, measured better): CFG for every student; --no-teacher_cfg_without_guidance_embeds (official):
     the conditional teacher for a student without embedder, CFG still for one with it."""
     args = _args(script)
-    assert script.distillation_config(args, False, student_has_guidance_embedder=True).scm.guide_teacher
-    assert script.distillation_config(args, False, student_has_guidance_embedder=False).scm.guide_teacher
+    assert distillation_config(args, False, student_has_guidance_embedder=True).scm.guide_teacher
+    assert distillation_config(args, False, student_has_guidance_embedder=False).scm.guide_teacher
     args = _args(script, "--no-teacher_cfg_without_guidance_embeds")
-    assert not script.distillation_config(args, False, student_has_guidance_embedder=False).scm.guide_teacher
-    assert script.distillation_config(args, False, student_has_guidance_embedder=True).scm.guide_teacher
-    assert script.distillation_config(_args(script), False).scm.null_branch_mask == "conditional"
-    assert script.distillation_config(_args(script, "--cfg_null_mask", "null"), False).scm.null_branch_mask == "null"
+    assert not distillation_config(args, False, student_has_guidance_embedder=False).scm.guide_teacher
+    assert distillation_config(args, False, student_has_guidance_embedder=True).scm.guide_teacher
+    assert distillation_config(_args(script), False).scm.null_branch_mask == "conditional"
+    assert distillation_config(_args(script, "--cfg_null_mask", "null"), False).scm.null_branch_mask == "null"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -345,6 +343,6 @@ def test_teacher_precision(script):
 def test_fake_from_scm_forward_flag(script):
     """The LADD fake: ours reuses the sCM term's t/z (default), official draws fresh ones; sharded runs always take
     the official draw (every rank must run the same forwards)."""
-    assert script.distillation_config(_args(script), False).fake_from_scm_forward
-    assert not script.distillation_config(_args(script, "--no-fake_from_scm_forward"), False).fake_from_scm_forward
-    assert not script.distillation_config(_args(script), True).fake_from_scm_forward
+    assert distillation_config(_args(script), False).fake_from_scm_forward
+    assert not distillation_config(_args(script, "--no-fake_from_scm_forward"), False).fake_from_scm_forward
+    assert not distillation_config(_args(script), True).fake_from_scm_forward

@@ -1,6 +1,6 @@
 """The release recipes of examples/configs/ parse through the script and hold the official numbers.
 
-Each recipe is a flag file (`<name>.args`, read by the script as `@file`) whose header names its launch command,
+Each recipe is a settings file (`<name>.yaml`, read by the script as `--config`) whose header names its launch command,
 `examples/configs/launch.sh <name> <ddp|fsdp2>` (the one `accelerate launch` command, with that accelerate config).
 The official values come from NVlabs/Sana
 `configs/sana_sprint_config/1024ms/SanaSprint_{600M,1600M}_1024px_allqknorm_bf16_scm_ladd*.yaml` and
@@ -24,6 +24,8 @@ EXAMPLES = REPO / "examples"
 CONFIGS = EXAMPLES / "configs"
 sys.path.insert(0, str(REPO / "benchmarks"))
 import sana_configs  # noqa: E402
+
+from diffusers_sprint.training.recipe import DISTILLATION, parse_recipe  # noqa: E402
 
 
 # recipe -> released transformer config (benchmarks/sana_configs.py) and the values that differ between recipes
@@ -59,7 +61,7 @@ OFFICIAL = dict(
     guidance_scales=[4.0, 4.5, 5.0],  # scm_cfg_scale
     guidance_embeds=True,  # cfg_embed
     guidance_embeds_scale=0.1,  # cfg_embed_scale
-    cfg_null_mask="conditional",  # cfg_y_mask = cat([y_mask, y_mask])
+    null_branch_mask="conditional",  # cfg_y_mask = cat([y_mask, y_mask])
     tangent_warmup_steps=2000,  # 4000 steps of a loop that counts G and D phases
     tangent_norm="l2",  # vector_norm over (1, 2, 3)
     tangent_norm_eps=0.1,
@@ -79,15 +81,9 @@ GLOBAL_BATCH = 512
 
 
 def _script():
-    sys.path.insert(0, str(EXAMPLES))  # the script imports training_common.py from its folder
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "train_sana_sprint_for_recipes", EXAMPLES / "train_sana_sprint.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location("train_sana_sprint_for_recipes", EXAMPLES / "train_sana_sprint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
@@ -108,7 +104,7 @@ def came_importable(monkeypatch):
 def _launch(recipe: str, tmp_path: Path) -> tuple[Path, list[str]]:
     """The accelerate config and the script arguments of the `accelerate launch` command that the launch line in
     `<recipe>.args` runs: `launch.sh` is run with a stand-in `accelerate` that records its arguments."""
-    header = re.search(r"^# Launch: (.*)$", (CONFIGS / f"{recipe}.args").read_text(), flags=re.MULTILINE)
+    header = re.search(r"^# Launch: (.*)$", (CONFIGS / f"{recipe}.yaml").read_text(), flags=re.MULTILINE)
     words = shlex.split(header.group(1))
     command = words[words.index("bash") :]
     assert command[:3] == ["bash", "examples/configs/launch.sh", recipe]
@@ -127,14 +123,14 @@ def _launch(recipe: str, tmp_path: Path) -> tuple[Path, list[str]]:
 
 
 def test_every_shipped_recipe_is_tested():
-    assert {path.stem for path in CONFIGS.glob("*.args")} == set(RECIPES)
+    assert {path.stem for path in CONFIGS.glob("*.yaml")} == set(RECIPES)
     assert [path.name for path in CONFIGS.glob("*.sh")] == ["launch.sh"]
 
 
 @pytest.mark.parametrize(
     "words, message",
     [
-        (["no_such_recipe", "ddp"], "no recipe examples/configs/no_such_recipe.args"),
+        (["no_such_recipe", "ddp"], "no recipe examples/configs/no_such_recipe.yaml"),
         (["sana_sprint_1.6b_1024px", "deepspeed"], "no accelerate config examples/accelerate_configs/deepspeed.yaml"),
     ],
 )
@@ -151,11 +147,11 @@ def test_recipe_parses_and_holds_the_official_values(script, came_importable, re
     expected = RECIPES[recipe]
     config_path, arguments = _launch(recipe, tmp_path)
     assert config_path.name == expected["accelerate_config"]
-    assert arguments[0] == f"@examples/configs/{recipe}.args"
+    assert arguments[:2] == ["--config", f"examples/configs/{recipe}.yaml"]
     accelerate_config = yaml.safe_load(config_path.read_text())
 
     # The launcher's arguments (flags after the file, as a user gives them; the script runs from the repository root).
-    args = script.parse_args(["@" + str(REPO / arguments[0][1:]), *arguments[1:]])  # ends with validate_training_args
+    args = parse_recipe(DISTILLATION, ["--config", str(REPO / arguments[1]), *arguments[2:]])  # every check runs
 
     wrong = {name: getattr(args, name) for name, value in OFFICIAL.items() if getattr(args, name) != value}
     assert wrong == {}, f"{recipe} differs from the official recipe: {wrong}"
@@ -185,9 +181,46 @@ class _Depth:
         self.transformer_blocks = [None] * layers
 
 
-def test_recipe_flags_after_the_file_win(script, came_importable):
-    args = script.parse_args(
-        [f"@{CONFIGS / 'sana_sprint_1.6b_1024px.args'}", "--pretrained_teacher_model_name_or_path", "t"]
-        + ["--dataset_name", "d", "--learning_rate", "1e-5", "--head_block_ids", "3", "11"]
-    )
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_recipe_flags_on_the_command_line_win(came_importable, where):
+    config = ["--config", str(CONFIGS / "sana_sprint_1.6b_1024px.yaml")]
+    flags = ["--pretrained_teacher_model_name_or_path", "t", "--dataset_name", "d", "--learning_rate", "1e-5"]
+    flags += ["--head_block_ids", "3", "11"]
+    args = parse_recipe(DISTILLATION, config + flags if where == "after" else flags + config)
     assert args.learning_rate == 1e-5 and args.head_block_ids == [3, 11] and args.optimizer == "came"
+
+
+def test_flag_files_still_work(came_importable, tmp_path):
+    """`@file`: flags one or more per line, shell quoting, `#` comments; later flags win; `--config` inside one."""
+    flags = tmp_path / "run.args"
+    flags.write_text(
+        f"# my run\n--config {CONFIGS / 'sana_sprint_0.6b_1024px.yaml'}\n--learning_rate 3e-6  # lower\n"
+        "--validation_prompts 'a red fox' \"a blue car\"\n"
+    )
+    args = parse_recipe(
+        DISTILLATION, [f"@{flags}", "--pretrained_teacher_model_name_or_path", "t", "--dataset_name", "d"]
+    )
+    assert args.learning_rate == 3e-6 and args.validation_prompts == ["a red fox", "a blue car"]
+    assert args.optimizer == "came" and args.fake_from_scm_forward is False
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("learning_rate: 1e-5\nlearning_rat: 2\n", "unknown settings learning_rat"),
+        ("- learning_rate\n", "must hold a mapping"),
+        ("learning_rate: [1e-5\n", "cannot be read"),
+        ("optimizer: sgd\n", "invalid choice: 'sgd'"),
+        ("max_grad_norm: 0\n", "--max_grad_norm must be > 0"),
+    ],
+)
+def test_bad_recipe_files_are_refused_naming_the_file_or_setting(tmp_path, capsys, content, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(content)
+    argv = ["--config", str(path), "--pretrained_teacher_model_name_or_path", "t", "--dataset_name", "d"]
+    with pytest.raises((ValueError, SystemExit)) as error:
+        parse_recipe(DISTILLATION, argv)
+    text = str(error.value) + capsys.readouterr().err
+    assert message in text, text
+    if "unknown" in message or "mapping" in message or "read" in message:
+        assert str(path) in text

@@ -26,6 +26,10 @@ from safetensors.torch import load_file
 from tiny_components import save_tiny_teacher_pipeline
 
 from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel
+from diffusers_sprint.training import DistillationConfig, SCMLossConfig
+from diffusers_sprint.training.publish import save_model_card
+from diffusers_sprint.training.recipe import DISTILLATION, TEACHER_PREPARATION, parse_recipe
+from diffusers_sprint.training.settings import settings_of
 
 
 pytestmark = pytest.mark.slow
@@ -33,7 +37,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "train_sana_sprint.py"
 TEACHER_SCRIPT = REPO / "examples" / "prepare_sana_sprint_teacher.py"
-COMMON = REPO / "examples" / "training_common.py"
 TESTS = Path(__file__).resolve().parent
 PROMPTS = ["a red house", "a small blue house"]
 COLORS = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (230, 220, 30), (10, 10, 10), (250, 250, 250)]
@@ -576,32 +579,30 @@ def test_recipe_switches(assets, tmp_path, flags, present, absent):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _load_script_module(script=SCRIPT):
-    sys.path.insert(0, str(script.parent))  # the scripts import training_common.py from their own folder
-    try:
-        spec = importlib.util.spec_from_file_location(script.stem, script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(script.parent))
-    return module
-
-
-@pytest.mark.parametrize("script", [SCRIPT, TEACHER_SCRIPT], ids=["distill", "teacher"])
-def test_every_flag_has_help_and_is_read(script):
-    module = _load_script_module(script)
-    parser = module.build_parser()
-    source = script.read_text() + COMMON.read_text()
+@pytest.mark.parametrize("recipe", [DISTILLATION, TEACHER_PREPARATION], ids=["distill", "teacher"])
+def test_every_flag_has_help_and_is_read(recipe):
+    script = SCRIPT if recipe is DISTILLATION else TEACHER_SCRIPT
+    parser = recipe.parser()
+    library = REPO / "src" / "diffusers_sprint" / "training"
+    source = script.read_text() + "".join(path.read_text() for path in library.glob("*.py"))
     help_text = parser.format_help()
-    actions = [action for action in parser._actions if action.dest != "help"]
-    assert len(actions) > (80 if script == SCRIPT else 50)
-    unread = [a.dest for a in actions if not re.search(rf"\bargs\.{re.escape(a.dest)}\b", source)]
+    settings = parser.setting_names()
+    assert len(settings) > (80 if script == SCRIPT else 50)
+    # a setting is read by the script or the library (directly, or as a library config field built by `values_of`)
+    config_fields = {f.name for section in (SCMLossConfig, DistillationConfig) for f, _ in settings_of(section)}
+    unread = [
+        name
+        for name in settings
+        if name not in config_fields and not re.search(rf"\bargs\.{re.escape(name)}\b", source)
+    ]
     assert unread == [], f"flags never read: {unread}"
-    for action in actions:
-        assert action.help and action.help.strip(), action.dest
-        assert action.option_strings[0] in help_text
+    shown = [name for name, info in settings.items() if not info.advanced]
+    assert len(shown) <= 75  # --help lists what a user or a release recipe needs; ablations live in recipe files
+    for name, info in settings.items():
+        assert info.help and info.help.strip(), name
+        assert (f"--{name} " in help_text or f"--{name}\n" in help_text) != info.advanced, name
     if script == TEACHER_SCRIPT:
-        args = module.parse_args(["--pretrained_teacher_model_name_or_path", "x", "--dataset_name", "y"])
+        args = parse_recipe(recipe, ["--pretrained_teacher_model_name_or_path", "x", "--dataset_name", "y"])
         assert args.validation_inference_steps == [20] and args.stage == "prepare_teacher"
         assert not hasattr(args, "lora_rank") and not hasattr(args, "scm_lambda")
         return
@@ -625,7 +626,7 @@ def test_every_flag_has_help_and_is_read(script):
         "guidance_embeds_scale": 0.1,
         "report_to": "tensorboard",
     }
-    args = module.parse_args(["--pretrained_teacher_model_name_or_path", "x", "--dataset_name", "y"])
+    args = parse_recipe(recipe, ["--pretrained_teacher_model_name_or_path", "x", "--dataset_name", "y"])
     assert {key: getattr(args, key) for key in official} == official
     assert args.validation_inference_steps == [1, 2]
     for bad, message in (
@@ -635,14 +636,14 @@ def test_every_flag_has_help_and_is_read(script):
         (["--dataset_name", "y", "--max_grad_norm", "0"], "max_grad_norm"),
     ):
         with pytest.raises(ValueError, match=message):
-            module.parse_args(["--pretrained_teacher_model_name_or_path", "x"] + bad)
+            parse_recipe(recipe, ["--pretrained_teacher_model_name_or_path", "x"] + bad)
     for optimizer, package in (("adamw8bit", "bitsandbytes"), ("came", "came_pytorch")):
         flags = ["--pretrained_teacher_model_name_or_path", "x", "--dataset_name", "y", "--optimizer", optimizer]
         if importlib.util.find_spec(package) is None:  # optional packages: a clear error before anything loads
             with pytest.raises(ImportError, match="pip install"):
-                module.parse_args(flags)
+                parse_recipe(recipe, flags)
         else:
-            assert module.parse_args(flags).optimizer == optimizer
+            assert parse_recipe(recipe, flags).optimizer == optimizer
 
 
 @pytest.mark.parametrize(
@@ -656,8 +657,8 @@ def test_every_flag_has_help_and_is_read(script):
 )
 def test_model_card_says_how_to_sample_the_student(tmp_path, flags, usage, cfg_row):
     """The card's usage line passes guidance_scale=None exactly when the student has no guidance embedder."""
-    module = _load_script_module()
-    args = module.parse_args(
+    args = parse_recipe(
+        DISTILLATION,
         [
             "--pretrained_teacher_model_name_or_path",
             "teacher",
@@ -666,9 +667,9 @@ def test_model_card_says_how_to_sample_the_student(tmp_path, flags, usage, cfg_r
             "--output_dir",
             str(tmp_path),
         ]
-        + flags
+        + flags,
     )
-    module.common.save_model_card(args, "me/student", "distill", 10, 16, "no", has_grid=False)
+    save_model_card(args, "me/student", "distill", 10, 16, "no", has_grid=False)
     card = (tmp_path / "README.md").read_text()
     assert usage in card and cfg_row in card
     assert ("guidance_scale=None" in card) == (usage == "guidance_scale=None")

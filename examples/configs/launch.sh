@@ -4,16 +4,16 @@
 #   TEACHER=<Sprint teacher folder> DATASET=<datasets id or folder> [OUTPUT_DIR=<output>] \
 #     bash examples/configs/launch.sh <recipe> <ddp|fsdp2> [more flags, e.g. --validation_prompts "a red fox in the snow"]
 #
-# <recipe>: a <recipe>.args file beside this script, whose header names its accelerate config
+# <recipe>: a <recipe>.yaml file beside this script, whose header names its accelerate config
 # (examples/accelerate_configs/<ddp|fsdp2>.yaml). TEACHER: a diffusers Sana pipeline turned into a Sprint teacher
 # (QK-norm + dense time) by examples/prepare_sana_sprint_teacher.py. OUTPUT_DIR defaults to the recipe name.
-# Flags given after the recipe win over it (argparse keeps the last value).
+# Flags on the command line win over the recipe file.
 set -euo pipefail
 usage="usage: bash examples/configs/launch.sh <recipe> <ddp|fsdp2> [flags]"
 recipe="${1:?$usage}"
 config="${2:?$usage}"
 shift 2
-[[ -f "examples/configs/$recipe.args" ]] || { echo "no recipe examples/configs/$recipe.args; $usage" >&2; exit 2; }
+[[ -f "examples/configs/$recipe.yaml" ]] || { echo "no recipe examples/configs/$recipe.yaml; $usage" >&2; exit 2; }
 [[ -f "examples/accelerate_configs/$config.yaml" ]] || {
   echo "no accelerate config examples/accelerate_configs/$config.yaml (ddp or fsdp2); $usage" >&2
   exit 2
@@ -22,7 +22,7 @@ shift 2
 : "${DATASET:?set DATASET to the training dataset (datasets id or folder)}"
 
 exec accelerate launch --config_file "examples/accelerate_configs/$config.yaml" examples/train_sana_sprint.py \
-  "@examples/configs/$recipe.args" \
+  --config "examples/configs/$recipe.yaml" \
   --pretrained_teacher_model_name_or_path "$TEACHER" \
   --dataset_name "$DATASET" \
   --output_dir "${OUTPUT_DIR:-$recipe}" \

@@ -153,7 +153,7 @@ class SCMLossConfig:
         if not (isinstance(self.sigma_data, (int, float)) and self.sigma_data > 0):
             raise ValueError(f"`sigma_data` must be a number > 0, got {self.sigma_data!r}.")
         if self.compile_jvp and self.jvp != "exact":
-            raise ValueError(f"`compile_jvp` must be True only with jvp='exact'; got jvp={self.jvp!r}.")
+            raise ValueError(f"`compile_jvp` must be a bool, and True only with jvp='exact'; got jvp={self.jvp!r}.")
 
 
 @dataclass

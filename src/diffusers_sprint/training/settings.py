@@ -12,11 +12,13 @@ import json
 import math
 import shlex
 import sys
+import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
 from transformers import HfArgumentParser
 
 
@@ -124,12 +126,20 @@ def _items(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def setting_errors(values: dict, sections: Sequence, prefix: str = "--") -> list[str]:
+def setting_errors(values: dict, sections: Sequence, flags: bool = True) -> list[str]:
     """
     One line per invalid value of `values` (`{name: value}`; names not declared by `sections`, and `None` values,
     are skipped): a non-finite float (unless `infinity_allowed` and `+inf`), a value outside its `range` or its
-    `choices`. Non-finite values come first (sorted by name), then the range errors in declaration order.
+    `choices`. Non-finite values come first (sorted by name), then the others in declaration order. Each line names
+    the setting as a flag (`--name must be ... (got ...).`) or, with `flags=False`, as a field (`` `name` must be
+    ..., got ....``).
     """
+
+    def line(name, requirement, value):
+        if flags:
+            return f"--{name} must be {requirement} (got {value!r})."
+        return f"`{name}` must be {requirement}, got {value!r}."
+
     declared = [(f.name, info) for section in sections for f, info in settings_of(section)]
     infinity = {name for name, info in declared if info.infinity_allowed}
     errors, non_finite = [], set()
@@ -137,31 +147,56 @@ def setting_errors(values: dict, sections: Sequence, prefix: str = "--") -> list
         for item in _items(value):
             if isinstance(item, float) and not math.isfinite(item) and not (name in infinity and item == math.inf):
                 non_finite.add(name)
-                errors.append(f"{prefix}{name} must be a finite number (got {value!r}).")
+                errors.append(line(name, "a finite number", value))
                 break
     for name, info in declared:
         value = values.get(name)
         if value is None or name in non_finite:
             continue
         if info.choices is not None and not all(item in info.choices for item in _items(value)):
-            errors.append(f"{prefix}{name} must be one of {', '.join(map(str, info.choices))} (got {value!r}).")
+            errors.append(line(name, f"one of {info.choices}", value))
         elif info.range is not None:
             try:
                 valid = all(info.range.check(item) for item in _items(value))
             except TypeError:
                 valid = False
             if not valid:
-                errors.append(f"{prefix}{name} must be {info.range.text} (got {value!r}).")
+                errors.append(line(name, info.range.text, value))
     return errors
 
 
+def _has_type(value, annotation) -> bool:
+    """Whether `value` fits a setting's annotation: `bool`, `int` (not a bool), `float` (an int too), `str`, a list
+    of those (a tuple too), or any of them `| None`."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    if options:
+        return any(_has_type(value, option) for option in options)
+    if annotation is type(None):
+        return value is None
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, (list, tuple)) and all(_has_type(v, item) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
 def check_settings(section_instance) -> None:
-    """Raise one `ValueError` listing every invalid setting of a section instance (a library config's
-    `__post_init__`); messages name the field as `name` (not as a flag)."""
+    """Raise a `ValueError` listing every invalid setting of a section instance (a library config's
+    `__post_init__`), each named as a field: a value of the wrong type, then `setting_errors`."""
+    hints = typing.get_type_hints(type(section_instance))
     values = {f.name: getattr(section_instance, f.name) for f, _ in settings_of(section_instance)}
-    errors = setting_errors(values, [type(section_instance)], prefix="")
+    errors = [
+        f"`{name}` must be of type {hints[name]}, got {value!r}."
+        for name, value in values.items()
+        if not _has_type(value, hints[name])
+    ]
+    wrong_type = {name for name in values if not _has_type(values[name], hints[name])}
+    errors += setting_errors({k: v for k, v in values.items() if k not in wrong_type}, [type(section_instance)], False)
     if errors:
-        raise ValueError(f"Invalid {type(section_instance).__name__}: " + " ".join(f"`{e}" for e in errors))
+        raise ValueError(" ".join(errors))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -265,13 +300,8 @@ def load_recipe_file(path: str) -> dict:
     """A recipe file's mapping (YAML or JSON by extension); raises naming the file when it is not a mapping."""
     try:
         with open(path, encoding="utf-8") as file:
-            if path.endswith(".json"):
-                values = json.load(file)
-            else:
-                import yaml
-
-                values = yaml.safe_load(file)
-    except (OSError, ValueError) as error:
+            values = json.load(file) if path.endswith(".json") else yaml.safe_load(file)
+    except (OSError, ValueError, yaml.YAMLError) as error:
         raise ValueError(f"--config {path}: cannot be read ({error}).") from error
     if not isinstance(values, dict):
         raise ValueError(
