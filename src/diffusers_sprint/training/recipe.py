@@ -19,7 +19,17 @@ from .ladd import HEAD_BLOCK_LAYOUTS
 from .lora import DEFAULT_LORA_TARGET_MODULES
 from .monitoring import DEFAULT_MAX_CONSECUTIVE_SKIPS
 from .scm import SCMLossConfig
-from .settings import PROBABILITY, RecipeParser, When, at_least, between, greater_than, setting, setting_errors
+from .settings import (
+    PROBABILITY,
+    RecipeParser,
+    When,
+    at_least,
+    between,
+    flag_tables,
+    greater_than,
+    setting,
+    setting_errors,
+)
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "came")
@@ -662,3 +672,40 @@ def distillation_config(args, sharded: bool, student_has_guidance_embedder: bool
         **values_of(args, DistillationConfig, fake_from_scm_forward=args.fake_from_scm_forward and not sharded),
         scm=scm,
     )
+
+
+FLAG_REFERENCE_MARKERS = ("<!-- flag reference: start -->", "<!-- flag reference: end -->")
+
+
+def flag_reference() -> str:
+    """The flag tables of docs/training.md ("All flags"), generated from the settings (a test keeps the docs equal;
+    regenerate with `python -m diffusers_sprint.training.recipe docs/training.md`)."""
+    shared = set(DISTILLATION.sections) & set(TEACHER_PREPARATION.sections)
+    teacher_defaults = ", ".join(f"`--{k}` {v}" for k, v in TEACHER_PREPARATION.defaults.items())
+    return "\n\n".join(
+        [
+            FLAG_REFERENCE_MARKERS[0],
+            "### `train_sana_sprint.py`",
+            flag_tables(DISTILLATION.sections, DISTILLATION.defaults),
+            f"### `prepare_sana_sprint_teacher.py` (its own settings; the shared ones as above, with "
+            f"{teacher_defaults})",
+            flag_tables(TEACHER_PREPARATION.sections, TEACHER_PREPARATION.defaults, skip=shared),
+            FLAG_REFERENCE_MARKERS[1],
+        ]
+    )
+
+
+def write_flag_reference(path: str) -> None:
+    """Replace the text between the `FLAG_REFERENCE_MARKERS` of `path` by `flag_reference()`."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    start, end = (text.index(marker) for marker in FLAG_REFERENCE_MARKERS)
+    text = text[:start] + flag_reference() + text[end + len(FLAG_REFERENCE_MARKERS[1]) :]
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text)
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_flag_reference(sys.argv[1])

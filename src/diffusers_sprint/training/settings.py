@@ -333,10 +333,13 @@ def recipe_file_arguments(path: str, parser: RecipeParser) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _shown_default(field: dataclasses.Field):
-    value = field.default_factory() if field.default is dataclasses.MISSING else field.default
-    if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+def _shown_default(field: dataclasses.Field, defaults: dict):
+    if field.name in defaults:
+        value = defaults[field.name]
+    elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
         return "required"
+    else:
+        value = field.default_factory() if field.default is dataclasses.MISSING else field.default
     if isinstance(value, (list, tuple)):
         return " ".join(map(str, value)) if value else "(empty)"
     return "unset" if value is None else str(value)
@@ -352,21 +355,30 @@ def _fingerprint_text(info: Setting) -> str:
     return text
 
 
-def flag_table(sections: Sequence, skip: Sequence = ()) -> str:
-    """The Markdown table of the flags of `sections` (all but the sections in `skip`): flag, default, allowed values,
-    fingerprint, help; advanced settings are marked."""
-    rows = ["| flag | default | allowed | in the fingerprint | what |", "| --- | --- | --- | --- | --- |"]
+def flag_tables(sections: Sequence, defaults: dict | None = None, skip: Sequence = ()) -> str:
+    """Markdown tables of the flags of `sections` (but those in `skip`), one per section under its group name: flag,
+    default (`defaults` override the declared ones), allowed values, fingerprint rule, help. Advanced settings (not
+    in `--help`) are marked."""
+    defaults = defaults or {}
+    parts = []
     for section in sections:
         if section in skip:
             continue
+        rows = [f"**{getattr(section, '_argument_group_name', section.__name__)}**", ""]
+        rows += ["| flag | default | allowed | fingerprint | what |", "| --- | --- | --- | --- | --- |"]
         for field, info in settings_of(section):
             if info.choices:
-                allowed = " \\| ".join(map(str, info.choices))
+                allowed = " | ".join(map(str, info.choices))
             elif info.range is not None:
-                allowed = info.range.text.replace("|", "\\|")
+                allowed = info.range.text
             else:
                 allowed = ""
             flag = f"`--{field.name}`" + "".join(f" (`{alias}`)" for alias in info.aliases)
-            what = ("(advanced) " if info.advanced else "") + info.help.replace("|", "\\|")
-            rows.append(f"| {flag} | {_shown_default(field)} | {allowed} | {_fingerprint_text(info)} | {what} |")
-    return "\n".join(rows)
+            what = ("(advanced) " if info.advanced else "") + info.help
+            default = _shown_default(field, defaults)
+            cells = [flag, default, allowed, _fingerprint_text(info), what]
+            rows.append(
+                "| " + " | ".join(cell.replace("|", "\\|") if i else cell for i, cell in enumerate(cells)) + " |"
+            )
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts)
