@@ -193,6 +193,12 @@ def test_a_read_only_cache_with_misses_is_refused_at_start(tmp_path):
         )
         complete = ImageCaptionDataset(images.rows[:2], "image", "text", 8, center_crop=True)
         check_caches_writable(CachedLatentImageDataset(complete, dataset.cache))  # a complete cache may be read-only
+        with pytest.raises(
+            ValueError,
+            match=r"^The feature cache folder '.*' \(--feature_cache_dir '.*'\) cannot be "
+            r"created: PermissionError: ",
+        ):
+            FeatureCache(dataset.cache.folder, "latents", {"vae": "y"})  # a new namespace under a read-only root
     finally:
         undo()
 
