@@ -178,8 +178,8 @@ class FeatureCache:
         try:
             os.replace(path, path + BAD_SHARD_SUFFIX)
             action = f"renamed to {os.path.basename(path) + BAD_SHARD_SUFFIX!r}"
-        except OSError:
-            action = "skipped (the folder is read-only)"
+        except OSError as rename_error:  # a read-only folder, or another process renamed it first
+            action = f"skipped (not renamed: {type(rename_error).__name__})"
         logger.warning(
             f"Feature cache shard {path} cannot be read ({type(error).__name__}: {error}); {action}, its entries "
             "will be encoded again."
