@@ -29,7 +29,13 @@ from diffusers_sprint.training.buckets import (
     nearest_bin,
     training_bins,
 )
-from diffusers_sprint.training.data import ImageCaptionDataset, collate_examples, preprocess_image
+from diffusers_sprint.training.data import (
+    ImageCaptionDataset,
+    InvalidImageError,
+    collate_examples,
+    preprocess_image,
+    read_image,
+)
 
 
 def test_training_bins_are_diffusers_tables_and_small_sizes_stay_distinct():
@@ -185,3 +191,23 @@ def test_distillation_steps_train_on_non_square_latents():
         d_out.loss.backward()
         assert math.isfinite(d_out.loss.item())
         assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in discriminator.parameters())
+
+
+def test_image_size_names_the_row_and_file_as_the_image_reader_does(tmp_path, monkeypatch):
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all")
+    with pytest.raises(InvalidImageError) as error:
+        image_size({"bytes": None, "path": str(junk)}, index=4)
+    with pytest.raises(InvalidImageError) as read_error:
+        read_image({"bytes": None, "path": str(junk)}, index=4)
+    assert str(error.value) == str(read_error.value)  # the same error, row and file named
+    assert str(error.value).startswith(f"Row 4 of the training data ({junk}) cannot be used: UnidentifiedImageError")
+    bomb = tmp_path / "bomb.png"
+    Image.new("RGB", (40, 30)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1200 pixels: above twice the limit, refused from the header
+    with pytest.raises(InvalidImageError, match=rf"^Row 9 of the training data \({bomb}\) cannot be used: Decomp"):
+        image_size(str(bomb), index=9)
+    # the same through a dataset's undecoded rows (as the training script's --multi_scale reads them)
+    rows = [{"image": {"bytes": bomb.read_bytes(), "path": "bomb.png"}}]
+    with pytest.raises(InvalidImageError, match=r"^Row 0 of the training data \(bomb.png\) cannot be used: Decomp"):
+        [image_size(row["image"], index=i) for i, row in enumerate(rows)]

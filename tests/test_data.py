@@ -22,15 +22,19 @@ from diffusers_sprint.training.data import (
     LayoutInvariantBatchSampler,
     PromptEncoder,
     build_latent_cache,
+    caption_choices,
+    check_metadata_files,
     collate_examples,
     encode_images,
     image_to_rgb,
     load_image_caption_dataset,
     preprocess_image,
     read_image,
+    read_image_size,
     trim_prompt_padding,
     validate_image_dataset,
 )
+from diffusers_sprint.training.streaming import load_streaming_dataset
 
 
 def _layout_batches(num_samples, batch_size, num_processes, accumulation, epoch=0, start_step=0):
@@ -370,7 +374,9 @@ def test_unreadable_images_name_the_row_and_the_file(tmp_path):
     rows = [good, {"img": None, "txt": "no image"}, {"img": b"", "txt": None}]
     found = validate_image_dataset(rows, "img", "txt")
     assert [(row.index, row.path) for row in found] == [(1, None), (2, None), (2, None)]
-    assert "missing" in found[0].reason and "caption None is not text" in found[2].reason
+    assert "missing" in found[0].reason and found[2].reason.startswith(
+        "Captions must be strings or non-empty lists of strings, got None"
+    )
     with pytest.raises(ValueError, match="Row 2 of the training data: Captions must be strings"):
         ImageCaptionDataset([good, good, {"img": Image.new("RGB", (4, 4)), "txt": None}], "img", "txt", 4)[2]
     assert validate_image_dataset(rows[:1], "img", "txt") == []
@@ -400,3 +406,69 @@ def test_empty_data_gets_a_clear_error(tmp_path):
     _write_imagefolder(tmp_path / "images", num=2)
     with pytest.raises(ValueError, match="`max_train_samples` must be >= 1"):
         load_image_caption_dataset(train_data_dir=str(tmp_path / "images"), max_train_samples=0)
+
+
+def test_a_null_inside_a_caption_list_is_refused_naming_the_row():
+    image = Image.new("RGB", (4, 4))
+    rows = [{"img": image, "txt": ["a red house", "a blue house"]}, {"img": image, "txt": ["a blue house", None]}]
+    dataset = ImageCaptionDataset(rows, "img", "txt", 4)
+    assert dataset[(0, 0)]["caption"] in {"a red house", "a blue house"}
+    expected = (
+        "Row 1 of the training data: Captions must be strings or non-empty lists of strings; item 1 of "
+        "['a blue house', None] is None (NoneType)."
+    )
+    for epoch in range(4):  # whichever item the epoch draws (before: "None" as a caption, half the time)
+        with pytest.raises(ValueError) as error:
+            dataset[(epoch, 1)]
+        assert str(error.value) == expected
+    with pytest.raises(
+        ValueError, match=r"^Row 1 of the training data: Captions must .* item 0 of \[3\] is 3 \(int\)"
+    ):
+        ImageCaptionDataset([rows[0], {"img": image, "txt": [3]}], "img", "txt", 4).load(1, pick_caption=False)
+    assert caption_choices(np.array(["a", "b"])) == ["a", "b"]
+    bad = validate_image_dataset(rows, "img", "txt")
+    assert [(row.index, row.reason) for row in bad] == [(1, expected.removeprefix("Row 1 of the training data: "))]
+
+
+def test_bad_metadata_files_name_the_file_and_line(tmp_path):
+    folder = tmp_path / "images"
+    _write_imagefolder(folder, num=3)
+    lines = (folder / "metadata.jsonl").read_bytes().split(b"\n")
+    lines[1] = lines[1].replace(b"caption 1", b"caf\xe9")  # latin-1, not UTF-8
+    (folder / "metadata.jsonl").write_bytes(b"\n".join(lines))
+    metadata = folder / "metadata.jsonl"
+    for load in (
+        lambda: load_image_caption_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache")),
+        lambda: load_image_caption_dataset(dataset_name=str(folder), cache_dir=str(tmp_path / "cache")),
+        lambda: load_streaming_dataset(dataset_name=str(folder)),
+    ):
+        with pytest.raises(ValueError) as error:
+            load()
+        assert (
+            str(error.value) == f"The metadata file {metadata}, line 2, is not UTF-8 (byte 36 of the line: b'\\xe9')."
+        )
+    lines[1] = b'{"file_name": "1.png", "text": "caption 1"'
+    metadata.write_bytes(b"\n".join(lines))
+    with pytest.raises(
+        ValueError, match=rf"^The metadata file {metadata}, line 2, is not JSON: Expecting ',' delimiter"
+    ):
+        check_metadata_files(str(folder))
+    lines[1] = b'["1.png", "caption 1"]'
+    metadata.write_bytes(b"\n".join(lines))
+    with pytest.raises(ValueError, match=r"line 2, is not a JSON object: '\[\"1.png\", \"caption 1\"\]'"):
+        check_metadata_files(str(folder))
+
+
+def test_header_reads_raise_the_named_image_error(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (30, 20)).save(path)
+    assert read_image_size(str(path)) == (20, 30) and read_image_size(path.read_bytes()) == (20, 30)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # 600 pixels > 2 x 200: a decompression bomb
+    for read in (read_image, read_image_size):
+        with pytest.raises(
+            InvalidImageError,
+            match=rf"^Row 7 of the training data \({path}\) cannot be used: "
+            "DecompressionBombError: Image size \\(600 pixels\\) exceeds limit",
+        ) as error:
+            read({"bytes": None, "path": str(path)}, index=7)
+        assert (error.value.index, error.value.path) == (7, str(path))

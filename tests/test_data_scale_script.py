@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train_script import assets, base_args, read_log, run_script  # noqa: F401 - `assets` is a fixture
+from test_train_script import TEACHER_SCRIPT, assets, base_args, read_log, run_script  # noqa: F401 - `assets` is a fixture
 
 from diffusers_sprint import SanaSprintPipeline
 
@@ -229,3 +229,35 @@ def test_multi_scale_two_processes_match_one_and_resume_exactly(assets, multi_sc
         ),
     )
     assert read_log(resumed) == read_log(one)
+
+
+def test_teacher_calibration_reads_an_empty_feature_cache(assets, multi_scale_images, tmp_path):  # noqa: F811
+    """--calibrate_qk_norm's first batch through an empty --feature_cache_dir (before: `KeyError: 'latents'`)."""
+    cache, output = tmp_path / "cache", tmp_path / "teacher"
+    args = _args(assets, multi_scale_images, output, 1, resolution=32, center_crop=True, calibrate_qk_norm=True)
+    args += ["--feature_cache_dir", cache]
+    cut = args.index("--tangent_warmup_steps")  # a distillation flag
+    run_script(tmp_path, args[:cut] + args[cut + 2 :], script=TEACHER_SCRIPT)
+    assert [row["step"] for row in read_log(output)] == [1]
+    assert len(list(cache.glob("latents-*/shard-*.safetensors"))) >= 1  # the calibration batch's latents were stored
+
+
+def test_a_truncated_shard_stops_the_run_at_start_naming_it(assets, tar_shards, tmp_path):  # noqa: F811
+    """`datasets` alone reads the first half of a cut shard and trains on it without a word."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for path in tar_shards.glob("train-*.tar"):
+        (shards / path.name).write_bytes(path.read_bytes())
+    data = (shards / "train-1.tar").read_bytes()
+    (shards / "train-1.tar").write_bytes(data[: len(data) // 2 + 700])
+    result = run_script(
+        tmp_path,
+        _stream_args(assets, shards, tmp_path / "out", 1, image_column="png", caption_column="txt"),
+        check=False,
+    )
+    assert result.returncode != 0
+    assert (
+        "ValueError: 1 of 2 WebDataset shards (--train_shards) cannot be read in full:\n"
+        f"  {shards / 'train-1.tar'}: it is truncated or damaged after its member 11 (unexpected end of data)\n"
+        in result.stderr
+    ), result.stderr[-3000:]

@@ -16,15 +16,13 @@ Sana trains on images of about `resolution**2` pixels at many aspect ratios (the
   batch (as [`~training.data.LayoutInvariantBatchSampler`]).
 """
 
-import os
 from collections.abc import Hashable, Sequence
 
 import torch
 from diffusers.image_processor import PixArtImageProcessor
-from PIL import Image
 
 from ..pipelines.resolution_bins import aspect_ratio_bins
-from .data import StepGroupBatchSampler
+from .data import StepGroupBatchSampler, read_image_size
 from .seeding import make_generator
 
 
@@ -57,23 +55,14 @@ def nearest_bin(height: int, width: int, bins: dict[str, Sequence[int]]) -> tupl
     return int(binned[0]), int(binned[1])
 
 
-def image_size(source) -> tuple[int, int]:
+def image_size(source, index: int | None = None) -> tuple[int, int]:
     r"""
     `(height, width)` of an image without decoding its pixels (only the header is read): a PIL image, a path, encoded
-    bytes or a `datasets` image dict (`{"bytes", "path"}`).
+    bytes or a `datasets` image dict (`{"bytes", "path"}`). An unreadable image (junk bytes, a decompression-bomb
+    header, a missing file) raises the [`~training.data.InvalidImageError`] of `training.data.read_image`, naming the
+    dataset row `index` and the file.
     """
-    import io
-
-    if isinstance(source, Image.Image):
-        return source.height, source.width
-    if isinstance(source, dict):
-        source = source.get("bytes") if source.get("bytes") is not None else source.get("path")
-    if isinstance(source, (bytes, bytearray)):
-        source = io.BytesIO(source)
-    elif not isinstance(source, (str, os.PathLike)):
-        raise ValueError(f"Cannot read the size of an image given as {type(source).__name__}.")
-    with Image.open(source) as image:
-        return image.height, image.width
+    return read_image_size(source, index)
 
 
 def assign_buckets(sizes: Sequence[tuple[int, int]], bins: dict[str, Sequence[int]]) -> list[tuple[int, int]]:

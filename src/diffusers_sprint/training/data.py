@@ -15,6 +15,7 @@ sampling see identical text conditioning.
 
 import abc
 import io
+import json
 import numbers
 import os
 from collections.abc import Sequence
@@ -220,29 +221,32 @@ def image_to_rgb(image: Image.Image, background: Sequence[int] = WHITE) -> Image
     return image.convert("RGB")
 
 
+def _open_header(source) -> Image.Image:
+    """`Image.open` of any source [`open_image`] takes: the header is read (size, mode), the pixels are not."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return Image.open(source)
+    if isinstance(source, (bytes, bytearray)):
+        return Image.open(io.BytesIO(source))
+    if isinstance(source, dict) and ("bytes" in source or "path" in source):
+        if source.get("bytes") is not None:
+            return Image.open(io.BytesIO(source["bytes"]))
+        if source.get("path") is not None:
+            return Image.open(source["path"])
+        raise ValueError("The image entry holds neither bytes nor a path.")
+    if source is None:
+        raise ValueError("The image is missing (None).")
+    return Image.fromarray(np.asarray(source))
+
+
 def open_image(source) -> Image.Image:
     r"""
     A fully decoded `PIL.Image.Image` from a PIL image, a file path, encoded bytes, a `datasets` image dict
     (`{"bytes": ..., "path": ...}`, the undecoded form of `datasets.Image`) or an array. Decoding errors (a truncated
     or unknown file) surface here rather than later inside a resize.
     """
-    if isinstance(source, Image.Image):
-        image = source
-    elif isinstance(source, (str, os.PathLike)):
-        image = Image.open(source)
-    elif isinstance(source, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(source))
-    elif isinstance(source, dict) and ("bytes" in source or "path" in source):
-        if source.get("bytes") is not None:
-            image = Image.open(io.BytesIO(source["bytes"]))
-        elif source.get("path") is not None:
-            image = Image.open(source["path"])
-        else:
-            raise ValueError("The image entry holds neither bytes nor a path.")
-    elif source is None:
-        raise ValueError("The image is missing (None).")
-    else:
-        image = Image.fromarray(np.asarray(source))
+    image = _open_header(source)
     image.load()
     if image.width < 1 or image.height < 1:
         raise ValueError(f"The image is empty ({image.width} x {image.height} pixels).")
@@ -257,23 +261,58 @@ def _source_path(source) -> str | None:
     return getattr(source, "filename", None) or None
 
 
-def read_image(source, index: int | None = None, background: Sequence[int] = WHITE) -> Image.Image:
+def row_name(index: int) -> str:
+    """How errors name row `index` of a map-style training dataset."""
+    return f"Row {index} of the training data"
+
+
+def invalid_image_error(error: Exception, source, index: int | None = None, where: str | None = None):
+    r"""
+    The [`InvalidImageError`] of every image reader here for `error` raised while reading `source`: it names the
+    dataset row `index` (or `where`, e.g. a shard and sample key) and the file when known. Raise it `from error`.
+    """
+    path = _source_path(source)
+    if where is None:
+        where = "The image" if index is None else row_name(index)
+    where += f" ({path})" if path else ""
+    return InvalidImageError(
+        f"{where} cannot be used: {type(error).__name__}: {error}. `validate_image_dataset` (the training "
+        "script's --validate_data) lists every such row.",
+        index=index,
+        path=path,
+    )
+
+
+def read_image(
+    source, index: int | None = None, background: Sequence[int] = WHITE, where: str | None = None
+) -> Image.Image:
     r"""
     [`open_image`] then [`image_to_rgb`]; any failure becomes an [`InvalidImageError`] naming the dataset row `index`
-    and the file (when known).
+    (or `where`) and the file (when known).
     """
     try:
         return image_to_rgb(open_image(source), background)
     except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, struct.error...
-        path = _source_path(source)
-        where = "The image" if index is None else f"Row {index} of the training data"
-        where += f" ({path})" if path else ""
-        raise InvalidImageError(
-            f"{where} cannot be used: {type(error).__name__}: {error}. `validate_image_dataset` (the training "
-            "script's --validate_data) lists every such row.",
-            index=index,
-            path=path,
-        ) from error
+        raise invalid_image_error(error, source, index, where) from error
+
+
+def read_image_size(source, index: int | None = None, where: str | None = None) -> tuple[int, int]:
+    r"""
+    `(height, width)` of an image from its header only (the pixels are not decoded), for the same sources as
+    [`open_image`]; a failure (not an image, a decompression-bomb header, a missing file) becomes the
+    [`InvalidImageError`] [`read_image`] raises for the same row.
+    """
+    try:
+        image = _open_header(source)
+        height, width = image.height, image.width
+        if image is not source:
+            image.close()
+    except Exception as error:  # noqa: BLE001 - as in `read_image`
+        raise invalid_image_error(error, source, index, where) from error
+    if height < 1 or width < 1:
+        error = ValueError(f"The image is empty ({width} x {height} pixels).")
+        raise invalid_image_error(error, source, index, where) from error
+    return height, width
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -334,14 +373,33 @@ def preprocess_image(
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def _pick_caption(caption, generator: torch.Generator | None) -> str:
+def caption_choices(caption, where: str | None = None) -> list[str]:
+    r"""
+    The one check of a caption value, used wherever a caption is read (map-style and streaming datasets, the feature
+    cache, fallback columns): a string, or a non-empty list (tuple, array) of strings, as a list of its choices.
+    Anything else (`None` alone or inside a list, a number, an empty list) raises a `ValueError` prefixed by
+    `where` (e.g. `"Row 3 of the training data"`), naming the bad item.
+    """
+    prefix = f"{where}: " if where else ""
     if isinstance(caption, str):
-        return caption
+        return [caption]
     if isinstance(caption, (list, tuple, np.ndarray)) and len(caption) > 0:
-        if generator is None:
-            return str(caption[0])
-        return str(caption[int(torch.randint(0, len(caption), (), generator=generator))])
-    raise ValueError(f"Captions must be strings or non-empty lists of strings, got {caption!r}.")
+        for position, item in enumerate(caption):
+            if not isinstance(item, str):
+                raise ValueError(
+                    f"{prefix}Captions must be strings or non-empty lists of strings; item {position} of "
+                    f"{list(caption)!r} is {item!r} ({type(item).__name__})."
+                )
+        return [str(item) for item in caption]
+    raise ValueError(f"{prefix}Captions must be strings or non-empty lists of strings, got {caption!r}.")
+
+
+def _pick_caption(caption, generator: torch.Generator | None, where: str | None = None) -> str:
+    """A sample's caption: the first choice without `generator`, else one drawn from it ([`caption_choices`])."""
+    choices = caption_choices(caption, where)
+    if generator is None or isinstance(caption, str):
+        return choices[0]
+    return choices[int(torch.randint(0, len(choices), (), generator=generator))]
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
@@ -423,10 +481,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             sample["conditioning_pixel_values"] = preprocess_image(
                 control, self.target_size(index), self.center_crop, flip, crop
             )
-        try:
-            caption = _pick_caption(row[self.caption_column], generator if pick_caption else None)
-        except ValueError as error:
-            raise ValueError(f"Row {index} of the training data: {error}") from error
+        caption = _pick_caption(row[self.caption_column], generator if pick_caption else None, row_name(index))
         return {"pixel_values": pixel_values, "caption": caption, **sample}
 
     def __getitem__(self, key) -> dict:
@@ -490,14 +545,10 @@ def validate_image_dataset(
             cause = error.__cause__
             bad.append(InvalidRow(index, error.path, f"{type(cause).__name__}: {cause}"))
         if caption_column is not None:
-            caption = row[caption_column]
-            valid = isinstance(caption, str) or (
-                isinstance(caption, (list, tuple, np.ndarray))
-                and len(caption) > 0
-                and all(isinstance(c, str) for c in caption)
-            )
-            if not valid:
-                bad.append(InvalidRow(index, _source_path(row[image_column]), f"caption {caption!r} is not text"))
+            try:
+                caption_choices(row[caption_column])
+            except ValueError as error:
+                bad.append(InvalidRow(index, _source_path(row[image_column]), str(error)))
         if progress is not None:
             progress(1)
     if bad and raise_error:
@@ -557,11 +608,17 @@ class CachedLatentDataset(torch.utils.data.Dataset):
 
 
 def collate_examples(examples: Sequence[dict]) -> dict:
-    """Stack the tensors of a list of samples; strings become a list."""
+    r"""
+    Collate a list of samples: a field that is a tensor in every sample is stacked, any other field (strings, or a
+    field some samples lack or hold as `None`, e.g. the latents of a partly cached batch,
+    [`~training.feature_cache.CachedLatentImageDataset`]) becomes a list with `None` where absent.
+    """
+    keys = list(dict.fromkeys(key for example in examples for key in example))
     batch = {}
-    for key in examples[0]:
-        values = [example[key] for example in examples]
-        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else list(values)
+    for key in keys:
+        values = [example.get(key) for example in examples]
+        stack = all(isinstance(value, torch.Tensor) for value in values)
+        batch[key] = torch.stack(values) if stack else list(values)
     return batch
 
 
@@ -714,6 +771,49 @@ def build_latent_cache(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+def check_metadata_files(folder: str) -> None:
+    r"""
+    Check the `metadata.jsonl` / `metadata.csv` files of an image folder before `datasets` reads them (its error, "An
+    error occurred while generating the dataset", names neither file nor line): every file must be UTF-8 and every
+    non-empty `.jsonl` line a JSON object. Raises a `ValueError` naming the file, line and byte.
+    """
+    for root, _, names in sorted(os.walk(folder)):
+        for name in sorted(set(names) & set(METADATA_FILES)):
+            path = os.path.join(root, name)
+            with open(path, "rb") as file:
+                lines = file.read().split(b"\n")
+            for number, line in enumerate(lines, start=1):
+                where = f"The metadata file {path}, line {number}"
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise ValueError(
+                        f"{where}, is not UTF-8 (byte {error.start + 1} of the line: "
+                        f"{line[error.start : error.end]!r})."
+                    ) from error
+                if name.endswith(".jsonl") and text.strip():
+                    try:
+                        value = json.loads(text)
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{where}, is not JSON: {error}.") from error
+                    if not isinstance(value, dict):
+                        raise ValueError(f"{where}, is not a JSON object: {text.strip()[:80]!r}.")
+
+
+def _generate(source: str, load, *args, **kwargs):
+    """`load(*args, **kwargs)`; `datasets`' generation error gets `source` and its cause in the message."""
+    import datasets
+
+    try:
+        return load(*args, **kwargs)
+    except datasets.exceptions.DatasetGenerationError as error:
+        cause = error.__cause__ or error.__context__
+        raise ValueError(f"{source} cannot be read: {type(cause).__name__}: {cause}") from error
+
+
 def load_image_caption_dataset(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -754,7 +854,9 @@ def load_image_caption_dataset(
             except IndexError as error:  # datasets concatenates the saved Arrow files and indexes the first
                 raise ValueError(f"{source} (a `save_to_disk` folder) holds no rows.") from error
         else:
-            data = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+            if os.path.isdir(dataset_name):  # a local data folder (e.g. images + metadata.jsonl)
+                check_metadata_files(dataset_name)
+            data = _generate(source, datasets.load_dataset, dataset_name, dataset_config_name, cache_dir=cache_dir)
     else:
         source = f"The image folder {train_data_dir!r}"
         if not os.path.isdir(train_data_dir):
@@ -765,7 +867,8 @@ def load_image_caption_dataset(
                 f"{source} (--train_data_dir) holds no image files (none of the {len(extensions)} extensions "
                 "`imagefolder` reads, e.g. .png, .jpg, .webp)."
             )
-        data = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
+        check_metadata_files(train_data_dir)
+        data = _generate(source, datasets.load_dataset, "imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise ValueError(f"The dataset has no {split!r} split; splits: {list(data)}.")
@@ -793,13 +896,18 @@ __all__ = [
     "PromptEncoder",
     "augmentation_generator",
     "build_latent_cache",
+    "caption_choices",
+    "check_metadata_files",
     "collate_examples",
     "encode_images",
     "image_to_rgb",
+    "invalid_image_error",
     "load_image_caption_dataset",
     "open_image",
     "preprocess_image",
     "read_image",
+    "read_image_size",
+    "row_name",
     "trim_prompt_padding",
     "undecoded_images",
     "validate_image_dataset",

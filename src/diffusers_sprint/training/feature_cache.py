@@ -21,21 +21,35 @@ additive -10000 bias, so their values do not change any output; they are zeros w
 import hashlib
 import io
 import json
+import logging
 import numbers
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from .data import (
+    _draw_flip,
+    _pick_caption,
+    augmentation_generator,
+    caption_choices,
+    collate_examples,
+    invalid_image_error,
+    row_name,
+)
+
+
+logger = logging.getLogger(__name__)
 
 
 SHARD_PREFIX = "shard-"
 _CONFIG_SUFFIXES = (".json", ".txt", ".model")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack")
-_EDGE_BYTES = 1 << 20
+BAD_SHARD_SUFFIX = ".bad"
 
 
 def _sha256(*parts: bytes | str) -> str:
@@ -49,9 +63,9 @@ def _sha256(*parts: bytes | str) -> str:
 def model_digest(folder: str) -> str:
     r"""
     A digest of a model folder (e.g. `<pipeline>/vae`) computed without constructing the model: the full content of
-    its config / tokenizer files, and for each weight file its name, size and the sha256 of its first and last MiB
-    (hashing multi-GB weights in full would cost minutes per run). Two copies of the same model on two machines get
-    the same digest; a fine-tuned model gets another.
+    its config / tokenizer files and of its weight files (name, size and sha256 of every byte, so a change of any one
+    tensor anywhere gives another digest; about 1 s per GB, see docs/data.md). Two copies of the same model on two
+    machines get the same digest; a fine-tuned model gets another.
     """
     if not os.path.isdir(folder):
         raise ValueError(f"Model folder {folder!r} does not exist.")
@@ -64,12 +78,9 @@ def model_digest(folder: str) -> str:
                 with open(path, "rb") as file:
                     digest.update(relative.encode() + b"\0" + file.read() + b"\0")
             elif name.endswith(_WEIGHT_SUFFIXES):
-                size = os.path.getsize(path)
                 with open(path, "rb") as file:
-                    head = file.read(_EDGE_BYTES)
-                    file.seek(max(0, size - _EDGE_BYTES))
-                    tail = file.read(_EDGE_BYTES)
-                digest.update(f"{relative}\0{size}\0".encode() + head + tail + b"\0")
+                    content = hashlib.file_digest(file, "sha256").digest()
+                digest.update(f"{relative}\0{os.path.getsize(path)}\0".encode() + content + b"\0")
     return digest.hexdigest()
 
 
@@ -120,13 +131,19 @@ class FeatureCache:
     def __init__(self, root: str, kind: str, namespace: Mapping, writer: str = "0", shard_size: int = 256):
         text = json.dumps(dict(namespace), sort_keys=True)
         self.folder = os.path.join(root, f"{kind}-{_sha256(text)[:16]}")
-        os.makedirs(self.folder, exist_ok=True)
         info = os.path.join(self.folder, "namespace.json")
-        if not os.path.exists(info):
-            tmp = f"{info}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "w") as file:
-                file.write(text)
-            os.replace(tmp, info)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            if not os.path.exists(info):
+                tmp = f"{info}.{uuid.uuid4().hex}.tmp"
+                with open(tmp, "w") as file:
+                    file.write(text)
+                os.replace(tmp, info)
+        except OSError as error:
+            raise ValueError(
+                f"The feature cache folder {self.folder!r} (--feature_cache_dir {root!r}) cannot be created: "
+                f"{type(error).__name__}: {error}. Give a writable folder."
+            ) from error
         self.writer = str(writer)
         self.shard_size = int(shard_size)
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
@@ -136,7 +153,11 @@ class FeatureCache:
         self.refresh()
 
     def refresh(self) -> None:
-        """Index the shards now on disk (those other processes wrote since)."""
+        r"""
+        Index the shards now on disk (those other processes wrote since). A shard that does not open (truncated,
+        not safetensors) is dropped with a warning naming it: it is renamed `<shard>.bad` when the folder is writable
+        (else left and skipped), and its entries count as misses, so they are encoded again.
+        """
         for name in sorted(os.listdir(self.folder)):
             if not (name.startswith(SHARD_PREFIX) and name.endswith(".safetensors")):
                 continue
@@ -144,9 +165,49 @@ class FeatureCache:
             if path in self._shards:
                 continue
             self._shards.add(path)
-            with safe_open(path, framework="pt") as file:
-                for tensor_name in file.keys():
-                    self.index.setdefault(tensor_name.split("/", 1)[0], path)
+            try:
+                with safe_open(path, framework="pt") as file:
+                    names = list(file.keys())
+            except (SafetensorError, OSError) as error:
+                self._drop_shard(path, error)
+                continue
+            for tensor_name in names:
+                self.index.setdefault(tensor_name.split("/", 1)[0], path)
+
+    def _drop_shard(self, path: str, error: Exception) -> None:
+        try:
+            os.replace(path, path + BAD_SHARD_SUFFIX)
+            action = f"renamed to {os.path.basename(path) + BAD_SHARD_SUFFIX!r}"
+        except OSError as rename_error:  # a read-only folder, or another process renamed it first
+            action = f"skipped (not renamed: {type(rename_error).__name__})"
+        logger.warning(
+            f"Feature cache shard {path} cannot be read ({type(error).__name__}: {error}); {action}, its entries "
+            "will be encoded again."
+        )
+
+    def writable(self) -> str | None:
+        """`None` when a shard can be written to the cache folder now, else the reason (the `OSError`'s text)."""
+        probe = os.path.join(self.folder, f".write-probe-{uuid.uuid4().hex}")
+        try:
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except OSError as error:
+            return f"{type(error).__name__}: {error}"
+        return None
+
+    def require_writable(self, missing: int, total: int) -> None:
+        r"""
+        Raise a `ValueError` at start, naming the folder, when `missing` of the `total` entries a run needs are not
+        cached and the folder is not writable (the run would encode them and crash when writing the first shard). A
+        complete cache may be read-only.
+        """
+        if missing and (reason := self.writable()) is not None:
+            raise ValueError(
+                f"The feature cache folder {self.folder!r} is not writable ({reason}) and misses {missing} of the "
+                f"{total} entries this run needs: fill it first (--precompute_only, with write access) or give a "
+                "writable --feature_cache_dir."
+            )
 
     def __contains__(self, key: str) -> bool:
         return key in self.index or key in self._pending
@@ -272,12 +333,19 @@ class CachedLatentImageDataset(torch.utils.data.Dataset):
     def latent_key(self, index: int, flip: bool) -> str:
         index = int(index)
         if index not in self._hashes:
-            self._hashes[index] = image_content_hash(self.images.rows[index][self.images.image_column])
+            source = self.images.rows[index][self.images.image_column]
+            try:
+                self._hashes[index] = image_content_hash(source)
+            except (OSError, ValueError) as error:  # a missing file, no image
+                raise invalid_image_error(error, source, index) from error
         return latent_key(self._hashes[index], self.images.target_size(index), flip)
 
-    def __getitem__(self, key) -> dict:
-        from .data import _draw_flip, _pick_caption, augmentation_generator
+    def missing_entries(self) -> int:
+        """How many latent entries (every row, both flips with `random_flip`) are not cached (hashes every image)."""
+        flips = (False, True) if self.images.random_flip else (False,)
+        return sum(self.latent_key(index, flip) not in self.cache for index in range(len(self)) for flip in flips)
 
+    def __getitem__(self, key) -> dict:
         epoch, index = (0, key) if isinstance(key, numbers.Integral) else key
         generator = augmentation_generator(self.images.seed, epoch, index)
         flip = _draw_flip(generator, self.images.random_flip)
@@ -285,38 +353,62 @@ class CachedLatentImageDataset(torch.utils.data.Dataset):
         if cache_key not in self.cache:
             sample = self.images.load(index, epoch)
             return {"pixel_values": sample["pixel_values"], "latent_key": cache_key, "caption": sample["caption"]}
-        caption = _pick_caption(self.images.rows[int(index)][self.images.caption_column], generator)
-        return {"latents": self.cache.get(cache_key)["latents"], "caption": caption}
+        caption = _pick_caption(self.images.rows[int(index)][self.images.caption_column], generator, row_name(index))
+        return {"latents": self.cache.get(cache_key)["latents"], "latent_key": cache_key, "caption": caption}
 
 
 def collate_cached_examples(examples) -> dict:
-    """Lists per field (cached and uncached samples mix in one batch); [`resolve_latents`] stacks them."""
-    return {
-        "latents": [example.get("latents") for example in examples],
-        "pixel_values": [example.get("pixel_values") for example in examples],
-        "latent_keys": [example.get("latent_key") for example in examples],
-        "caption": [example["caption"] for example in examples],
-    }
+    r"""
+    [`~training.data.collate_examples`] of [`CachedLatentImageDataset`] samples (cached and uncached ones mix in one
+    batch: `latents` / `pixel_values` are lists with `None` where absent); [`resolve_latents`] completes them.
+    """
+    return collate_examples(examples)
 
 
 def resolve_latents(batch: Mapping, cache: FeatureCache, encode, sigma_data: float, device) -> torch.Tensor:
     r"""
     The batch's data latents `x0` (training units, on `device`): cached ones read, the others encoded by
     `encode(pixel_values) -> vae_latent * scaling_factor` (e.g. `encode_images(vae, pixels, sigma_data=1.0)`, called
-    only when something is missing) and stored.
+    only when something is missing) and stored. `batch` is a [`collate_examples`] batch of
+    [`CachedLatentImageDataset`] samples, whichever of them are cached (none, some or all).
     """
-    latents = list(batch["latents"])
+    keys = batch["latent_key"]
+    latents = list(batch["latents"]) if "latents" in batch else [None] * len(keys)
     missing = [i for i, latent in enumerate(latents) if latent is None]
     for i in missing:  # another sample of this run may have stored it since the worker looked
-        if batch["latent_keys"][i] in cache:
-            latents[i] = cache.get(batch["latent_keys"][i])["latents"]
+        if keys[i] in cache:
+            latents[i] = cache.get(keys[i])["latents"]
     missing = [i for i in missing if latents[i] is None]
     if missing:
         encoded = encode(torch.stack([batch["pixel_values"][i] for i in missing]).to(device)).cpu()
         for i, latent in zip(missing, encoded):
-            cache.put(batch["latent_keys"][i], {"latents": latent})
+            cache.put(keys[i], {"latents": latent})
             latents[i] = latent
     return torch.stack(latents).to(device) * sigma_data
+
+
+def row_captions(images, rows: Iterable[int]) -> list[str]:
+    """Every caption choice of `rows` of an `ImageCaptionDataset` (each checked by `caption_choices`)."""
+    column = images.caption_column
+    return [caption for index in rows for caption in caption_choices(images.rows[int(index)][column], row_name(index))]
+
+
+def check_caches_writable(
+    dataset: CachedLatentImageDataset, prompt_encoder: "CachedPromptEncoder | None" = None, extra_prompts=()
+) -> None:
+    r"""
+    Before training: when a cache folder is not writable, count what the run needs that it misses (every latent of
+    `dataset`; every caption, the empty prompt and `extra_prompts` of `prompt_encoder`'s cache) and raise naming the
+    folder if anything is missing (see [`FeatureCache.require_writable`]). Writable caches cost nothing here.
+    """
+    if dataset.cache.writable() is not None:
+        flips = 2 if dataset.images.random_flip else 1
+        dataset.cache.require_writable(dataset.missing_entries(), len(dataset) * flips)
+    if prompt_encoder is not None and prompt_encoder.cache.writable() is not None:
+        keys = {text_key(c, True) for c in row_captions(dataset.images, range(len(dataset))) + list(extra_prompts)}
+        keys.add(text_key("", False))
+        missing = [key for key in keys if key not in prompt_encoder.cache]
+        prompt_encoder.cache.require_writable(len(missing), len(keys))
 
 
 @torch.no_grad()
@@ -337,8 +429,6 @@ def fill_caches(
     `extra_prompts` (validation prompts) on process 0. Latents are encoded in batches of one target size.
     Returns `{"latents": encoded, "captions": encoded}` counts of this process.
     """
-    from .data import _pick_caption
-
     images = dataset.images
     flips = (False, True) if images.random_flip else (False,)
     rows = range(process_index, len(dataset), num_processes)
@@ -364,10 +454,7 @@ def fill_caches(
     dataset.cache.flush()
     encoded_captions = 0
     if prompt_encoder is not None:
-        captions = []
-        for index in rows:
-            value = images.rows[int(index)][images.caption_column]
-            captions += [value] if isinstance(value, str) else [_pick_caption([c], None) for c in value]
+        captions = row_captions(images, rows)
         missing = sorted({c for c in captions if text_key(c, True) not in prompt_encoder.cache})
         for start in range(0, len(missing), batch_size):
             prompt_encoder(missing[start : start + batch_size])
@@ -384,6 +471,7 @@ __all__ = [
     "CachedLatentImageDataset",
     "CachedPromptEncoder",
     "FeatureCache",
+    "check_caches_writable",
     "collate_cached_examples",
     "fill_caches",
     "pad_text_entry",

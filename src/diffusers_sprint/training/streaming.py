@@ -11,16 +11,43 @@ an epoch ends on the same step everywhere (a last, incomplete step is dropped), 
 without decoding them. That resume is exact (the same rows, augmentations and order as the uninterrupted run) as
 long as the stream itself is deterministic for a given seed and epoch (local shards, or a pinned Hub revision);
 its cost is re-reading the skipped part of the epoch.
+
+Local shards are checked before anything is read ([`check_shards`]): `datasets`' reader stops silently at the cut of
+a truncated tar, so a shard that is empty, not a tar archive, cut short, or holds a text member that does not decode
+fails at start naming it (or, with `skip_bad_shards`, is left out with a warning naming it). The checked shard list
+(paths and sizes) is part of the checkpointed [`StreamPosition`], and a resume over another list is refused.
 """
 
+import bz2
 import glob
+import gzip
+import logging
+import lzma
 import os
+import tarfile
+import zlib
 from collections.abc import Sequence
 
 import torch
 
-from .data import _draw_flip, _pick_caption, augmentation_generator, collate_examples, preprocess_image, read_image
+from .data import (
+    _draw_flip,
+    _pick_caption,
+    augmentation_generator,
+    check_metadata_files,
+    collate_examples,
+    preprocess_image,
+    read_image,
+)
 from .seeding import derive_seed
+
+
+logger = logging.getLogger(__name__)
+
+_TAR_BLOCK = tarfile.BLOCKSIZE
+_DECOMPRESSORS = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ": lzma.open}
+# the members `datasets`' webdataset reader decodes as text / JSON / int: checked at start (cheap: small files)
+_TEXT_EXTENSIONS = ("txt", "text", "transcript", "json", "jsn", "cls", "cls2", "index", "inx", "id")
 
 
 def resolve_shards(patterns: Sequence[str]) -> list[str]:
@@ -34,32 +61,140 @@ def resolve_shards(patterns: Sequence[str]) -> list[str]:
     return files
 
 
+def _text_member_problem(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str | None:
+    """Why a text member (`.txt`, `.json`, ...) does not decode as `datasets`' webdataset reader decodes it."""
+    from datasets.packaged_modules.webdataset.webdataset import WebDataset
+
+    extension = member.name.rsplit(".", 1)[-1].lower()
+    if not (member.isfile() and extension in _TEXT_EXTENSIONS):
+        return None
+    try:
+        WebDataset.DECODERS[extension](tar.extractfile(member).read())
+    except ValueError as error:  # UnicodeDecodeError, JSONDecodeError, int("x")
+        return f"member {member.name!r} does not decode as .{extension}: {type(error).__name__}: {error}"
+    return None
+
+
+def shard_problem(path: str) -> str | None:
+    r"""
+    Why the WebDataset tar shard `path` cannot be read in full, or `None` when it can. Reads the member headers (a
+    seek per member) and checks that every member's data lies inside the file and that the end-of-archive block
+    follows the last member (a tar cut at a member boundary otherwise looks complete), and decodes the text members
+    `datasets` decodes (`.txt`, `.json`, ...: UTF-8 / JSON / int). A compressed tar (`.tar.gz`, `.bz2`, `.xz`) is
+    decompressed on the way (a cut stream fails).
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        return "it is empty (0 bytes)"
+    with open(path, "rb") as file:
+        magic = file.read(6)
+    opener = next((o for prefix, o in _DECOMPRESSORS.items() if magic.startswith(prefix)), open)
+    try:
+        with opener(path, "rb") as file:
+            return _tar_problem(file, size if opener is open else None)
+    except (EOFError, OSError, zlib.error, lzma.LZMAError) as error:  # a cut or damaged compressed stream
+        return f"it is truncated or damaged: {type(error).__name__}: {error}"
+
+
+def _tar_problem(file, size: int | None) -> str | None:
+    """[`shard_problem`] of an open tar stream; `size` is the file's (`None` when decompressed on the fly)."""
+    try:
+        tar = tarfile.open(fileobj=file, mode="r:")
+    except tarfile.TarError as error:
+        return f"it is not a tar archive ({error})"
+    end, count = 0, 0
+    while True:
+        try:
+            member = tar.next()
+        except tarfile.TarError as error:
+            return f"it is truncated or damaged after its member {count} ({error})"
+        if member is None:
+            break
+        count += 1
+        end = member.offset_data + member.size
+        if size is not None and end > size:
+            return f"it is truncated: member {member.name!r} ends at byte {end}, the file has {size} bytes"
+        if problem := _text_member_problem(tar, member):
+            return problem
+        end += -end % _TAR_BLOCK
+    file.seek(end)
+    block = file.read(_TAR_BLOCK)
+    if len(block) < _TAR_BLOCK or block.strip(b"\0"):
+        total = f"{size}" if size is not None else "the decompressed stream"
+        return f"it is truncated: no end-of-archive block after its {count} members (at byte {end} of {total})"
+    return None
+
+
+def check_shards(files: Sequence[str], skip_bad_shards: bool = False) -> list[dict]:
+    r"""
+    Check every WebDataset shard ([`shard_problem`]) and return `[{"path", "size"}]` of those to read, in order.
+
+    Args:
+        files (`Sequence[str]`): Shard paths ([`resolve_shards`]).
+        skip_bad_shards (`bool`, defaults to `False`): Leave unreadable shards out with one warning naming each and
+            the count, instead of raising a `ValueError` that names them.
+    """
+    good, bad = [], []
+    for path in files:
+        problem = shard_problem(path)
+        if problem is None:
+            good.append({"path": path, "size": os.path.getsize(path)})
+        else:
+            bad.append(f"{path}: {problem}")
+    if bad:
+        listing = "\n".join(f"  {line}" for line in bad)
+        if not skip_bad_shards or not good:
+            raise ValueError(
+                f"{len(bad)} of {len(files)} WebDataset shards (--train_shards) cannot be read in full:\n{listing}\n"
+                "Repair or remove them, or leave them out with `skip_bad_shards`."
+            )
+        logger.warning(f"Skipping {len(bad)} of {len(files)} WebDataset shards (`skip_bad_shards`):\n{listing}")
+    return good
+
+
 def load_streaming_dataset(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
     train_shards: Sequence[str] | None = None,
     cache_dir: str | None = None,
     split: str = "train",
+    skip_bad_shards: bool = False,
+    shards: Sequence[dict] | None = None,
 ):
     r"""
     A streaming `datasets.IterableDataset`: local WebDataset tar shards (`train_shards`, paths or globs, read by
     `datasets`' `webdataset` loader: one column per file extension of a sample, e.g. `jpg`, `txt`, `json`) or a
     dataset `datasets.load_dataset(..., streaming=True)` understands (`dataset_name`).
+
+    Shards are checked first ([`check_shards`], with `skip_bad_shards`); pass `shards`, the result of an earlier
+    `check_shards` (the list a [`StreamPosition`] records), to read exactly those instead of `train_shards`.
     """
     import datasets
 
-    if (dataset_name is None) == (not train_shards):
+    if (dataset_name is None) == (not train_shards and not shards):
         raise ValueError("Give exactly one of `dataset_name` and `train_shards` for streaming.")
-    if train_shards:
-        files = resolve_shards(train_shards)
+    if train_shards or shards:
+        if shards is None:
+            shards = check_shards(resolve_shards(train_shards), skip_bad_shards)
+        files = [shard["path"] for shard in shards]
         return datasets.load_dataset("webdataset", data_files={split: files}, split=split, streaming=True)
+    if os.path.isdir(dataset_name):  # a local data folder (e.g. images + metadata.jsonl)
+        check_metadata_files(dataset_name)
     return datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=True, cache_dir=cache_dir)
 
 
-def find_caption(row: dict, columns: Sequence[str]):
+def sample_name(row: dict, position: int) -> str:
+    """How errors name a stream row: its WebDataset shard and sample key when known, and its position in the epoch."""
+    if row.get("__url__") is not None:
+        return f"Sample {row.get('__key__')!r} of shard {row['__url__']} (row {position} of the stream)"
+    return f"Row {position} of the stream"
+
+
+def find_caption(row: dict, columns: Sequence[str], where: str | None = None):
     r"""
     The first of `columns` present (and not `None`) in `row`; a dotted name reads into a dict column, e.g.
-    `json.caption` is `row["json"]["caption"]` (WebDataset's JSON sidecar). Raises naming the columns tried.
+    `json.caption` is `row["json"]["caption"]` (WebDataset's JSON sidecar). Raises naming `where` (the sample) and the
+    columns tried.
     """
     for column in columns:
         value = row
@@ -69,7 +204,8 @@ def find_caption(row: dict, columns: Sequence[str]):
                 break
         if value is not None:
             return value
-    raise ValueError(f"No caption in the sample (tried {list(columns)}; its keys: {sorted(row)}).")
+    keys = sorted(key for key in row if row[key] is not None)
+    raise ValueError(f"{where or 'The sample'}: no caption (tried {list(columns)}; its non-null keys: {keys}).")
 
 
 class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
@@ -164,9 +300,13 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
     def sample(self, row: dict, epoch: int, position: int) -> dict:
         generator = augmentation_generator(self.seed, epoch, position)
         flip = _draw_flip(generator, self.random_flip)
-        image = read_image(row[self.image_column], index=position)
+        where = sample_name(row, position)
+        if row.get(self.image_column) is None:
+            present = sorted(key for key in row if row[key] is not None)
+            raise ValueError(f"{where}: no image in column {self.image_column!r} (its non-null keys: {present}).")
+        image = read_image(row[self.image_column], index=position, where=where)
         pixel_values = preprocess_image(image, self.resolution, self.center_crop, flip, generator)
-        caption = _pick_caption(find_caption(row, self.caption_columns), generator)
+        caption = _pick_caption(find_caption(row, self.caption_columns, where), generator, where)
         return {"pixel_values": pixel_values, "caption": caption}
 
     def __iter__(self):
@@ -187,22 +327,60 @@ class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
 
 
 class StreamPosition:
-    """`(epoch, step in epoch)` of a stream, checkpointed with `accelerator.register_for_checkpointing`."""
+    r"""
+    `(epoch, step in epoch)` of a stream, checkpointed with `accelerator.register_for_checkpointing`.
 
-    def __init__(self):
+    With `shards` (the [`check_shards`] list the stream reads), the list (paths and sizes) is saved too, and loading a
+    state saved over another list raises naming the added, removed and changed shards: a position means the same rows
+    only over the same shards (a glob that gained a shard would otherwise train some rows twice and others never).
+    """
+
+    def __init__(self, shards: Sequence[dict] | None = None):
         self.epoch, self.step = 0, 0
+        self.shards = None if shards is None else [{"path": s["path"], "size": int(s["size"])} for s in shards]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step}
+        state = {"epoch": self.epoch, "step": self.step}
+        if self.shards is not None:
+            state["shards"] = [dict(shard) for shard in self.shards]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("shards")
+        if self.shards is not None and saved is None:
+            logger.warning("The checkpoint's stream position records no shard list (an older run): not checked.")
+        elif self.shards is not None and (differences := _shard_differences(saved, self.shards)):
+            raise ValueError(
+                f"The shards of --train_shards differ from those of the checkpoint ({differences}): resuming at "
+                f"epoch {state['epoch']}, step {state['step']} would train some rows twice and others never. Restore "
+                "the checkpoint's shards, or start a new run."
+            )
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+def _shard_differences(saved: Sequence[dict], current: Sequence[dict]) -> str:
+    """The added / removed / changed (size) shards between two shard lists, `""` when they are the same list."""
+    before = {s["path"]: int(s["size"]) for s in saved}
+    after = {s["path"]: int(s["size"]) for s in current}
+    parts = []
+    if added := [path for path in after if path not in before]:
+        parts.append(f"added: {', '.join(added)}")
+    if removed := [path for path in before if path not in after]:
+        parts.append(f"removed: {', '.join(removed)}")
+    if changed := [f"{p} ({before[p]} -> {after[p]} bytes)" for p in after if p in before and before[p] != after[p]]:
+        parts.append(f"changed: {', '.join(changed)}")
+    if not parts and [s["path"] for s in saved] != [s["path"] for s in current]:
+        parts.append("the same shards in another order")
+    return "; ".join(parts)
 
 
 __all__ = [
     "StreamPosition",
     "StreamingImageCaptionDataset",
+    "check_shards",
     "find_caption",
     "load_streaming_dataset",
     "resolve_shards",
+    "sample_name",
+    "shard_problem",
 ]
