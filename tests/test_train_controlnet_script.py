@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_train_script import _env, _load_script_module, base_args, read_log, run_script
+from test_train_script import _env, base_args, read_log, run_script
 from tiny_components import make_controlnet, save_tiny_teacher_pipeline
 
 from diffusers_sprint import SanaSprintControlNetPipeline
+from diffusers_sprint.training.recipe import DISTILLATION, parse_recipe
 
 
 pytestmark = pytest.mark.slow
@@ -151,7 +152,6 @@ def test_bad_inputs_fail_naming_the_argument(control_assets, tmp_path, flags, me
 
 
 def test_controlnet_flags_are_checked_before_loading():
-    module = _load_script_module()
     base = ["--pretrained_teacher_model_name_or_path", "x", "--dataset_name", "y"]
     for extra, message in (
         (["--controlnet_model_name_or_path", "c"], "pass --pretrained_student_model_name_or_path"),
@@ -183,9 +183,10 @@ def test_controlnet_flags_are_checked_before_loading():
     ):
         if message is None:  # argparse's choices
             with pytest.raises(SystemExit):
-                module.parse_args(base + extra)
+                parse_recipe(DISTILLATION, base + extra)
             continue
         with pytest.raises(ValueError, match=message):
-            module.parse_args(base + extra)
-    args = module.parse_args(base + ["--controlnet_model_name_or_path", "c", "--controlnet_training_mode", "joint"])
+            parse_recipe(DISTILLATION, base + extra)
+    joint = ["--controlnet_model_name_or_path", "c", "--controlnet_training_mode", "joint"]
+    args = parse_recipe(DISTILLATION, base + joint)
     assert args.conditioning_image_column == "conditioning_image" and args.controlnet_conditioning_scale == 1.0

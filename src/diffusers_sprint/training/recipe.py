@@ -104,6 +104,14 @@ class DataArguments:
         fingerprint=_STREAMING,
         advanced=True,
     )
+    skip_bad_shards: bool = setting(
+        False,
+        help="Streaming from --train_shards: leave out WebDataset shards that are empty, truncated, not tar archives "
+        "or hold text that does not decode (one warning names each and the count) instead of stopping before "
+        "training.",
+        fingerprint=_STREAMING,
+        advanced=True,
+    )
     image_column: str = setting("image", help="Column holding the images.")
     caption_column: str = setting("text", help="Column holding the captions (a string or a list).")
     max_train_samples: int | None = setting(

@@ -23,13 +23,21 @@ from .data import (
 from .distill import DistillationBatch
 from .feature_cache import (
     CachedLatentImageDataset,
+    CachedPromptEncoder,
     FeatureCache,
+    check_caches_writable,
     collate_cached_examples,
     fill_caches,
     resolve_latents,
 )
 from .recipe import controlnet_training
-from .streaming import StreamingImageCaptionDataset, StreamPosition, load_streaming_dataset
+from .streaming import (
+    StreamingImageCaptionDataset,
+    StreamPosition,
+    check_shards,
+    load_streaming_dataset,
+    resolve_shards,
+)
 
 
 class TrainingData:
@@ -83,7 +91,8 @@ class TrainingData:
             rows = undecoded_images(hf_dataset, args.image_column)  # headers only: nothing is decoded
             if hasattr(rows, "select_columns"):
                 rows = rows.select_columns([args.image_column])
-            target_sizes = assign_buckets([image_size(row[args.image_column]) for row in rows], bins)
+            sizes = [image_size(row[args.image_column], index=i) for i, row in enumerate(rows)]
+            target_sizes = assign_buckets(sizes, bins)
             counts = Counter(target_sizes)
             logger.info(
                 f"--multi_scale: {len(counts)} aspect-ratio buckets of {len(bins)} bins at {args.resolution} px: "
@@ -112,6 +121,8 @@ class TrainingData:
             namespace = dict(vae=base.identity("vae"), crop="center")
             self.latent_cache = FeatureCache(args.feature_cache_dir, "latents", namespace, writer=_writer_name())
             self.dataset = CachedLatentImageDataset(self.images, self.latent_cache)
+            cached_prompts = prompt_encoder if isinstance(prompt_encoder, CachedPromptEncoder) else None
+            check_caches_writable(self.dataset, cached_prompts, args.validation_prompts or ())  # before any training
             collate = collate_cached_examples
             atexit.register(self.flush)
         elif self.cached:
@@ -149,7 +160,11 @@ class TrainingData:
         )
 
     def _init_streaming(self, args, accelerator, seed: int) -> None:
-        stream = load_streaming_dataset(args.dataset_name, args.dataset_config_name, args.train_shards, args.cache_dir)
+        # the shards are resolved and checked once; the position keeps their list (a resume over others is refused)
+        shards = check_shards(resolve_shards(args.train_shards), args.skip_bad_shards) if args.train_shards else None
+        stream = load_streaming_dataset(
+            args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, shards=shards
+        )
         if args.max_train_samples is not None:
             stream = stream.take(args.max_train_samples)
         self.cached, self.sampler = False, None
@@ -168,7 +183,7 @@ class TrainingData:
             random_flip=args.random_flip,
         )
         # (epoch, step) of the stream, saved and restored by accelerator.save_state / load_state
-        self.position = StreamPosition()
+        self.position = StreamPosition(shards)
         accelerator.register_for_checkpointing(self.position)
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=args.dataloader_num_workers
