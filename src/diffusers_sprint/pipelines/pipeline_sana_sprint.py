@@ -15,6 +15,7 @@ from diffusers.pipelines.sana.pipeline_sana_sprint import SanaSprintPipeline as 
 from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscale_lora_layers
 from transformers import Gemma2PreTrainedModel, GemmaTokenizer, GemmaTokenizerFast
 
+from ..lora_checks import check_lora_state_dict, lora_source
 from ..models.transformer_sana_sprint import SanaSprintTransformer2DModel
 from ..schedulers.scheduling_trigflow import TrigFlowScheduler
 from .resolution_bins import aspect_ratio_bins
@@ -130,6 +131,19 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         """
         init_dict, unused_kwargs, hidden_dict = super().extract_init_dict(config_dict, **kwargs)
         return to_our_entries(init_dict), unused_kwargs, hidden_dict
+
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):
+        """
+        diffusers' `lora_state_dict` (the state dict `load_lora_weights` loads), checked: a file without LoRA weights,
+        or with a `lora_A` whose `lora_B` is missing (or the reverse), raises a `ValueError` naming the file and the
+        missing keys instead of peft's `IndexError`.
+        """
+        loaded = super().lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
+        state_dict = loaded[0] if kwargs.get("return_lora_metadata") else loaded
+        source = lora_source(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name"), kwargs.get("subfolder"))
+        check_lora_state_dict(state_dict, source, require_weights=True)
+        return loaded
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, stock_diffusers_layout: bool = True, **kwargs):
         r"""
