@@ -143,11 +143,11 @@ BAD_INPUTS = [
     (np.zeros(32, np.float32), ValueError, r"numpy array of shape \(32,\)"),
     (np.zeros((0, 32, 32, 3), np.float32), ValueError, "is an empty numpy array"),
     ([], ValueError, "must not be an empty list"),
-    ("picture.png", TypeError, "is a str; pass a PIL image"),
+    ("picture.png", TypeError, "is of type str; pass a PIL image"),
     ([Image.new("RGB", (32, 32)), np.zeros((32, 32, 3))], TypeError, "mixes PIL image, numpy array"),
     ([np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3))], TypeError, "mixes uint8 and float numpy arrays"),
     ([torch.zeros(3, 32, 32), torch.zeros(3, 16, 32)], ValueError, r"sizes \[\(16, 32\), \(32, 32\)\]"),
-    ([torch.zeros(3, 32, 32), 7], TypeError, r"`\w+\[1\]` is a int"),
+    ([torch.zeros(3, 32, 32), 7], TypeError, r"`\w+\[1\]` is of type int"),
     (Image.fromarray(np.full((32, 32), 2.0, np.float32), mode="F"), ValueError, r"mode F\) cannot be read"),
 ]
 

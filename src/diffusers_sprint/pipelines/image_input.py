@@ -130,7 +130,7 @@ def normalize_image_input(image, name: str) -> NormalizedImage:
     forms = [_form(item) for item in items]
     for index, form in enumerate(forms):
         if form not in ("PIL image", "numpy array", "torch tensor"):
-            raise TypeError(f"{_where(name, index if listed else None)} is a {form}; pass {IMAGE_FORMS}.")
+            raise TypeError(f"{_where(name, index if listed else None)} is of type {form}; pass {IMAGE_FORMS}.")
     if len(set(forms)) > 1:
         raise TypeError(f"`{name}` mixes {', '.join(sorted(set(forms)))}; pass a list of one form: {IMAGE_FORMS}.")
     form = forms[0]

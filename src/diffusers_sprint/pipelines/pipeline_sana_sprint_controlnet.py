@@ -152,6 +152,7 @@ class SanaSprintControlNetPipeline(SanaSprintPipeline):
             `SanaPipelineOutput` with `.images`, or a tuple `(images,)`.
         """
         self._require("vae", "transformer", "controlnet", "scheduler")
+        control_image = normalize_image_input(control_image, "control_image")  # once: the checks and encoding reuse it
         device, total, (height, width), crop_to, prompt_embeds, prompt_attention_mask = self._prepare_call(
             prompt, height, width, num_inference_steps, timesteps, max_timesteps, intermediate_timesteps,
             guidance_scale, num_images_per_prompt, generator, latents, prompt_embeds, prompt_attention_mask,
