@@ -92,6 +92,7 @@ def test_time_grid_arguments(pipes, name, kwargs, error, match):
 
 
 OTHER_ARGUMENTS = [
+    (dict(prompt=["a cat", 3]), TypeError, r"`prompt` must be a str or a list of str, got list holding int, str\."),
     (dict(generator=0), TypeError, r"`generator` must be a torch.Generator, a list of them .* got int\."),
     (dict(generator=[7]), TypeError, r"`generator` must be a torch.Generator, .* got list of \['int'\]\."),
     (dict(latents=[[0.0]]), TypeError, r"`latents` must be a floating-point torch.Tensor, got list\."),

@@ -450,7 +450,12 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         if prompt is not None and not (
             isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
         ):
-            raise TypeError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}.")
+            kinds = sorted({type(p).__name__ for p in prompt}) if isinstance(prompt, list) else []
+            raise TypeError(
+                f"`prompt` must be a str or a list of str, got {type(prompt).__name__}"
+                + (f" holding {', '.join(kinds)}" if kinds else "")
+                + "."
+            )
         if isinstance(prompt, list) and len(prompt) == 0:
             raise ValueError("`prompt` must not be an empty list.")
         if prompt_embeds is not None:
