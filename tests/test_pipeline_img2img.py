@@ -255,3 +255,19 @@ def test_bad_arguments_raise_naming_the_argument(pipe, kwargs, match):
     call.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
         pipe(**call)
+
+
+@pytest.mark.parametrize("form", ["float array", "unit tensor", "signed tensor", "list of arrays"])
+def test_array_and_tensor_images_match_diffusers(reference, pipe, form):
+    """The forms diffusers takes pass through the input checks unchanged: the same images as diffusers' pipeline."""
+    array = np.asarray(_picture(), dtype=np.float32) / 255
+    image = {
+        "float array": array,
+        "unit tensor": torch.from_numpy(array).permute(2, 0, 1),
+        "signed tensor": torch.from_numpy(2 * array - 1).permute(2, 0, 1)[None],
+        "list of arrays": [array, array[::-1].copy()],
+    }[form]
+    expected = _diffusers(reference, image, 0.8, 2)  # diffusers runs its whole 2-step grid at strength 0.8
+    got = pipe(**FAST, prompt=PROMPTS, image=image, strength=1.0, num_inference_steps=2, generator=_seeded()).images
+    assert expected.shape == got.shape == (2, 32, 32, 3)
+    assert np.abs(got - expected).max() <= PARITY_ATOL

@@ -91,3 +91,75 @@ def test_bad_arguments(kwargs, match):
     call.update(kwargs)
     with pytest.raises(ValueError, match=match):
         tune_timesteps(**call)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(prompts="a cat"), TypeError, r"`prompts` must be a list of str, got str: 'a cat'\."),
+        (dict(prompts=3), TypeError, r"`prompts` must be a list of str, got int: 3\."),
+        (dict(prompts=["a", None]), TypeError, r"`prompts\[1\]` must be a str, got NoneType: None\."),
+        (dict(batch_size=0), ValueError, r"`batch_size` must be an int >= 1, got 0\."),
+        (dict(seed=-1), ValueError, r"`seed` must be an int >= 0, got -1\."),
+        (dict(max_timestep="1.5"), ValueError, r"`max_timestep` must be in \(0, 1.5708\] radians, got '1.5'\."),
+        (dict(score_fn="fid"), TypeError, r"`score_fn` must be a callable `score_fn\(images, prompts\) -> float`"),
+        (dict(pipe=None), TypeError, r"`pipe` must be a pipeline \(a callable taking `timesteps=`\), got NoneType\."),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_the_value(kwargs, error, match):
+    call = dict(pipe=GridEcho(), prompts=["a"], score_fn=quadratic_score, num_inference_steps=2)
+    call.update(kwargs)
+    with pytest.raises(error, match=match):
+        tune_timesteps(**call)
+
+
+@pytest.mark.parametrize(
+    "returned, error, match",
+    [
+        (float("nan"), ValueError, r"`score_fn` returned nan for the grid \[1.5708\]; it must return a finite number"),
+        (-math.inf, ValueError, r"`score_fn` returned -inf for the grid \[1.5708\]"),
+        (torch.tensor(float("inf")), ValueError, r"`score_fn` returned inf for the grid"),
+        (
+            [0.1, 0.2],
+            TypeError,
+            r"`score_fn` returned list of length 2 \(\[0.1, 0.2\]\) for the grid \[1.5708\]; it must",
+        ),
+        (np.array([0.5]), TypeError, r"`score_fn` returned ndarray of shape \(1,\) \(array\(\[0.5\]\)\) for the grid"),
+        (
+            torch.ones(2),
+            TypeError,
+            r"`score_fn` returned Tensor of shape \(2,\) \(tensor\(\[1., 1.\]\)\) for the grid",
+        ),
+        (
+            "0.3",
+            TypeError,
+            r"`score_fn` returned str \('0.3'\) for the grid \[1.5708\]; it must return one real number "
+            r"\(a float, or a 0-d array / tensor\), lower is better\.",
+        ),
+        (None, TypeError, r"`score_fn` returned NoneType \(None\) for the grid"),
+        (True, TypeError, r"`score_fn` returned bool \(True\) for the grid"),
+    ],
+)
+def test_score_fn_must_return_one_finite_number(returned, error, match):
+    with pytest.raises(error, match=match):
+        tune_timesteps(GridEcho(), ["a", "b"], lambda images, prompts: returned, 2, grid_size=2, refinements=0)
+
+
+def test_scores_of_numpy_and_torch_scalars_are_read_as_floats():
+    for wrap in (np.float32, np.array, torch.tensor):
+
+        def score(images, prompts, wrap=wrap):
+            return wrap(quadratic_score(images, prompts))
+
+        result = tune_timesteps(GridEcho(), ["a"], score, 2, grid_size=3)
+        assert type(result.score) is float
+        assert result.score == pytest.approx(quadratic_score([result.timesteps], None), rel=1e-6)
+
+
+def test_pipe_returning_the_wrong_number_of_images_is_named():
+    class Short(GridEcho):
+        def __call__(self, prompts, timesteps, generator, **kwargs):
+            return type("Output", (), {"images": [list(timesteps)]})()
+
+    with pytest.raises(ValueError, match=r"`pipe` returned Output .* for 2 prompts; it must return an output whose"):
+        tune_timesteps(Short(), ["a", "b"], quadratic_score, 2)

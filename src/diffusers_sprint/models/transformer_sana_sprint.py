@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 from diffusers.configuration_utils import register_to_config
+from diffusers.loaders.lora_base import _fetch_state_dict
 from diffusers.models.controlnets.controlnet_sana import SanaControlNetModel
 
 # diffusers' pipeline loader looks up `ModelMixin` in a component's module to pick its load method.
@@ -13,9 +14,24 @@ from diffusers.models.transformers.sana_transformer import SanaTransformer2DMode
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..lora_checks import check_lora_state_dict, lora_source
 from ..trigflow import flow_sample_from_trigflow, flow_time_from_trigflow, trigflow_velocity_from_flow
 from .attention_processor import jvp_safe_attention
 from .embeddings import Float32AdaLayerNormSingle, Float32TimestepGuidanceEmbeddings
+
+
+# The file-locating arguments of diffusers' `load_lora_adapter` (those of `_fetch_state_dict`).
+_LORA_FETCH_KWARGS = (
+    "weight_name",
+    "use_safetensors",
+    "local_files_only",
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "token",
+    "revision",
+    "subfolder",
+)
 
 
 @dataclass
@@ -141,6 +157,30 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
             model.logvar_linear.to_empty(device=reference.device).to(reference.dtype)
             model._init_logvar_head()
         return loaded
+
+    def load_lora_adapter(self, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap=False, **kwargs):
+        """
+        diffusers' `load_lora_adapter`, with the state dict checked first ([`check_lora_state_dict`]): a `lora_A`
+        without its `lora_B` (or the reverse) raises a `ValueError` naming the file and the missing keys instead of
+        peft's `IndexError`.
+        """
+        source = lora_source(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name"), kwargs.get("subfolder"))
+        if not isinstance(pretrained_model_name_or_path_or_dict, dict):
+            fetch = {name: kwargs.pop(name, None) for name in _LORA_FETCH_KWARGS}
+            pretrained_model_name_or_path_or_dict, kwargs["metadata"] = _fetch_state_dict(
+                pretrained_model_name_or_path_or_dict,
+                user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
+                allow_pickle=False,
+                metadata=kwargs.get("metadata"),
+                **fetch,
+            )
+        state_dict = pretrained_model_name_or_path_or_dict
+        if prefix is not None:
+            state_dict = {k: v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+        check_lora_state_dict(state_dict, source)
+        return super().load_lora_adapter(
+            pretrained_model_name_or_path_or_dict, prefix=prefix, hotswap=hotswap, **kwargs
+        )
 
     @property
     def effective_flow_time_scale(self) -> float:

@@ -15,6 +15,7 @@ from diffusers.pipelines.sana.pipeline_sana_sprint import SanaSprintPipeline as 
 from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscale_lora_layers
 from transformers import Gemma2PreTrainedModel, GemmaTokenizer, GemmaTokenizerFast
 
+from ..lora_checks import check_lora_state_dict, lora_source
 from ..models.transformer_sana_sprint import SanaSprintTransformer2DModel
 from ..schedulers.scheduling_trigflow import TrigFlowScheduler
 from .resolution_bins import aspect_ratio_bins
@@ -79,6 +80,29 @@ def _resolve_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_i
     return callback_on_step_end_tensor_inputs
 
 
+def _checked_callback_outputs(outputs, tensors: dict, allowed: list[str], step: int) -> dict:
+    """
+    The return value of `callback_on_step_end` at `step`: `None` or a dict of tensors among `allowed`, each of the
+    shape of the tensor it replaces (`tensors[name]`); raises a `TypeError`/`ValueError` saying what it returned.
+    """
+    if outputs is None:
+        return {}
+    where = f"`callback_on_step_end` returned at step {step}"
+    if not isinstance(outputs, dict):
+        raise TypeError(f"{where} a {type(outputs).__name__} ({outputs!r:.80}); it must return a dict of tensors.")
+    for name, value in outputs.items():
+        if name not in allowed:
+            raise ValueError(f"{where} the key {name!r}; it may return tensors among {allowed}.")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{where} {name!r} as a {type(value).__name__}; it must be a torch.Tensor.")
+        expected = tensors[name].shape
+        if value.shape != expected:
+            raise ValueError(
+                f"{where} {name!r} of shape {tuple(value.shape)}; it must keep the shape {tuple(expected)}."
+            )
+    return outputs
+
+
 class SanaSprintPipeline(DiffusersSanaSprintPipeline):
     r"""
     Text-to-image with a SANA-Sprint student ([arXiv 2503.09641](https://huggingface.co/papers/2503.09641)) in 1 to
@@ -130,6 +154,19 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         """
         init_dict, unused_kwargs, hidden_dict = super().extract_init_dict(config_dict, **kwargs)
         return to_our_entries(init_dict), unused_kwargs, hidden_dict
+
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):
+        """
+        diffusers' `lora_state_dict` (the state dict `load_lora_weights` loads), checked: a file without LoRA weights,
+        or with a `lora_A` whose `lora_B` is missing (or the reverse), raises a `ValueError` naming the file and the
+        missing keys instead of peft's `IndexError`.
+        """
+        loaded = super().lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
+        state_dict = loaded[0] if kwargs.get("return_lora_metadata") else loaded
+        source = lora_source(pretrained_model_name_or_path_or_dict, kwargs.get("weight_name"), kwargs.get("subfolder"))
+        check_lora_state_dict(state_dict, source, require_weights=True)
+        return loaded
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, stock_diffusers_layout: bool = True, **kwargs):
         r"""
@@ -336,6 +373,9 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         output_type="pil",
         callback_on_step_end_tensor_inputs=None,
         max_sequence_length=300,
+        callback_on_step_end=None,
+        attention_kwargs=None,
+        complex_human_instruction=None,
     ):
         """Raises a `ValueError`/`TypeError` naming the first bad argument."""
         for name, value in (("height", height), ("width", width)):
@@ -368,15 +408,40 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
             raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if not isinstance(max_sequence_length, int) or max_sequence_length < 1:
+        if (
+            isinstance(max_sequence_length, bool)
+            or not isinstance(max_sequence_length, int)
+            or max_sequence_length < 1
+        ):
             raise ValueError(f"`max_sequence_length` must be a positive int, got {max_sequence_length!r}.")
-        if callback_on_step_end_tensor_inputs is not None:
-            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(
+                "`callback_on_step_end` must be a callable `(pipe, step, timestep, callback_kwargs) -> dict`, a "
+                f"`PipelineCallback` or `MultiPipelineCallbacks`, got {type(callback_on_step_end).__name__}."
+            )
+        if callback_on_step_end_tensor_inputs is not None or callback_on_step_end is not None:
+            names = callback_on_step_end_tensor_inputs
+            if not isinstance(names, (list, tuple)) or not all(isinstance(k, str) for k in names):
+                raise TypeError(
+                    f"`callback_on_step_end_tensor_inputs` must be a list of names among "
+                    f"{self._callback_tensor_inputs}, got {names!r}."
+                )
+            unknown = [k for k in names if k not in self._callback_tensor_inputs]
             if unknown:
                 raise ValueError(
                     f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, "
                     f"got {unknown}."
                 )
+        if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
+            raise TypeError(f"`attention_kwargs` must be a dict or None, got {type(attention_kwargs).__name__}.")
+        if complex_human_instruction is not None and not (
+            isinstance(complex_human_instruction, (list, tuple))
+            and all(isinstance(line, str) for line in complex_human_instruction)
+        ):
+            raise TypeError(
+                "`complex_human_instruction` must be a list of str (the instruction's lines) or None, got "
+                f"{type(complex_human_instruction).__name__}."
+            )
 
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
@@ -385,12 +450,20 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         if prompt is not None and not (
             isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
         ):
-            raise TypeError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}.")
+            kinds = sorted({type(p).__name__ for p in prompt}) if isinstance(prompt, list) else []
+            raise TypeError(
+                f"`prompt` must be a str or a list of str, got {type(prompt).__name__}"
+                + (f" holding {', '.join(kinds)}" if kinds else "")
+                + "."
+            )
         if isinstance(prompt, list) and len(prompt) == 0:
             raise ValueError("`prompt` must not be an empty list.")
         if prompt_embeds is not None:
             if prompt_attention_mask is None:
                 raise ValueError("`prompt_attention_mask` is required with `prompt_embeds`.")
+            for name, value in (("prompt_embeds", prompt_embeds), ("prompt_attention_mask", prompt_attention_mask)):
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}.")
             if prompt_embeds.ndim != 3:
                 raise ValueError(
                     f"`prompt_embeds` must be (batch, seq_len, dim), got shape {tuple(prompt_embeds.shape)}."
@@ -403,12 +476,26 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
 
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         total = batch_size * num_images_per_prompt
+        generators = generator if isinstance(generator, list) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            raise TypeError(
+                "`generator` must be a torch.Generator, a list of them (one per image) or None, got "
+                f"{type(generator).__name__}"
+                + (f" of {sorted({type(g).__name__ for g in generator})}" if isinstance(generator, list) else "")
+                + "."
+            )
         if isinstance(generator, list) and len(generator) != total:
             raise ValueError(
                 f"`generator` is a list of {len(generator)} generators but batch size x num_images_per_prompt = "
                 f"{total}; pass one generator per image or a single one."
             )
         if latents is not None:
+            if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+                raise TypeError(
+                    "`latents` must be a floating-point torch.Tensor, got "
+                    + (f"dtype {latents.dtype}" if isinstance(latents, torch.Tensor) else type(latents).__name__)
+                    + "."
+                )
             expected = (
                 total,
                 self.transformer.config.in_channels,
@@ -417,6 +504,8 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
             )
             if tuple(latents.shape) != expected:
                 raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}.")
+            if not bool(torch.isfinite(latents).all()):
+                raise ValueError("`latents` hold non-finite values (NaN or inf).")
 
     def resolution_bins(self) -> dict[str, list[float]]:
         """The aspect-ratio bins at this model's base resolution (`sample_size x VAE scale` pixels)."""
@@ -560,6 +649,9 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
                 callback_on_step_end, callback_on_step_end_tensor_inputs
             ),
             max_sequence_length=max_sequence_length,
+            callback_on_step_end=callback_on_step_end,
+            attention_kwargs=attention_kwargs,
+            complex_human_instruction=complex_human_instruction,
         )
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         if check_batch is not None:
@@ -675,11 +767,13 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
                     control_image = controlnet_kwargs.get("controlnet_cond")
                     tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "control_image": control_image}
                     callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    callback_outputs = _checked_callback_outputs(
+                        callback_on_step_end(self, i, t, callback_kwargs), tensors, self._callback_tensor_inputs, i
+                    )
+                    latents = callback_outputs.get("latents", latents)
+                    prompt_embeds = callback_outputs.get("prompt_embeds", prompt_embeds)
                     if "control_image" in callback_outputs:
-                        controlnet_kwargs["controlnet_cond"] = callback_outputs.pop("control_image")
+                        controlnet_kwargs["controlnet_cond"] = callback_outputs["control_image"]
                 progress_bar.update()
         # After the last step (t_next = 0) `latents` is x0_hat itself, as replaced by a callback.
         return latents

@@ -1,5 +1,6 @@
 """SanaSprintControlNetPipeline: one- and few-step controlled text-to-image with a SANA-Sprint student + ControlNet."""
 
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -14,6 +15,7 @@ from transformers import Gemma2PreTrainedModel, GemmaTokenizer, GemmaTokenizerFa
 
 from ..models.transformer_sana_sprint import SanaSprintTransformer2DModel, unwrap_controlnet
 from ..schedulers.scheduling_trigflow import TrigFlowScheduler
+from .image_input import image_batch_size, normalize_image_input
 from .pipeline_sana_sprint import DEFAULT_COMPLEX_HUMAN_INSTRUCTION, SanaSprintPipeline
 
 
@@ -65,16 +67,12 @@ class SanaSprintControlNetPipeline(SanaSprintPipeline):
 
     def check_control_inputs(self, control_image, controlnet_conditioning_scale, batch_size: int) -> None:
         """Raises a `ValueError`/`TypeError` naming the bad ControlNet argument."""
-        if control_image is None:
-            raise ValueError("`control_image` is required: the image (e.g. an edge map) the ControlNet follows.")
         scale = controlnet_conditioning_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"`controlnet_conditioning_scale` must be a float, got {scale!r}.")
-        if not torch.isfinite(torch.tensor(float(scale))):
+        if not math.isfinite(scale):
             raise ValueError(f"`controlnet_conditioning_scale` must be finite, got {scale}.")
-        num_images = len(control_image) if isinstance(control_image, list) else 1
-        if isinstance(control_image, torch.Tensor) and control_image.ndim == 4:
-            num_images = control_image.shape[0]
+        num_images = image_batch_size(normalize_image_input(control_image, "control_image"))
         if num_images not in (1, batch_size):
             raise ValueError(
                 f"`control_image` holds {num_images} images; pass 1 (shared by all prompts) or one per prompt "
@@ -93,10 +91,11 @@ class SanaSprintControlNetPipeline(SanaSprintPipeline):
         r"""
         The ControlNet's condition: `vae.encode(image).latent * scaling_factor`, one per generated image.
 
-        `control_image` is anything `VaeImageProcessor.preprocess` takes (PIL, numpy or tensors in `[0, 1]`, or
-        tensors already in `[-1, 1]`), one image for all prompts or one per prompt; it is resized to
-        `height x width`. Returns `(total, latent_channels, height / f, width / f)` in float32.
+        `control_image` is any form of [`normalize_image_input`] (PIL of any mode, numpy arrays, tensors, lists), one
+        image for all prompts or one per prompt; it is resized to `height x width`. Returns
+        `(total, latent_channels, height / f, width / f)` in float32.
         """
+        control_image = normalize_image_input(control_image, "control_image")
         image = self.image_processor.preprocess(control_image, height=height, width=width)
         repeat = total if image.shape[0] == 1 else num_images_per_prompt
         image = image.repeat_interleave(repeat, dim=0).to(device=device, dtype=self.vae.dtype)
@@ -137,7 +136,11 @@ class SanaSprintControlNetPipeline(SanaSprintPipeline):
 
         Args:
             control_image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them): the condition (e.g. an
-                edge map), one for all prompts or one per prompt; resized to the generated size.
+                edge map), one for all prompts or one per prompt; resized to the generated size. A PIL image of any
+                mode (made RGB as the training data is), a numpy array `(H, W[, C])` / `(B, H, W, C)` of uint8 or
+                float in `[0, 1]`, a float tensor `(C, H, W)` / `(B, C, H, W)` in `[-1, 1]` (or `[0, 1]`), with 1, 2,
+                3 or 4 channels (grey repeated, alpha composited onto white); see
+                [`~pipelines.image_input.normalize_image_input`].
             controlnet_conditioning_scale (`float`, defaults to 1.0): multiplies the ControlNet residuals; `0` gives
                 the images of [`SanaSprintPipeline`].
             callback_on_step_end_tensor_inputs (`list[str]`): among `latents`, `prompt_embeds` and `control_image`
@@ -149,6 +152,7 @@ class SanaSprintControlNetPipeline(SanaSprintPipeline):
             `SanaPipelineOutput` with `.images`, or a tuple `(images,)`.
         """
         self._require("vae", "transformer", "controlnet", "scheduler")
+        control_image = normalize_image_input(control_image, "control_image")  # once: the checks and encoding reuse it
         device, total, (height, width), crop_to, prompt_embeds, prompt_attention_mask = self._prepare_call(
             prompt, height, width, num_inference_steps, timesteps, max_timesteps, intermediate_timesteps,
             guidance_scale, num_images_per_prompt, generator, latents, prompt_embeds, prompt_attention_mask,

@@ -1,10 +1,9 @@
 """SanaSprintImg2ImgPipeline: one- and few-step image-to-image with a SANA-Sprint student, continuous strength."""
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
-import numpy as np
-import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -12,28 +11,19 @@ from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.sana.pipeline_output import SanaPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .image_input import image_batch_size, image_size, normalize_image_input
 from .pipeline_sana_sprint import DEFAULT_COMPLEX_HUMAN_INSTRUCTION, SanaSprintPipeline, _model_dtype
 
 
-def _image_size(image) -> tuple[int, int]:
-    """`(height, width)` of a PIL image, an `(H, W, C)` / `(B, H, W, C)` array, a `(C, H, W)` / `(B, C, H, W)` tensor,
-    or the first item of a list of them."""
-    if isinstance(image, (list, tuple)):
-        if len(image) == 0:
-            raise ValueError("`image` must not be an empty list.")
-        image = image[0]
-    if isinstance(image, PIL.Image.Image):
-        return image.height, image.width
-    if isinstance(image, torch.Tensor) and image.ndim in (3, 4):
-        return tuple(image.shape[-2:])
-    if isinstance(image, np.ndarray) and image.ndim in (3, 4):
-        return tuple(image.shape[-3:-1])
-    raise TypeError(
-        "`image` must be a PIL image, a numpy array (H, W, C) or (B, H, W, C), a torch tensor (C, H, W) or "
-        f"(B, C, H, W), or a list of them; got {type(image).__name__}"
-        + (f" with shape {tuple(image.shape)}" if hasattr(image, "shape") else "")
-        + "."
-    )
+def _check_image_batch(num_images: int, num_prompts: int, num_images_per_prompt: int = 1) -> None:
+    """diffusers' tiling rule: `num_images` images serve `num_prompts x num_images_per_prompt` generated images when
+    they divide that batch."""
+    batch_size = num_prompts * num_images_per_prompt
+    if batch_size % num_images != 0:
+        raise ValueError(
+            f"`image` holds {num_images} image(s), which does not divide the batch of {batch_size} "
+            "(prompts x num_images_per_prompt); pass 1 image, one per prompt, or a divisor of the batch."
+        )
 
 
 class SanaSprintImg2ImgPipeline(SanaSprintPipeline):
@@ -53,10 +43,12 @@ class SanaSprintImg2ImgPipeline(SanaSprintPipeline):
     """
 
     def prepare_image(self, image: PipelineImageInput, height: int, width: int, device, dtype) -> torch.Tensor:
-        """diffusers' preprocessing: `(B, 3, height, width)` in `[-1, 1]`, resized when the image size differs."""
+        """
+        diffusers' preprocessing of `image` (any form of [`normalize_image_input`]): `(B, 3, height, width)` in
+        `[-1, 1]`, resized when the image size differs (tensors bilinearly first, as diffusers).
+        """
+        image = normalize_image_input(image, "image")
         if isinstance(image, torch.Tensor):
-            if image.ndim == 3:
-                image = image.unsqueeze(0)
             if image.shape[2] != height or image.shape[3] != width:
                 image = F.interpolate(image, size=(height, width), mode="bilinear", align_corners=False)
         image = self.image_processor.preprocess(image, height=height, width=width)
@@ -67,11 +59,7 @@ class SanaSprintImg2ImgPipeline(SanaSprintPipeline):
         `x0 = vae.encode(image) * scaling_factor * sigma_data` (data units), repeated as in diffusers: `B` images are
         tiled `batch_size / B` times (`torch.cat([x0] * k)`), so `batch_size` must be a multiple of `B`.
         """
-        if batch_size % image.shape[0] != 0:
-            raise ValueError(
-                f"`image` holds {image.shape[0]} image(s), which does not divide the batch of {batch_size} "
-                "(prompts x num_images_per_prompt); pass 1 image, one per prompt, or a divisor of the batch."
-            )
+        _check_image_batch(image.shape[0], batch_size)
         # DC-AE's encoder can return a channels-last layout; a compiled transformer would recompile for its strides.
         latents = self.vae.encode(image).latent.float().contiguous()
         latents = latents * self.vae.config.scaling_factor * self.scheduler.config.sigma_data
@@ -110,9 +98,12 @@ class SanaSprintImg2ImgPipeline(SanaSprintPipeline):
         Edits images.
 
         Args:
-            image (PIL image, `np.ndarray`, `torch.Tensor` or a list of them): the image(s) to start from, pixels in
-                `[0, 1]` (tensors, arrays) or PIL; `B` images serve a batch of `prompts x num_images_per_prompt` when
-                `B` divides it (diffusers' tiling).
+            image (PIL image, `np.ndarray`, `torch.Tensor` or a list of them): the image(s) to start from: a PIL
+                image of any mode (made RGB as the training data is), a numpy array `(H, W[, C])` / `(B, H, W, C)` of
+                uint8 or float in `[0, 1]`, a float tensor `(C, H, W)` / `(B, C, H, W)` in `[-1, 1]` (or `[0, 1]`),
+                with 1, 2, 3 or 4 channels (grey repeated, alpha composited onto white); see
+                [`~pipelines.image_input.normalize_image_input`]. `B` images serve a batch of
+                `prompts x num_images_per_prompt` when `B` divides it (diffusers' tiling).
             strength (`float` in `(0, 1]`, defaults to 0.6): the flow-time share of noise mixed into the image before
                 sampling: `1` starts from pure noise, values near 0 keep the image.
             num_inference_steps (`int`, defaults to 2): model evaluations, whatever the strength.
@@ -129,12 +120,11 @@ class SanaSprintImg2ImgPipeline(SanaSprintPipeline):
             `SanaPipelineOutput` with `.images`, or a tuple `(images,)`.
         """
         self._require("vae", "transformer", "scheduler")
-        if image is None:
-            raise ValueError("`image` is required for image-to-image.")
+        image = normalize_image_input(image, "image")
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise ValueError(f"`strength` must be a float in (0, 1], got {strength!r}.")
         if height is None and width is None:
-            height, width = _image_size(image)
+            height, width = image_size(image)
             if height % self.latent_scale or width % self.latent_scale:
                 raise ValueError(
                     f"`image` is {height}x{width} pixels; its sides must be multiples of the latent scale "
@@ -142,11 +132,13 @@ class SanaSprintImg2ImgPipeline(SanaSprintPipeline):
                 )
         elif height is None or width is None:
             raise ValueError("Pass both `height` and `width`, or neither (then the image's own size is used).")
+        check_batch = partial(_check_image_batch, image_batch_size(image), num_images_per_prompt=num_images_per_prompt)
         device, total, (height, width), crop_to, prompt_embeds, prompt_attention_mask = self._prepare_call(
             prompt, height, width, num_inference_steps, timesteps, max_timesteps, intermediate_timesteps,
             guidance_scale, num_images_per_prompt, generator, latents, prompt_embeds, prompt_attention_mask,
             output_type, clean_caption, use_resolution_binning, attention_kwargs, callback_on_step_end,
-            callback_on_step_end_tensor_inputs, max_sequence_length, complex_human_instruction, strength=strength,
+            callback_on_step_end_tensor_inputs, max_sequence_length, complex_human_instruction,
+            check_batch=check_batch, strength=strength,
         )  # fmt: skip
 
         # Image latents x0 (data units), tiled over the batch, and x_{t_0'} = cos(t_0') x0 + sin(t_0') sigma_data z.

@@ -10,9 +10,12 @@ pipeline that takes `timesteps=` in radians, with any score (lower is better) of
     result.schedules[2], result.schedules[3]          # the tuned 2- and 3-step grids found on the way
 """
 
-from collections.abc import Callable, Sequence
+import math
+import numbers
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -40,6 +43,33 @@ def _candidates(low: float, high: float, count: int) -> list[float]:
     """`count` times evenly spaced strictly inside `(low, high)`."""
     step = (high - low) / (count + 1)
     return [high - step * (i + 1) for i in range(count)]
+
+
+def _described(value) -> str:
+    """A short description of `value` for error messages: type, shape or length, and the start of its repr."""
+    kind = type(value).__name__
+    if hasattr(value, "shape"):
+        kind += f" of shape {tuple(value.shape)}"
+    elif isinstance(value, Sized) and not isinstance(value, str):
+        kind += f" of length {len(value)}"
+    return f"{kind} ({value!r:.80})"
+
+
+def _checked_score(value, grid: list[float]) -> float:
+    """`score_fn`'s return value as a float: a finite real number, or a 0-d numpy array / tensor holding one."""
+    number = value
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 0:
+        number = value.item()
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        raise TypeError(
+            f"`score_fn` returned {_described(value)} for the grid {grid}; it must return one real number (a float, "
+            "or a 0-d array / tensor), lower is better."
+        )
+    if not math.isfinite(number):
+        raise ValueError(
+            f"`score_fn` returned {number} for the grid {grid}; it must return a finite number (lower is better)."
+        )
+    return float(number)
 
 
 def tune_timesteps(
@@ -78,17 +108,30 @@ def tune_timesteps(
     Returns:
         [`TimestepSearchResult`].
     """
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 2:
-        raise ValueError(f"`num_inference_steps` must be an int >= 2, got {num_inference_steps!r}.")
-    if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 2:
-        raise ValueError(f"`grid_size` must be an int >= 2, got {grid_size!r}.")
-    if isinstance(refinements, bool) or not isinstance(refinements, int) or refinements < 0:
-        raise ValueError(f"`refinements` must be an int >= 0, got {refinements!r}.")
-    if not 0 < max_timestep <= 1.57080:
-        raise ValueError(f"`max_timestep` must be in (0, 1.5708] radians, got {max_timestep}.")
+    if not callable(pipe):
+        raise TypeError(f"`pipe` must be a pipeline (a callable taking `timesteps=`), got {type(pipe).__name__}.")
+    if not callable(score_fn):
+        raise TypeError(f"`score_fn` must be a callable `score_fn(images, prompts) -> float`, got {score_fn!r}.")
+    if isinstance(prompts, str) or not isinstance(prompts, Iterable):
+        raise TypeError(f"`prompts` must be a list of str, got {type(prompts).__name__}: {prompts!r:.80}.")
     prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
+    if not prompts:
         raise ValueError("`prompts` must be a non-empty list of str.")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"`prompts[{index}]` must be a str, got {type(prompt).__name__}: {prompt!r:.80}.")
+    integers = (
+        ("num_inference_steps", num_inference_steps, 2),
+        ("grid_size", grid_size, 2),
+        ("refinements", refinements, 0),
+        ("seed", seed, 0),
+        ("batch_size", batch_size, 1),
+    )
+    for name, value, low in integers:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
+    if isinstance(max_timestep, bool) or not isinstance(max_timestep, numbers.Real) or not 0 < max_timestep <= 1.57080:
+        raise ValueError(f"`max_timestep` must be in (0, 1.5708] radians, got {max_timestep!r}.")
     for reserved in ("timesteps", "num_inference_steps", "generator", "prompt"):
         if reserved in call_kwargs:
             raise ValueError(f"`{reserved}` is set by `tune_timesteps`; do not pass it in `call_kwargs`.")
@@ -100,8 +143,15 @@ def tune_timesteps(
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             generators = [torch.Generator().manual_seed(seed * 100_000 + start + i) for i in range(len(chunk))]
-            images.extend(pipe(chunk, timesteps=grid, generator=generators, **call_kwargs).images)
-        score = float(score_fn(images, prompts))
+            output = pipe(chunk, timesteps=grid, generator=generators, **call_kwargs)
+            chunk_images = getattr(output, "images", None)
+            if chunk_images is None or len(chunk_images) != len(chunk):
+                raise ValueError(
+                    f"`pipe` returned {_described(output)} for {len(chunk)} prompts; it must return an output whose "
+                    "`.images` hold one image per prompt."
+                )
+            images.extend(chunk_images)
+        score = _checked_score(score_fn(images, prompts), grid)
         table.append(dict(num_inference_steps=stage, round=round_index, timesteps=list(grid), score=score))
         return score
 

@@ -1,9 +1,11 @@
 """TrigFlowScheduler: consistency and ODE sampling on the TrigFlow time `t in [0, pi/2]` (radians)."""
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -22,6 +24,30 @@ PAPER_TIMESTEP_PRESETS = {
     4: (math.atan(200 / 0.5), 1.3, 1.1, 0.6, 0.0),
 }
 SAMPLERS = ("consistency", "ode")
+
+
+def _is_sequence(value) -> bool:
+    return isinstance(value, (Sequence, torch.Tensor, np.ndarray)) and not isinstance(value, (str, bytes))
+
+
+def _real_number(value, name: str) -> float:
+    """`value` as a float; raises naming `name` unless it is a real, non-bool number (or a 0-d tensor / array)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number (radians), got {value!r}.")
+    return float(value)
+
+
+def _real_numbers(values, name: str) -> list[float]:
+    """`values` (a sequence, or a 1-d tensor / array) as floats; raises naming `name` otherwise."""
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        if values.ndim != 1:
+            raise ValueError(f"`{name}` must be 1-d, got shape {tuple(values.shape)}.")
+        values = values.tolist() if isinstance(values, np.ndarray) else values.detach().cpu().tolist()
+    if not _is_sequence(values):
+        raise TypeError(f"`{name}` must be a sequence of times in radians, got {values!r}.")
+    return [_real_number(value, f"{name}[{i}]") for i, value in enumerate(values)]
 
 
 @dataclass
@@ -168,28 +194,35 @@ class TrigFlowScheduler(SchedulerMixin, ConfigMixin):
         return PAPER_TIMESTEP_PRESETS[num_inference_steps]
 
     def _default_timesteps(self, num_steps: int, max_timesteps, intermediate_timesteps) -> list[float]:
-        max_t = 1.57080 if max_timesteps is None else float(max_timesteps)
+        max_t = 1.57080 if max_timesteps is None else _real_number(max_timesteps, "max_timesteps")
         if not 0 < max_t <= TRIGFLOW_MAX_TIME + 1e-4:
             raise ValueError(f"`max_timesteps` must be in (0, pi/2] radians, got {max_t}.")
-        if intermediate_timesteps is None or isinstance(intermediate_timesteps, (int, float)):
+        if intermediate_timesteps is None or not _is_sequence(intermediate_timesteps):
             if num_steps == 2:
-                inner = [1.3 if intermediate_timesteps is None else float(intermediate_timesteps)]
+                middle = 1.3 if intermediate_timesteps is None else intermediate_timesteps
+                inner = [_real_number(middle, "intermediate_timesteps")]
             else:
+                if intermediate_timesteps is not None:
+                    _real_number(intermediate_timesteps, "intermediate_timesteps")
                 inner = torch.linspace(max_t, 0, num_steps + 1)[1:-1].tolist()
         else:
-            inner = [float(t) for t in intermediate_timesteps]
+            inner = _real_numbers(intermediate_timesteps, "intermediate_timesteps")
             if len(inner) != num_steps - 1:
                 raise ValueError(
                     f"`intermediate_timesteps` must hold num_inference_steps - 1 = {num_steps - 1} times, "
                     f"got {len(inner)}."
                 )
-        return self._validated_custom_timesteps([max_t, *inner, 0.0])
+        grid = [max_t, *inner, 0.0]
+        if any(not a > b for a, b in zip(grid[:-1], grid[1:])):
+            raise ValueError(
+                f"`intermediate_timesteps` must lie strictly between `max_timesteps` ({max_t}) and 0 and descend, "
+                f"got {inner}."
+            )
+        return self._validated_custom_timesteps(grid)
 
     @staticmethod
     def _validated_custom_timesteps(timesteps) -> list[float]:
-        if isinstance(timesteps, torch.Tensor):
-            timesteps = timesteps.detach().cpu().flatten().tolist()
-        grid = [float(t) for t in timesteps]
+        grid = _real_numbers(timesteps, "timesteps")
         if len(grid) == 0:
             raise ValueError("`timesteps` must not be empty.")
         if grid[-1] != 0.0:
