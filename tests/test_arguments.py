@@ -91,6 +91,12 @@ BAD = [
     (dict(validation_inference_steps=[1, 0]), "--validation_inference_steps must be >= 1"),
     (dict(scm_lambda=-1.0), "--scm_lambda must be >= 0"),
     (dict(scm_lambda=0.0, adversarial_lambda=0.0), "one of --scm_lambda and --adversarial_lambda must be > 0"),
+    # checked late before (issue 25): a rising polynomial lr then ZeroDivisionError; a crash at the first validation
+    (dict(lr_scheduler="polynomial", lr_power=-1.0), "--lr_power must be > 0 (got -1.0)"),
+    (dict(lr_power=0.0), "--lr_power must be > 0"),
+    (dict(validation_guidance_scale=-3.0), "--validation_guidance_scale must be >= 0 (got -3.0)"),
+    (dict(lr_scheduler="foo"), "--lr_scheduler must be one of ('linear', 'cosine'"),
+    (dict(share_discriminator_timesteps=True), "--share_discriminator_timesteps needs equal real/fake batches"),
 ]
 
 
@@ -194,8 +200,9 @@ def test_fingerprint_classification_of_every_setting(parser, teacher_parser):
     conditional = set(run_fingerprint(on)) - set(DISTILL_FINGERPRINT)
     assert conditional == set(
         """lr_warmup_steps max_train_steps lr_num_cycles lora_alpha lora_target_modules finite_difference_step
-        train_shards streaming shuffle_buffer_size caption_fallback_columns controlnet_model_name_or_path
-        student_controlnet_model_name_or_path pretrained_student_model_name_or_path conditioning_image_column
+        train_shards streaming shuffle_buffer_size caption_fallback_columns skip_bad_shards
+        controlnet_model_name_or_path student_controlnet_model_name_or_path pretrained_student_model_name_or_path
+        conditioning_image_column
         controlnet_training_mode controlnet_conditioning_scale discriminator_shared_norm_groups
         teacher_cfg_without_guidance_embeds multi_scale""".split()
     )
@@ -288,3 +295,47 @@ def test_new_data_flags_enter_the_fingerprint_only_when_on(parser):
     assert (stream["streaming"], stream["train_shards"], stream["shuffle_buffer_size"]) == (True, ["a-*.tar"], 7)
     assert stream["caption_fallback_columns"] is None
     assert "feature_cache_dir" not in run_fingerprint(script_args(parser, feature_cache_dir="/c"), num_processes=1)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--lr_scheduler", "foo"],
+            "--lr_scheduler/--lr-scheduler: invalid choice: 'foo' (choose from 'linear', 'cosine'",
+        ),
+        (["--optimizer", "sgd"], "--optimizer: invalid choice: 'sgd' (choose from 'adamw', 'adamw8bit', 'came')"),
+        (["--jvp", "fd"], "argument --jvp: invalid choice: 'fd'"),
+        (["--train_batch_size", "two"], "argument --train_batch_size/--train-batch-size: invalid int value: 'two'"),
+        (["--misaligned_pairs", "maybe"], "--misaligned_pairs/--misaligned-pairs: expected true or false, got 'maybe"),
+        (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
+    ],
+)
+def test_the_command_line_refuses_bad_values_naming_the_flag_and_choices(parser, capsys, flags, message):
+    """Refused by the parser itself, before anything is loaded (before: `--lr_scheduler foo` failed after the models
+    loaded, without the list of schedulers)."""
+    with pytest.raises(SystemExit):
+        script_args(parser, *flags)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--no-misaligned_pairs", "--no_misaligned_pairs", "--no-misaligned-pairs"])
+def test_every_negation_of_a_boolean_works(parser, flag):
+    assert script_args(parser).misaligned_pairs is True
+    assert script_args(parser, flag).misaligned_pairs is False
+    assert script_args(parser, "--misaligned_pairs", "false").misaligned_pairs is False
+    assert script_args(parser, "--streaming").streaming is True
+
+
+def test_old_flag_names_and_fingerprints_still_work(parser):
+    """`--jvp_step` / `--cfg_null_mask` (the names before the settings were declared once) still parse, and a
+    checkpoint that recorded them compares under the new names."""
+    args = script_args(parser, "--jvp", "finite_difference", "--jvp_step", "1e-4", "--cfg_null_mask", "null")
+    assert (args.finite_difference_step, args.null_branch_mask) == (1e-4, "null")
+    current = run_fingerprint(args)
+    older = {k: v for k, v in current.items() if k not in ("finite_difference_step", "null_branch_mask")}
+    older.update(jvp_step=1e-4, cfg_null_mask="null")
+    assert compare_fingerprints(older, current) == []
+    assert compare_fingerprints({**older, "jvp_step": 1e-3}, current) == [
+        "--finite_difference_step: 0.001 in the checkpoint, 0.0001 now"
+    ]
