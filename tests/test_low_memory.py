@@ -5,6 +5,7 @@ The pipeline is `benchmarks/bench_low_memory.py`'s `--smoke` model (tiny transfo
 text encoder and 3-stage DC-AE) at 64 px, and `load_with_option` applies each option as the benchmark does.
 """
 
+import json
 import os
 import sys
 
@@ -95,6 +96,26 @@ def test_torchao_int8_matches_stock_diffusers_quantised_the_same_way(folder):
         complex_human_instruction=None,
     ).images
     assert np.abs(generate(ours, SIZE, STEPS) - stock_images).max() <= 1e-5
+
+
+def test_torchao_int8_pipeline_saves_in_the_stock_layout_and_reloads_quantised(folder, tmp_path):
+    """The stock-layout save (diffusers' transformer class) keeps the quantizer: safetensors through torchao."""
+    _int8_config()
+    pipe = load_with_option(str(folder), "torchao-int8", SIZE)
+    images = generate(pipe, SIZE, STEPS)
+    pipe.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "transformer" / "config.json").read_text())
+    assert (
+        config["_class_name"] == "SanaTransformer2DModel"
+        and config["quantization_config"]["quant_method"] == "torchao"
+    )
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    for pipeline_class in (bench_low_memory.SanaSprintPipeline, DiffusersSanaSprintPipeline):
+        again = pipeline_class.from_pretrained(tmp_path, torch_dtype=torch.float32)
+        assert type(again.transformer.transformer_blocks[0].attn1.to_q.weight).__name__ == "Int8Tensor"
+        if pipeline_class is bench_low_memory.SanaSprintPipeline:
+            again.set_progress_bar_config(disable=True)
+            assert np.abs(generate(again, SIZE, STEPS) - images).max() == 0
 
 
 def test_layerwise_fp8_storage_shrinks_the_blocks_and_stays_close(folder, plain):
