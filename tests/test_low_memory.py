@@ -180,16 +180,22 @@ def test_vae_tiling_decodes_tiles_smaller_than_the_image(folder, plain):
 
 @pytest.mark.parametrize("pipeline_class", [SanaSprintImg2ImgPipeline, SanaSprintControlNetPipeline])
 def test_img2img_and_controlnet_pipelines_take_the_same_options(folder, pipeline_class, tmp_path):
-    """Group offloading (exact, disk) and VAE tiling (encode and decode tiled: close) through `image` /
-    `control_image`; a ControlNet built from the transformer's config is offloaded with the rest."""
+    """Group offloading (exact, disk), VAE tiling (encode and decode tiled), layerwise casting (transformer and
+    ControlNet) and torchao int8 through `image` / `control_image`; a ControlNet built from the transformer's config
+    is offloaded, cast, with the rest."""
     from diffusers import SanaControlNetModel
 
-    parts = {}
-    if pipeline_class is SanaSprintControlNetPipeline:
-        config = SanaSprintTransformer2DModel.load_config(folder, subfolder="transformer")
-        keep = SanaControlNetModel.extract_init_dict(config)[0]
-        torch.manual_seed(0)
-        parts["controlnet"] = SanaControlNetModel(**dict(keep, num_layers=1)).eval()
+    config = SanaControlNetModel.extract_init_dict(
+        SanaSprintTransformer2DModel.load_config(folder, subfolder="transformer")
+    )[0]
+
+    def load(**kwargs):
+        """A fresh pipeline (and ControlNet: hooks stay on a model) from `folder`."""
+        if pipeline_class is SanaSprintControlNetPipeline:
+            torch.manual_seed(0)
+            kwargs["controlnet"] = SanaControlNetModel(**dict(config, num_layers=1)).eval()
+        return pipeline_class.from_pretrained(folder, **kwargs)
+
     image = np.random.default_rng(0).random((SIZE, SIZE, 3)).astype(np.float32)
     call = dict(image=image, strength=0.8) if pipeline_class is SanaSprintImg2ImgPipeline else {"control_image": image}
 
@@ -200,15 +206,23 @@ def test_img2img_and_controlnet_pipelines_take_the_same_options(folder, pipeline
         return pipe(bench_low_memory.PROMPT, num_inference_steps=STEPS, generator=generator, output_type="np",
                     **kwargs, **call).images  # fmt: skip
 
-    plain = run(pipeline_class.from_pretrained(folder, **parts))
-    offloaded = pipeline_class.from_pretrained(folder, **parts)
+    plain = run(load())
+    offloaded = load()
     offloaded.enable_group_offload(
         torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1, offload_to_disk_path=str(tmp_path)
     )
     assert np.abs(run(offloaded) - plain).max() <= 1e-6
-    tiled = pipeline_class.from_pretrained(folder, **parts)
+    tiled = load()
     tiled.vae.enable_tiling(32, 32, 16, 16)
     assert 0 < np.abs(run(tiled) - plain).max() < 0.25
+    cast = load()
+    for model in (cast.transformer, getattr(cast, "controlnet", None)):
+        if model is not None:
+            model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert 0 < np.abs(run(cast) - plain).max() < 0.1
+    kwargs = dict(subfolder="transformer", quantization_config=_int8_config(), torch_dtype=torch.float32)
+    int8 = load(transformer=SanaSprintTransformer2DModel.from_pretrained(folder, **kwargs))
+    assert 0 < np.abs(run(int8) - plain).max() < 0.05
 
 
 def test_benchmark_reports_every_option_against_plain():
