@@ -212,7 +212,7 @@ def sprint_teacher_config(name: str) -> dict:
 
 # The keys `tiny_config` shrinks: widths, depth and latent size. Every other key (QK-norm, guidance embedder, time
 # convention, norms, patch size, positional embedding) is a structural switch and stays as released.
-_WIDTH_KEYS = (
+WIDTH_KEYS = (
     "in_channels",
     "out_channels",
     "caption_channels",
@@ -228,7 +228,7 @@ _WIDTH_KEYS = (
 
 def tiny_config(config: dict) -> dict:
     """`config` with `TINY_TRANSFORMER`'s widths and depth (seconds on a CPU), every structural switch kept."""
-    return dict(copy.deepcopy(config), **{key: TINY_TRANSFORMER[key] for key in _WIDTH_KEYS})
+    return dict(copy.deepcopy(config), **{key: TINY_TRANSFORMER[key] for key in WIDTH_KEYS})
 
 
 def student_config(config: dict, logvar_head: bool = True) -> dict:

@@ -113,7 +113,7 @@ def test_tiny_config_keeps_every_structural_switch():
     config = sana_configs.sprint_teacher_config("1.6B")
     tiny = sana_configs.tiny_config(config)
     changed = {key for key in config if tiny[key] != config[key]}
-    assert changed <= set(sana_configs._WIDTH_KEYS)
+    assert changed <= set(sana_configs.WIDTH_KEYS)
     for key in ("qk_norm", "guidance_embeds", "timestep_scale", "interpolation_scale", "patch_size", "norm_eps"):
         assert tiny[key] == config[key]
     with pytest.raises(ValueError, match="No released Sprint teacher for '4.8B'; allowed: sana-sprint-0.6b, sana-spr"):
