@@ -129,11 +129,13 @@ def load_with_option(folder: str, option: str, size: int, offload_dir: str | Non
 
 
 def generate(pipe: SanaSprintPipeline, size: int, steps: int) -> np.ndarray:
-    generator = torch.Generator().manual_seed(0)
+    """`PROMPT` at `size` px, seed 0, CFG scale 4.5: the `(1, size, size, 3)` image in [0, 1]."""
     kwargs = dict(height=size, width=size, use_resolution_binning=False, complex_human_instruction=None)
-    return pipe(
+    generator = torch.Generator().manual_seed(0)
+    output = pipe(
         PROMPT, num_inference_steps=steps, guidance_scale=4.5, generator=generator, output_type="np", **kwargs
-    )[0]
+    )
+    return output.images
 
 
 def _resident_mb() -> float:
