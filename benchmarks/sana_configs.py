@@ -27,8 +27,21 @@ Where each one comes from (read in stored copies of the public files; no Hub acc
   predates diffusers' `encoder_out_shortcut` / `decoder_in_shortcut` / `decoder_conv_act_fn` keys; their diffusers
   defaults (`True`, `True`, `"relu"`) are written out here, as a later re-save of the same VAE shows them.
 
+- Sprint teachers (`SPRINT_TEACHER_REPOS`): `Efficient-Large-Model/Sana_Sprint_0.6B_1024px_teacher_diffusers` and
+  `Efficient-Large-Model/SANA_Sprint_1.6B_1024px_teacher_diffusers`, the starting point of diffusers' research script
+  `examples/research_projects/sana/train_sana_sprint_diffusers.py`. **Not read directly** (no stored copy of either
+  `config.json`); each key follows from diffusers' own code: the widths of the Sprint model of the same size (the
+  script distils the teacher into `guidance_embeds=True` of the same shapes); no guidance embedder (the script loads
+  the teacher a second time with `guidance_embeds=False` and copies its `time_embed.emb.timestep_embedder.*`
+  weights to the student's `time_embed.timestep_embedder.*`, the keys of a model without one); QK-norm
+  `rms_norm_across_heads` (paper section 3.2; `norm_q`/`norm_k` weights in the conversion script); dense time:
+  the script's `SanaTrigFlow` feeds the flow time `s in [0, 1]` itself to `SanaTransformer2DModel.forward`, and
+  diffusers PR #11150 ("add a timestep scale for sana-sprint teacher model") added `timestep_scale` so that
+  `SanaPipeline`, which feeds `1000 s`, rescales "[1~1000] to [0~1]" for this teacher: `timestep_scale=0.001`.
+
 Sprint teachers are the flow-matching Sana with dense time and QK-norm (no guidance embedder); the student adds
 the guidance embedder (and, in this package, the `logvar_head`): [`teacher_config`] / [`student_config`].
+`sprint_teacher_config("0.6B")` is the released teacher, `tiny_config(config)` its tiny-width test stand-in.
 """
 
 import copy
@@ -96,6 +109,14 @@ CONFIG_SOURCES: dict[str, str] = {
     "dc-ae-f32c32": "mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers as stored in "
     "Efficient-Large-Model/Sana_600M_1024px_diffusers vae/config.json (read)",
 }
+
+# The released Sprint teachers (diffusers format) of each Sprint config; see the module docstring.
+SPRINT_TEACHER_REPOS: dict[str, str] = {
+    "sana-sprint-0.6b": "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_teacher_diffusers",
+    "sana-sprint-1.6b": "Efficient-Large-Model/SANA_Sprint_1.6B_1024px_teacher_diffusers",
+}
+# diffusers' `timestep_scale` of a dense-time teacher: `SanaPipeline` feeds `1000 s * timestep_scale = s`.
+DENSE_TIME_TIMESTEP_SCALE = 0.001
 
 # Short names used on the command line.
 MODEL_ALIASES: dict[str, str] = {"0.6B": "sana-sprint-0.6b", "1.6B": "sana-sprint-1.6b", "4.8B": "sana-1.5-4.8b"}
@@ -172,8 +193,42 @@ def transformer_config(name: str) -> dict:
 
 
 def teacher_config(config: dict) -> dict:
-    """The frozen Sprint teacher of a config: no guidance embedder (it is guided by CFG outside the model)."""
-    return dict(copy.deepcopy(config), guidance_embeds=False)
+    """
+    The Sprint teacher of a config, as released: no guidance embedder (it is guided by CFG outside the model) and
+    dense time in diffusers' convention (`timestep_scale=0.001`, so the time embedding sees `s in [0, 1]`).
+    """
+    return dict(copy.deepcopy(config), guidance_embeds=False, timestep_scale=DENSE_TIME_TIMESTEP_SCALE)
+
+
+def sprint_teacher_config(name: str) -> dict:
+    """The config of the released Sprint teacher `SPRINT_TEACHER_REPOS[name]` (alias or full key of a Sprint model)."""
+    key = resolve_model_name(name)
+    if key not in SPRINT_TEACHER_REPOS:
+        raise ValueError(
+            f"No released Sprint teacher for {name!r}; allowed: {', '.join(sorted(SPRINT_TEACHER_REPOS))}."
+        )
+    return teacher_config(TRANSFORMER_CONFIGS[key])
+
+
+# The keys `tiny_config` shrinks: widths, depth and latent size. Every other key (QK-norm, guidance embedder, time
+# convention, norms, patch size, positional embedding) is a structural switch and stays as released.
+WIDTH_KEYS = (
+    "in_channels",
+    "out_channels",
+    "caption_channels",
+    "sample_size",
+    "num_attention_heads",
+    "attention_head_dim",
+    "num_layers",
+    "num_cross_attention_heads",
+    "cross_attention_head_dim",
+    "cross_attention_dim",
+)
+
+
+def tiny_config(config: dict) -> dict:
+    """`config` with `TINY_TRANSFORMER`'s widths and depth (seconds on a CPU), every structural switch kept."""
+    return dict(copy.deepcopy(config), **{key: TINY_TRANSFORMER[key] for key in WIDTH_KEYS})
 
 
 def student_config(config: dict, logvar_head: bool = True) -> dict:

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.hooks import apply_group_offloading
+from diffusers.hooks.group_offloading import GroupOffloadingType
 from diffusers.models import AutoencoderDC
 from diffusers.pipelines.sana.pipeline_output import SanaPipelineOutput
 from diffusers.pipelines.sana.pipeline_sana_sprint import SanaSprintPipeline as DiffusersSanaSprintPipeline
@@ -235,6 +237,45 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
                 if hook is not None and getattr(hook, "execution_device", None) is not None:
                     return torch.device(hook.execution_device)
         return self._device_without_group_offloading(modules)
+
+    # diffusers' `AutoencoderDC` names no `_group_offload_block_modules` (its `AutoencoderKL` does): block-level group
+    # offloading then puts the whole VAE in one group hooked on `forward`, which pipelines never call (they call
+    # `encode` / `decode`), so its weights are never onloaded: a device mismatch on a GPU, garbage with
+    # `offload_to_disk_path` (diffusers #12319). These children are its blocks instead.
+    _vae_group_offload_blocks = ["encoder", "decoder"]
+
+    def enable_group_offload(self, onload_device: torch.device, *args, exclude_modules=None, **kwargs) -> None:
+        r"""
+        diffusers' [`~DiffusionPipeline.enable_group_offload`] (same arguments), with two fixes:
+
+        - a block-level offloaded DC-AE is split into its encoder and decoder (`_vae_group_offload_blocks`), so that
+          `encode` / `decode` onload them;
+        - with `offload_to_disk_path`, each component writes to its own subfolder (`<path>/<component name>`):
+          diffusers names a group's file after its module path only, so the transformer's and a ControlNet's
+          `transformer_blocks` would share files and one would run on the other's weights.
+        """
+        bound = inspect.signature(DiffusersSanaSprintPipeline.enable_group_offload).bind(
+            self, onload_device, *args, **kwargs
+        )
+        bound.apply_defaults()
+        options = {key: value for key, value in bound.arguments.items() if key not in ("self", "exclude_modules")}
+        excluded = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules or [])
+        block_level = GroupOffloadingType(options["offload_type"]) == GroupOffloadingType.BLOCK_LEVEL
+        disk = options["offload_to_disk_path"]
+        for name, component in self.components.items():
+            if not isinstance(component, torch.nn.Module):
+                continue
+            if name in excluded:
+                component.to(onload_device)
+                continue
+            component_options = dict(options, offload_to_disk_path=None if disk is None else os.path.join(disk, name))
+            if block_level and isinstance(component, AutoencoderDC):
+                if getattr(component, "_group_offload_block_modules", None) is None:
+                    component_options["block_modules"] = self._vae_group_offload_blocks
+            if hasattr(component, "enable_group_offload"):
+                component.enable_group_offload(**component_options)
+            else:
+                apply_group_offloading(module=component, **component_options)
 
     @staticmethod
     def _device_without_group_offloading(modules) -> torch.device:

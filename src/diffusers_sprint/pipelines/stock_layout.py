@@ -49,13 +49,22 @@ def stock_layout_blockers(transformer, scheduler) -> list[str]:
 def stock_transformer(transformer: SanaSprintTransformer2DModel) -> SanaTransformer2DModel:
     """
     diffusers' `SanaTransformer2DModel` sharing `transformer`'s weights (no copy), without the training-only logvar
-    head; its config holds only the arguments diffusers knows.
+    head; its config holds only the arguments diffusers knows, plus the `quantization_config` of a quantised model
+    (torchao, bitsandbytes), which keeps its quantizer so that `save_pretrained` serialises through it.
     """
     config = {key: value for key, value in transformer.config.items() if key in _STOCK_TRANSFORMER_ARGS}
     with torch.device("meta"):
         stock = SanaTransformer2DModel.from_config(config)
     state_dict = {k: v for k, v in transformer.state_dict().items() if not k.startswith("logvar_linear.")}
     stock.load_state_dict(state_dict, strict=True, assign=True)
+    quantizer = getattr(transformer, "hf_quantizer", None)
+    if quantizer is not None:
+        stock.hf_quantizer, stock.is_quantized, stock.quantization_method = (
+            quantizer,
+            True,
+            quantizer.quantization_config.quant_method,
+        )
+        stock.register_to_config(quantization_config=quantizer.quantization_config)
     return stock.train(transformer.training)
 
 
