@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
+from safetensors.torch import save_file
 from tiny_components import make_text_encoder, make_tokenizer, make_vae, text_conditioning, transformer_config
 
 from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel, TrigFlowScheduler
@@ -12,7 +14,7 @@ from diffusers_sprint.training import (
     SCMLossConfig,
     generator_step,
 )
-from diffusers_sprint.training.lora import build_lora_student, lora_state_dict
+from diffusers_sprint.training.lora import build_lora_student, fuse_teacher_lora, lora_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +98,62 @@ def test_errors(teacher):
         build_lora_student(student_like, rank=4)
     with pytest.raises(ValueError, match="rank"):
         build_lora_student(teacher, rank=0)
+
+
+def _random_lora(teacher, folder, rank=4, seed=1):
+    """A diffusers-format LoRA of `teacher` with random `lora_B` (a stand-in for a user's style LoRA) in `folder`."""
+    adapted = build_lora_student(teacher, rank=rank, logvar_head=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    SanaSprintPipeline.save_lora_weights(folder, transformer_lora_layers=lora_state_dict(adapted))
+    return folder
+
+
+def _copy(teacher):
+    copy = SanaSprintTransformer2DModel.from_config(teacher.config)
+    copy.load_state_dict(teacher.state_dict())
+    return copy.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.6])
+def test_fused_teacher_lora_equals_the_adapter_at_its_scale_and_leaves_no_adapter(teacher, tmp_path, scale):
+    style = _random_lora(teacher, tmp_path / "style")
+    with_adapter = _copy(teacher)
+    with_adapter.load_lora_adapter(
+        str(style), weight_name=LORA_WEIGHT_NAME_SAFE, prefix="transformer", adapter_name="style"
+    )
+    with_adapter.set_adapters(["style"], [scale])
+    fused = fuse_teacher_lora(_copy(teacher), str(style), scale)
+    x, t, embeds, mask = _inputs()
+    with torch.no_grad():
+        expected = with_adapter.trigflow_forward(x, t, embeds, mask).sample
+        got = fused.trigflow_forward(x, t, embeds, mask).sample
+        assert (expected - teacher.trigflow_forward(x, t, embeds, mask).sample).abs().max() > 1e-3
+    assert (got - expected).abs().max() <= 1e-5
+    assert not any("lora" in key for key in fused.state_dict())
+    assert set(fused.state_dict()) == set(teacher.state_dict())
+    # a LoRA student built on the personalised teacher starts as it (no clash with the teacher's adapter)
+    student = build_lora_student(fused, rank=2)
+    with torch.no_grad():
+        assert (student.trigflow_forward(x, t, embeds, mask).sample - got).abs().max() <= 1e-6
+
+
+def test_fused_teacher_lora_errors_name_the_argument(teacher, tmp_path):
+    missing = tmp_path / "no_such_lora"
+    with pytest.raises(ValueError, match=r"`--teacher_lora` '.*no_such_lora' is not a readable diffusers LoRA"):
+        fuse_teacher_lora(_copy(teacher), str(missing))
+    not_lora = tmp_path / "model.safetensors"
+    save_file(teacher.state_dict(), str(not_lora))
+    with pytest.raises(ValueError, match=r"`--teacher_lora` '.*model.safetensors' .*holds no LoRA weights"):
+        fuse_teacher_lora(_copy(teacher), str(not_lora))
+    wider = dict(num_attention_heads=4, num_cross_attention_heads=4, cross_attention_dim=32)
+    other = SanaSprintTransformer2DModel(**transformer_config(student=False, sample_size=8, **wider))
+    wrong_size = _random_lora(other.eval(), tmp_path / "wrong_size")
+    with pytest.raises(ValueError, match=r"`--teacher_lora` '.*wrong_size' does not fit the teacher transformer"):
+        fuse_teacher_lora(_copy(teacher), str(wrong_size))
+    style = _random_lora(teacher, tmp_path / "style")
+    with pytest.raises(ValueError, match=r"`--teacher_lora_scale` must be > 0, got 0.0"):
+        fuse_teacher_lora(_copy(teacher), str(style), 0.0)

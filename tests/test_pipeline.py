@@ -274,15 +274,21 @@ def test_model_without_guidance_embedder_needs_guidance_scale_none(reference):
     assert pipe(**FAST, prompt="a cat", guidance_scale=None).images.shape == (1, 32, 32, 3)
 
 
-def test_lora_load_scale_and_fuse(pipe, tmp_path):
-    transformer = SanaSprintTransformer2DModel.from_config(pipe.transformer.config)
-    transformer.load_state_dict(pipe.transformer.state_dict())
+def _save_random_lora(base, folder, seed=1):
+    """A LoRA of `base` (a transformer) with random `lora_B`, saved in diffusers' format to `folder`."""
+    transformer = SanaSprintTransformer2DModel.from_config(base.config)
+    transformer.load_state_dict(base.state_dict())
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     with torch.no_grad():
         for name, parameter in transformer.named_parameters():
             if "lora_B" in name:
-                parameter.normal_(std=0.2, generator=_seeded(1))
-    SanaSprintPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(transformer))
+                parameter.normal_(std=0.2, generator=_seeded(seed))
+    SanaSprintPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer))
+    return folder
+
+
+def test_lora_load_scale_and_fuse(pipe, tmp_path):
+    _save_random_lora(pipe.transformer, tmp_path)
 
     lora_pipe = SanaSprintPipeline(**pipe.components)
     lora_pipe.transformer = SanaSprintTransformer2DModel.from_config(pipe.transformer.config)
@@ -299,6 +305,33 @@ def test_lora_load_scale_and_fuse(pipe, tmp_path):
     lora_pipe.unload_lora_weights()
     fused = lora_pipe(**kwargs, generator=_seeded()).images
     assert np.abs(fused - with_lora).max() <= 1e-5
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_two_adapters_compose_as_in_diffusers(diffusers_dir, pipe, tmp_path, fuse):
+    """A style LoRA + a Sprint LoRA (docs/lora.md): `load_lora_weights` twice, `set_adapters` with weights, and
+    optionally `fuse_lora` + `unload_lora_weights`, give the images of diffusers' own pipeline doing the same."""
+    style = _save_random_lora(pipe.transformer, tmp_path / "style", seed=1)
+    sprint = _save_random_lora(pipe.transformer, tmp_path / "sprint", seed=2)
+    kwargs = dict(
+        FAST, prompt=PROMPTS, num_inference_steps=2, intermediate_timesteps=1.3, use_resolution_binning=False
+    )
+    images = {}
+    for name, cls in (("diffusers", DiffusersSanaSprintPipeline), ("ours", SanaSprintPipeline)):
+        composed = cls.from_pretrained(diffusers_dir)
+        composed.set_progress_bar_config(disable=True)
+        composed.load_lora_weights(style, adapter_name="style")
+        composed.load_lora_weights(sprint, adapter_name="sprint")
+        composed.set_adapters(["sprint"])
+        images[f"{name}, sprint only"] = composed(**kwargs, generator=_seeded()).images
+        composed.set_adapters(["style", "sprint"], [0.7, 1.0])
+        if fuse:
+            composed.fuse_lora(adapter_names=["style", "sprint"])
+            composed.unload_lora_weights()
+        images[name] = composed(**kwargs, generator=_seeded()).images
+    assert np.abs(images["ours"] - images["diffusers"]).max() <= PARITY_ATOL
+    assert np.abs(images["ours, sprint only"] - images["diffusers, sprint only"]).max() <= PARITY_ATOL
+    assert np.abs(images["ours"] - images["ours, sprint only"]).max() > 1e-3
 
 
 def test_prompt_encoding_skips_trailing_padding_but_matches_diffusers(reference, pipe):

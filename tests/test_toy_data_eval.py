@@ -62,6 +62,22 @@ def test_dataset_resolution_background_and_filters():
         load_emoji_dataset(categories=["Flags"])
 
 
+def test_dataset_grayscale_style_is_the_luma_of_the_emoji():
+    from diffusers_sprint.toy import load_emoji_dataset
+
+    plain = load_emoji_dataset(resolution=16, categories=["Food & Drink"], limit=4)
+    gray = load_emoji_dataset(resolution=16, categories=["Food & Drink"], limit=4, style="grayscale")
+    assert gray["caption"] == plain["caption"]
+    for a, b in zip(plain["image"], gray["image"]):
+        rgb, styled = np.asarray(a, np.float64), np.asarray(b, np.int16)
+        assert (styled == styled[..., :1]).all()  # R = G = B
+        luma = rgb @ np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, as PIL's convert("L")
+        assert np.abs(styled[..., 0] - luma).max() <= 1
+        assert np.abs(rgb - styled).max() > 50  # the food emoji are colourful
+    with pytest.raises(ValueError, match=r"`style` must be one of \('grayscale',\) \(or None\), got 'sepia'"):
+        load_emoji_dataset(style="sepia")
+
+
 def test_dataset_missing_packages_names_the_pip_install(monkeypatch):
     from diffusers_sprint.toy import emoji as emoji_module
 

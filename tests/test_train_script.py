@@ -340,6 +340,41 @@ def test_lora_distillation_round_trip(assets, tmp_path):
     assert np.abs(fused - unfused).max() <= 1 / 255 + 1e-6
 
 
+def test_teacher_lora_distils_the_personalised_teacher(assets, tmp_path):
+    """--teacher_lora / --teacher_lora_scale: the run equals one whose teacher had the LoRA fused by diffusers."""
+    from peft import LoraConfig
+
+    teacher = SanaPipeline.from_pretrained(assets / "teacher")
+    teacher.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, parameter in teacher.transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.3, generator=torch.Generator().manual_seed(1))
+    style = tmp_path / "style"
+    SanaPipeline.save_lora_weights(style, transformer_lora_layers=get_peft_model_state_dict(teacher.transformer))
+    fused = SanaPipeline.from_pretrained(assets / "teacher")  # the personalised teacher, made by diffusers alone
+    fused.load_lora_weights(style)
+    fused.fuse_lora(lora_scale=0.5)
+    fused.unload_lora_weights()
+    fused.save_pretrained(tmp_path / "fused_teacher")
+
+    outputs = {}
+    for name, flags in (
+        ("flag", dict(teacher_lora=style, teacher_lora_scale=0.5)),
+        ("fused by hand", {}),
+    ):
+        args = base_args(assets, tmp_path / name, 2, cache_latents=True, **LORA_FLAGS, **flags)
+        if name == "fused by hand":
+            args[args.index("--pretrained_teacher_model_name_or_path") + 1] = tmp_path / "fused_teacher"
+        run_script(tmp_path, args)
+        outputs[name] = load_file(tmp_path / name / "pytorch_lora_weights.safetensors")
+    assert set(outputs["flag"]) == set(outputs["fused by hand"])
+    for key, value in outputs["flag"].items():
+        torch.testing.assert_close(value, outputs["fused by hand"][key], rtol=0, atol=1e-6)
+    base = SanaPipeline.from_pretrained(assets / "teacher").transformer.state_dict()
+    assert max((base[k] - v).abs().max() for k, v in fused.transformer.state_dict().items()) > 1e-3
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # (4) two processes (gloo) vs one process, same global batch
 # ---------------------------------------------------------------------------------------------------------------------

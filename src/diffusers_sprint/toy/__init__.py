@@ -14,7 +14,7 @@ from .classifier import (
     prompt_adherence,
     prompt_categories,
 )
-from .emoji import CATEGORIES, emoji_records, load_emoji_dataset, load_emoji_image
+from .emoji import CATEGORIES, STYLES, emoji_records, load_emoji_dataset, load_emoji_image
 from .protocol import dataset_prompts, emoji_reference_features, evaluate_images, evaluate_pipeline, generate
 from .tokenizer import train_gemma_layout_tokenizer
 
@@ -34,6 +34,7 @@ docs/controlnet.md; retrain it with examples/toy/train_toy_controlnet.py.
 
 __all__ = [
     "CATEGORIES",
+    "STYLES",
     "TOY_CONTROLNET_PATH",
     "TOY_TEACHER_PATH",
     "EmojiClassifier",

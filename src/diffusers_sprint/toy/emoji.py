@@ -30,6 +30,9 @@ CATEGORIES = (
     "Symbols",
 )
 CAPTION_TEMPLATE = "an emoji of {name}"
+STYLES = ("grayscale",)
+"""Restylings of the images (`load_emoji_dataset(style=...)`), the toy's stand-in for a user's style fine-tune
+(docs/lora.md): `"grayscale"` is PIL's ITU-R 601-2 luma (`Image.convert("L")`) copied to the three channels."""
 
 
 def _package_dir(module: str) -> str:
@@ -110,6 +113,7 @@ def load_emoji_dataset(
     categories: Sequence[str] | None = None,
     caption_template: str = CAPTION_TEMPLATE,
     limit: int | None = None,
+    style: str | None = None,
 ):
     """The Twemoji set as a `datasets.Dataset` (1,628 rows with the default filters).
 
@@ -126,6 +130,7 @@ def load_emoji_dataset(
         categories: keep only these categories (default: all eight of `CATEGORIES`).
         caption_template: format string with a `{name}` field.
         limit: keep the first `limit` rows (after filtering), for quick tests.
+        style: restyle every image: one of `STYLES` (default: the emoji as they are).
 
     Twemoji graphics: copyright Twitter, Inc. and other contributors, CC-BY 4.0. Credit them when you share images.
     """
@@ -134,6 +139,8 @@ def load_emoji_dataset(
     except ImportError as error:
         raise ImportError(f"`load_emoji_dataset` returns a `datasets.Dataset`: `{INSTALL_HINT}`.") from error
 
+    if style is not None and style not in STYLES:
+        raise ValueError(f"`style` must be one of {STYLES} (or None), got {style!r}.")
     records = list(emoji_records())
     if categories is not None:
         wanted = set(categories)
@@ -153,8 +160,11 @@ def load_emoji_dataset(
             "subcategory": datasets.Value("string"),
         }
     )
+    images = [load_emoji_image(r["path"], resolution, background) for r in records]
+    if style == "grayscale":
+        images = [image.convert("L").convert("RGB") for image in images]
     columns = {
-        "image": [load_emoji_image(r["path"], resolution, background) for r in records],
+        "image": images,
         "caption": [caption_template.format(name=r["name"]) for r in records],
         "name": [r["name"] for r in records],
         "category": [r["category"] for r in records],

@@ -20,19 +20,24 @@ from .feature_cache import (
     FeatureCache,
     model_digest,
 )
+from .lora import fuse_teacher_lora
 from .run import Run
 from .sharding import full_model_state_dict
 from .training_data import TrainingData, _writer_name
 
 
 def load_teacher_transformer(args) -> SanaSprintTransformer2DModel:
-    return SanaSprintTransformer2DModel.from_pretrained(
+    """The teacher pipeline's transformer, with `--teacher_lora` fused into it at `--teacher_lora_scale`."""
+    teacher = SanaSprintTransformer2DModel.from_pretrained(
         args.pretrained_teacher_model_name_or_path,
         subfolder="transformer",
         revision=args.revision,
         variant=args.variant,
         cache_dir=args.cache_dir,
     )
+    if args.teacher_lora is not None:
+        fuse_teacher_lora(teacher, args.teacher_lora, args.teacher_lora_scale)
+    return teacher
 
 
 def load_pipeline_without_transformer(args) -> SanaPipeline:

@@ -21,6 +21,7 @@ from ..models.transformer_sana_sprint import SanaSprintTransformer2DModel
 
 
 DEFAULT_LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+TEACHER_LORA_ADAPTER = "teacher_lora"
 _LOGVAR_PREFIX = "logvar_linear."
 
 
@@ -87,4 +88,53 @@ def lora_state_dict(student: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(student)
 
 
-__all__ = ["DEFAULT_LORA_TARGET_MODULES", "build_lora_student", "lora_state_dict"]
+@torch.no_grad()
+def fuse_teacher_lora(
+    teacher: SanaSprintTransformer2DModel, lora: str, scale: float = 1.0, argument: str = "--teacher_lora"
+) -> SanaSprintTransformer2DModel:
+    r"""
+    Merges a diffusers-format LoRA (a user's DreamBooth or style adapter of the teacher) into `teacher`, in place:
+    `W <- W + scale * (alpha / r) B A` for every adapted layer, then removes the adapter layers, so the teacher is a
+    plain transformer again (a LoRA student that peft builds on it, [`build_lora_student`], does not clash with it).
+
+    The personalised teacher's output equals the teacher with the adapter active at `scale` (diffusers'
+    `set_adapters(..., scale)`); distilling it gives a one-step student of the personalised model.
+
+    Args:
+        teacher ([`SanaSprintTransformer2DModel`]): The frozen teacher transformer.
+        lora (`str`): What `pipe.load_lora_weights` takes: a folder holding `pytorch_lora_weights.safetensors`, a
+            `.safetensors` file, or a Hub id. Only its `transformer.` weights are used (as Sana's loader does).
+        scale (`float`, defaults to 1.0): The LoRA scale, `> 0`.
+        argument (`str`): The flag named in error messages.
+
+    Raises:
+        `ValueError` naming `argument` when `lora` cannot be read, holds no LoRA weights for the transformer, or does
+        not fit it.
+    """
+    from ..pipelines.pipeline_sana_sprint import SanaSprintPipeline
+
+    if not scale > 0:
+        raise ValueError(f"`{argument}_scale` must be > 0, got {scale!r}.")
+    try:
+        state_dict = SanaSprintPipeline.lora_state_dict(lora)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"`{argument}` {lora!r} is not a readable diffusers LoRA: {error}") from error
+    if isinstance(state_dict, tuple):  # (state_dict, metadata) with return_lora_metadata
+        state_dict = state_dict[0]
+    prefix = "transformer."
+    if not any(key.startswith(prefix) for key in state_dict):
+        raise ValueError(
+            f"`{argument}` {lora!r} holds no LoRA weights for the transformer (no `{prefix}` keys); keys found: "
+            f"{', '.join(sorted(state_dict)[:4])}."
+        )
+    try:
+        with torch.random.fork_rng(devices=[]):  # peft initialises the adapter before loading it: keep the run's RNG
+            teacher.load_lora_adapter(state_dict, prefix="transformer", adapter_name=TEACHER_LORA_ADAPTER)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"`{argument}` {lora!r} does not fit the teacher transformer: {error}") from error
+    teacher.fuse_lora(lora_scale=scale, adapter_names=[TEACHER_LORA_ADAPTER])
+    teacher.unload_lora()
+    return teacher
+
+
+__all__ = ["DEFAULT_LORA_TARGET_MODULES", "build_lora_student", "fuse_teacher_lora", "lora_state_dict"]

@@ -44,6 +44,7 @@ def _scheduler_reads(*schedulers: str) -> When:
 
 
 _STREAMING = When("with --streaming", lambda args: bool(args.streaming))
+_TEACHER_LORA = When("with --teacher_lora", lambda args: args.teacher_lora is not None)
 _LORA = When("with --lora_rank", lambda args: args.lora_rank is not None)
 _CONTROLNET = When("with --controlnet_model_name_or_path", lambda args: args.controlnet_model_name_or_path is not None)
 
@@ -62,6 +63,21 @@ class ModelArguments:
     cache_dir: str | None = setting(None, help="Where downloaded models and datasets are cached.", fingerprint=False)
     sigma_data: float = setting(
         SIGMA_DATA, help="TrigFlow data standard deviation.", range=greater_than(0), advanced=True
+    )
+    teacher_lora: str | None = setting(
+        None,
+        help="A diffusers-format LoRA of the teacher (a user's DreamBooth or style adapter: a folder with "
+        "pytorch_lora_weights.safetensors, a .safetensors file or a Hub id), fused into the frozen teacher at "
+        "--teacher_lora_scale right after it loads: the run distils (or prepares) the personalised teacher "
+        "(docs/lora.md).",
+        recorded_unless=None,
+    )
+    teacher_lora_scale: float = setting(
+        1.0,
+        help="The scale --teacher_lora is fused at (diffusers' LoRA scale).",
+        range=greater_than(0),
+        fingerprint=_TEACHER_LORA,
+        recorded_unless=1.0,
     )
 
 
