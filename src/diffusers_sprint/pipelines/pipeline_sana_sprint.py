@@ -15,6 +15,7 @@ from diffusers.pipelines.sana.pipeline_sana_sprint import SanaSprintPipeline as 
 from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscale_lora_layers
 from transformers import Gemma2PreTrainedModel, GemmaTokenizer, GemmaTokenizerFast
 
+from ..models.modeling_utils import unwrap_model
 from ..models.transformer_sana_sprint import SanaSprintTransformer2DModel
 from ..schedulers.scheduling_trigflow import TrigFlowScheduler
 from .resolution_bins import aspect_ratio_bins
@@ -67,11 +68,6 @@ def _model_dtype(module: torch.nn.Module) -> torch.dtype:
     return module.dtype
 
 
-def _unwrap(module):
-    """The module inside a `torch.compile` wrapper (`OptimizedModule`), else `module`."""
-    return getattr(module, "_orig_mod", module)
-
-
 def _resolve_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs: list[str]) -> list[str]:
     """The tensors a callback receives: a `PipelineCallback` names its own (diffusers' rule)."""
     if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -109,7 +105,7 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         transformer: SanaSprintTransformer2DModel,
         scheduler: TrigFlowScheduler,
     ):
-        if transformer is not None and not isinstance(_unwrap(transformer), SanaSprintTransformer2DModel):
+        if transformer is not None and not isinstance(unwrap_model(transformer), SanaSprintTransformer2DModel):
             raise TypeError(
                 f"`transformer` must be a SanaSprintTransformer2DModel (or None), got {type(transformer).__name__}; "
                 "load it with `SanaSprintTransformer2DModel.from_pretrained(path, subfolder='transformer')`."
@@ -142,7 +138,7 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         the ODE sampler, unfused PEFT adapters) keep our class names, with a logged warning; so does
         `stock_diffusers_layout=False` (a checkpoint that keeps everything, e.g. the logvar head).
         """
-        blockers = stock_layout_blockers(_unwrap(self.transformer), self.scheduler)
+        blockers = stock_layout_blockers(unwrap_model(self.transformer), self.scheduler)
         if not stock_diffusers_layout or blockers:
             if stock_diffusers_layout:
                 logger.warning(
@@ -154,7 +150,7 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         transformer, scheduler = self.transformer, self.scheduler
         released = {}
         if transformer is not None:
-            released["transformer"] = stock_transformer(_unwrap(transformer))
+            released["transformer"] = stock_transformer(unwrap_model(transformer))
         if scheduler is not None:
             released["scheduler"] = stock_scheduler(scheduler)
         self.register_modules(**released)
