@@ -207,7 +207,7 @@ class _StudentForwardWithFakeRows:
 def _fresh_fake_rows(batch: DistillationBatch, t, z, w, config: DistillationConfig, generator):
     """
     The rows of the LADD fake that need a student forward of their own, `(rows, x_t, inputs)` (`x_t` in sigma_data
-    units), or `None`. The fake starts from `t` replaced by `pi/2` with `max_time_probability`; with
+    units), or `(None, None, None)`. The fake starts from `t` replaced by `pi/2` with `max_time_probability`; with
     `fake_from_scm_forward` the rows that keep `t` (and `z`) reuse the sCM forward's `F` and only the `pi/2` rows run
     again, else (official) every row runs from a fresh `t` and `z`.
     """
@@ -218,7 +218,7 @@ def _fresh_fake_rows(batch: DistillationBatch, t, z, w, config: DistillationConf
     t_fake = replace_with_max_time(t_fake, config.max_time_probability, generator=generator)
     rows = (t_fake != t).nonzero().flatten() if reuse_scm_forward else torch.arange(t.shape[0], device=t.device)
     if rows.numel() == 0:
-        return None
+        return None, None, None
     x_t = add_trigflow_noise(batch.latents[rows], z_fake[rows], t_fake[rows])
     return rows, x_t, batch.model_inputs(x_t / config.scm.sigma_data, t_fake[rows], w[rows], rows)
 
@@ -261,13 +261,15 @@ def generator_step(
 
     # 1. The LADD fake's fresh rows come first (scm_loss draws no random numbers, so the draw order is unchanged):
     #    they can then join the sCM term's student forward.
-    fresh = _fresh_fake_rows(batch, t, z, w, config, generator) if config.uses_discriminator else None
+    rows = fresh_x_t = fresh_inputs = None
+    if config.uses_discriminator:
+        rows, fresh_x_t, fresh_inputs = _fresh_fake_rows(batch, t, z, w, config, generator)
     fresh_velocity = scm_part = None
     if config.scm_lambda > 0:
         forward = None
-        if fresh is not None and config.single_student_forward:
+        if fresh_inputs is not None and config.single_student_forward:
             same_call = not one_sided_finite_difference(config.scm, batch.latents.device.type)
-            forward = _StudentForwardWithFakeRows(student, fresh[2], same_call)
+            forward = _StudentForwardWithFakeRows(student, fresh_inputs, same_call)
         # 2. L_sCM.
         scm_out = scm_loss(student, teacher, batch, z, t, w, state.generator_steps, config.scm, forward)
         scm_part, fresh_velocity = scm_out.loss, forward.fake_velocity if forward is not None else None
@@ -280,8 +282,7 @@ def generator_step(
             fake_x0 = denoise_trigflow(add_trigflow_noise(batch.latents, z, t), scm_out.velocity, t, sigma_data)
         else:
             fake_x0 = torch.zeros_like(batch.latents)
-        if fresh is not None:
-            rows, fresh_x_t, fresh_inputs = fresh
+        if fresh_inputs is not None:
             if fresh_velocity is None:
                 (fresh_velocity,) = fresh_inputs.call(student)
             fresh_x0 = denoise_trigflow(fresh_x_t, fresh_velocity, fresh_inputs.t, sigma_data)
