@@ -16,11 +16,16 @@ constant of the function; the tangent is w.r.t. `x_t` and `t` only.
 import functools
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..models.trigflow_model import TrigFlowInputs, as_trigflow_model
 from ..trigflow import append_dims
+
+
+if TYPE_CHECKING:
+    from .scm import SCMLossConfig
 
 
 DEFAULT_FINITE_DIFFERENCE_STEP = 3e-5  # radians of teacher-ODE time (benchmarks/fd_jvp_accuracy.py)
@@ -34,14 +39,14 @@ def expand_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return append_dims(t, like.ndim).to(like.dtype)
 
 
-def one_sided_finite_difference(config, device_type: str) -> bool:
+def one_sided_finite_difference(config: "SCMLossConfig", device_type: str) -> bool:
     """Whether [`velocity_tangent`] takes the grad forward's `F` as its base point: the finite difference without
     autocast (under autocast that `F` has low precision, and the difference is central instead)."""
     return config.jvp == "finite_difference" and not torch.is_autocast_enabled(device_type)
 
 
 def velocity_tangent(
-    student, inputs: TrigFlowInputs, tangent_x: torch.Tensor, tangent_t: torch.Tensor, config
+    student, inputs: TrigFlowInputs, tangent_x: torch.Tensor, tangent_t: torch.Tensor, config: "SCMLossConfig"
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     r"""
     The tangent `dF` of `student` at `inputs` along `(tangent_x, tangent_t)`, by `config.jvp` (no grad).
