@@ -14,7 +14,7 @@ from diffusers import SanaControlNetModel
 from tiny_components import make_controlnet, make_diffusers_transformer
 
 from diffusers_sprint import SanaSprintTransformer2DModel
-from diffusers_sprint.models import TrigFlowModel, unwrap_trigflow_controlnet
+from diffusers_sprint.models import TrigFlowInputs, TrigFlowModel, unwrap_trigflow_controlnet
 from diffusers_sprint.training import (
     DistillationBatch,
     DistillationConfig,
@@ -32,7 +32,7 @@ from diffusers_sprint.training.controlnet import (
     check_controlnet_matches,
     init_student_controlnet,
 )
-from diffusers_sprint.training.scm import trigflow_velocity_jvp
+from diffusers_sprint.training.tangent import trigflow_velocity_jvp
 
 
 SIGMA_DATA = 0.5
@@ -118,10 +118,12 @@ def test_student_forward_and_jvp_tangent_get_the_condition_as_a_constant(models)
     w = torch.tensor([4.0, 4.5, 5.0])
     generator = torch.Generator().manual_seed(3)
     v_x, v_t = torch.randn(x.shape, generator=generator), torch.cos(t) * torch.sin(t)
-    args = (model, x, t, v_x, v_t, batch.prompt_embeds, batch.prompt_attention_mask, w)
+    point = TrigFlowInputs(x, t, batch.prompt_embeds, batch.prompt_attention_mask, w, batch.control_latents)
     with torch.no_grad():
-        F, dF = trigflow_velocity_jvp(*args, controlnet_cond=batch.control_latents)
-        F_other, dF_other = trigflow_velocity_jvp(*args, controlnet_cond=make_batch(seed=5).control_latents)
+        F, dF = trigflow_velocity_jvp(model, point, v_x, v_t)
+        F_other, dF_other = trigflow_velocity_jvp(
+            model, point.replace(control=make_batch(seed=5).control_latents), v_x, v_t
+        )
 
     def independent(x_in, t_in, control):
         return student.trigflow_forward(
@@ -140,9 +142,8 @@ def test_student_forward_and_jvp_tangent_get_the_condition_as_a_constant(models)
     # the sCM loss's grad forward is the same function: its F is the JVP primal
     teacher, teacher_controlnet = models[0], models[1]
     out = scm_loss(
-        model, TrigFlowModel(teacher, controlnet=teacher_controlnet), batch.latents, x * SIGMA_DATA, t,
-        batch.prompt_embeds, batch.prompt_attention_mask, batch.null_prompt_embeds, batch.null_prompt_attention_mask,
-        w, 0, SCMLossConfig(adaptive_weight=False), controlnet_cond=batch.control_latents,
+        model, TrigFlowModel(teacher, controlnet=teacher_controlnet), batch, x * SIGMA_DATA, t, w, 0,
+        SCMLossConfig(adaptive_weight=False),
     )  # fmt: skip
     x_t = torch.cos(t).view(-1, 1, 1, 1) * batch.latents + torch.sin(t).view(-1, 1, 1, 1) * x * SIGMA_DATA
     with torch.no_grad():

@@ -110,9 +110,9 @@ def test_smoke_train_step_agrees_with_the_exact_jvp(smoke_report):
 
 
 def test_train_step_restores_the_jvp_compile_backend(smoke_report):
-    from diffusers_sprint.training import scm
+    from diffusers_sprint.training import tangent
 
-    assert scm.JVP_COMPILE_BACKEND == "inductor"
+    assert tangent.JVP_COMPILE_BACKEND == "inductor"
 
 
 def test_a_crashing_train_step_variant_is_reported_and_the_others_still_run(monkeypatch):

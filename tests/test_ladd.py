@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from tiny_components import text_conditioning, transformer_config
 
 from diffusers_sprint import SanaSprintTransformer2DModel
+from diffusers_sprint.models import TrigFlowInputs
 from diffusers_sprint.training.ladd import (
     BatchNormLocal,
     DiscriminatorHead,
-    DiscriminatorInputs,
     SanaDiscriminator,
     bce_discriminator_loss,
     bce_generator_loss,
@@ -481,7 +481,7 @@ def test_discriminator_judges_fakes_with_the_real_reference_in_shared_batch_norm
     discriminator = SanaDiscriminator(make_teacher(), head_block_ids=(1, 3))
     real, t, embeds, mask = inputs(8, seed=1)
     fake, t_fake, _, _ = inputs(8, seed=2)
-    reference = DiscriminatorInputs(real, t, embeds, mask)
+    reference = TrigFlowInputs(real, t, embeds, mask)
     with torch.no_grad():
         logits = discriminator(fake, t_fake, embeds, mask, reference=reference)
         assert logits.shape == (16, 2 * LATENT * LATENT)

@@ -6,8 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusers_sprint.training.distill import step_if_finite
-from diffusers_sprint.training.monitoring import SkipMonitor, check_finite_state_dict
+from diffusers_sprint.training.monitoring import SkipMonitor, check_finite_state_dict, step_if_finite
 
 
 def test_skips_warn_rate_limited_and_summarise():
@@ -110,3 +109,59 @@ def test_loss_gradient_norms_match_each_part_alone_and_leave_grads_untouched():
     assert all(p.grad is None for p in model.parameters())
     (first + second).backward()  # the graph is still there for the real backward
     assert all(p.grad is not None for p in model.parameters())
+
+
+def _one_update(grad_value: float, scaler=None, monitor=None):
+    """A linear model with gradient `grad_value` on every weight, SGD lr 0.1 under a halving schedule and an EMA."""
+    from diffusers.training_utils import EMAModel
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    ema = EMAModel(model.parameters(), decay=0.5, use_ema_warmup=False)
+    model.weight.grad = torch.full_like(model.weight, grad_value)
+    arguments = (optimizer, torch.tensor(grad_value), schedule, ema, model.parameters(), scaler)
+    if monitor is None:
+        return step_if_finite(*arguments), model, optimizer, ema
+    return monitor.update("generator", 7, *arguments), model, optimizer, ema
+
+
+class RecordingScaler:
+    updates = 0
+
+    def update(self):
+        self.updates += 1
+
+
+def test_step_if_finite_advances_schedule_and_ema_only_after_an_applied_step():
+    scaler = RecordingScaler()
+    skipped, model, optimizer, ema = _one_update(2.0, scaler)
+    assert not skipped and scaler.updates == 0
+    torch.testing.assert_close(model.weight, torch.full((1, 2), 0.8), rtol=0, atol=1e-7)  # 1 - 0.1 * 2
+    assert optimizer.param_groups[0]["lr"] == 0.05 and ema.optimization_step == 1
+    # diffusers' EMA uses decay 0 on its first step: the shadow moves from 1 to the new weights
+    torch.testing.assert_close(ema.shadow_params[0], torch.full((1, 2), 0.8), rtol=0, atol=1e-7)
+    assert model.weight.grad is None
+
+    skipped, model, optimizer, ema = _one_update(math.nan, scaler)
+    assert skipped and scaler.updates == 1  # fp16: the loss scale drops although step() did not run
+    assert torch.equal(model.weight, torch.ones(1, 2)) and model.weight.grad is None
+    assert optimizer.param_groups[0]["lr"] == 0.1 and ema.optimization_step == 0
+    assert torch.equal(ema.shadow_params[0], torch.ones(1, 2))
+
+
+def test_skip_monitor_update_steps_and_records():
+    warnings = []
+    monitor = SkipMonitor(max_consecutive_skips=2, warn=warnings.append)
+    (skipped, norm), model, _, _ = _one_update(2.0, monitor=monitor)
+    assert (skipped, norm) == (False, 2.0) and monitor.updates == {"generator": 1} and not warnings
+    (skipped, norm), model, _, _ = _one_update(math.inf, monitor=monitor)
+    assert skipped and norm == math.inf and torch.equal(model.weight, torch.ones(1, 2))
+    assert warnings == [
+        "Step 7: generator update skipped, non-finite gradient norm (gradient norm inf); 1 in a row, 1 of 2 so far "
+        "(warnings every 10 skips; the run stops after 2 in a row)."
+    ]
+    with pytest.raises(RuntimeError, match="^Training diverged: the last 2 generator updates"):
+        _one_update(math.nan, monitor=monitor)

@@ -15,7 +15,7 @@ from tiny_components import make_diffusers_transformer, text_conditioning, trans
 
 from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.models import Float32SanaLinearAttnProcessor, TrigFlowModel, set_fp32_linear_attention
-from diffusers_sprint.training import SCMLossConfig, build_student, default_head_block_ids, scm_loss
+from diffusers_sprint.training import DistillationBatch, SCMLossConfig, build_student, default_head_block_ids, scm_loss
 from diffusers_sprint.training.recipe import DISTILLATION, distillation_config, parse_recipe
 from diffusers_sprint.training.scm import teacher_cfg_velocity
 
@@ -82,7 +82,7 @@ def _teacher_calls(config: SCMLossConfig, student=None):
     student = build_student(teacher, logvar_head=False) if student is None else student
     x0, z, t, w, embeds, mask, null_embeds, null_mask = _inputs()
     config.adaptive_weight = False
-    scm_loss(student, recording, x0, z, t, embeds, mask, null_embeds, null_mask, w, 0, config)
+    scm_loss(student, recording, DistillationBatch(x0, embeds, mask, null_embeds, null_mask), z, t, w, 0, config)
     assert len(recording.calls) == 1
     return teacher, recording.calls[0], (x0, z, t, w, embeds, mask, null_embeds, null_mask)
 
@@ -143,8 +143,8 @@ def test_unguided_teacher_target_is_the_conditional_velocity():
 
     # The loss: the same as a CFG teacher at w = 1 (null + 1 (c - null) = c), unlike the CFG teacher at w.
     config = SCMLossConfig(guide_teacher=False, adaptive_weight=False)
-    args = (x0, z, t, embeds, mask, null_embeds, null_mask)
-    unguided = scm_loss(student, teacher, *args[:5], *args[5:], w, 0, config).loss
+    args = (DistillationBatch(x0, embeds, mask, null_embeds, null_mask), z, t)
+    unguided = scm_loss(student, teacher, *args, w, 0, config).loss
     at_one = scm_loss(student, teacher, *args, torch.ones_like(w), 0, SCMLossConfig(adaptive_weight=False)).loss
     guided = scm_loss(student, teacher, *args, w, 0, SCMLossConfig(adaptive_weight=False)).loss
     torch.testing.assert_close(unguided, at_one, rtol=1e-5, atol=0)

@@ -15,8 +15,10 @@ from tiny_components import text_conditioning
 from torch import nn
 
 from diffusers_sprint import SanaSprintTransformer2DModel
+from diffusers_sprint.models import TrigFlowInputs
 from diffusers_sprint.models.transformer_sana_sprint import SanaSprintTransformerOutput
-from diffusers_sprint.training import scm as scm_module
+from diffusers_sprint.training import DistillationBatch
+from diffusers_sprint.training import tangent as tangent_module
 from diffusers_sprint.training.scm import (
     SCMLossConfig,
     normalize_tangent,
@@ -25,8 +27,11 @@ from diffusers_sprint.training.scm import (
     scm_loss,
     tangent_warmup,
     teacher_cfg_velocity,
+)
+from diffusers_sprint.training.tangent import (
     trigflow_velocity_finite_difference,
     trigflow_velocity_jvp,
+    velocity_tangent,
 )
 from diffusers_sprint.trigflow import add_trigflow_noise
 
@@ -48,7 +53,7 @@ def test_jvp_tangent_matches_finite_differences_along_pf_ode(padded):
     dxt_dt = teacher_cfg_velocity(teacher, x_t / SIGMA_DATA, t, embeds, mask, null_embeds, null_mask, w)
     v_x, v_t = pf_ode_tangents(x_t, t, dxt_dt, SIGMA_DATA)
     with torch.no_grad():
-        _, dF = trigflow_velocity_jvp(student, x_t / SIGMA_DATA, t, v_x, v_t, embeds, mask, w)
+        _, dF = trigflow_velocity_jvp(student, TrigFlowInputs(x_t / SIGMA_DATA, t, embeds, mask, w), v_x, v_t)
 
     # Central differences of F(x_t / sigma_d + h v_x, t + h v_t) on a float64 copy. Sana's linear attention still
     # casts to fp32, so small steps meet fp32 rounding: measured rel err 3.6e-5 at h = 1e-3, 1.6e-4 at 1e-4, 2.7e-3
@@ -70,7 +75,8 @@ def test_jvp_tangent_matches_finite_differences_along_pf_ode(padded):
     assert relative_error <= 1e-3, relative_error
     # The direction matters: the derivative along x alone (v_t = 0) is a different vector.
     with torch.no_grad():
-        _, dF_x_only = trigflow_velocity_jvp(student, x_t / SIGMA_DATA, t, v_x, torch.zeros_like(t), embeds, mask, w)
+        inputs = TrigFlowInputs(x_t / SIGMA_DATA, t, embeds, mask, w)
+        _, dF_x_only = trigflow_velocity_jvp(student, inputs, v_x, torch.zeros_like(t))
     assert ((dF_x_only.double() - finite_difference).norm() / finite_difference.norm()).item() > 1e-2
 
 
@@ -175,7 +181,7 @@ def test_toy_loss_and_gradients_match_hand_computation(norm, step, adaptive):
     cond, null = cond.double(), null.double()
     config = SCMLossConfig(tangent_warmup_steps=100, tangent_norm=norm, adaptive_weight=adaptive)
 
-    out = scm_loss(student, teacher, x0, z, t, cond, cond_mask, null, None, w, step, config)
+    out = scm_loss(student, teacher, DistillationBatch(x0, cond, cond_mask, null, None), z, t, w, step, config)
     out.loss.backward()
     r = step / 100
     loss, grads, diagnostics = _hand_scm(student, teacher, x0, z, t, cond, cond_mask, null, w, r, norm, adaptive)
@@ -252,7 +258,7 @@ def test_teacher_as_student_without_guidance_loss_is_logvar_only():
     x0, z, t, _ = _batch(batch_size=3)
     embeds, mask = text_conditioning(batch_size=3)
     null_embeds, null_mask = _null_prompt()
-    out = scm_loss(student, teacher, x0, z, t, embeds, mask, null_embeds, null_mask, 1.0, 0, SCMLossConfig())
+    out = scm_loss(student, teacher, DistillationBatch(x0, embeds, mask, null_embeds, null_mask), z, t, 1.0, 0)
     out.loss.backward()
 
     with torch.no_grad():
@@ -292,7 +298,8 @@ def test_teacher_as_student_with_guidance_closed_form():
     x0, z, t, w = _batch(batch_size=3)
     embeds, mask = text_conditioning(batch_size=3)
     null_embeds, null_mask = _null_prompt()
-    out = scm_loss(student, teacher, x0, z, t, embeds, mask, null_embeds, null_mask, w, 0, SCMLossConfig())
+    batch = DistillationBatch(x0, embeds, mask, null_embeds, null_mask)
+    out = scm_loss(student, teacher, batch, z, t, w, 0, SCMLossConfig())
 
     cos, tan = torch.cos(t).view(-1, 1, 1, 1), torch.tan(t).view(-1, 1, 1, 1)
     x_scaled = (cos * x0 + torch.sin(t).view(-1, 1, 1, 1) * z) / SIGMA_DATA
@@ -317,7 +324,8 @@ def _loss_and_grads(student, teacher, config, seed=0):
     embeds, mask = text_conditioning()
     null_embeds, null_mask = _null_prompt()
     student.zero_grad(set_to_none=True)
-    out = scm_loss(student, teacher, x0, z, t, embeds, mask, null_embeds, null_mask, w, 2000, config)
+    batch = DistillationBatch(x0, embeds, mask, null_embeds, null_mask)
+    out = scm_loss(student, teacher, batch, z, t, w, 2000, config)
     out.loss.backward()
     return out, {name: p.grad for name, p in student.named_parameters()}
 
@@ -354,10 +362,8 @@ def test_detach_logvar_embedding_cuts_only_the_logvar_path_into_the_embedders():
     errors = []
     for i in range(x0.shape[0]):
         one = slice(i, i + 1)
-        out = scm_loss(
-            student, teacher, x0[one], z[one], t[one], embeds[one], mask[one], null_embeds, null_mask, w[one], 2000,
-            SCMLossConfig(adaptive_weight=False),
-        )  # fmt: skip
+        batch = DistillationBatch(x0[one], embeds[one], mask[one], null_embeds, null_mask)
+        out = scm_loss(student, teacher, batch, z[one], t[one], w[one], 2000, SCMLossConfig(adaptive_weight=False))
         errors.append(out.loss.detach())
     student.zero_grad(set_to_none=True)
     logvar = student.trigflow_forward(
@@ -416,17 +422,19 @@ def test_finite_difference_tangent_matches_the_exact_jvp_across_t():
     student = _student()
     x, t, v_x, v_t, conditioning = _pf_ode_point()
     with torch.no_grad():
-        base, exact = trigflow_velocity_jvp(student, x, t, v_x, v_t, *conditioning)
-    one_sided = trigflow_velocity_finite_difference(student, x, t, v_x, v_t, *conditioning, base=base)
-    central = trigflow_velocity_finite_difference(student, x, t, v_x, v_t, *conditioning)
+        base, exact = trigflow_velocity_jvp(student, TrigFlowInputs(x, t, *conditioning), v_x, v_t)
+    one_sided = trigflow_velocity_finite_difference(student, TrigFlowInputs(x, t, *conditioning), v_x, v_t, base=base)
+    central = trigflow_velocity_finite_difference(student, TrigFlowInputs(x, t, *conditioning), v_x, v_t)
     assert one_sided.dtype == central.dtype == torch.float32 and not one_sided.requires_grad
     assert _per_sample_relative_error(one_sided, exact).max() <= 1e-2
     assert _per_sample_relative_error(central, exact).max() <= 5e-3
     # Not trivially close: the derivative along x alone is another vector, and a bf16 base point is useless.
     with torch.no_grad():
-        _, x_only = trigflow_velocity_jvp(student, x, t, v_x, torch.zeros_like(t), *conditioning)
+        _, x_only = trigflow_velocity_jvp(student, TrigFlowInputs(x, t, *conditioning), v_x, torch.zeros_like(t))
     assert _per_sample_relative_error(one_sided, x_only).min() > 1e-2
-    noisy = trigflow_velocity_finite_difference(student, x, t, v_x, v_t, *conditioning, base=base.bfloat16())
+    noisy = trigflow_velocity_finite_difference(
+        student, TrigFlowInputs(x, t, *conditioning), v_x, v_t, base=base.bfloat16()
+    )
     assert _per_sample_relative_error(noisy, exact).min() > 1.0
 
 
@@ -435,15 +443,33 @@ def test_finite_difference_runs_in_fp32_under_bf16_autocast():
     JVP under bf16 autocast is off by ~1e-2 on this model."""
     student = _student()
     x, t, v_x, v_t, conditioning = _pf_ode_point()
-    reference = trigflow_velocity_finite_difference(student, x, t, v_x, v_t, *conditioning)
+    reference = trigflow_velocity_finite_difference(student, TrigFlowInputs(x, t, *conditioning), v_x, v_t)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_autocast = trigflow_velocity_finite_difference(student, x, t, v_x, v_t, *conditioning)
+        under_autocast = trigflow_velocity_finite_difference(student, TrigFlowInputs(x, t, *conditioning), v_x, v_t)
         with torch.no_grad():
-            _, exact_bf16 = trigflow_velocity_jvp(student, x, t, v_x, v_t, *conditioning)
+            _, exact_bf16 = trigflow_velocity_jvp(student, TrigFlowInputs(x, t, *conditioning), v_x, v_t)
     torch.testing.assert_close(under_autocast, reference, rtol=1e-6, atol=1e-7)
     with torch.no_grad():
-        _, exact = trigflow_velocity_jvp(student, x, t, v_x, v_t, *conditioning)
+        _, exact = trigflow_velocity_jvp(student, TrigFlowInputs(x, t, *conditioning), v_x, v_t)
     assert _per_sample_relative_error(reference, exact).max() < _per_sample_relative_error(exact_bf16, exact).max()
+
+
+def test_velocity_tangent_dispatches_on_the_config():
+    """`velocity_tangent` is exactly the building block `config.jvp` names: the JVP's dF; the one-sided difference
+    from the base point it is given (fp32); the central difference under autocast, which ignores that base point."""
+    student = _student()
+    x, t, v_x, v_t, conditioning = _pf_ode_point()
+    inputs = TrigFlowInputs(x, t, *conditioning)
+    with torch.no_grad():
+        base, exact = trigflow_velocity_jvp(student, inputs, v_x, v_t)
+    assert torch.equal(velocity_tangent(student, inputs, v_x, v_t, SCMLossConfig())(base), exact)
+    config = SCMLossConfig(jvp="finite_difference")
+    one_sided = trigflow_velocity_finite_difference(student, inputs, v_x, v_t, base=base)
+    assert torch.equal(velocity_tangent(student, inputs, v_x, v_t, config)(base), one_sided)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        central = velocity_tangent(student, inputs, v_x, v_t, config)(base.bfloat16())
+    assert torch.equal(central, trigflow_velocity_finite_difference(student, inputs, v_x, v_t))
+    assert not torch.equal(central, one_sided)
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32_one_sided", "bf16_autocast_central"])
@@ -462,19 +488,20 @@ def test_scm_loss_and_gradients_with_finite_difference_are_close_to_exact(autoca
         config.null_branch_mask = "null"  # the thresholds were measured with the empty prompt's own mask
         student.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = scm_loss(student, teacher, x0, z, t, embeds, mask, *_null_prompt(), w, 10**6, config)
+            batch = DistillationBatch(x0, embeds, mask, *_null_prompt())
+            out = scm_loss(student, teacher, batch, z, t, w, 10**6, config)
         out.loss.backward()
         return out, {name: p.grad.clone() for name, p in student.named_parameters()}
 
     exact, exact_grads = loss_and_grads(SCMLossConfig())
     fd, fd_grads = loss_and_grads(SCMLossConfig(jvp="finite_difference"))
-    jvp = scm_module.trigflow_velocity_jvp
+    jvp = tangent_module.trigflow_velocity_jvp
 
     def scaled_jvp(*args, **kwargs):
         outputs = jvp(*args, **kwargs)
         return (*outputs[:-1], outputs[-1] + 0.05 * outputs[-1].roll(1, dims=-1))
 
-    monkeypatch.setattr(scm_module, "trigflow_velocity_jvp", scaled_jvp)
+    monkeypatch.setattr(tangent_module, "trigflow_velocity_jvp", scaled_jvp)
     _, scaled_grads = loss_and_grads(SCMLossConfig())
 
     def distance(grads):
@@ -497,12 +524,12 @@ def test_compiled_jvp_equals_the_eager_jvp_and_gives_the_same_step(monkeypatch):
         graphs.append(graph_module)
         return torch._dynamo.lookup_backend("aot_eager")(graph_module, example_inputs)
 
-    monkeypatch.setattr(scm_module, "JVP_COMPILE_BACKEND", counting_aot_eager)
+    monkeypatch.setattr(tangent_module, "JVP_COMPILE_BACKEND", counting_aot_eager)
     student, teacher = _student(), _teacher()
     x, t, v_x, v_t, conditioning = _pf_ode_point()  # padded captions
     with torch.no_grad():
-        base, exact = trigflow_velocity_jvp(student, x, t, v_x, v_t, *conditioning)
-        base_c, compiled = trigflow_velocity_jvp(student, x, t, v_x, v_t, *conditioning, compile=True)
+        base, exact = trigflow_velocity_jvp(student, TrigFlowInputs(x, t, *conditioning), v_x, v_t)
+        base_c, compiled = trigflow_velocity_jvp(student, TrigFlowInputs(x, t, *conditioning), v_x, v_t, compile=True)
     torch.testing.assert_close(base_c, base, rtol=1e-5, atol=1e-6)
     assert _per_sample_relative_error(compiled, exact).max() <= 1e-5
     assert len(graphs) == 1
@@ -576,7 +603,8 @@ def test_argument_errors():
     null_embeds, null_mask = _null_prompt()
     teacher = _teacher()
     with pytest.raises(ValueError, match="logvar_head"):
-        scm_loss(_student(logvar_head=False), teacher, x0, z, t, embeds, mask, null_embeds, null_mask, w, 0)
+        batch = DistillationBatch(x0, embeds, mask, null_embeds, null_mask)
+        scm_loss(_student(logvar_head=False), teacher, batch, z, t, w, 0)
     with pytest.raises(ValueError, match="guidance embedder"):
         teacher_cfg_velocity(_student(), x0, t, embeds, mask, null_embeds, null_mask, w)
     with pytest.raises(ValueError, match="max_length"):

@@ -18,6 +18,7 @@ from ..lora_checks import check_lora_state_dict, lora_source
 from ..trigflow import flow_sample_from_trigflow, flow_time_from_trigflow, trigflow_velocity_from_flow
 from .attention_processor import jvp_safe_attention
 from .embeddings import Float32AdaLayerNormSingle, Float32TimestepGuidanceEmbeddings
+from .modeling_utils import unwrap_model
 
 
 # The file-locating arguments of diffusers' `load_lora_adapter` (those of `_fetch_state_dict`).
@@ -337,14 +338,7 @@ def unwrap_controlnet(controlnet: nn.Module) -> SanaControlNetModel:
     """The `SanaControlNetModel` inside `torch.compile` / `DistributedDataParallel` wrappers (or `controlnet` itself).
 
     Raises a `TypeError` when there is none."""
-    module = controlnet
-    for _ in range(8):  # compile(DDP(model)) and the like: a few levels at most
-        inner = getattr(module, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(module, "module", None)
-        if not isinstance(inner, nn.Module):
-            break
-        module = inner
+    module = unwrap_model(controlnet)
     if not isinstance(module, SanaControlNetModel):
         raise TypeError(
             f"`controlnet` must be a diffusers SanaControlNetModel (or a torch.compile/DDP wrapper of one), got "

@@ -266,32 +266,6 @@ def end_run(accelerator) -> None:
     accelerator.end_training()
 
 
-def after_update(
-    skip_monitor, phase: str, skipped: bool, step: int, grad_norm, lr_scheduler, ema=None, parameters=None
-):
-    """Record the update of `phase` at `step`; unless it was skipped, advance the lr schedule (and the EMA)."""
-    skip_monitor.record(phase, skipped, step, grad_norm)
-    if not skipped:
-        lr_scheduler.step()
-        if ema is not None:
-            ema.step(parameters)
-
-
-def clip_and_step(accelerator, optimizer, parameters, max_grad_norm: float) -> tuple[bool, float]:
-    """
-    At a sync step: unscale (fp16), clip to `max_grad_norm`, step unless the norm is NaN/Inf, zero the gradients.
-    Returns `(skipped, grad_norm)`; every process sees the same all-reduced norm, so they all decide alike.
-    """
-    from diffusers_sprint.training import step_if_finite
-
-    grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
-    skipped = step_if_finite(optimizer, grad_norm)
-    if skipped and accelerator.scaler is not None:
-        accelerator.scaler.update()  # lower the fp16 loss scale; step() did not run
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    return skipped, float(grad_norm)
-
-
 def start_training(args, run: Run, weights: TrainedWeights, progress: dict, logger):
     """
     Registers the checkpoint hooks (`checkpointing.register_checkpoint_hooks`), resumes from `run.resume_path` (if
@@ -305,3 +279,18 @@ def start_training(args, run: Run, weights: TrainedWeights, progress: dict, logg
     log = TrainingLog(args.output_dir, global_step if run.resume_path else None, accelerator.is_main_process)
     accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
     return global_step, log
+
+
+def clip_and_update(
+    accelerator, skip_monitor, phase: str, step: int, optimizer, parameters, max_grad_norm, lr_scheduler, ema=None
+) -> tuple[bool, float]:
+    """
+    At a sync step of `phase`: unscale (fp16) and clip the gradients of `parameters` to `max_grad_norm`, then one
+    `SkipMonitor.update` (the update, the lr schedule and the EMA unless the norm is NaN/Inf; the skip counters).
+    Returns `(skipped, grad_norm)`; every process sees the same all-reduced norm, so they all decide alike.
+    """
+    grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    ema_parameters = parameters if ema is not None else None
+    return skip_monitor.update(
+        phase, step, optimizer, grad_norm, lr_scheduler, ema, ema_parameters, scaler=accelerator.scaler
+    )
