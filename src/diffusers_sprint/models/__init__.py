@@ -9,6 +9,7 @@ from .modeling_utils import unwrap_model
 from .transformer_sana_sprint import (
     SanaSprintTransformer2DModel,
     SanaSprintTransformerOutput,
+    checkpoint_block,
     unwrap_controlnet,
 )
 from .trigflow_model import (
@@ -27,6 +28,7 @@ __all__ = [
     "TrigFlowInputs",
     "TrigFlowModel",
     "as_trigflow_model",
+    "checkpoint_block",
     "flow_time_from_trigflow",
     "forward_ad_is_active",
     "jvp_safe_attention",
