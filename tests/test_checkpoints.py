@@ -1,15 +1,20 @@
-"""training.checkpoints: atomic checkpoint folders, `latest` among complete ones only, pruning after the save."""
+"""training.checkpoints: atomic folders, `latest` among complete ones only, pruning after the save, layouts."""
 
 import os
 
 import pytest
+import torch
 
 from diffusers_sprint.training.checkpoints import (
+    SHARDED_STATE_FOLDER,
+    check_checkpoint_layout,
+    checkpoint_layout,
     latest_checkpoint,
     list_checkpoints,
     remove_incomplete_checkpoints,
     save_checkpoint,
 )
+from diffusers_sprint.training.sharding import save_sharded_state
 
 
 def _write(payload: str):
@@ -69,3 +74,26 @@ def test_pruning_keeps_the_newest_complete_checkpoints_after_the_new_one_exists(
     assert (tmp_path / "checkpoint-3" / "state.txt").read_text() == "again"
     with pytest.raises(ValueError, match="total_limit"):
         save_checkpoint(str(tmp_path), 5, _write("5"), total_limit=0)
+
+
+def test_a_run_reads_only_its_own_checkpoint_layout_and_names_both(tmp_path):
+    sharded, full = tmp_path / "checkpoint-2", tmp_path / "checkpoint-3"
+    save_sharded_state(str(sharded / SHARDED_STATE_FOLDER), {"student": torch.nn.Linear(2, 2)}, {})  # one process
+    (full / "transformer").mkdir(parents=True)
+    assert (checkpoint_layout(str(sharded)), checkpoint_layout(str(full))) == ("sharded", "full")
+    check_checkpoint_layout(str(sharded), sharded=True)
+    check_checkpoint_layout(str(full), sharded=False)
+    sharded_text = "FSDP2: DCP shards of models, optimizers and EMA in `sharded/`, any process count"
+    full_text = "unsharded: the trained weights as safetensors files, the optimizers in accelerate's `optimizer*.bin`"
+    with pytest.raises(ValueError) as error:
+        check_checkpoint_layout(str(sharded), sharded=False)
+    assert str(error.value) == (
+        f"Checkpoint {sharded} has the 'sharded' layout ({sharded_text}), but this run reads the 'full' layout "
+        f"({full_text}). Resume it with FSDP2 (--fsdp or an FSDP2 accelerate config), on any number of processes."
+    )
+    with pytest.raises(ValueError) as error:
+        check_checkpoint_layout(str(full), sharded=True)
+    assert str(error.value) == (
+        f"Checkpoint {full} has the 'full' layout ({full_text}), but this run reads the 'sharded' layout "
+        f"({sharded_text}). Resume it without FSDP2 (no --fsdp, DDP or one process)."
+    )

@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from diffusers.training_utils import EMAModel
 from tiny_components import make_diffusers_transformer, text_conditioning
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 
 from diffusers_sprint import SanaSprintTransformer2DModel
@@ -33,7 +35,9 @@ from diffusers_sprint.training import (
     generator_step,
 )
 from diffusers_sprint.training.sharding import (
+    ensure_process_group,
     full_model_state_dict,
+    is_sharded,
     load_sharded_state,
     save_sharded_state,
     shard_discriminator_heads,
@@ -97,10 +101,13 @@ def _step(student, teacher, discriminator, discriminator_for_g, rows, optimizer,
 
 def _worker(rank, world_size, folder, engine):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'store')}", rank=rank, world_size=2)
+    store = f"file://{os.path.join(folder, f'store-{engine}')}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world_size)
     try:
         if engine == "matrix":
             _run_matrix(rank, folder)
+        elif engine.startswith("resume"):
+            _resume_phase(rank, world_size, folder, engine)
         else:
             _train_and_save(rank, world_size, folder, engine)
         gc.collect()  # DDP wrappers caught in reference cycles too
@@ -247,16 +254,18 @@ def reference():
     return _reference()
 
 
-def _run(tmp_path, engine, timeout=300):
+def _run(tmp_path, engine, timeout=300, world_size=2):
     # spawn, not fork: a fork of the test process (threads of earlier tests alive) can deadlock in the child
-    context = mp.start_processes(_worker, args=(2, str(tmp_path), engine), nprocs=2, join=False, start_method="spawn")
+    context = mp.start_processes(
+        _worker, args=(world_size, str(tmp_path), engine), nprocs=world_size, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             raise TimeoutError(f"the {engine} workers did not finish within {timeout} s")
-    return torch.load(tmp_path / "result.pt", weights_only=True)
+    return torch.load(os.path.join(tmp_path, "result.pt"), weights_only=True)
 
 
 def _max_rel_weight_error(state, reference_state):
@@ -281,3 +290,109 @@ def test_without_sync_the_processes_drift_apart(tmp_path, reference):
     _, reference_state = reference
     result = _run(tmp_path, "none")
     assert _max_rel_weight_error(result["state"], reference_state) > 0.05
+
+
+# ---- Resuming a DCP checkpoint on another number of processes (2 -> 1 -> 2, and unsharded on 1) -------------------
+
+
+def _resume_objects(sharded):
+    """What the training script checkpoints under FSDP2: student, discriminator, both AdamW optimizers, the EMA."""
+    student, teacher, discriminator = _models()
+    if sharded:
+        shard_trigflow_model(student)
+        shard_trigflow_model(teacher)
+        shard_discriminator_heads(discriminator)
+    trainable = list(student.parameters())  # the sharded parameters (FSDP2 swaps in gathered ones while in use)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    optimizer_d = torch.optim.AdamW(discriminator.parameters(), lr=1e-3)
+    ema = EMAModel(trainable, decay=0.9)
+    models = {"student": student, "discriminator_heads": discriminator}
+    optimizers = {"optimizer": (student, optimizer), "optimizer_d": (discriminator, optimizer_d)}
+    tensors = {"ema": {str(i): shadow for i, shadow in enumerate(ema.shadow_params)}}
+    return (models, optimizers, tensors), (ema, trainable)
+
+
+def _full_state(models, optimizers, tensors):
+    """Every object's unsharded state (on rank 0 under FSDP2), to compare layouts exactly."""
+    sharded = is_sharded(models["student"])
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True) if sharded else None
+    state = {name: get_model_state_dict(module, options=options) for name, module in models.items()}
+    for name, (module, optimizer) in optimizers.items():
+        state[name] = get_optimizer_state_dict(module, optimizer, options=options)
+    for name, values in tensors.items():
+        state[name] = {k: v.full_tensor() if isinstance(v, DTensor) else v.clone() for k, v in values.items()}
+    return state
+
+
+def _resume_phase(rank, world_size, folder, phase):
+    """`resume-train`: one AdamW + EMA update, saved to `sharded`; `resume-load`: `by-1` loaded. Full states back."""
+    ensure_process_group("cpu")  # a no-op in a launched group
+    assert dist.get_world_size() == world_size
+    objects, (ema, trainable) = _resume_objects(sharded=True)
+    if phase == "resume-train":
+        _cheap_update(*objects, ema, trainable, rows=list(range(rank, BATCH, world_size)))
+        save_sharded_state(os.path.join(folder, "sharded"), *objects)
+    else:
+        load_sharded_state(os.path.join(folder, "by-1"), *objects)
+    state = _full_state(*objects)
+    if rank == 0:
+        torch.save(state, os.path.join(folder, "result.pt"))
+
+
+def _cheap_update(models, optimizers, tensors, ema, trainable, rows):
+    """One update of every checkpointed object (not a distillation step); `logvar_linear` gets no gradient."""
+    student, discriminator = models["student"], models["discriminator_heads"]
+    batch = _batch(rows)
+    t = torch.full((len(rows),), 0.7)
+    prompt = (batch.prompt_embeds, batch.prompt_attention_mask)
+    (velocity,) = student(batch.latents, t, *prompt, guidance_scale=4.5)
+    logits = discriminator(batch.latents, t, *prompt)
+    (velocity.square().mean() + logits.square().mean()).backward()
+    for _, optimizer in optimizers.values():
+        optimizer.step()
+    ema.step(trainable)
+
+
+def _assert_same_state(got, want, path=""):
+    if isinstance(want, dict):
+        assert isinstance(got, dict), path
+        assert got.keys() == want.keys(), path
+        for key in want:
+            _assert_same_state(got[key], want[key], f"{path}/{key}")
+    elif isinstance(want, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(want), path
+        for i, (a, b) in enumerate(zip(got, want)):
+            _assert_same_state(a, b, f"{path}/{i}")
+    elif isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and torch.equal(got, want), path
+    else:
+        assert got == want, path
+
+
+def test_a_sharded_checkpoint_resumes_exactly_on_another_number_of_processes(tmp_path):
+    """
+    Saved by 2 FSDP2 processes after one AdamW + EMA update, loaded into plain modules on 1 process without a process
+    group, into FSDP2 on 1 process (`ensure_process_group`), saved there and loaded by 2 again: student,
+    discriminator, both optimizers' states (none for the parameter without gradient) and the EMA are bitwise the
+    first run's. Before: a 1-process FSDP2 run had no process group, and a fresh optimizer failed to load ("Missing
+    key in checkpoint state_dict: optimizer.state.transformer.logvar_linear.weight.step").
+    """
+    trained = _run(tmp_path, "resume-train")
+    assert trained["optimizer"]["state"] and trained["optimizer_d"]["state"]  # the AdamW moments exist
+    assert "transformer.logvar_linear.weight" not in trained["optimizer"]["state"]  # no gradient, no state
+    assert not torch.equal(trained["ema"]["0"], next(_models()[0].parameters()))  # the EMA moved
+
+    assert not dist.is_initialized()
+    objects, _ = _resume_objects(sharded=False)
+    load_sharded_state(str(tmp_path / "sharded"), *objects)
+    _assert_same_state(_full_state(*objects), trained)
+
+    ensure_process_group("cpu")
+    try:
+        objects, _ = _resume_objects(sharded=True)
+        load_sharded_state(str(tmp_path / "sharded"), *objects)
+        _assert_same_state(_full_state(*objects), trained)
+        save_sharded_state(str(tmp_path / "by-1"), *objects)
+    finally:
+        dist.destroy_process_group()
+    _assert_same_state(_run(tmp_path, "resume-load"), trained)

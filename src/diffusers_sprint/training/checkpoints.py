@@ -5,6 +5,10 @@ every process), then renamed to `checkpoint-N` in one `os.rename` once everythin
 latest` only ever considers names matching `checkpoint-<digits>` exactly, so a temporary folder, a stray
 `checkpoint-8.bak` or a user's copy never shadows a complete checkpoint. Old checkpoints are pruned only after the new
 one is complete.
+
+A checkpoint has one of two layouts ([`checkpoint_layout`]): `"sharded"` (an FSDP2 run: DCP shards in `sharded/`,
+which any number of processes can read, DCP reshards) or `"full"` (the trained weights as safetensors files beside
+accelerate's `optimizer*.bin`). A run reads only its own layout ([`check_checkpoint_layout`]).
 """
 
 import os
@@ -15,6 +19,12 @@ from collections.abc import Callable
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 INCOMPLETE_SUFFIX = ".incomplete"
+SHARDED_STATE_FOLDER = "sharded"
+"""The folder of a checkpoint that holds `save_sharded_state`'s DCP shards (FSDP2 runs)."""
+CHECKPOINT_LAYOUTS = {
+    "sharded": f"FSDP2: DCP shards of models, optimizers and EMA in `{SHARDED_STATE_FOLDER}/`, any process count",
+    "full": "unsharded: the trained weights as safetensors files, the optimizers in accelerate's `optimizer*.bin`",
+}
 
 
 def checkpoint_name(step: int) -> str:
@@ -37,6 +47,29 @@ def latest_checkpoint(output_dir: str) -> str | None:
     """The complete checkpoint with the highest step in `output_dir`, or `None`."""
     checkpoints = list_checkpoints(output_dir)
     return checkpoints[-1][1] if checkpoints else None
+
+
+def checkpoint_layout(checkpoint: str) -> str:
+    """`"sharded"` when `checkpoint` holds a `sharded/` folder (written by an FSDP2 run), else `"full"`."""
+    return "sharded" if os.path.isdir(os.path.join(checkpoint, SHARDED_STATE_FOLDER)) else "full"
+
+
+def check_checkpoint_layout(checkpoint: str, sharded: bool) -> None:
+    """
+    Raises a `ValueError` naming both layouts unless `checkpoint` has the one a run reads: `"sharded"` when it
+    shards with FSDP2 (`sharded=True`, on any number of processes), `"full"` otherwise.
+    """
+    layout, expected = checkpoint_layout(checkpoint), "sharded" if sharded else "full"
+    if layout == expected:
+        return
+    if layout == "sharded":
+        how = "with FSDP2 (--fsdp or an FSDP2 accelerate config), on any number of processes"
+    else:
+        how = "without FSDP2 (no --fsdp, DDP or one process)"
+    raise ValueError(
+        f"Checkpoint {checkpoint} has the {layout!r} layout ({CHECKPOINT_LAYOUTS[layout]}), but this run reads the "
+        f"{expected!r} layout ({CHECKPOINT_LAYOUTS[expected]}). Resume it {how}."
+    )
 
 
 def incomplete_path(output_dir: str, step: int) -> str:
@@ -104,7 +137,11 @@ def remove_incomplete_checkpoints(output_dir: str) -> list[str]:
 
 
 __all__ = [
+    "CHECKPOINT_LAYOUTS",
     "CHECKPOINT_PATTERN",
+    "SHARDED_STATE_FOLDER",
+    "check_checkpoint_layout",
+    "checkpoint_layout",
     "checkpoint_name",
     "incomplete_path",
     "latest_checkpoint",
