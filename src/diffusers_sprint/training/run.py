@@ -27,11 +27,13 @@ from .checkpointing import (
     save_state,
 )
 from .checkpoints import (
+    check_checkpoint_layout,
     latest_checkpoint,
     list_checkpoints,
     remove_incomplete_checkpoints,
 )
 from .fingerprint import compare_fingerprints, read_fingerprint, run_fingerprint
+from .sharding import ensure_process_group
 
 
 TRAINING_LOG = "training_log.jsonl"
@@ -45,7 +47,7 @@ def tracker_config(args) -> dict:
 @dataclass
 class Run:
     accelerator: Accelerator
-    sharded: bool  # FSDP2 through training.sharding (--fsdp or an accelerate FSDP2 config, several processes)
+    sharded: bool  # FSDP2 through training.sharding (--fsdp or an accelerate FSDP2 config, any process count)
     resume_path: str | None
     seed: int
     repo_id: str | None
@@ -85,6 +87,9 @@ def start_run(args, logger) -> Run:
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     fingerprint = run_fingerprint(args, accelerator.num_processes)
+    sharded = args.fsdp or accelerator.is_fsdp2  # the checkpoint layout, whatever the number of processes
+    if sharded:
+        ensure_process_group(accelerator.device)  # accelerate starts none for one process
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -103,6 +108,7 @@ def start_run(args, logger) -> Run:
             raise ValueError(
                 f"Checkpoint {resume_path} belongs to a run with other settings:\n  " + "\n  ".join(differences)
             )
+        check_checkpoint_layout(resume_path, sharded)
     elif list_checkpoints(args.output_dir):
         logger.warning(
             f"{args.output_dir} already holds checkpoints of another run; this new run will write its own, and "
@@ -117,7 +123,7 @@ def start_run(args, logger) -> Run:
         ).repo_id
     return Run(
         accelerator=accelerator,
-        sharded=(args.fsdp or accelerator.is_fsdp2) and accelerator.num_processes > 1,
+        sharded=sharded,
         resume_path=resume_path,
         seed=seed,
         repo_id=repo_id,
