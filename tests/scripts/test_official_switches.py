@@ -21,7 +21,7 @@ from diffusers_sprint.training.scm import teacher_cfg_velocity
 
 
 SIGMA_DATA = 0.5
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _script():

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 CONFIGS = EXAMPLES / "configs"
 sys.path.insert(0, str(REPO / "benchmarks"))

@@ -1,7 +1,7 @@
 """examples/train_sana_sprint.py with --controlnet_model_name_or_path: ControlNet distillation end to end, offline.
 
 Tiny flow teacher + tiny SanaControlNetModel, a `save_to_disk` dataset with an image, a caption and a control image
-per row. Runs are subprocesses (helpers of tests/test_train_script.py).
+per row. Runs are subprocesses (helpers of tests/scripts/test_train_script.py).
 """
 
 import json

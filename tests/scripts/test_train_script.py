@@ -1,7 +1,7 @@
 """examples/train_sana_sprint.py end to end, offline, on tiny models and a generated image dataset.
 
 Every run is a subprocess (`python` or `accelerate launch`) with one thread per process and the Hub switched off
-(`HF_HUB_OFFLINE=1`), except the push test, whose Hub is a local stand-in server (tests/hub_stand_in.py).
+(`HF_HUB_OFFLINE=1`), except the push test, whose Hub is a local stand-in server (tests/fixtures/hub_stand_in.py).
 """
 
 import importlib.util
@@ -34,7 +34,7 @@ from diffusers_sprint.training.settings import settings_of
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "examples" / "train_sana_sprint.py"
 TEACHER_SCRIPT = REPO / "examples" / "prepare_sana_sprint_teacher.py"
 TESTS = Path(__file__).resolve().parent
@@ -453,7 +453,7 @@ def test_fsdp2_two_processes_match_one_process_and_resume_exactly(assets, tmp_pa
 def stand_in_hub(tmp_path):
     folder = tmp_path / "hub"
     folder.mkdir()
-    server = subprocess.Popen([sys.executable, str(TESTS / "hub_stand_in.py"), str(folder)])
+    server = subprocess.Popen([sys.executable, str(TESTS.parent / "fixtures" / "hub_stand_in.py"), str(folder)])
     try:
         for _ in range(200):
             if (folder / "port").exists():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"))
 
 import gpu_check  # noqa: E402
 import sana_configs  # noqa: E402

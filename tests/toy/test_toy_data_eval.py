@@ -265,7 +265,7 @@ def test_eval_toy_teacher_split_protocol_samples_the_split_rows_with_their_noise
     from diffusers_sprint.toy import TOY_TEACHER_PATH, load_emoji_dataset
     from diffusers_sprint.toy.protocol import SPLIT_SEED_BASES, evaluation_set, generate
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "toy"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "toy"))
     try:
         import eval_toy_teacher
     finally:

@@ -12,7 +12,7 @@ import pytest
 from diffusers_sprint.training.recipe import FLAG_REFERENCE_MARKERS, flag_reference
 
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[3] / "docs"
 
 
 def test_flag_tables_match_the_settings():
