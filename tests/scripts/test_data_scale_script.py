@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from fixtures.script_runs import TEACHER_SCRIPT, base_args, read_log, run_script
 from PIL import Image
-from test_train_script import TEACHER_SCRIPT, assets, base_args, read_log, run_script  # noqa: F401 - `assets` is a fixture
 
 from diffusers_sprint import SanaSprintPipeline
 
@@ -31,13 +31,13 @@ def multi_scale_images(tmp_path_factory):
     return folder
 
 
-def _args(assets, images, output, steps, **flags):  # noqa: F811
+def _args(assets, images, output, steps, **flags):
     args = base_args(assets, output, steps, **flags)
     args[args.index("--train_data_dir") + 1] = images
     return args
 
 
-def test_multi_scale_toy_run_trains_and_samples_at_each_ratio(assets, multi_scale_images, tmp_path):  # noqa: F811
+def test_multi_scale_toy_run_trains_and_samples_at_each_ratio(assets, multi_scale_images, tmp_path):
     output = tmp_path / "out"
     result = run_script(
         tmp_path, _args(assets, multi_scale_images, output, 6, multi_scale=True, center_crop=True, random_flip=True)
@@ -88,7 +88,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def _counted_run(tmp_path, args, name):
     """The script through a wrapper that records every Gemma2Model / AutoencoderDC construction."""
-    from test_train_script import SCRIPT
+    from fixtures.script_runs import SCRIPT
 
     record = tmp_path / f"{name}.constructed"
     record.write_text("")
@@ -98,7 +98,7 @@ def _counted_run(tmp_path, args, name):
     return record.read_text().split()
 
 
-def test_feature_cache_second_run_constructs_neither_vae_nor_text_encoder(assets, multi_scale_images, tmp_path):  # noqa: F811
+def test_feature_cache_second_run_constructs_neither_vae_nor_text_encoder(assets, multi_scale_images, tmp_path):
     cache = tmp_path / "features"
     flags = dict(multi_scale=True, center_crop=True, random_flip=True, feature_cache_dir=cache)
     prompts = dict(validation_prompts=["a red wide house"], validation_steps=100)
@@ -139,7 +139,7 @@ def test_feature_cache_second_run_constructs_neither_vae_nor_text_encoder(assets
     print(f"cached vs fresh losses: max relative difference {worst:.2e}")
 
 
-def test_feature_cache_flags_are_checked(assets, multi_scale_images, tmp_path):  # noqa: F811
+def test_feature_cache_flags_are_checked(assets, multi_scale_images, tmp_path):
     for flags, message in (
         (dict(precompute_only=True), "--precompute_only fills the on-disk caches"),
         (dict(feature_cache_dir=tmp_path / "c"), "pass --center_crop"),
@@ -171,13 +171,13 @@ def tar_shards(tmp_path_factory):
     return folder
 
 
-def _stream_args(assets, tar_shards, output, steps, **flags):  # noqa: F811
+def _stream_args(assets, tar_shards, output, steps, **flags):
     args = base_args(assets, output, steps, **flags)
     cut = args.index("--train_data_dir")
     return args[:cut] + ["--train_shards", str(tar_shards / "train-*.tar")] + args[cut + 2 :]
 
 
-def test_webdataset_shards_train_and_resume_at_the_stream_position(assets, tar_shards, tmp_path):  # noqa: F811
+def test_webdataset_shards_train_and_resume_at_the_stream_position(assets, tar_shards, tmp_path):
     """12 rows, 4 per step (batch 2 x accumulation 2): 3 steps per epoch; 5 steps cross an epoch boundary."""
     flags = dict(image_column="png", caption_column="txt", shuffle_buffer_size=4, random_flip=True)
     flags["gradient_accumulation_steps"] = 2
@@ -194,11 +194,11 @@ def test_webdataset_shards_train_and_resume_at_the_stream_position(assets, tar_s
     assert read_log(resumed) == log  # the same batches after the position: every logged float bit for bit
 
 
-def test_multi_scale_two_processes_match_one_and_resume_exactly(assets, multi_scale_images, tmp_path):  # noqa: F811
+def test_multi_scale_two_processes_match_one_and_resume_exactly(assets, multi_scale_images, tmp_path):
     """3 buckets of 4 images, global batch 4: one step per bucket and epoch; 4 steps cross an epoch boundary. 2 DDP
     processes x 2 samples == 1 process x 2 x 2 accumulation (same buckets and micro-batches; float summation order
     only), and a run resumed at step 2 logs exactly what the straight run logs."""
-    from test_train_script import _assert_same_run, _env
+    from fixtures.script_runs import _assert_same_run, _env
 
     flags = dict(multi_scale=True, center_crop=True, random_flip=True)
     one, two = tmp_path / "one", tmp_path / "two"
@@ -231,7 +231,7 @@ def test_multi_scale_two_processes_match_one_and_resume_exactly(assets, multi_sc
     assert read_log(resumed) == read_log(one)
 
 
-def test_teacher_calibration_reads_an_empty_feature_cache(assets, multi_scale_images, tmp_path):  # noqa: F811
+def test_teacher_calibration_reads_an_empty_feature_cache(assets, multi_scale_images, tmp_path):
     """--calibrate_qk_norm's first batch through an empty --feature_cache_dir (before: `KeyError: 'latents'`)."""
     cache, output = tmp_path / "cache", tmp_path / "teacher"
     args = _args(assets, multi_scale_images, output, 1, resolution=32, center_crop=True, calibrate_qk_norm=True)
@@ -242,7 +242,7 @@ def test_teacher_calibration_reads_an_empty_feature_cache(assets, multi_scale_im
     assert len(list(cache.glob("latents-*/shard-*.safetensors"))) >= 1  # the calibration batch's latents were stored
 
 
-def test_a_truncated_shard_stops_the_run_at_start_naming_it(assets, tar_shards, tmp_path):  # noqa: F811
+def test_a_truncated_shard_stops_the_run_at_start_naming_it(assets, tar_shards, tmp_path):
     """`datasets` alone reads the first half of a cut shard and trains on it without a word."""
     shards = tmp_path / "shards"
     shards.mkdir()

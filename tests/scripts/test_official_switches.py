@@ -3,15 +3,12 @@
 Each switch changes what it should and nothing else, checked against an independent computation on tiny models.
 """
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
 from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
-from tiny_components import make_diffusers_transformer, text_conditioning, transformer_config
 
 from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.models import Float32SanaLinearAttnProcessor, TrigFlowModel, set_fp32_linear_attention
@@ -21,20 +18,16 @@ from diffusers_sprint.training.scm import teacher_cfg_velocity
 
 
 SIGMA_DATA = 0.5
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-def _script():
+def _script(load_module):
     """The script's own wiring functions (make_student, head_block_ids, ...); its recipe is the library's."""
-    spec = importlib.util.spec_from_file_location("train_sana_sprint_for_switches", EXAMPLES / "train_sana_sprint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("examples/train_sana_sprint.py", name="train_sana_sprint_for_switches")
 
 
 @pytest.fixture(scope="module")
-def script():
-    return _script()
+def script(load_module):
+    return _script(load_module)
 
 
 def _args(script, *extra):
@@ -43,14 +36,14 @@ def _args(script, *extra):
     )
 
 
-def _teacher(seed: int = 1) -> SanaSprintTransformer2DModel:
+def _teacher(make_diffusers_transformer, transformer_config, seed: int = 1) -> SanaSprintTransformer2DModel:
     """A tiny flow teacher with dense time (`timestep_scale=0.001`), frozen."""
     model = SanaSprintTransformer2DModel(**transformer_config(student=False), timestep_scale=0.001)
     model.load_state_dict(make_diffusers_transformer(student=False, seed=seed).state_dict())
     return model.eval().requires_grad_(False)
 
 
-def _inputs(batch_size: int = 3, seed: int = 0):
+def _inputs(text_conditioning, batch_size: int = 3, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     x0 = SIGMA_DATA * torch.randn(batch_size, 4, 16, 16, generator=generator)
     z = SIGMA_DATA * torch.randn(batch_size, 4, 16, 16, generator=generator)
@@ -76,11 +69,13 @@ class RecordingTeacher(torch.nn.Module):
         return out
 
 
-def _teacher_calls(config: SCMLossConfig, student=None):
-    teacher = _teacher()
+def _teacher_calls(
+    make_diffusers_transformer, text_conditioning, transformer_config, config: SCMLossConfig, student=None
+):
+    teacher = _teacher(make_diffusers_transformer, transformer_config)
     recording = RecordingTeacher(teacher)
     student = build_student(teacher, logvar_head=False) if student is None else student
-    x0, z, t, w, embeds, mask, null_embeds, null_mask = _inputs()
+    x0, z, t, w, embeds, mask, null_embeds, null_mask = _inputs(text_conditioning)
     config.adaptive_weight = False
     scm_loss(student, recording, DistillationBatch(x0, embeds, mask, null_embeds, null_mask), z, t, w, 0, config)
     assert len(recording.calls) == 1
@@ -93,12 +88,15 @@ def _teacher_calls(config: SCMLossConfig, student=None):
 
 
 @pytest.mark.parametrize("null_branch_mask", ["conditional", "null"])
-def test_null_branch_mask(null_branch_mask):
+def test_null_branch_mask(null_branch_mask, make_diffusers_transformer, text_conditioning, transformer_config):
     """The teacher's unconditional half equals the transformer on the empty embedding under the caption's mask
     (official) or its own mask; the conditional half is the same either way; the two choices differ (the first row's
     caption is half padded, so the masks differ)."""
     teacher, (sample, time, embeds_in, mask_in, velocity), inputs = _teacher_calls(
-        SCMLossConfig(null_branch_mask=null_branch_mask)
+        make_diffusers_transformer,
+        text_conditioning,
+        transformer_config,
+        SCMLossConfig(null_branch_mask=null_branch_mask),
     )
     x0, z, t, w, embeds, mask, null_embeds, null_mask = inputs
     batch = x0.shape[0]
@@ -126,12 +124,16 @@ def test_null_branch_mask_is_validated():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_unguided_teacher_target_is_the_conditional_velocity():
+def test_unguided_teacher_target_is_the_conditional_velocity(
+    make_diffusers_transformer, text_conditioning, transformer_config
+):
     """`guide_teacher=False`: one teacher forward, on the captions alone, and the loss equals the one whose teacher
     target is `sigma_d F_T(x_t | c)` computed independently; with CFG the loss differs."""
-    student = build_student(_teacher(seed=2), logvar_head=False, guidance_embeds=False)  # not the teacher itself
+    student = build_student(
+        _teacher(make_diffusers_transformer, transformer_config, seed=2), logvar_head=False, guidance_embeds=False
+    )  # not the teacher itself
     teacher, (sample, time, embeds_in, mask_in, velocity), inputs = _teacher_calls(
-        SCMLossConfig(guide_teacher=False), student
+        make_diffusers_transformer, text_conditioning, transformer_config, SCMLossConfig(guide_teacher=False), student
     )
     x0, z, t, w, embeds, mask, null_embeds, null_mask = inputs
     assert embeds_in.shape[0] == x0.shape[0]  # no null branch
@@ -197,7 +199,7 @@ def _linear_attention_float64(q, k, v, heads):
     return (numerator / (denominator + 1e-15)).flatten(2)
 
 
-def test_fp32_linear_attention_under_bf16_autocast():
+def test_fp32_linear_attention_under_bf16_autocast(make_diffusers_transformer, transformer_config):
     """Under bf16 autocast the fp32 processor's attention product equals the float64 computation on the same
     (bf16) q, k, v to ~1e-6; diffusers' processor, whose matmuls autocast lowers to bf16, is off by ~1e-3."""
     model = SanaSprintTransformer2DModel(**transformer_config(student=True, num_attention_heads=2))
@@ -216,7 +218,9 @@ def test_fp32_linear_attention_under_bf16_autocast():
     assert errors["stock"] > 1e-3, errors
 
 
-def test_set_fp32_linear_attention_switches_self_attention_only():
+def test_set_fp32_linear_attention_switches_self_attention_only(
+    make_diffusers_transformer, text_conditioning, transformer_config
+):
     """Only each block's linear self-attention changes processor (the cross-attention keeps softmax); in fp32
     without autocast the model output is unchanged; `enabled=False` restores diffusers' processor; the JVP works."""
     model = SanaSprintTransformer2DModel(**transformer_config(student=True))
@@ -244,8 +248,8 @@ def test_set_fp32_linear_attention_switches_self_attention_only():
     assert all(type(block.attn1.processor) is SanaLinearAttnProcessor2_0 for block in model.transformer_blocks)
 
 
-def test_script_sets_fp32_linear_attention_on_the_student_only(script):
-    teacher = _teacher()
+def test_script_sets_fp32_linear_attention_on_the_student_only(script, make_diffusers_transformer, transformer_config):
+    teacher = _teacher(make_diffusers_transformer, transformer_config)
     for flag, expected in (([], Float32SanaLinearAttnProcessor), (["--no-fp32_linear_attention"], None)):
         student = script.make_student(_args(script, *flag), teacher, seed=0)
         processors = {type(block.attn1.processor) for block in student.transformer_blocks}
@@ -305,7 +309,7 @@ def test_default_head_blocks_official_and_spread():
         default_head_block_ids(28, "even")
 
 
-def test_script_head_blocks_for_a_28_block_teacher(script):
+def test_script_head_blocks_for_a_28_block_teacher(script, transformer_config):
     teacher = SanaSprintTransformer2DModel(**transformer_config(student=False, num_layers=28), logvar_head=False)
     assert script.head_block_ids(_args(script), teacher) == [2, 8, 14, 19]
     assert script.head_block_ids(_args(script, "--head_block_layout", "spread"), teacher) == [3, 11, 20, 27]
@@ -318,19 +322,25 @@ def test_script_head_blocks_for_a_28_block_teacher(script):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_teacher_precision(script):
+def test_teacher_precision(script, make_diffusers_transformer, text_conditioning, transformer_config):
     """--teacher_fp32 keeps fp32 weights: under bf16 autocast the teacher CFG velocity (the sCM target) equals an
     independent fp32 copy run under autocast exactly; --no-teacher_fp32 casts the weights to bf16 and the target
     moves (by bf16 rounding of the weights the autocast leaves alone: norms, biases, time path)."""
-    x0, z, t, w, embeds, mask, null_embeds, null_mask = _inputs()
+    x0, z, t, w, embeds, mask, null_embeds, null_mask = _inputs(text_conditioning)
     x_scaled = (torch.cos(t).view(-1, 1, 1, 1) * x0 + torch.sin(t).view(-1, 1, 1, 1) * z) / SIGMA_DATA
     cfg = (x_scaled, t, embeds, mask, null_embeds, mask, w)
-    reference = TrigFlowModel(_teacher())
+    reference = TrigFlowModel(_teacher(make_diffusers_transformer, transformer_config))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = teacher_cfg_velocity(reference, *cfg)
         targets = {}
         for flag in ("--teacher_fp32", "--no-teacher_fp32"):
-            model = script.frozen_teacher_model(_args(script, flag), _teacher(), None, "cpu", torch.bfloat16)
+            model = script.frozen_teacher_model(
+                _args(script, flag),
+                _teacher(make_diffusers_transformer, transformer_config),
+                None,
+                "cpu",
+                torch.bfloat16,
+            )
             dtypes = {p.dtype for p in model.parameters()}
             assert dtypes == ({torch.float32} if flag == "--teacher_fp32" else {torch.bfloat16}), flag
             targets[flag] = teacher_cfg_velocity(model, *cfg)

@@ -12,20 +12,17 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from diffusers_sprint.training.recipe import DISTILLATION, parse_recipe
+
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 CONFIGS = EXAMPLES / "configs"
-sys.path.insert(0, str(REPO / "benchmarks"))
-import sana_configs  # noqa: E402
-
-from diffusers_sprint.training.recipe import DISTILLATION, parse_recipe  # noqa: E402
 
 
 # recipe -> released transformer config (benchmarks/sana_configs.py) and the values that differ between recipes
@@ -80,16 +77,18 @@ OFFICIAL = dict(
 GLOBAL_BATCH = 512
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("train_sana_sprint_for_recipes", EXAMPLES / "train_sana_sprint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _script(load_module):
+    return load_module("examples/train_sana_sprint.py", name="train_sana_sprint_for_recipes")
 
 
 @pytest.fixture(scope="module")
-def script():
-    return _script()
+def sana_configs(load_module):
+    return load_module("benchmarks/sana_configs.py")
+
+
+@pytest.fixture(scope="module")
+def script(load_module):
+    return _script(load_module)
 
 
 @pytest.fixture
@@ -143,7 +142,7 @@ def test_launcher_refuses_an_unknown_recipe_or_config(words, message):
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_recipe_parses_and_holds_the_official_values(script, came_importable, recipe, tmp_path):
+def test_recipe_parses_and_holds_the_official_values(script, came_importable, recipe, tmp_path, sana_configs):
     expected = RECIPES[recipe]
     config_path, arguments = _launch(recipe, tmp_path)
     assert config_path.name == expected["accelerate_config"]

@@ -1,7 +1,7 @@
 """examples/train_sana_sprint.py with --controlnet_model_name_or_path: ControlNet distillation end to end, offline.
 
 Tiny flow teacher + tiny SanaControlNetModel, a `save_to_disk` dataset with an image, a caption and a control image
-per row. Runs are subprocesses (helpers of tests/scripts/test_train_script.py).
+per row. Runs are subprocesses (helpers of tests/fixtures/script_runs.py).
 """
 
 import json
@@ -10,10 +10,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from fixtures.script_runs import _env, base_args, read_log, run_script
 from PIL import Image
 from safetensors.torch import load_file
-from test_train_script import _env, base_args, read_log, run_script
-from tiny_components import make_controlnet, save_tiny_teacher_pipeline
 
 from diffusers_sprint import SanaSprintControlNetPipeline
 from diffusers_sprint.training.recipe import DISTILLATION, parse_recipe
@@ -26,7 +25,7 @@ WORDS = ["red", "green", "blue", "yellow"]
 
 
 @pytest.fixture(scope="module")
-def control_assets(tmp_path_factory):
+def control_assets(tmp_path_factory, make_controlnet, save_tiny_teacher_pipeline):
     """Teacher pipeline, its ControlNet, a mismatched ControlNet and an 8-row dataset with control images."""
     import datasets
 

@@ -7,7 +7,6 @@ Every run is a subprocess (`python` or `accelerate launch`) with one thread per 
 import importlib.util
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -20,10 +19,20 @@ import pytest
 import torch
 from diffusers import SanaPipeline
 from diffusers.utils import make_image_grid
+from fixtures.script_runs import (
+    REPO,
+    SCRIPT,
+    TEACHER_SCRIPT,
+    _assert_same_run,
+    _env,
+    _final_weights,
+    base_args,
+    read_log,
+    run_script,
+)
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_components import save_tiny_teacher_pipeline
 
 from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel
 from diffusers_sprint.training import DistillationConfig, SCMLossConfig
@@ -34,123 +43,7 @@ from diffusers_sprint.training.settings import settings_of
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "examples" / "train_sana_sprint.py"
-TEACHER_SCRIPT = REPO / "examples" / "prepare_sana_sprint_teacher.py"
-TESTS = Path(__file__).resolve().parent
 PROMPTS = ["a red house", "a small blue house"]
-COLORS = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (230, 220, 30), (10, 10, 10), (250, 250, 250)]
-WORDS = ["red", "green", "blue", "yellow", "black", "white"]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny diffusers `SanaPipeline` teacher, 8 captioned PNGs as an imagefolder and as a `save_to_disk` dataset."""
-    root = tmp_path_factory.mktemp("assets")
-    save_tiny_teacher_pipeline(root / "teacher")
-    images = root / "images"
-    images.mkdir()
-    rows = []
-    for i in range(8):
-        array = np.full((20, 24, 3), 128, np.uint8)
-        array[3 + i % 4 : 14 + i % 4, 5:19] = COLORS[i % len(COLORS)]
-        Image.fromarray(array).save(images / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"a {'small' if i % 2 else 'big'} {WORDS[i % 6]} house"})
-    (images / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    import datasets
-
-    datasets.load_dataset("imagefolder", data_dir=str(images), cache_dir=str(root / "hf_cache"))["train"].save_to_disk(
-        str(root / "saved_dataset")
-    )
-    return root
-
-
-def _env(tmp_path, **extra):
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HOME=str(tmp_path / "hf_home"),  # no user accelerate config, no user token
-        TOKENIZERS_PARALLELISM="false",
-    )
-    env.update(extra)
-    return env
-
-
-def _free_port() -> int:
-    """A free local port, found by a child process (this process has sockets disabled)."""
-    code = "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
-    return int(subprocess.check_output([sys.executable, "-c", code], text=True))
-
-
-def run_script(
-    tmp_path, args, launcher="python", num_processes=1, env=None, timeout=300, script=SCRIPT, check=True,
-    dynamo_backend="no",
-):  # fmt: skip
-    if launcher == "python":
-        command = [sys.executable, str(script)]
-    else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1"]
-        command += ["--dynamo_backend", dynamo_backend]
-        command += ["--mixed_precision", "no", "--num_processes", str(num_processes)]
-        if num_processes > 1:
-            command += ["--multi_gpu", "--main_process_port", str(_free_port())]
-        command.append(str(script))
-    start = time.perf_counter()
-    result = subprocess.run(
-        command + [str(a) for a in args],
-        cwd=REPO,
-        env=env or _env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check:
-        assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    result.seconds = time.perf_counter() - start
-    return result
-
-
-def base_args(assets, output_dir, steps, resolution=16, **flags):
-    args = [
-        "--pretrained_teacher_model_name_or_path",
-        assets / "teacher",
-        "--train_data_dir",
-        assets / "images",
-        "--cache_dir",
-        assets / "hf_cache",
-        "--resolution",
-        resolution,
-        "--train_batch_size",
-        2,
-        "--max_train_steps",
-        steps,
-        "--max_sequence_length",
-        16,
-        "--no-complex_human_instruction",
-        "--seed",
-        0,
-        "--learning_rate",
-        1e-3,
-        "--tangent_warmup_steps",
-        2,
-        "--report_to",
-        "none",
-        "--output_dir",
-        output_dir,
-    ]
-    for key, value in flags.items():
-        args += [f"--{key}"] + ([] if value is True else list(value) if isinstance(value, (list, tuple)) else [value])
-    return args
-
-
-def read_log(output_dir):
-    with open(Path(output_dir) / "training_log.jsonl") as file:
-        return [json.loads(line) for line in file]
 
 
 def _generate(pipe, steps, **kwargs):
@@ -390,25 +283,6 @@ def test_compiled_two_processes_match_one_eager_process(assets, tmp_path):
     _assert_same_run(one, two)
 
 
-def _final_weights(output, lora: bool):
-    name = "pytorch_lora_weights.safetensors" if lora else "transformer/diffusion_pytorch_model.safetensors"
-    return load_file(output / name)
-
-
-def _assert_same_run(one, two, lora=False, keys=("scm_loss", "adversarial_loss", "discriminator_loss")):
-    log_one, log_two = read_log(one), read_log(two)
-    assert [row["step"] for row in log_two] == [row["step"] for row in log_one] and log_two[-1]["epoch"] == 1
-    for row_one, row_two in zip(log_one, log_two):
-        for key in ("generator_loss", "generator_grad_norm", *keys):
-            assert math.isclose(row_one[key], row_two[key], rel_tol=1e-5, abs_tol=1e-7), (key, row_one, row_two)
-    weights_one, weights_two = _final_weights(one, lora), _final_weights(two, lora)
-    assert set(weights_one) == set(weights_two)
-    difference = max((weights_one[k] - weights_two[k]).abs().max().item() for k in weights_one)
-    print(f"{one.name} vs {two.name}: max weight difference {difference:.2e}")
-    assert difference < 1e-4
-    return difference
-
-
 def test_fsdp2_two_processes_match_one_process_and_resume_exactly(assets, tmp_path):
     """--fsdp (torch fully_shard of student, teacher and heads over gloo) on 2 processes vs 1 process with
     accumulation 2, both with the official full-batch LADD fake and an EMA (saved: the EMA weights); then a resume
@@ -447,22 +321,6 @@ def test_fsdp2_two_processes_match_one_process_and_resume_exactly(assets, tmp_pa
 # ---------------------------------------------------------------------------------------------------------------------
 # (5) pull from and push to a local stand-in Hub
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def stand_in_hub(tmp_path):
-    folder = tmp_path / "hub"
-    folder.mkdir()
-    server = subprocess.Popen([sys.executable, str(TESTS.parent / "fixtures" / "hub_stand_in.py"), str(folder)])
-    try:
-        for _ in range(200):
-            if (folder / "port").exists():
-                break
-            time.sleep(0.05)
-        yield folder, int((folder / "port").read_text())
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def test_pull_teacher_from_and_push_result_to_the_hub(assets, tmp_path, stand_in_hub):

@@ -1,21 +1,19 @@
 """benchmarks/bench_train_step.py on a tiny config: the timed variants run, the report adds up, --only is checked."""
 
 import json
-import os
-import sys
 
 import pytest
-
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"))
-
-import bench_train_step  # noqa: E402
 
 
 TINY = ["--layers", "2", "--dim", "32", "--latent", "4", "--batch", "4", "--seq-len", "8", "--caption-channels", "16"]
 
 
-def test_tiny_run_times_the_selected_variants_and_accounts_for_the_g_step(tmp_path):
+@pytest.fixture(scope="module")
+def bench_train_step(load_module):
+    return load_module("benchmarks/bench_train_step.py")
+
+
+def test_tiny_run_times_the_selected_variants_and_accounts_for_the_g_step(tmp_path, bench_train_step):
     path = tmp_path / "bench.json"
     pieces = ["teacher_cfg", "jvp", "fwd_bwd_one_and_half", "disc_to_input", "disc_heads", "optimizer"]
     only = ["g_ladd", "g_ladd_two_calls", *pieces]
@@ -40,7 +38,7 @@ def test_tiny_run_times_the_selected_variants_and_accounts_for_the_g_step(tmp_pa
         (["g_ladd_fd_compiled_script"], "need --compile"),
     ],
 )
-def test_only_rejects_unknown_and_uncompiled_variants(only, message, capsys):
+def test_only_rejects_unknown_and_uncompiled_variants(only, message, capsys, bench_train_step):
     with pytest.raises(SystemExit):
         bench_train_step.main([*TINY, "--no-memory", "--only", *only])
     assert message in capsys.readouterr().err

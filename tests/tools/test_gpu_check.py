@@ -1,21 +1,23 @@
 """benchmarks/gpu_check.py --smoke: the GPU check's code paths on tiny configs on the CPU, so the script cannot rot."""
 
 import json
-import os
-import sys
 
 import pytest
 import torch
 
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"))
-
-import gpu_check  # noqa: E402
-import sana_configs  # noqa: E402
+@pytest.fixture(scope="module")
+def gpu_check(load_module):
+    return load_module("benchmarks/gpu_check.py")
 
 
 @pytest.fixture(scope="module")
-def smoke_report(tmp_path_factory):
+def sana_configs(load_module):
+    return load_module("benchmarks/sana_configs.py")
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory, gpu_check):
     path = tmp_path_factory.mktemp("gpu_check") / "report.json"
     report = gpu_check.main(["--smoke", "--device", "cpu", "--json", str(path)])
     assert json.loads(path.read_text())["rows"] == report["rows"]
@@ -26,7 +28,7 @@ def rows_of(report, check):
     return [row for row in report["rows"] if row["check"] == check]
 
 
-def test_smoke_passes_every_check(smoke_report):
+def test_smoke_passes_every_check(smoke_report, gpu_check):
     assert smoke_report["failures"] == {}
     assert smoke_report["all_ok"]
     assert list(smoke_report["durations_s"]) == list(gpu_check.CHECKS)
@@ -87,7 +89,7 @@ def test_smoke_train_step_times_every_variant_with_finite_losses(smoke_report):
     assert not [row for row in rows.values() if row["metric"] == "peak MiB"]
 
 
-def test_smoke_train_step_agrees_with_the_exact_jvp(smoke_report):
+def test_smoke_train_step_agrees_with_the_exact_jvp(smoke_report, gpu_check):
     rows = {row["case"].split(", ", 1)[1]: row for row in rows_of(smoke_report, "train_step")}
     compared = {
         "G sCM, finite-difference JVP": gpu_check.FINITE_DIFFERENCE_TOLERANCE,
@@ -115,7 +117,7 @@ def test_train_step_restores_the_jvp_compile_backend(smoke_report):
     assert tangent.JVP_COMPILE_BACKEND == "inductor"
 
 
-def test_a_crashing_train_step_variant_is_reported_and_the_others_still_run(monkeypatch):
+def test_a_crashing_train_step_variant_is_reported_and_the_others_still_run(monkeypatch, gpu_check):
     """A variant that fails on its first call (on a GPU: e.g. Inductor on the JVP) becomes a failed row; the rest of
     the check still times its steps. Here the finite difference is made to fail and compile_jvp is left out."""
     generator_loss = gpu_check._generator_loss
@@ -139,7 +141,7 @@ def test_a_crashing_train_step_variant_is_reported_and_the_others_still_run(monk
     assert not [name for name in rows if "compile_jvp" in name or "vs exact JVP" in name]
 
 
-def test_a_crashing_check_is_reported_not_hidden(monkeypatch):
+def test_a_crashing_check_is_reported_not_hidden(monkeypatch, gpu_check):
     def broken(context):
         raise RuntimeError("boom")
 
@@ -150,7 +152,7 @@ def test_a_crashing_check_is_reported_not_hidden(monkeypatch):
     assert "RuntimeError: boom" in report["failures"]["broken"]
 
 
-def test_registry_and_arguments_are_checked(capsys):
+def test_registry_and_arguments_are_checked(capsys, gpu_check):
     with pytest.raises(ValueError, match="already registered"):
         gpu_check.register_check("pipeline_latency")(lambda context: [])
     with pytest.raises(SystemExit):
@@ -172,7 +174,7 @@ def test_registry_and_arguments_are_checked(capsys):
         gpu_check.make_context(gpu_check.parse_args(["--image-size", "100"]))
 
 
-def test_ours_and_diffusers_share_the_weight_tensors():
+def test_ours_and_diffusers_share_the_weight_tensors(gpu_check, sana_configs):
     ours, reference = gpu_check.make_transformers(sana_configs.TINY_TRANSFORMER, "cpu", torch.float32)
     assert (
         type(ours).__name__ == "SanaSprintTransformer2DModel" and type(reference).__name__ == "SanaTransformer2DModel"

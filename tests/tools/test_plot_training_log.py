@@ -1,20 +1,14 @@
 """examples/toy/plot_training_log.py: the curves script reads training logs and writes one six-panel PNG."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
 
-def _load_script():
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "toy", "plot_training_log.py")
-    spec = importlib.util.spec_from_file_location("plot_training_log", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _load_script(load_module):
+    return load_module("examples/toy/plot_training_log.py")
 
 
 def _write_log(path, records):
@@ -23,22 +17,22 @@ def _write_log(path, records):
             handle.write(json.dumps(record) + "\n")
 
 
-def test_moving_average_is_the_trailing_mean():
-    script = _load_script()
+def test_moving_average_is_the_trailing_mean(load_module):
+    script = _load_script(load_module)
     values = list(np.random.default_rng(0).normal(size=37))
     for window in (1, 5, 40):
         expected = [np.mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
         np.testing.assert_allclose(script.moving_average(values, window), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_series_keeps_only_the_records_that_carry_the_key():
-    script = _load_script()
+def test_series_keeps_only_the_records_that_carry_the_key(load_module):
+    script = _load_script(load_module)
     records = [{"step": 1, "a": 1.0}, {"step": 2}, {"step": 3, "a": None}, {"step": 4, "a": "2.5"}]
     assert script.series(records, "a") == ([1, 4], [1.0, 2.5])
 
 
-def test_two_logs_give_one_png_of_the_stated_size(tmp_path):
-    script = _load_script()
+def test_two_logs_give_one_png_of_the_stated_size(tmp_path, load_module):
+    script = _load_script(load_module)
     scm_only = [
         {"step": s, "scm_loss": 1.0 / s, "g_norm_mean": 0.1 * s, "logvar_mean": -0.01 * s} for s in range(1, 31)
     ]
@@ -54,8 +48,8 @@ def test_two_logs_give_one_png_of_the_stated_size(tmp_path):
     assert pixels.std() > 10  # curves and text drawn, not a blank canvas
 
 
-def test_bad_input_is_refused_with_the_argument_named(tmp_path, capsys):
-    script = _load_script()
+def test_bad_input_is_refused_with_the_argument_named(tmp_path, capsys, load_module):
+    script = _load_script(load_module)
     _write_log(tmp_path / "empty.jsonl", [])
     with pytest.raises(ValueError, match="holds no records"):
         script.read_log(str(tmp_path / "empty.jsonl"))

@@ -4,7 +4,6 @@ through `accelerate launch`, 4 evaluation samples per sampler) writes the grid, 
 Runs on the embedded toy teacher, as `make demo` does.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from PIL import Image
 
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "examples" / "toy" / "demo.py"
 SAMPLERS = {"dataset", "teacher-20", "student-1", "student-2", "student-4"}
 ROW_KEYS = {
     "steps",
@@ -46,20 +44,17 @@ TOP_KEYS = {
 }
 
 
-def _load_demo():
-    spec = importlib.util.spec_from_file_location("toy_demo", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _load_demo(load_module):
+    return load_module("examples/toy/demo.py", name="toy_demo")
 
 
-def test_demo_quick_end_to_end(tmp_path, monkeypatch, capfd):
+def test_demo_quick_end_to_end(tmp_path, monkeypatch, capfd, load_module):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no user accelerate config
     monkeypatch.setenv("DIFFUSERS_SPRINT_CACHE", str(tmp_path / "cache"))
     output_dir = tmp_path / "demo-output"
 
-    metrics = _load_demo().main(["--quick", "--output_dir", str(output_dir)])
+    metrics = _load_demo(load_module).main(["--quick", "--output_dir", str(output_dir)])
 
     # grid.png: 6 prompt rows x (dataset, teacher, student 1/2/4) columns of 32 px images upscaled 4x
     with Image.open(output_dir / "grid.png") as grid:

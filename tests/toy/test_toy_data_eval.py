@@ -254,22 +254,16 @@ def test_prompt_adherence_of_dataset_images_against_their_captions(emoji, emoji_
     assert prompt_adherence(emoji_pixels, far) < prompt_adherence(emoji_pixels, shuffled)
 
 
-def test_eval_toy_teacher_split_protocol_samples_the_split_rows_with_their_noise(monkeypatch):
+def test_eval_toy_teacher_split_protocol_samples_the_split_rows_with_their_noise(monkeypatch, load_module):
     """`eval_toy_teacher.py --split`: per seed, the split's rows (prompts and real images) and noise seeds of
     `evaluation_set`, the same images `generate` gives for them, and one score per seed and row kind."""
-    import sys
-    from pathlib import Path
 
     from diffusers import SanaPipeline
 
     from diffusers_sprint.toy import TOY_TEACHER_PATH, load_emoji_dataset
     from diffusers_sprint.toy.protocol import SPLIT_SEED_BASES, evaluation_set, generate
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "toy"))
-    try:
-        import eval_toy_teacher
-    finally:
-        sys.path.pop(0)
+    eval_toy_teacher = load_module("examples/toy/eval_toy_teacher.py")
     scored = []
 
     def record(images_per_seed, prompts, reference_features):

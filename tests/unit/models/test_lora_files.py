@@ -9,7 +9,6 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
-from tiny_components import make_sprint_transformer
 
 from diffusers_sprint import SanaSprintControlNetPipeline, SanaSprintImg2ImgPipeline, SanaSprintPipeline
 from diffusers_sprint.lora_checks import check_lora_state_dict
@@ -19,7 +18,7 @@ FILE = "adapter.safetensors"
 
 
 @pytest.fixture(scope="module")
-def lora_weights():
+def lora_weights(make_sprint_transformer):
     """A complete LoRA state dict in diffusers' layout (`transformer.` prefix), rank 4 on `to_q`."""
     model = make_sprint_transformer()
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"]))
@@ -56,7 +55,9 @@ ENTRY_POINTS = {
 
 @pytest.mark.parametrize("entry_point", sorted(ENTRY_POINTS))
 @pytest.mark.parametrize("case", sorted(BROKEN))
-def test_incomplete_lora_files_name_the_file_and_the_missing_keys(lora_weights, tmp_path, case, entry_point):
+def test_incomplete_lora_files_name_the_file_and_the_missing_keys(
+    lora_weights, tmp_path, case, entry_point, make_sprint_transformer
+):
     breakage, match = BROKEN[case]
     save_file(breakage(lora_weights), tmp_path / FILE)
     pipe = SanaSprintPipeline(None, None, None, make_sprint_transformer(), None)
@@ -66,7 +67,7 @@ def test_incomplete_lora_files_name_the_file_and_the_missing_keys(lora_weights, 
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
-def test_incomplete_lora_state_dicts_are_named_as_such(lora_weights, case):
+def test_incomplete_lora_state_dicts_are_named_as_such(lora_weights, case, make_sprint_transformer):
     breakage, match = BROKEN[case]
     pipe = SanaSprintPipeline(None, None, None, make_sprint_transformer(), None)
     for load in (pipe.load_lora_weights, pipe.transformer.load_lora_adapter):
@@ -74,7 +75,7 @@ def test_incomplete_lora_state_dicts_are_named_as_such(lora_weights, case):
             load(breakage(lora_weights))
 
 
-def test_complete_files_still_load_and_other_layouts_are_checked(lora_weights, tmp_path):
+def test_complete_files_still_load_and_other_layouts_are_checked(lora_weights, tmp_path, make_sprint_transformer):
     save_file(lora_weights, tmp_path / FILE)
     pipe = SanaSprintPipeline(None, None, None, make_sprint_transformer(), None)
     pipe.load_lora_weights(tmp_path, weight_name=FILE)

@@ -8,13 +8,6 @@ import torch
 from diffusers import SanaTransformer2DModel
 from diffusers.models.embeddings import Timesteps
 from peft import LoraConfig
-from tiny_components import (
-    float64_timestep_projection,
-    make_diffusers_transformer,
-    make_sprint_transformer,
-    text_conditioning,
-    transformer_config,
-)
 
 from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.models import forward_ad_is_active
@@ -37,7 +30,9 @@ def _direct_trigflow(model: SanaTransformer2DModel, x_scaled, t, embeds, mask, g
 
 
 @pytest.mark.parametrize("student", [True, False], ids=["sprint-student", "flow-teacher"])
-def test_loads_diffusers_checkpoint_without_missing_keys_and_matches_forward(tmp_path, student):
+def test_loads_diffusers_checkpoint_without_missing_keys_and_matches_forward(
+    tmp_path, student, make_diffusers_transformer, text_conditioning
+):
     reference = make_diffusers_transformer(student=student)
     ours, info = _load_ours(reference, tmp_path)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
@@ -53,7 +48,9 @@ def test_loads_diffusers_checkpoint_without_missing_keys_and_matches_forward(tmp
 
 
 @pytest.mark.parametrize("student", [True, False], ids=["dense-time", "1000s-time"])
-def test_trigflow_forward_matches_direct_transform(student):
+def test_trigflow_forward_matches_direct_transform(
+    student, make_diffusers_transformer, text_conditioning, transformer_config
+):
     reference = make_diffusers_transformer(student=student)
     ours = SanaSprintTransformer2DModel(**transformer_config(student=student)).eval()
     ours.load_state_dict(reference.state_dict())
@@ -70,14 +67,14 @@ def test_trigflow_forward_matches_direct_transform(student):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_flow_time_scale_config_overrides_default():
+def test_flow_time_scale_config_overrides_default(transformer_config):
     model = SanaSprintTransformer2DModel(**transformer_config(student=False), flow_time_scale=1.0)
     assert model.effective_flow_time_scale == 1.0
     model = SanaSprintTransformer2DModel(**transformer_config(student=False), timestep_scale=2.0)
     assert model.effective_flow_time_scale == 2000.0
 
 
-def _jvp_relative_error(model, x, t, embeds, mask, w, tangent_x, tangent_t):
+def _jvp_relative_error(float64_timestep_projection, model, x, t, embeds, mask, w, tangent_x, tangent_t):
     def velocity(m, x_, t_):
         return m.trigflow_forward(x_, t_, embeds.to(x_.dtype), mask, guidance_scale=w).sample
 
@@ -99,17 +96,23 @@ def _jvp_relative_error(model, x, t, embeds, mask, w, tangent_x, tangent_t):
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padded-mask"])
-def test_jvp_matches_finite_differences_with_default_settings(padded):
+def test_jvp_matches_finite_differences_with_default_settings(
+    padded, float64_timestep_projection, make_sprint_transformer, text_conditioning
+):
     model = make_sprint_transformer(student=True)
     x = torch.randn(2, 4, 16, 16)
     t = torch.tensor([0.4, 1.2])
     embeds, mask = text_conditioning(padded=padded)
     tangent_x, tangent_t = torch.randn_like(x), torch.cos(t) * torch.sin(t)
-    error = _jvp_relative_error(model, x, t, embeds, mask, torch.tensor([4.0, 5.0]), tangent_x, tangent_t)
+    error = _jvp_relative_error(
+        float64_timestep_projection, model, x, t, embeds, mask, torch.tensor([4.0, 5.0]), tangent_x, tangent_t
+    )
     assert error <= 1e-3
 
 
-def test_jvp_with_lora_adapter_matches_finite_differences():
+def test_jvp_with_lora_adapter_matches_finite_differences(
+    float64_timestep_projection, make_sprint_transformer, text_conditioning
+):
     model = make_sprint_transformer(student=True)
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     with torch.no_grad():  # lora_B starts at zero; make the adapter change the function
@@ -120,12 +123,22 @@ def test_jvp_with_lora_adapter_matches_finite_differences():
     t = torch.tensor([0.7, 1.0])
     embeds, mask = text_conditioning()
     error = _jvp_relative_error(
-        model, x, t, embeds, mask, torch.tensor([4.5, 4.5]), torch.randn_like(x), torch.tensor([0.3, -0.2])
+        float64_timestep_projection,
+        model,
+        x,
+        t,
+        embeds,
+        mask,
+        torch.tensor([4.5, 4.5]),
+        torch.randn_like(x),
+        torch.tensor([0.3, -0.2]),
     )
     assert error <= 1e-3
 
 
-def test_stock_diffusers_model_jvp_fails_on_cpu_but_ours_does_not():
+def test_stock_diffusers_model_jvp_fails_on_cpu_but_ours_does_not(
+    make_diffusers_transformer, text_conditioning, transformer_config
+):
     """Guards the reason for the JVP-safe path: if PyTorch gains forward AD for fused SDPA, revisit the design."""
     reference = make_diffusers_transformer(student=False)
     x = torch.randn(1, 4, 16, 16)
@@ -147,7 +160,7 @@ def test_stock_diffusers_model_jvp_fails_on_cpu_but_ours_does_not():
     assert not forward_ad_is_active()
 
 
-def test_logvar_head_is_initialised_when_checkpoint_lacks_it(tmp_path):
+def test_logvar_head_is_initialised_when_checkpoint_lacks_it(tmp_path, make_diffusers_transformer, text_conditioning):
     reference = make_diffusers_transformer(student=True)
     ours, info = _load_ours(reference, tmp_path, logvar_head=True)
     assert sorted(info["missing_keys"]) == ["logvar_linear.bias", "logvar_linear.weight"]
@@ -169,7 +182,7 @@ def test_logvar_head_is_initialised_when_checkpoint_lacks_it(tmp_path):
         assert torch.equal(value, again.state_dict()[key]), key
 
 
-def test_trigflow_forward_argument_errors():
+def test_trigflow_forward_argument_errors(text_conditioning, transformer_config):
     student = SanaSprintTransformer2DModel(**transformer_config(student=True))
     teacher = SanaSprintTransformer2DModel(**transformer_config(student=False))
     x = torch.randn(1, 4, 16, 16)
@@ -182,7 +195,7 @@ def test_trigflow_forward_argument_errors():
         teacher.trigflow_forward(x, 1.0, embeds, mask, return_logvar=True)
 
 
-def test_lora_scale_changes_output_and_zero_restores_base():
+def test_lora_scale_changes_output_and_zero_restores_base(make_sprint_transformer, text_conditioning):
     model = make_sprint_transformer(student=True)
     x = torch.randn(2, 4, 16, 16)
     t = torch.tensor([1.0, 0.5])
@@ -202,7 +215,7 @@ def test_lora_scale_changes_output_and_zero_restores_base():
 
 
 @pytest.mark.parametrize("student", [True, False], ids=["guidance-embedder", "adaln-single"])
-def test_time_embedding_stays_fp32_under_bf16_autocast(student):
+def test_time_embedding_stays_fp32_under_bf16_autocast(student, make_diffusers_transformer, transformer_config):
     reference = make_diffusers_transformer(student=student)
     ours = SanaSprintTransformer2DModel(**transformer_config(student=student)).eval()
     ours.load_state_dict(reference.state_dict())
@@ -219,7 +232,7 @@ def test_time_embedding_stays_fp32_under_bf16_autocast(student):
         assert not torch.equal(half, want)  # diffusers' path rounds inside the MLP too
 
 
-def test_compile_repeated_blocks_compiles_each_block_and_keeps_the_output():
+def test_compile_repeated_blocks_compiles_each_block_and_keeps_the_output(text_conditioning, transformer_config):
     """`_repeated_blocks` (unset on diffusers' Sana) makes diffusers' regional compilation work: every block gets
     a compiled call, Dynamo captures one graph per block and none for the rest of the model (a whole-model compile
     would give one), a second call reuses them, and the output is eager's."""

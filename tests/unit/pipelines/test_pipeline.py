@@ -11,7 +11,6 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
-from tiny_components import make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae
 
 from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel, TrigFlowScheduler
 from diffusers_sprint.pipelines.resolution_bins import aspect_ratio_bins
@@ -24,7 +23,7 @@ FAST = dict(complex_human_instruction=None, output_type="np", height=32, width=3
 
 
 @pytest.fixture(scope="module")
-def diffusers_dir(tmp_path_factory):
+def diffusers_dir(tmp_path_factory, make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae):
     """A folder written by diffusers' own SanaSprintPipeline.save_pretrained (diffusers class names inside)."""
     reference = DiffusersSanaSprintPipeline(
         tokenizer=make_tokenizer(),
@@ -262,7 +261,7 @@ def test_constructor_rejects_diffusers_transformer_and_converts_scm_scheduler(re
     assert isinstance(SanaSprintPipeline(**components).scheduler, TrigFlowScheduler)
 
 
-def test_model_without_guidance_embedder_needs_guidance_scale_none(reference):
+def test_model_without_guidance_embedder_needs_guidance_scale_none(reference, make_diffusers_transformer):
     components = dict(reference.components)
     teacher = make_diffusers_transformer(student=False)
     components["transformer"] = SanaSprintTransformer2DModel.from_config(teacher.config)

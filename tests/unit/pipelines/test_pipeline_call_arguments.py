@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_components import make_controlnet, make_sprint_transformer, make_text_encoder, make_tokenizer, make_vae
 
 from diffusers_sprint import (
     SanaSprintControlNetPipeline,
@@ -19,7 +18,7 @@ PIPELINES = ["text2img", "img2img", "controlnet"]
 
 
 @pytest.fixture(scope="module")
-def pipes():
+def pipes(make_controlnet, make_sprint_transformer, make_text_encoder, make_tokenizer, make_vae):
     parts = dict(
         tokenizer=make_tokenizer(),
         text_encoder=make_text_encoder(),

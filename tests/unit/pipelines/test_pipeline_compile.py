@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import SCMScheduler
-from tiny_components import make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae, text_conditioning
 from torch._dynamo.backends.registry import lookup_backend
 
 from diffusers_sprint import SanaSprintImg2ImgPipeline, SanaSprintPipeline, SanaSprintTransformer2DModel
@@ -19,7 +18,7 @@ PROMPTS = ["a red cat", "a small blue car on the big tree"]
 
 
 @pytest.fixture(scope="module")
-def transformer():
+def transformer(make_diffusers_transformer):
     reference = make_diffusers_transformer(student=True)
     model = SanaSprintTransformer2DModel.from_config(reference.config)
     model.load_state_dict(reference.state_dict())
@@ -44,7 +43,7 @@ class CountingBackend:
         return lookup_backend("aot_eager")(graph_module, example_inputs)
 
 
-def test_forward_and_trigflow_forward_have_no_graph_breaks(transformer):
+def test_forward_and_trigflow_forward_have_no_graph_breaks(transformer, text_conditioning):
     embeds, mask = text_conditioning(2, seq_len=6)
     sample, time, guidance = torch.randn(2, 4, 16, 16), torch.tensor([1.2, 0.4]), torch.full((2,), 4.5)
     with torch.no_grad():
@@ -63,7 +62,9 @@ def test_forward_and_trigflow_forward_have_no_graph_breaks(transformer):
         assert explained.graph_count == 1
 
 
-def test_compiled_transformer_gives_the_same_images_with_one_graph_for_1_2_and_4_steps(transformer):
+def test_compiled_transformer_gives_the_same_images_with_one_graph_for_1_2_and_4_steps(
+    transformer, make_text_encoder, make_tokenizer, make_vae
+):
     pipe = SanaSprintPipeline(make_tokenizer(), make_text_encoder(), make_vae(), transformer, SCMScheduler())
     pipe.set_progress_bar_config(disable=True)
     eager = {

@@ -10,14 +10,6 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SanaControlNetModel, SanaControlNetPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from tiny_components import (
-    make_controlnet,
-    make_diffusers_transformer,
-    make_text_encoder,
-    make_tokenizer,
-    make_vae,
-    text_conditioning,
-)
 
 from diffusers_sprint import (
     SanaSprintControlNetPipeline,
@@ -48,7 +40,7 @@ def _ours(reference: torch.nn.Module) -> SanaSprintTransformer2DModel:
 
 
 @pytest.fixture(scope="module")
-def parts():
+def parts(make_controlnet, make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae):
     return dict(
         tokenizer=make_tokenizer(),
         text_encoder=make_text_encoder(),
@@ -67,7 +59,7 @@ def pipe(parts):
 
 
 @pytest.fixture(scope="module")
-def teacher_pipes(parts):
+def teacher_pipes(parts, make_diffusers_transformer):
     """diffusers' SanaControlNetPipeline on a flow teacher, and ours on the same weights with the ODE sampler."""
     teacher = make_diffusers_transformer(student=False)
     common = {k: parts[k] for k in ("tokenizer", "text_encoder", "vae", "controlnet")}
@@ -146,7 +138,9 @@ def test_teacher_cfg_velocity_with_controlnet_equals_diffusers_cfg_loop(teacher_
     torch.testing.assert_close(x / sigma_data, expected, rtol=0, atol=PARITY_ATOL)
 
 
-def test_trigflow_forward_with_controlnet_jvp_matches_finite_differences(parts):
+def test_trigflow_forward_with_controlnet_jvp_matches_finite_differences(
+    parts, make_controlnet, make_diffusers_transformer, text_conditioning
+):
     """torch.func.jvp through transformer + ControlNet against a central difference in (x, t). The model is float64,
     but diffusers' linear attention computes in float32, so the difference is round-off limited (seen 6e-5 at h=1e-4,
     the same as without a ControlNet; 1e-3 at h=1e-5)."""
@@ -186,7 +180,7 @@ def test_trigflow_forward_with_controlnet_jvp_matches_finite_differences(parts):
     assert ((tangent - without_control).norm() / tangent.norm()).item() > 1e-3  # the ControlNet is in the tangent
 
 
-def test_per_sample_conditioning_scale(parts):
+def test_per_sample_conditioning_scale(parts, text_conditioning):
     model, controlnet = parts["transformer"], parts["controlnet"]
     embeds, mask = text_conditioning()
     x, cond = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
@@ -218,7 +212,7 @@ def test_per_sample_conditioning_scale(parts):
     assert (scaled[1] - plain[1]).abs().max() > 1e-3
 
 
-def test_compiled_and_wrapped_controlnets_are_called_through_their_wrapper(parts):
+def test_compiled_and_wrapped_controlnets_are_called_through_their_wrapper(parts, text_conditioning):
     """`torch.compile` and DDP-style (`.module`) wrappers: config and dtype come from the inner SanaControlNetModel,
     the call goes through the wrapper (so its hooks run)."""
     model, controlnet = parts["transformer"], parts["controlnet"]
@@ -275,7 +269,7 @@ def test_compiled_and_wrapped_controlnets_are_called_through_their_wrapper(parts
         ),
     ],
 )
-def test_trigflow_forward_controlnet_argument_errors(parts, kwargs, error, match):
+def test_trigflow_forward_controlnet_argument_errors(parts, kwargs, error, match, text_conditioning):
     if kwargs.pop("use_controlnet", False):
         kwargs["controlnet"] = parts["controlnet"]
     embeds, mask = text_conditioning()
@@ -402,14 +396,16 @@ def test_a_pipeline_built_without_a_component_names_it(parts, missing):
         pipe(PROMPTS, height=32, width=32, complex_human_instruction=None, control_image=_control_images())
 
 
-def test_constructor_rejects_a_non_sana_controlnet(parts):
+def test_constructor_rejects_a_non_sana_controlnet(parts, make_diffusers_transformer):
     with pytest.raises(TypeError, match="controlnet"):
         SanaSprintControlNetPipeline(**dict(parts, controlnet=parts["transformer"]))
     with pytest.raises(TypeError, match="transformer"):
         SanaSprintControlNetPipeline(**dict(parts, transformer=make_diffusers_transformer(student=True)))
 
 
-def test_dense_time_teacher_honours_timestep_scale_where_diffusers_controlnet_pipeline_does_not(parts):
+def test_dense_time_teacher_honours_timestep_scale_where_diffusers_controlnet_pipeline_does_not(
+    parts, make_diffusers_transformer
+):
     """A dense-time flow teacher (`timestep_scale=0.001`, as the toy teacher and SANA-Sprint teachers): at ControlNet
     scale 0 ours equals diffusers' SanaPipeline, which applies `timestep_scale`; diffusers' SanaControlNetPipeline
     feeds `1000 s` unscaled (it never reads `timestep_scale`), so its images differ."""

@@ -13,7 +13,6 @@ from diffusers.hooks import apply_group_offloading
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from tiny_components import make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae
 
 from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel, TrigFlowScheduler
 
@@ -27,7 +26,7 @@ def _seeded(seed=0):
 
 
 @pytest.fixture(scope="module")
-def diffusers_dir(tmp_path_factory):
+def diffusers_dir(tmp_path_factory, make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae):
     reference = DiffusersSanaSprintPipeline(
         tokenizer=make_tokenizer(),
         text_encoder=make_text_encoder(),
@@ -169,7 +168,7 @@ def test_stock_layout_drops_the_logvar_head_and_checkpoints_keep_it(pipe, tmp_pa
     assert torch.equal(again.transformer.logvar_linear.weight, transformer.logvar_linear.weight)
 
 
-def test_components_stock_diffusers_cannot_sample_keep_our_names(pipe, tmp_path, caplog):
+def test_components_stock_diffusers_cannot_sample_keep_our_names(pipe, tmp_path, caplog, make_diffusers_transformer):
     teacher = make_diffusers_transformer(student=False)
     components = dict(pipe.components, transformer=SanaSprintTransformer2DModel.from_config(teacher.config))
     SanaSprintPipeline(**components).save_pretrained(tmp_path / "no_guidance")

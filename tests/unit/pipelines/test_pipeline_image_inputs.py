@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_components import make_controlnet, make_sprint_transformer, make_text_encoder, make_tokenizer, make_vae
 
 from diffusers_sprint import SanaSprintControlNetPipeline, SanaSprintImg2ImgPipeline, TrigFlowScheduler
 from diffusers_sprint.pipelines.image_input import normalize_image_input
@@ -17,7 +16,7 @@ FAST = dict(complex_human_instruction=None, output_type="np", use_resolution_bin
 
 
 @pytest.fixture(scope="module")
-def pipes():
+def pipes(make_controlnet, make_sprint_transformer, make_text_encoder, make_tokenizer, make_vae):
     """`{argument: pipeline}`: image-to-image and ControlNet pipelines on the same tiny components."""
     parts = dict(
         tokenizer=make_tokenizer(),

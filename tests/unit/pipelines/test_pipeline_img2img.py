@@ -9,7 +9,6 @@ import torch
 from diffusers import SanaSprintImg2ImgPipeline as DiffusersImg2ImgPipeline
 from diffusers import SCMScheduler
 from PIL import Image
-from tiny_components import make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae
 
 from diffusers_sprint import (
     SanaSprintImg2ImgPipeline,
@@ -39,7 +38,7 @@ def _picture(seed=0, height=32, width=32) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def diffusers_dir(tmp_path_factory):
+def diffusers_dir(tmp_path_factory, make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae):
     """A folder written by diffusers' own SanaSprintImg2ImgPipeline."""
     reference = DiffusersImg2ImgPipeline(
         tokenizer=make_tokenizer(),

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import SCMScheduler
-from tiny_components import make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae
 
 from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel, tune_timesteps
 
@@ -51,7 +50,9 @@ def test_sequential_search_finds_each_time_to_the_refined_resolution():
     assert result.scores[2] == best_at_stage_2
 
 
-def test_tunes_a_real_pipeline_and_passes_call_kwargs():
+def test_tunes_a_real_pipeline_and_passes_call_kwargs(
+    make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae
+):
     reference = make_diffusers_transformer(student=True)
     transformer = SanaSprintTransformer2DModel.from_config(reference.config)
     transformer.load_state_dict(reference.state_dict())

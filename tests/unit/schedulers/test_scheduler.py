@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SCMScheduler
-from tiny_components import make_diffusers_transformer, text_conditioning, transformer_config
 
 from diffusers_sprint import SanaSprintTransformer2DModel, TrigFlowScheduler
 from diffusers_sprint.schedulers import PAPER_TIMESTEP_PRESETS
@@ -139,7 +138,9 @@ def test_add_noise():
     torch.testing.assert_close(noisy[2], 0.5 * noise[2], atol=1e-6, rtol=0)
 
 
-def test_ode_sampling_of_a_flow_teacher_equals_flow_match_euler():
+def test_ode_sampling_of_a_flow_teacher_equals_flow_match_euler(
+    make_diffusers_transformer, text_conditioning, transformer_config
+):
     """Prop. 3.1 + DDIM in TrigFlow on the grid t = atan(s / (1 - s)) is the flow Euler sampler, step for step."""
     reference = make_diffusers_transformer(student=False)
     teacher = SanaSprintTransformer2DModel(**transformer_config(student=False)).eval()

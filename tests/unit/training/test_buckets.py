@@ -8,7 +8,6 @@ import pytest
 import torch
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_512_BIN, ASPECT_RATIO_1024_BIN
 from PIL import Image
-from tiny_components import make_diffusers_transformer
 
 from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.training import (
@@ -163,7 +162,7 @@ def test_discriminator_heads_are_token_wise_rings_for_any_token_count():
         torch.testing.assert_close(shifted, logits.roll(5, dims=-1), rtol=1e-5, atol=1e-6)
 
 
-def test_distillation_steps_train_on_non_square_latents():
+def test_distillation_steps_train_on_non_square_latents(make_diffusers_transformer):
     flow_teacher = make_diffusers_transformer(student=False, sample_size=8, num_layers=2)
     teacher = SanaSprintTransformer2DModel.from_config(flow_teacher.config, flow_time_scale=1.0)
     teacher.load_state_dict(flow_teacher.state_dict())

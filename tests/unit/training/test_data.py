@@ -11,7 +11,6 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
-from tiny_components import make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae, transformer_config
 
 from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel, TrigFlowScheduler
 from diffusers_sprint.pipelines.pipeline_sana_sprint import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
@@ -124,7 +123,7 @@ def test_augmentations_are_functions_of_seed_epoch_and_index():
 
 
 @pytest.fixture(scope="module")
-def encoders():
+def encoders(make_text_encoder, make_tokenizer, make_vae):
     return make_vae(), PromptEncoder(make_tokenizer(), make_text_encoder(), max_sequence_length=12)
 
 
@@ -161,7 +160,9 @@ def test_encode_images_is_in_sigma_data_units(encoders):
 
 
 @pytest.mark.parametrize("instruction", [True, False])
-def test_prompt_encoder_matches_the_pipeline(instruction):
+def test_prompt_encoder_matches_the_pipeline(
+    instruction, make_text_encoder, make_tokenizer, make_vae, transformer_config
+):
     tokenizer, text_encoder = make_tokenizer(), make_text_encoder()
     pipe = SanaSprintPipeline(
         tokenizer=tokenizer,
@@ -183,7 +184,7 @@ def test_prompt_encoder_matches_the_pipeline(instruction):
     assert null_mask.sum() == no_instruction[1].sum() >= 1
 
 
-def test_trimming_padding_columns_changes_no_output():
+def test_trimming_padding_columns_changes_no_output(transformer_config):
     teacher = SanaSprintTransformer2DModel.from_config(transformer_config(student=False, sample_size=8))
     with torch.no_grad():
         for parameter in teacher.parameters():
@@ -223,7 +224,9 @@ def test_load_image_caption_dataset_from_imagefolder_and_save_to_disk(tmp_path):
         load_image_caption_dataset()
 
 
-def test_diffusers_teacher_pipeline_builds(tmp_path):
+def test_diffusers_teacher_pipeline_builds(
+    tmp_path, make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae
+):
     """The tiny teacher the script tests use is a plain diffusers SanaPipeline (sanity of the fixtures)."""
     from diffusers import SanaPipeline
 

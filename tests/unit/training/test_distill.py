@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
-from tiny_components import make_diffusers_transformer
 
 from diffusers_sprint import SanaSprintTransformer2DModel, TrigFlowScheduler
 from diffusers_sprint.training import (
@@ -29,7 +28,9 @@ NUM_PROMPTS, SEQ_LEN = 4, 6
 class ToyProblem:
     """A random 3-layer flow teacher on 8x8x4 latents, 4 prompts, and data = its own CFG ODE samples."""
 
-    def __init__(self, num_data: int = 64, num_eval: int = 16, flow_time_scale: float = 1.0):
+    def __init__(
+        self, make_diffusers_transformer, num_data: int = 64, num_eval: int = 16, flow_time_scale: float = 1.0
+    ):
         # Weights come from diffusers' seeded init (make_diffusers_transformer), independent of our class's init.
         flow_teacher = make_diffusers_transformer(student=False, sample_size=8, num_layers=3)
         with torch.no_grad():
@@ -86,8 +87,8 @@ class ToyProblem:
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return ToyProblem()
+def toy(make_diffusers_transformer):
+    return ToyProblem(make_diffusers_transformer)
 
 
 def _config(**overrides):
@@ -157,10 +158,10 @@ def test_student_without_cfg_embedding_learns_the_one_scale(toy):
     assert after < before / 2, (before, after)
 
 
-def test_scm_with_sana_1000_time_scale_diverges_and_build_student_warns():
+def test_scm_with_sana_1000_time_scale_diverges_and_build_student_warns(make_diffusers_transformer):
     """Why students need a dense-time teacher: the same toy with the network fed 1000 s instead of s. The 1-step error
     rises instead of falling (seen 0.146 -> 0.263; dense time: 0.138 -> 0.048), and build_student says so."""
-    toy = ToyProblem(flow_time_scale=1000.0)
+    toy = ToyProblem(make_diffusers_transformer, flow_time_scale=1000.0)
     with pytest.warns(UserWarning, match="dense-time teacher"):
         student = build_student(toy.teacher, logvar_head=False, generator=torch.Generator().manual_seed(0))
     before = toy.one_step_error(student)

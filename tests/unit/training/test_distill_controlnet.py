@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 from diffusers import SanaControlNetModel
-from tiny_components import make_controlnet, make_diffusers_transformer
 
 from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.models import TrigFlowInputs, TrigFlowModel, unwrap_trigflow_controlnet
@@ -40,7 +39,7 @@ BATCH, SEQ_LEN = 3, 5
 TOL = 1e-6
 
 
-def make_teacher(flow_time_scale: float = 1.0) -> SanaSprintTransformer2DModel:
+def make_teacher(make_diffusers_transformer, flow_time_scale: float = 1.0) -> SanaSprintTransformer2DModel:
     flow = make_diffusers_transformer(student=False, sample_size=8, num_layers=3)
     teacher = SanaSprintTransformer2DModel.from_config(flow.config, flow_time_scale=flow_time_scale)
     teacher.load_state_dict(flow.state_dict())
@@ -48,8 +47,8 @@ def make_teacher(flow_time_scale: float = 1.0) -> SanaSprintTransformer2DModel:
 
 
 @pytest.fixture(scope="module")
-def models():
-    teacher = make_teacher()
+def models(make_controlnet, make_diffusers_transformer):
+    teacher = make_teacher(make_diffusers_transformer)
     teacher_controlnet = make_controlnet(seed=1, num_layers=2, sample_size=8).requires_grad_(False)
     student = build_student(teacher, logvar_head=True, generator=torch.Generator().manual_seed(0))
     student_controlnet = init_student_controlnet(teacher_controlnet, teacher, student)
@@ -203,7 +202,7 @@ def _step(student_model, teacher_model, discriminator, batch, seed=0):
 
 
 @pytest.mark.parametrize("how", ["zero_init", "scale_0"])
-def test_a_controlnet_that_adds_nothing_gives_the_text_to_image_step(models, how):
+def test_a_controlnet_that_adds_nothing_gives_the_text_to_image_step(models, how, make_controlnet):
     teacher, teacher_controlnet, student, _ = models
     if how == "zero_init":  # diffusers' init: zero input block and output projections
         torch.manual_seed(0)
@@ -297,7 +296,7 @@ def test_controlnet_only_mode_leaves_the_transformer_bitwise_unchanged(models):
     assert any(n.startswith("controlnet.") for n in results["joint"])
 
 
-def test_init_student_controlnet_copies_and_remaps_time(models):
+def test_init_student_controlnet_copies_and_remaps_time(models, make_diffusers_transformer):
     teacher, teacher_controlnet, student, student_controlnet = models
     for (name, a), b in zip(teacher_controlnet.state_dict().items(), student_controlnet.state_dict().values()):
         assert torch.equal(a, b), name
@@ -305,7 +304,7 @@ def test_init_student_controlnet_copies_and_remaps_time(models):
     # A 1000 s teacher, a dense-time student: the copy's time MLP is remapped (teacher.remap_time_embedding). Where the
     # teacher's time MLP does not read the frequencies above 1 (absent from the dense features), the remap is exact:
     # the student ControlNet at s embeds what the teacher's does at 1000 s.
-    slow = make_teacher(flow_time_scale=1000.0)
+    slow = make_teacher(make_diffusers_transformer, flow_time_scale=1000.0)
     source = init_student_controlnet(teacher_controlnet, teacher, student)
     emb = source.time_embed.emb
     half = emb.time_proj.num_channels // 2
@@ -326,7 +325,7 @@ def test_init_student_controlnet_copies_and_remaps_time(models):
     assert relative(copied, reference) > 1e-2
 
 
-def test_bad_controlnet_inputs_are_refused(models):
+def test_bad_controlnet_inputs_are_refused(models, make_controlnet):
     teacher, teacher_controlnet, student, _ = models
     model = TrigFlowModel(teacher, controlnet=teacher_controlnet)
     x, t = inputs()
@@ -353,7 +352,7 @@ def test_bad_controlnet_inputs_are_refused(models):
     assert math.isfinite(float(model(x, t, batch.prompt_embeds, None, controlnet_cond=batch.control_latents)[0].sum()))
 
 
-def test_control_images_get_the_crop_and_flip_of_their_image():
+def test_control_images_get_the_crop_and_flip_of_their_image(make_vae):
     import numpy as np
     from PIL import Image
 
@@ -381,8 +380,6 @@ def test_control_images_get_the_crop_and_flip_of_their_image():
     class Encoder:  # prompt encoding is not under test here
         def __call__(self, prompts, device=None):
             return torch.zeros(len(prompts), 2, 16), torch.ones(len(prompts), 2, dtype=torch.long)
-
-    from tiny_components import make_vae
 
     cache = build_latent_cache(dataset, make_vae(), Encoder(), batch_size=3)
     for key in range(4):

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from tiny_components import make_text_encoder, make_tokenizer
 
 from diffusers_sprint.training.data import ImageCaptionDataset, InvalidImageError, PromptEncoder, collate_examples
 from diffusers_sprint.training.feature_cache import (
@@ -85,7 +84,9 @@ def test_keys_follow_content_and_model_digests_follow_files(tmp_path):
         model_digest(tmp_path / "nothing")
 
 
-def test_cached_prompt_encoder_matches_the_encoder_and_builds_it_only_on_a_miss(tmp_path):
+def test_cached_prompt_encoder_matches_the_encoder_and_builds_it_only_on_a_miss(
+    tmp_path, make_text_encoder, make_tokenizer
+):
     encoder = PromptEncoder(
         make_tokenizer(), make_text_encoder(), max_sequence_length=12, complex_human_instruction=None
     )
@@ -223,7 +224,7 @@ def test_batches_of_any_collation_resolve_their_latents(tmp_path):
     assert torch.equal(resolve_latents(full, cache, lambda pixels: 1 / 0, 0.5, "cpu"), expected)
 
 
-def test_cache_readers_name_the_row_of_a_bad_caption_or_image(tmp_path):
+def test_cache_readers_name_the_row_of_a_bad_caption_or_image(tmp_path, make_text_encoder, make_tokenizer):
     images = _images(tmp_path, ["a red house", ["a blue house", None]])
     dataset = CachedLatentImageDataset(images, FeatureCache(tmp_path / "cache", "latents", {"vae": "x"}))
     expected = (

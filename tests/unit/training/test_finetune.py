@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from tiny_components import make_diffusers_transformer, text_conditioning
 
 from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.training import prepare_sprint_teacher
@@ -16,7 +15,7 @@ from diffusers_sprint.training.teacher import (
 )
 
 
-def test_drop_captions_replaces_rows_by_the_empty_prompt():
+def test_drop_captions_replaces_rows_by_the_empty_prompt(text_conditioning):
     embeds, mask = text_conditioning(64, seq_len=5)
     null, null_mask = torch.zeros(1, 5, 16), torch.tensor([[1, 0, 0, 0, 0]])
     same = drop_captions(embeds, mask, null, null_mask, 0.0)
@@ -33,7 +32,9 @@ def test_drop_captions_replaces_rows_by_the_empty_prompt():
         drop_captions(embeds, mask, null, null_mask, 1.5)
 
 
-def test_calibration_inputs_are_the_flow_models_view_of_the_trigflow_sample():
+def test_calibration_inputs_are_the_flow_models_view_of_the_trigflow_sample(
+    make_diffusers_transformer, text_conditioning
+):
     """Prop. 3.1: trigflow_forward(x_t / sigma_d, t) = ((1 - 2s) x_s + (1 - 2s + 2s^2) v) / sqrt(s^2 + (1 - s)^2)."""
     flow = SanaSprintTransformer2DModel.from_config(make_diffusers_transformer(student=False, sample_size=8).config)
     flow.load_state_dict(make_diffusers_transformer(student=False, sample_size=8).state_dict())
@@ -57,7 +58,9 @@ def test_calibration_inputs_are_the_flow_models_view_of_the_trigflow_sample():
     assert not torch.allclose(gains, torch.ones_like(gains))
 
 
-def test_sana_pipeline_time_convention_keeps_trigflow_and_fixes_sana_pipeline_units():
+def test_sana_pipeline_time_convention_keeps_trigflow_and_fixes_sana_pipeline_units(
+    make_diffusers_transformer, text_conditioning
+):
     teacher = prepare_sprint_teacher(make_diffusers_transformer(student=False, sample_size=8))
     assert teacher.config.flow_time_scale == 1.0 and teacher.config.timestep_scale == 1.0
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 1.1])

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_components import text_conditioning, transformer_config
 
 from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.models import TrigFlowInputs
@@ -43,7 +42,7 @@ def _single_thread():
     torch.set_num_threads(previous)
 
 
-def make_teacher(seed: int = 0, dtype=torch.float32) -> SanaSprintTransformer2DModel:
+def make_teacher(transformer_config, seed: int = 0, dtype=torch.float32) -> SanaSprintTransformer2DModel:
     torch.manual_seed(seed)
     teacher = SanaSprintTransformer2DModel(**transformer_config(student=False, num_layers=NUM_LAYERS))
     with torch.no_grad():
@@ -52,7 +51,7 @@ def make_teacher(seed: int = 0, dtype=torch.float32) -> SanaSprintTransformer2DM
     return (teacher.double() if dtype == torch.float64 else teacher).eval()
 
 
-def inputs(batch_size: int, seed: int = 1, dtype=torch.float32):
+def inputs(text_conditioning, batch_size: int, seed: int = 1, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, 4, LATENT, LATENT, generator=generator, dtype=dtype)
     t = (0.1 + 1.4 * torch.rand(batch_size, generator=generator)).to(dtype)
@@ -69,8 +68,8 @@ def teacher_params(teacher):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_only_heads_are_parameters_and_train_teacher_untouched():
-    teacher = make_teacher()
+def test_only_heads_are_parameters_and_train_teacher_untouched(text_conditioning, transformer_config):
+    teacher = make_teacher(transformer_config)
     before = teacher_params(teacher)
     discriminator = SanaDiscriminator(teacher, head_block_ids=(0, 2, 3)).train()
 
@@ -82,7 +81,7 @@ def test_only_heads_are_parameters_and_train_teacher_untouched():
 
     optimizer = torch.optim.AdamW(discriminator.parameters(), lr=1e-2, weight_decay=0.1)
     heads_before = [parameter.detach().clone() for parameter in discriminator.parameters()]
-    real, t, embeds, mask = inputs(4)
+    real, t, embeds, mask = inputs(text_conditioning, 4)
     fake = torch.randn_like(real)
     for _ in range(3):
         optimizer.zero_grad(set_to_none=True)
@@ -100,10 +99,10 @@ def test_only_heads_are_parameters_and_train_teacher_untouched():
     assert not teacher.training
 
 
-def test_generator_side_gradient_reaches_fake_input_not_teacher():
-    teacher = make_teacher()
+def test_generator_side_gradient_reaches_fake_input_not_teacher(text_conditioning, transformer_config):
+    teacher = make_teacher(transformer_config)
     discriminator = SanaDiscriminator(teacher, head_block_ids=(1, 3)).eval()
-    _, t, embeds, mask = inputs(3)
+    _, t, embeds, mask = inputs(text_conditioning, 3)
     fake = torch.randn(3, 4, LATENT, LATENT, requires_grad=True)
 
     loss = hinge_generator_loss(discriminator(fake, t, embeds, mask))
@@ -125,12 +124,12 @@ def test_generator_side_gradient_reaches_fake_input_not_teacher():
     assert not any(feature.requires_grad for feature in features)
 
 
-def test_unfrozen_teacher_is_an_error():
-    teacher = make_teacher()
+def test_unfrozen_teacher_is_an_error(text_conditioning, transformer_config):
+    teacher = make_teacher(transformer_config)
     discriminator = SanaDiscriminator(teacher, head_block_ids=(0,))
     teacher.proj_out.weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match="frozen"):
-        discriminator(*inputs(2))
+        discriminator(*inputs(text_conditioning, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -182,14 +181,14 @@ def test_losses_match_hand_computation():
 
 
 @pytest.mark.parametrize("head_block_ids", [(3,), (1, 3), (3, 0, 2), (0, 1, 2, 3), None])
-def test_logit_shapes_and_per_head_layout(head_block_ids):
-    teacher = make_teacher()
+def test_logit_shapes_and_per_head_layout(head_block_ids, text_conditioning, transformer_config):
+    teacher = make_teacher(transformer_config)
     discriminator = SanaDiscriminator(teacher, head_block_ids=head_block_ids).eval()
     expected_ids = tuple(head_block_ids) if head_block_ids is not None else tuple(default_head_block_ids(NUM_LAYERS))
     assert discriminator.head_block_ids == expected_ids and len(discriminator.heads) == len(expected_ids)
 
     batch_size, num_tokens = 3, LATENT * LATENT
-    x, t, embeds, mask = inputs(batch_size)
+    x, t, embeds, mask = inputs(text_conditioning, batch_size)
     logits = discriminator(x, t, embeds, mask)
     assert logits.shape == (batch_size, len(expected_ids) * num_tokens)
 
@@ -210,12 +209,12 @@ def test_logit_shapes_and_per_head_layout(head_block_ids):
 
 
 @pytest.mark.parametrize("head_block_ids", [(0, 1), (2,), (1, 3)])
-def test_teacher_stops_after_the_last_hooked_block(head_block_ids):
+def test_teacher_stops_after_the_last_hooked_block(head_block_ids, text_conditioning, transformer_config):
     """Blocks after the last hooked one do not run; features, logits and the input gradient are those of the full
     teacher forward (the later blocks only feed the discarded output)."""
-    teacher = make_teacher()
+    teacher = make_teacher(transformer_config)
     discriminator = SanaDiscriminator(teacher, head_block_ids=head_block_ids).eval()
-    x, t, embeds, mask = inputs(3)
+    x, t, embeds, mask = inputs(text_conditioning, 3)
 
     calls = dict.fromkeys(range(NUM_LAYERS), 0)
     counters = [
@@ -271,9 +270,9 @@ def test_head_shapes_and_spectral_norm():
         DiscriminatorHead(INNER_DIM, kernel_size=8)
 
 
-def test_hooks_are_removed_and_teacher_is_unaffected():
-    teacher = make_teacher()
-    x, t, embeds, mask = inputs(2)
+def test_hooks_are_removed_and_teacher_is_unaffected(text_conditioning, transformer_config):
+    teacher = make_teacher(transformer_config)
+    x, t, embeds, mask = inputs(text_conditioning, 2)
     with torch.no_grad():
         reference = teacher.trigflow_forward(x, t, embeds, mask).sample
 
@@ -291,8 +290,8 @@ def test_hooks_are_removed_and_teacher_is_unaffected():
     assert torch.equal(after, reference)
 
 
-def test_invalid_head_block_ids():
-    teacher = make_teacher()
+def test_invalid_head_block_ids(transformer_config):
+    teacher = make_teacher(transformer_config)
     with pytest.raises(ValueError, match=r"head_block_ids.*depth 4.*0\.\.3"):
         SanaDiscriminator(teacher)  # official (2, 8, 14, 19) on a 4-block teacher
     for bad in [(0, 4), (-1,), (), (1, 1), (0.5,)]:
@@ -319,9 +318,11 @@ def test_default_head_block_ids():
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_misaligned_pairs_roll_captions_and_run_through_discriminator(batch_size):
-    discriminator = SanaDiscriminator(make_teacher(), head_block_ids=(1, 3))
-    x, t, embeds, mask = inputs(batch_size)
+def test_misaligned_pairs_roll_captions_and_run_through_discriminator(
+    batch_size, text_conditioning, transformer_config
+):
+    discriminator = SanaDiscriminator(make_teacher(transformer_config), head_block_ids=(1, 3))
+    x, t, embeds, mask = inputs(text_conditioning, batch_size)
     pairs = misaligned_pairs(x, embeds, mask)
 
     expected = 0 if batch_size == 1 else batch_size
@@ -342,7 +343,7 @@ def test_misaligned_pairs_roll_captions_and_run_through_discriminator(batch_size
     assert torch.isfinite(hinge_discriminator_loss(fake_logits, fake_logits))
 
 
-def test_misaligned_pairs_drop_duplicate_captions():
+def test_misaligned_pairs_drop_duplicate_captions(text_conditioning):
     x = torch.randn(4, 4, LATENT, LATENT)
     embeds, mask = text_conditioning(batch_size=4, padded=False)
     embeds[1] = embeds[0]  # samples 0 and 1 share a prompt: sample 1's rolled caption is its own
@@ -393,10 +394,10 @@ def test_batch_norm_local_uses_per_group_statistics(batch_size, group_sizes):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_r1_penalty_on_features_matches_manual_autograd():
-    teacher = make_teacher()
+def test_r1_penalty_on_features_matches_manual_autograd(text_conditioning, transformer_config):
+    teacher = make_teacher(transformer_config)
     discriminator = SanaDiscriminator(teacher, head_block_ids=(0, 2)).eval()
-    real, t, embeds, mask = inputs(3)
+    real, t, embeds, mask = inputs(text_conditioning, 3)
     penalty = r1_penalty(discriminator, real, t, embeds, mask)
 
     with torch.no_grad():
@@ -472,15 +473,17 @@ def test_interleave_order_spreads_both_sets_over_every_batch_norm_group(num_real
         assert abs(group.sum().item() - expected) <= 1.0
 
 
-def test_discriminator_judges_fakes_with_the_real_reference_in_shared_batch_norm_groups():
+def test_discriminator_judges_fakes_with_the_real_reference_in_shared_batch_norm_groups(
+    text_conditioning, transformer_config
+):
     """
     Judged alone, a batch's mean logit is (nearly) fixed by the heads' local batch norm: shifting every fake input by
     the same amount barely moves it. With the real rows as `reference` the heads normalise both together: the
     logits are those of one head pass over the interleaved features, and the shift shows.
     """
-    discriminator = SanaDiscriminator(make_teacher(), head_block_ids=(1, 3))
-    real, t, embeds, mask = inputs(8, seed=1)
-    fake, t_fake, _, _ = inputs(8, seed=2)
+    discriminator = SanaDiscriminator(make_teacher(transformer_config), head_block_ids=(1, 3))
+    real, t, embeds, mask = inputs(text_conditioning, 8, seed=1)
+    fake, t_fake, _, _ = inputs(text_conditioning, 8, seed=2)
     reference = TrigFlowInputs(real, t, embeds, mask)
     with torch.no_grad():
         logits = discriminator(fake, t_fake, embeds, mask, reference=reference)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tiny_components import make_text_encoder, make_tokenizer, make_vae, text_conditioning, transformer_config
 
 from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel, TrigFlowScheduler
 from diffusers_sprint.training import (
@@ -16,7 +15,7 @@ from diffusers_sprint.training.lora import build_lora_student, lora_state_dict
 
 
 @pytest.fixture(scope="module")
-def teacher():
+def teacher(transformer_config):
     torch.manual_seed(0)
     model = SanaSprintTransformer2DModel(**transformer_config(student=False, sample_size=8), flow_time_scale=1.0)
     with torch.no_grad():
@@ -25,15 +24,15 @@ def teacher():
     return model.eval().requires_grad_(False)
 
 
-def _inputs(batch=2):
+def _inputs(text_conditioning, batch=2):
     embeds, mask = text_conditioning(batch, seq_len=6)
     return torch.randn(batch, 4, 8, 8), torch.tensor([0.4, 1.2])[:batch], embeds, mask
 
 
-def test_lora_student_starts_as_the_teacher_and_trains_only_the_adapter_and_logvar(teacher):
+def test_lora_student_starts_as_the_teacher_and_trains_only_the_adapter_and_logvar(teacher, text_conditioning):
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = build_lora_student(teacher, rank=4, alpha=8)
-    x, t, embeds, mask = _inputs()
+    x, t, embeds, mask = _inputs(text_conditioning)
     with torch.no_grad():
         torch.testing.assert_close(
             student.trigflow_forward(x, t, embeds, mask).sample, teacher.trigflow_forward(x, t, embeds, mask).sample
@@ -48,7 +47,7 @@ def test_lora_student_starts_as_the_teacher_and_trains_only_the_adapter_and_logv
     assert all(not p.requires_grad for p in teacher.parameters())
 
 
-def test_lora_student_gets_sCM_gradients_through_the_jvp(teacher):
+def test_lora_student_gets_sCM_gradients_through_the_jvp(teacher, text_conditioning):
     student = build_lora_student(teacher, rank=2)
     embeds, mask = text_conditioning(2, seq_len=6)
     batch = DistillationBatch(torch.randn(2, 4, 8, 8) * 0.5, embeds, mask, torch.zeros(1, 6, 16), mask[1:])
@@ -63,7 +62,9 @@ def test_lora_student_gets_sCM_gradients_through_the_jvp(teacher):
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_saved_adapter_loads_onto_the_teacher_pipeline_and_fuses(teacher, tmp_path):
+def test_saved_adapter_loads_onto_the_teacher_pipeline_and_fuses(
+    teacher, tmp_path, make_text_encoder, make_tokenizer, make_vae, text_conditioning
+):
     student = build_lora_student(teacher, rank=4)
     with torch.no_grad():
         for name, parameter in student.named_parameters():
@@ -79,7 +80,7 @@ def test_saved_adapter_loads_onto_the_teacher_pipeline_and_fuses(teacher, tmp_pa
     )
     pipe.transformer.load_state_dict(teacher.state_dict())
     pipe.load_lora_weights(tmp_path)
-    x, t, embeds, mask = _inputs()
+    x, t, embeds, mask = _inputs(text_conditioning)
     with torch.no_grad():
         expected = student.trigflow_forward(x, t, embeds, mask).sample
         torch.testing.assert_close(pipe.transformer.trigflow_forward(x, t, embeds, mask).sample, expected)
@@ -90,7 +91,7 @@ def test_saved_adapter_loads_onto_the_teacher_pipeline_and_fuses(teacher, tmp_pa
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_errors(teacher):
+def test_errors(teacher, transformer_config):
     student_like = SanaSprintTransformer2DModel(**transformer_config(student=True, sample_size=8))
     with pytest.raises(ValueError, match="guidance embedder"):
         build_lora_student(student_like, rank=4)

@@ -6,12 +6,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers.models.embeddings import Timesteps
-from tiny_components import float64_timestep_projection as _float64_timestep_projection
-from tiny_components import make_student as _student
-from tiny_components import make_teacher as _teacher
-from tiny_components import null_prompt as _null_prompt
-from tiny_components import scm_batch as _batch
-from tiny_components import text_conditioning
 from torch import nn
 
 from diffusers_sprint import SanaSprintTransformer2DModel
@@ -44,11 +38,13 @@ SIGMA_DATA = 0.5
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padded-mask"])
-def test_jvp_tangent_matches_finite_differences_along_pf_ode(padded):
-    student, teacher = _student(), _teacher()
-    x0, z, t, w = _batch()
+def test_jvp_tangent_matches_finite_differences_along_pf_ode(
+    padded, float64_timestep_projection, make_student, make_teacher, null_prompt, scm_batch, text_conditioning
+):
+    student, teacher = make_student(), make_teacher()
+    x0, z, t, w = scm_batch()
     embeds, mask = text_conditioning(padded=padded)
-    null_embeds, null_mask = _null_prompt()
+    null_embeds, null_mask = null_prompt()
     x_t = torch.cos(t).view(-1, 1, 1, 1) * x0 + torch.sin(t).view(-1, 1, 1, 1) * z
     dxt_dt = teacher_cfg_velocity(teacher, x_t / SIGMA_DATA, t, embeds, mask, null_embeds, null_mask, w)
     v_x, v_t = pf_ode_tangents(x_t, t, dxt_dt, SIGMA_DATA)
@@ -61,7 +57,7 @@ def test_jvp_tangent_matches_finite_differences_along_pf_ode(padded):
     student64 = copy.deepcopy(student).double()
     for module in student64.modules():
         if isinstance(module, Timesteps):
-            module.forward = _float64_timestep_projection(module)
+            module.forward = float64_timestep_projection(module)
 
     def velocity64(x, time):
         return student64.trigflow_forward(x, time, embeds.double(), mask, guidance_scale=w.double()).sample
@@ -171,13 +167,15 @@ def _hand_scm(student, teacher, x0, z, t, cond, cond_mask, null, w, r, norm, ada
 @pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "plain"])
 @pytest.mark.parametrize("norm", ["l2", "rms"])
 @pytest.mark.parametrize("step", [0, 50, 100], ids=["r=0", "r=0.5", "r=1"])
-def test_toy_loss_and_gradients_match_hand_computation(norm, step, adaptive):
+def test_toy_loss_and_gradients_match_hand_computation(
+    norm, step, adaptive, null_prompt, scm_batch, text_conditioning
+):
     """Tolerance 1e-9 (float64; the closed form and the library differ only in rounding)."""
     student = ToyVelocity(a=0.7, b=-0.3, e=0.5, k=0.2, c=0.3, d=-0.4, logvar_head=adaptive)
     teacher = ToyVelocity(a=0.9, b=0.4, e=1.5, guidance_embeds=False, logvar_head=False).requires_grad_(False)
-    x0, z, t, w = _batch(batch_size=3, dtype=torch.float64)
+    x0, z, t, w = scm_batch(batch_size=3, dtype=torch.float64)
     cond, cond_mask = text_conditioning(batch_size=3)
-    null, _ = _null_prompt()
+    null, _ = null_prompt()
     cond, null = cond.double(), null.double()
     config = SCMLossConfig(tangent_warmup_steps=100, tangent_norm=norm, adaptive_weight=adaptive)
 
@@ -229,9 +227,9 @@ def test_tangent_warmup_schedule():
 # 3. The teacher as the student
 
 
-def _teacher_as_student(teacher: SanaSprintTransformer2DModel) -> SanaSprintTransformer2DModel:
+def _teacher_as_student(make_teacher, teacher: SanaSprintTransformer2DModel) -> SanaSprintTransformer2DModel:
     """A guidance-free copy of the teacher with a (random) logvar head: its F is exactly the teacher's."""
-    student = _teacher(logvar_head=True).requires_grad_(True)
+    student = make_teacher(logvar_head=True).requires_grad_(True)
     student.load_state_dict(teacher.state_dict(), strict=False)
     with torch.no_grad():
         student.logvar_linear.weight.normal_(std=0.5)
@@ -239,7 +237,9 @@ def _teacher_as_student(teacher: SanaSprintTransformer2DModel) -> SanaSprintTran
     return student
 
 
-def test_teacher_as_student_without_guidance_loss_is_logvar_only():
+def test_teacher_as_student_without_guidance_loss_is_logvar_only(
+    make_teacher, null_prompt, scm_batch, text_conditioning
+):
     r"""
     Student = teacher (guidance-free copy), w = 1, r = 0.
 
@@ -253,11 +253,11 @@ def test_teacher_as_student_without_guidance_loss_is_logvar_only():
     embedding feeding it) gets zero gradient. Float error: the batched CFG (2B forward, null + (c - null)) and the
     single student forward differ by ~1e-7, giving g ~ 1e-6 after normalisation and loss terms ~1e-12.
     """
-    teacher = _teacher()
-    student = _teacher_as_student(teacher)
-    x0, z, t, _ = _batch(batch_size=3)
+    teacher = make_teacher()
+    student = _teacher_as_student(make_teacher, teacher)
+    x0, z, t, _ = scm_batch(batch_size=3)
     embeds, mask = text_conditioning(batch_size=3)
-    null_embeds, null_mask = _null_prompt()
+    null_embeds, null_mask = null_prompt()
     out = scm_loss(student, teacher, DistillationBatch(x0, embeds, mask, null_embeds, null_mask), z, t, 1.0, 0)
     out.loss.backward()
 
@@ -278,7 +278,7 @@ def test_teacher_as_student_without_guidance_loss_is_logvar_only():
     torch.testing.assert_close(student.logvar_linear.bias.grad, torch.ones(1), rtol=0, atol=1e-6)
 
 
-def test_teacher_as_student_with_guidance_closed_form():
+def test_teacher_as_student_with_guidance_closed_form(make_teacher, null_prompt, scm_batch, text_conditioning):
     r"""
     Student = teacher (guidance-free copy), w > 1, r = 0.
 
@@ -293,11 +293,11 @@ def test_teacher_as_student_with_guidance_closed_form():
     `F_c`, `F_n` come from two separate (un-batched) teacher forwards, which also checks the batched CFG. Tolerance:
     rel 1e-5 (fp32).
     """
-    teacher = _teacher()
-    student = _teacher_as_student(teacher)
-    x0, z, t, w = _batch(batch_size=3)
+    teacher = make_teacher()
+    student = _teacher_as_student(make_teacher, teacher)
+    x0, z, t, w = scm_batch(batch_size=3)
     embeds, mask = text_conditioning(batch_size=3)
-    null_embeds, null_mask = _null_prompt()
+    null_embeds, null_mask = null_prompt()
     batch = DistillationBatch(x0, embeds, mask, null_embeds, null_mask)
     out = scm_loss(student, teacher, batch, z, t, w, 0, SCMLossConfig())
 
@@ -319,10 +319,10 @@ def test_teacher_as_student_with_guidance_closed_form():
 # 4./5. Gradients reach every student parameter
 
 
-def _loss_and_grads(student, teacher, config, seed=0):
-    x0, z, t, w = _batch(seed=seed)
+def _loss_and_grads(null_prompt, scm_batch, text_conditioning, student, teacher, config, seed=0):
+    x0, z, t, w = scm_batch(seed=seed)
     embeds, mask = text_conditioning()
-    null_embeds, null_mask = _null_prompt()
+    null_embeds, null_mask = null_prompt()
     student.zero_grad(set_to_none=True)
     batch = DistillationBatch(x0, embeds, mask, null_embeds, null_mask)
     out = scm_loss(student, teacher, batch, z, t, w, 2000, config)
@@ -330,9 +330,11 @@ def _loss_and_grads(student, teacher, config, seed=0):
     return out, {name: p.grad for name, p in student.named_parameters()}
 
 
-def test_gradients_reach_every_student_parameter_including_guidance_embedder_and_logvar_head():
-    student, teacher = _student(), _teacher()
-    out, grads = _loss_and_grads(student, teacher, SCMLossConfig())
+def test_gradients_reach_every_student_parameter_including_guidance_embedder_and_logvar_head(
+    make_student, make_teacher, null_prompt, scm_batch, text_conditioning
+):
+    student, teacher = make_student(), make_teacher()
+    out, grads = _loss_and_grads(null_prompt, scm_batch, text_conditioning, student, teacher, SCMLossConfig())
     assert torch.isfinite(out.loss) and out.logs["tangent_warmup_r"] == 0.5
     dead = [name for name, grad in grads.items() if grad is None or not torch.any(grad != 0)]
     assert dead == []
@@ -343,22 +345,24 @@ def test_gradients_reach_every_student_parameter_including_guidance_embedder_and
     assert not any(p.grad is not None for p in teacher.parameters())
 
 
-def test_detach_logvar_embedding_cuts_only_the_logvar_path_into_the_embedders():
+def test_detach_logvar_embedding_cuts_only_the_logvar_path_into_the_embedders(
+    make_student, make_teacher, null_prompt, scm_batch, text_conditioning
+):
     """Same loss; same gradients outside the time/guidance embedders (the velocity path does not change); in the
     embedders (not the modulation `time_embed.linear`, which the head does not read), the official gradient minus the
     detached one is exactly the gradient of the logvar terms alone."""
-    student, teacher = _student(), _teacher()
-    official, grads = _loss_and_grads(student, teacher, SCMLossConfig())
+    student, teacher = make_student(), make_teacher()
+    official, grads = _loss_and_grads(null_prompt, scm_batch, text_conditioning, student, teacher, SCMLossConfig())
     config = SCMLossConfig(detach_logvar_embedding=True)
-    detached, detached_grads = _loss_and_grads(student, teacher, config)
+    detached, detached_grads = _loss_and_grads(null_prompt, scm_batch, text_conditioning, student, teacher, config)
     torch.testing.assert_close(detached.loss, official.loss, rtol=1e-6, atol=0)
 
     # The logvar terms by themselves: d loss / d logvar_i = (1 - exp(-logvar_i) e_i) / batch with e_i the sample's
     # mean weighted squared error (each sample's scm_loss without adaptive weight), back-propagated through
     # the head into the embedders only.
-    x0, z, t, w = _batch()
+    x0, z, t, w = scm_batch()
     embeds, mask = text_conditioning()
-    null_embeds, null_mask = _null_prompt()
+    null_embeds, null_mask = null_prompt()
     errors = []
     for i in range(x0.shape[0]):
         one = slice(i, i + 1)
@@ -384,12 +388,14 @@ def test_detach_logvar_embedding_cuts_only_the_logvar_path_into_the_embedders():
             torch.testing.assert_close(detached_grads[name], grad, rtol=1e-5, atol=1e-9, msg=name)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients(
+    make_student, make_teacher, null_prompt, scm_batch, text_conditioning
+):
     """The JVP runs under no_grad, so checkpointing the grad forward is fine."""
-    student, teacher = _student(), _teacher()
-    _, grads = _loss_and_grads(student, teacher, SCMLossConfig())
+    student, teacher = make_student(), make_teacher()
+    _, grads = _loss_and_grads(null_prompt, scm_batch, text_conditioning, student, teacher, SCMLossConfig())
     student.enable_gradient_checkpointing()
-    _, checkpointed = _loss_and_grads(student, teacher, SCMLossConfig())
+    _, checkpointed = _loss_and_grads(null_prompt, scm_batch, text_conditioning, student, teacher, SCMLossConfig())
     for name, grad in grads.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-8, msg=name)
 
@@ -398,7 +404,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 # 5b. The finite-difference tangent (`jvp="finite_difference"`)
 
 
-def _pf_ode_point(batch_size=6, seed=3):
+def _pf_ode_point(make_teacher, null_prompt, text_conditioning, batch_size=6, seed=3):
     """A batch at t = 0.05 ... 1.5 rad with the sCM direction (teacher CFG velocity), padded captions."""
     generator = torch.Generator().manual_seed(seed)
     x0 = SIGMA_DATA * torch.randn(batch_size, 4, 16, 16, generator=generator)
@@ -406,7 +412,7 @@ def _pf_ode_point(batch_size=6, seed=3):
     t, w = torch.linspace(0.05, 1.5, batch_size), torch.full((batch_size,), 4.5)
     embeds, mask = text_conditioning(batch_size=batch_size, padded=True)
     x_t = add_trigflow_noise(x0, z, t)
-    dxt_dt = teacher_cfg_velocity(_teacher(), x_t / SIGMA_DATA, t, embeds, mask, *_null_prompt(), w)
+    dxt_dt = teacher_cfg_velocity(make_teacher(), x_t / SIGMA_DATA, t, embeds, mask, *null_prompt(), w)
     v_x, v_t = pf_ode_tangents(x_t, t, dxt_dt, SIGMA_DATA)
     return x_t / SIGMA_DATA, t, v_x, v_t, (embeds, mask, w)
 
@@ -415,12 +421,14 @@ def _per_sample_relative_error(estimate, exact):
     return (estimate - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)
 
 
-def test_finite_difference_tangent_matches_the_exact_jvp_across_t():
+def test_finite_difference_tangent_matches_the_exact_jvp_across_t(
+    make_student, make_teacher, null_prompt, text_conditioning
+):
     """fp32, default step 3e-5 rad: per-sample relative error vs `torch.func.jvp` <= 1e-2 one-sided (seen 2.7e-3 to
     5.5e-3 at t = 0.05 ... 1.5), <= 5e-3 central (seen 1.2e-3 to 2.2e-3); a 10x larger step is more accurate on this
     smooth tiny model (seen <= 1.4e-3 one-sided) but not on the trained toy teacher (docs/performance.md)."""
-    student = _student()
-    x, t, v_x, v_t, conditioning = _pf_ode_point()
+    student = make_student()
+    x, t, v_x, v_t, conditioning = _pf_ode_point(make_teacher, null_prompt, text_conditioning)
     with torch.no_grad():
         base, exact = trigflow_velocity_jvp(student, TrigFlowInputs(x, t, *conditioning), v_x, v_t)
     one_sided = trigflow_velocity_finite_difference(student, TrigFlowInputs(x, t, *conditioning), v_x, v_t, base=base)
@@ -438,11 +446,13 @@ def test_finite_difference_tangent_matches_the_exact_jvp_across_t():
     assert _per_sample_relative_error(noisy, exact).min() > 1.0
 
 
-def test_finite_difference_runs_in_fp32_under_bf16_autocast():
+def test_finite_difference_runs_in_fp32_under_bf16_autocast(
+    make_student, make_teacher, null_prompt, text_conditioning
+):
     """Under autocast the forwards are fp32 anyway: the tangent equals the fp32 one to 1e-6 (seen 0), where the exact
     JVP under bf16 autocast is off by ~1e-2 on this model."""
-    student = _student()
-    x, t, v_x, v_t, conditioning = _pf_ode_point()
+    student = make_student()
+    x, t, v_x, v_t, conditioning = _pf_ode_point(make_teacher, null_prompt, text_conditioning)
     reference = trigflow_velocity_finite_difference(student, TrigFlowInputs(x, t, *conditioning), v_x, v_t)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = trigflow_velocity_finite_difference(student, TrigFlowInputs(x, t, *conditioning), v_x, v_t)
@@ -454,11 +464,11 @@ def test_finite_difference_runs_in_fp32_under_bf16_autocast():
     assert _per_sample_relative_error(reference, exact).max() < _per_sample_relative_error(exact_bf16, exact).max()
 
 
-def test_velocity_tangent_dispatches_on_the_config():
+def test_velocity_tangent_dispatches_on_the_config(make_student, make_teacher, null_prompt, text_conditioning):
     """`velocity_tangent` is exactly the building block `config.jvp` names: the JVP's dF; the one-sided difference
     from the base point it is given (fp32); the central difference under autocast, which ignores that base point."""
-    student = _student()
-    x, t, v_x, v_t, conditioning = _pf_ode_point()
+    student = make_student()
+    x, t, v_x, v_t, conditioning = _pf_ode_point(make_teacher, null_prompt, text_conditioning)
     inputs = TrigFlowInputs(x, t, *conditioning)
     with torch.no_grad():
         base, exact = trigflow_velocity_jvp(student, inputs, v_x, v_t)
@@ -473,14 +483,16 @@ def test_velocity_tangent_dispatches_on_the_config():
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32_one_sided", "bf16_autocast_central"])
-def test_scm_loss_and_gradients_with_finite_difference_are_close_to_exact(autocast, monkeypatch):
+def test_scm_loss_and_gradients_with_finite_difference_are_close_to_exact(
+    autocast, monkeypatch, make_student, make_teacher, null_prompt, scm_batch, text_conditioning
+):
     """The finite-difference gradient differs from the exact one by much less than a 5 % error of the exact tangent
     makes it differ: `||grad_fd - grad|| <= k ||grad(dF + 0.05 roll(dF)) - grad||` over all student parameters
     (`roll`: shifted by one pixel, an error in another direction; a scaled `dF` would be normalised away). fp32:
     k = 0.2 (seen 0.057). Under bf16 autocast the reference itself is a bf16 JVP (off by ~1e-2): k = 0.6 (seen 0.42).
     The loss value barely depends on the tangent (the normalised `g` has norm ~1): equal to 1e-5 relative."""
-    student, teacher = _student(), _teacher()
-    x0, z, _, w = _batch(batch_size=4)
+    student, teacher = make_student(), make_teacher()
+    x0, z, _, w = scm_batch(batch_size=4)
     t = torch.tensor([0.05, 0.1, 0.2, 0.4])  # small t: there the dF term is a large part of g
     embeds, mask = text_conditioning(batch_size=4)
 
@@ -488,7 +500,7 @@ def test_scm_loss_and_gradients_with_finite_difference_are_close_to_exact(autoca
         config.null_branch_mask = "null"  # the thresholds were measured with the empty prompt's own mask
         student.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            batch = DistillationBatch(x0, embeds, mask, *_null_prompt())
+            batch = DistillationBatch(x0, embeds, mask, *null_prompt())
             out = scm_loss(student, teacher, batch, z, t, w, 10**6, config)
         out.loss.backward()
         return out, {name: p.grad.clone() for name, p in student.named_parameters()}
@@ -512,7 +524,9 @@ def test_scm_loss_and_gradients_with_finite_difference_are_close_to_exact(autoca
     torch.testing.assert_close(fd.loss, exact.loss, rtol=1e-5, atol=0)
 
 
-def test_compiled_jvp_equals_the_eager_jvp_and_gives_the_same_step(monkeypatch):
+def test_compiled_jvp_equals_the_eager_jvp_and_gives_the_same_step(
+    monkeypatch, make_student, make_teacher, null_prompt, scm_batch, text_conditioning
+):
     """`compile_jvp=True` traces `torch.func.jvp` through the student with dynamo + AOTAutograd (`aot_eager`: the
     graph Inductor would compile, without code generation): tangent equal to the eager one to 1e-5 relative (seen
     ~1e-7), loss and gradients equal to 1e-5 (seen 0 for the loss: the primal forward is not the JVP's), and the
@@ -525,16 +539,20 @@ def test_compiled_jvp_equals_the_eager_jvp_and_gives_the_same_step(monkeypatch):
         return torch._dynamo.lookup_backend("aot_eager")(graph_module, example_inputs)
 
     monkeypatch.setattr(tangent_module, "JVP_COMPILE_BACKEND", counting_aot_eager)
-    student, teacher = _student(), _teacher()
-    x, t, v_x, v_t, conditioning = _pf_ode_point()  # padded captions
+    student, teacher = make_student(), make_teacher()
+    x, t, v_x, v_t, conditioning = _pf_ode_point(make_teacher, null_prompt, text_conditioning)  # padded captions
     with torch.no_grad():
         base, exact = trigflow_velocity_jvp(student, TrigFlowInputs(x, t, *conditioning), v_x, v_t)
         base_c, compiled = trigflow_velocity_jvp(student, TrigFlowInputs(x, t, *conditioning), v_x, v_t, compile=True)
     torch.testing.assert_close(base_c, base, rtol=1e-5, atol=1e-6)
     assert _per_sample_relative_error(compiled, exact).max() <= 1e-5
     assert len(graphs) == 1
-    eager_out, eager_grads = _loss_and_grads(student, teacher, SCMLossConfig())
-    compiled_out, compiled_grads = _loss_and_grads(student, teacher, SCMLossConfig(compile_jvp=True))
+    eager_out, eager_grads = _loss_and_grads(
+        null_prompt, scm_batch, text_conditioning, student, teacher, SCMLossConfig()
+    )
+    compiled_out, compiled_grads = _loss_and_grads(
+        null_prompt, scm_batch, text_conditioning, student, teacher, SCMLossConfig(compile_jvp=True)
+    )
     torch.testing.assert_close(compiled_out.loss, eager_out.loss, rtol=1e-5, atol=0)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
@@ -545,10 +563,14 @@ def test_compile_jvp_is_refused_with_the_finite_difference():
         SCMLossConfig(jvp="finite_difference", compile_jvp=True)
 
 
-def test_finite_difference_refuses_low_precision_weights():
-    student, teacher = _student().bfloat16(), _teacher()
+def test_finite_difference_refuses_low_precision_weights(
+    make_student, make_teacher, null_prompt, scm_batch, text_conditioning
+):
+    student, teacher = make_student().bfloat16(), make_teacher()
     with pytest.raises(ValueError, match="fp32 \\(master\\) weights"):
-        _loss_and_grads(student, teacher, SCMLossConfig(jvp="finite_difference"))
+        _loss_and_grads(
+            null_prompt, scm_batch, text_conditioning, student, teacher, SCMLossConfig(jvp="finite_difference")
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -597,15 +619,15 @@ def test_config_defaults_are_the_official_recipe():
     assert config.jvp == "exact" and config.finite_difference_step == 3e-5
 
 
-def test_argument_errors():
-    x0, z, t, w = _batch()
+def test_argument_errors(make_student, make_teacher, null_prompt, scm_batch, text_conditioning):
+    x0, z, t, w = scm_batch()
     embeds, mask = text_conditioning()
-    null_embeds, null_mask = _null_prompt()
-    teacher = _teacher()
+    null_embeds, null_mask = null_prompt()
+    teacher = make_teacher()
     with pytest.raises(ValueError, match="logvar_head"):
         batch = DistillationBatch(x0, embeds, mask, null_embeds, null_mask)
-        scm_loss(_student(logvar_head=False), teacher, batch, z, t, w, 0)
+        scm_loss(make_student(logvar_head=False), teacher, batch, z, t, w, 0)
     with pytest.raises(ValueError, match="guidance embedder"):
-        teacher_cfg_velocity(_student(), x0, t, embeds, mask, null_embeds, null_mask, w)
+        teacher_cfg_velocity(make_student(), x0, t, embeds, mask, null_embeds, null_mask, w)
     with pytest.raises(ValueError, match="max_length"):
         teacher_cfg_velocity(teacher, x0, t, embeds, mask, null_embeds[:, :4], null_mask[:, :4], w)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from diffusers.training_utils import EMAModel
-from tiny_components import make_diffusers_transformer, text_conditioning
+from fixtures.tiny_models import make_diffusers_transformer, text_conditioning  # plain: spawned workers use them
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 from diffusers import SanaTransformer2DModel
-from tiny_components import make_diffusers_transformer, text_conditioning, transformer_config
 
 from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.training.teacher import (
@@ -27,7 +26,7 @@ SIGMA_DATA = 0.5
 QK = "rms_norm_across_heads"
 
 
-def _inputs(batch_size=3, size=8, seed=0):
+def _inputs(text_conditioning, batch_size=3, size=8, seed=0):
     generator = torch.Generator().manual_seed(seed)
     x_scaled = torch.randn(batch_size, 4, size, size, generator=generator)
     t = torch.linspace(0.15, 1.45, batch_size)
@@ -61,7 +60,7 @@ def _only_norms(model, keep):
 
 
 @pytest.fixture(scope="module")
-def flow_teacher():
+def flow_teacher(make_diffusers_transformer):
     """A diffusers flow-matching Sana: no QK-norm, `1000 s` time, no guidance embedder."""
     return make_diffusers_transformer(student=False, seed=0)
 
@@ -81,7 +80,9 @@ def sprint_teacher(flow_teacher):
 
 
 @pytest.mark.parametrize("source_qk_norm", [None, QK], ids=["teacher-without-qk-norm", "teacher-with-qk-norm"])
-def test_prepared_teacher_has_diffusers_keys_and_round_trips(tmp_path, source_qk_norm):
+def test_prepared_teacher_has_diffusers_keys_and_round_trips(
+    tmp_path, source_qk_norm, make_diffusers_transformer, text_conditioning, transformer_config
+):
     flow = make_diffusers_transformer(student=False, qk_norm=source_qk_norm)
     teacher = prepare_sprint_teacher(flow)
     assert teacher.config.qk_norm == QK and not teacher.config.guidance_embeds
@@ -92,7 +93,7 @@ def test_prepared_teacher_has_diffusers_keys_and_round_trips(tmp_path, source_qk
     teacher.save_pretrained(tmp_path)
     loaded, info = SanaTransformer2DModel.from_pretrained(tmp_path, output_loading_info=True)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
-    x_scaled, t, embeds, mask = _inputs()
+    x_scaled, t, embeds, mask = _inputs(text_conditioning)
     s = torch.sin(t) / (torch.sin(t) + torch.cos(t))
     kwargs = dict(timestep=s, encoder_attention_mask=mask)  # dense time: diffusers is called with s itself
     with torch.no_grad():
@@ -101,7 +102,9 @@ def test_prepared_teacher_has_diffusers_keys_and_round_trips(tmp_path, source_qk
         )
 
 
-def test_student_has_diffusers_keys_plus_logvar_and_round_trips(tmp_path, sprint_teacher):
+def test_student_has_diffusers_keys_plus_logvar_and_round_trips(
+    tmp_path, sprint_teacher, text_conditioning, transformer_config
+):
     student = build_student(sprint_teacher)
     assert student.config.guidance_embeds and student.config.flow_time_scale == 1.0
     reference = SanaTransformer2DModel(**transformer_config(student=True, qk_norm=QK))
@@ -113,7 +116,7 @@ def test_student_has_diffusers_keys_plus_logvar_and_round_trips(tmp_path, sprint
     assert sorted(info["unexpected_keys"]) == ["logvar_linear.bias", "logvar_linear.weight"]
     ours, info = SanaSprintTransformer2DModel.from_pretrained(tmp_path, output_loading_info=True)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == []
-    inputs = _inputs()
+    inputs = _inputs(text_conditioning)
     torch.testing.assert_close(
         _trigflow(ours, inputs, guidance_scale=4.0), _trigflow(student, inputs, guidance_scale=4.0)
     )
@@ -122,12 +125,12 @@ def test_student_has_diffusers_keys_plus_logvar_and_round_trips(tmp_path, sprint
 # --- what keeps the function ---------------------------------------------------------------------------------------
 
 
-def test_prepare_without_changes_is_exact():
+def test_prepare_without_changes_is_exact(make_diffusers_transformer, text_conditioning, transformer_config):
     flow = make_diffusers_transformer(student=False, qk_norm=QK, seed=3)
     reference = prepare_sprint_teacher(flow, dense_time=False)  # already has QK-norm: a pure copy
     as_is = SanaSprintTransformer2DModel(**transformer_config(student=False, qk_norm=QK)).eval()
     as_is.load_state_dict(flow.state_dict())
-    inputs = _inputs()
+    inputs = _inputs(text_conditioning)
     assert reference.effective_flow_time_scale == 1000.0
     assert (_trigflow(reference, inputs) - _trigflow(as_is, inputs)).abs().max().item() <= 1e-6
     # An already dense teacher stays exact with dense_time=True.
@@ -137,9 +140,9 @@ def test_prepare_without_changes_is_exact():
 
 
 @pytest.mark.parametrize("qk_norm", [QK, "l2"])
-def test_query_norm_keeps_linear_self_attention(flow_teacher, original, qk_norm):
+def test_query_norm_keeps_linear_self_attention(flow_teacher, original, qk_norm, text_conditioning):
     """relu(c q) = c relu(q) for a per-token c > 0, and c cancels in the linear-attention normaliser."""
-    inputs = _inputs()
+    inputs = _inputs(text_conditioning)
     query_only = _only_norms(prepare_sprint_teacher(flow_teacher, qk_norm=qk_norm, dense_time=False), {"attn1.norm_q"})
     assert _rel_max(_trigflow(query_only, inputs), _trigflow(original, inputs)) <= 1e-5
 
@@ -154,14 +157,14 @@ def test_query_norm_keeps_linear_self_attention(flow_teacher, original, qk_norm)
     ],
     ids=["self-q-layernorm", "self-k", "cross-q", "cross-k"],
 )
-def test_other_norms_change_the_function(flow_teacher, original, qk_norm, keep):
-    inputs = _inputs()
+def test_other_norms_change_the_function(flow_teacher, original, qk_norm, keep, text_conditioning):
+    inputs = _inputs(text_conditioning)
     variant = _only_norms(prepare_sprint_teacher(flow_teacher, qk_norm=qk_norm, dense_time=False), keep)
     assert _rel_rms(_trigflow(variant, inputs), _trigflow(original, inputs)) > 1e-3
 
 
-def test_calibrated_cross_attention_gains_reduce_the_change(flow_teacher, original):
-    x_scaled, t, embeds, mask = _inputs(batch_size=4, seed=1)
+def test_calibrated_cross_attention_gains_reduce_the_change(flow_teacher, original, text_conditioning):
+    x_scaled, t, embeds, mask = _inputs(text_conditioning, batch_size=4, seed=1)
     s = torch.sin(t) / (torch.sin(t) + torch.cos(t))
     calibration = dict(hidden_states=x_scaled, encoder_hidden_states=embeds, timestep=1000 * s)
     calibration["encoder_attention_mask"] = mask
@@ -170,14 +173,16 @@ def test_calibrated_cross_attention_gains_reduce_the_change(flow_teacher, origin
     assert all(torch.all(block.attn1.norm_q.weight == 1) for block in calibrated.transformer_blocks)
     assert all(torch.all(block.attn2.norm_q.weight != 1) for block in calibrated.transformer_blocks)
 
-    held_out = _inputs(batch_size=4, seed=2)  # gains from one batch, error measured on another
+    held_out = _inputs(text_conditioning, batch_size=4, seed=2)  # gains from one batch, error measured on another
     reference = _trigflow(original, held_out)
     unit_error = _rel_rms(_trigflow(unit, held_out), reference)
     calibrated_error = _rel_rms(_trigflow(calibrated, held_out), reference)
     assert calibrated_error < unit_error / 2
 
 
-def test_dense_time_changes_the_function_and_remap_keeps_the_shared_frequencies(flow_teacher, original):
+def test_dense_time_changes_the_function_and_remap_keeps_the_shared_frequencies(
+    flow_teacher, original, text_conditioning
+):
     proj = flow_teacher.time_embed.emb.time_proj
     s = torch.linspace(0, 1, 101)
     # 1000 = 10000^(96/128): the teacher's channels 96..127 are the dense channels 0..31 (cos and sin halves).
@@ -186,7 +191,7 @@ def test_dense_time_changes_the_function_and_remap_keeps_the_shared_frequencies(
         shared = teacher_features[:, offset + 96 : offset + 128] - dense_features[:, offset : offset + 32]
         assert shared.abs().max().item() < 1e-4
 
-    inputs = _inputs()
+    inputs = _inputs(text_conditioning)
     reference = _trigflow(original, inputs)
     copied = prepare_sprint_teacher(flow_teacher, qk_norm=None, dense_time=True)
     remapped = prepare_sprint_teacher(flow_teacher, qk_norm=None, dense_time=True, dense_time_init="remap")
@@ -203,7 +208,7 @@ def test_dense_time_changes_the_function_and_remap_keeps_the_shared_frequencies(
     assert _rel_rms(remapped_embedding, teacher_embedding) < _rel_rms(copied_embedding, teacher_embedding)
 
 
-def test_prepare_rejects_students_and_qk_norm_changes():
+def test_prepare_rejects_students_and_qk_norm_changes(make_diffusers_transformer):
     with pytest.raises(ValueError, match="guidance embedder"):
         prepare_sprint_teacher(make_diffusers_transformer(student=True))
     with pytest.raises(ValueError, match="already uses qk_norm"):
@@ -224,10 +229,10 @@ def test_mirrored_guidance_init_outputs_zero_for_every_input(hidden):
     assert embedder.linear_1.weight.abs().min().item() > 0 and embedder.linear_2.weight.abs().min().item() > 0
 
 
-def test_student_starts_at_the_teacher_for_every_guidance_scale(sprint_teacher):
+def test_student_starts_at_the_teacher_for_every_guidance_scale(sprint_teacher, text_conditioning):
     """Bound: max |F_student - F_teacher| <= 1e-6 max |F_teacher| at w in {0, 3, 4.5, 10}; initial logvar = 0."""
     student = build_student(sprint_teacher).eval()
-    inputs = _inputs()
+    inputs = _inputs(text_conditioning)
     expected = _trigflow(sprint_teacher, inputs)
     for w in (0.0, 3.0, 4.5, 10.0):
         x_scaled, t, embeds, mask = inputs
@@ -237,8 +242,8 @@ def test_student_starts_at_the_teacher_for_every_guidance_scale(sprint_teacher):
         assert torch.all(output.logvar == 0)
 
 
-def _student_loss(student, seed=0):
-    x_scaled, t, embeds, mask = _inputs(batch_size=2, size=8, seed=seed)
+def _student_loss(text_conditioning, student, seed=0):
+    x_scaled, t, embeds, mask = _inputs(text_conditioning, batch_size=2, size=8, seed=seed)
     target = torch.randn(x_scaled.shape, generator=torch.Generator().manual_seed(seed + 1))
     output = student.trigflow_forward(
         x_scaled, t, embeds, mask, guidance_scale=torch.tensor([3.0, 5.0]), return_logvar=True
@@ -247,7 +252,7 @@ def _student_loss(student, seed=0):
     return (weight * (output.sample - target) ** 2).mean() + output.logvar.mean()
 
 
-def test_student_without_cfg_embedding_is_an_exact_teacher_copy(tmp_path, sprint_teacher):
+def test_student_without_cfg_embedding_is_an_exact_teacher_copy(tmp_path, sprint_teacher, text_conditioning):
     """guidance_embeds=False: the teacher's keys and time-MLP layout (+ the logvar head), the teacher's output
     bit-for-bit, no shared storage, gradient to every parameter; it round-trips and refuses a guidance scale."""
     student = build_student(sprint_teacher, guidance_embeds=False)
@@ -256,12 +261,12 @@ def test_student_without_cfg_embedding_is_an_exact_teacher_copy(tmp_path, sprint
     assert set(student.state_dict()) == teacher_keys | {"logvar_linear.weight", "logvar_linear.bias"}
     assert all(torch.equal(student.state_dict()[k], sprint_teacher.state_dict()[k]) for k in teacher_keys)
     assert not {p.data_ptr() for p in sprint_teacher.parameters()} & {p.data_ptr() for p in student.parameters()}
-    inputs = _inputs()
+    inputs = _inputs(text_conditioning)
     with torch.no_grad():
         torch.testing.assert_close(
             _trigflow(student.eval(), inputs), _trigflow(sprint_teacher, inputs), rtol=0, atol=0
         )
-    x_scaled, t, embeds, mask = _inputs(batch_size=2, size=8)
+    x_scaled, t, embeds, mask = _inputs(text_conditioning, batch_size=2, size=8)
     output = student.train().trigflow_forward(x_scaled, t, embeds, mask, return_logvar=True)
     (output.sample.square().mean() + output.logvar.square().mean() + output.logvar.mean()).backward()
     assert [name for name, p in student.named_parameters() if p.grad is None or p.grad.abs().max() == 0] == []
@@ -272,9 +277,9 @@ def test_student_without_cfg_embedding_is_an_exact_teacher_copy(tmp_path, sprint
     torch.testing.assert_close(_trigflow(loaded, inputs), _trigflow(student.eval(), inputs), rtol=0, atol=0)
 
 
-def test_every_student_parameter_gets_gradient_on_the_first_backward(sprint_teacher):
+def test_every_student_parameter_gets_gradient_on_the_first_backward(sprint_teacher, text_conditioning):
     student = build_student(sprint_teacher, generator=torch.Generator().manual_seed(0))
-    _student_loss(student).backward()
+    _student_loss(text_conditioning, student).backward()
     names = [name for name, _ in student.named_parameters()]
     assert any(name.startswith("time_embed.guidance_embedder.linear_1") for name in names)
     assert "logvar_linear.weight" in names
@@ -283,7 +288,7 @@ def test_every_student_parameter_gets_gradient_on_the_first_backward(sprint_teac
     assert no_gradient == []
 
 
-def test_zero_initialised_guidance_embedder_stays_dead(sprint_teacher):
+def test_zero_initialised_guidance_embedder_stays_dead(sprint_teacher, text_conditioning):
     """The defect of diffusers' research script: with W1 = W2 = 0 only linear_2.bias moves, guidance is ignored."""
     student = build_student(sprint_teacher)
     embedder = student.time_embed.guidance_embedder
@@ -292,7 +297,7 @@ def test_zero_initialised_guidance_embedder_stays_dead(sprint_teacher):
     optimizer = torch.optim.Adam(embedder.parameters(), lr=1e-2)
     for step in range(3):
         optimizer.zero_grad()
-        _student_loss(student, seed=step).backward()
+        _student_loss(text_conditioning, student, seed=step).backward()
         with_gradient = {name for name, p in embedder.named_parameters() if p.grad.abs().max().item() > 0}
         assert with_gradient == {"linear_2.bias"}
         optimizer.step()
@@ -303,25 +308,25 @@ def test_zero_initialised_guidance_embedder_stays_dead(sprint_teacher):
     torch.testing.assert_close(embedded[0], embedded[2], rtol=0, atol=0)
 
 
-def test_teacher_is_untouched_by_building_and_training_the_student(sprint_teacher):
+def test_teacher_is_untouched_by_building_and_training_the_student(sprint_teacher, text_conditioning):
     before = {name: tensor.clone() for name, tensor in sprint_teacher.state_dict().items()}
     student = build_student(sprint_teacher)
     teacher_storage = {p.data_ptr() for p in sprint_teacher.parameters()}
     assert not teacher_storage & {p.data_ptr() for p in student.parameters()}
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
-    _student_loss(student).backward()
+    _student_loss(text_conditioning, student).backward()
     optimizer.step()
     after = sprint_teacher.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert student.config.flow_time_scale == flow_time_scale_of(sprint_teacher) == 1.0
 
 
-def test_student_keeps_a_non_dense_teacher_time_scale(flow_teacher):
+def test_student_keeps_a_non_dense_teacher_time_scale(flow_teacher, text_conditioning):
     teacher = prepare_sprint_teacher(flow_teacher, dense_time=False)
     student = build_student(teacher)
     # Without the explicit scale the guidance model would default to dense time and silently change the function.
     assert student.effective_flow_time_scale == 1000.0
-    inputs = _inputs()
+    inputs = _inputs(text_conditioning)
     assert _rel_max(_trigflow(student, inputs, guidance_scale=4.0), _trigflow(teacher, inputs)) <= 1e-6
 
 
@@ -342,7 +347,7 @@ def test_target_is_the_trigflow_velocity_and_denoises_exactly():
     torch.testing.assert_close(denoise_trigflow(x_t, target, t, SIGMA_DATA), x0)
 
 
-def test_finetune_loss_is_flow_matching_under_the_transform(sprint_teacher):
+def test_finetune_loss_is_flow_matching_under_the_transform(sprint_teacher, text_conditioning):
     """mean((F - F*)^2) = mean(n(s) (v - v*)^2) with n = s^2 + (1-s)^2; weighting='flow' gives mean((v - v*)^2)."""
     generator = torch.Generator().manual_seed(0)
     x0 = SIGMA_DATA * torch.randn(3, 4, 8, 8, generator=generator)
@@ -377,7 +382,7 @@ def test_finetune_time_is_logit_normal_flow_time():
     assert t.min().item() > 0 and t.max().item() < math.pi / 2
 
 
-def test_short_finetune_decreases_the_loss(flow_teacher):
+def test_short_finetune_decreases_the_loss(flow_teacher, text_conditioning):
     """20 Adam steps on 4 fixed latents lower the loss on a fixed evaluation set by at least 10% (seeded)."""
     teacher = prepare_sprint_teacher(flow_teacher).train()
     generator = torch.Generator().manual_seed(0)
