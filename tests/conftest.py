@@ -14,8 +14,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Tiny models on a shared 2-core machine: OpenMP spin-waiting across threads costs 10-50x; one thread is fastest.
 torch.set_num_threads(1)
 
-# tests/fixtures/: the tiny models, the stand-in Hub and the training-script runs, as fixtures.
-pytest_plugins = ["fixtures.tiny_models", "fixtures.hub_stand_in", "fixtures.script_runs"]
+# tests/fixtures/: the tiny models, the stand-in Hub and the training-script runs as fixtures, and plain helpers that
+# several test files share (imported from there: `from fixtures.script_runs import run_script`).
+pytest_plugins = [
+    "fixtures.tiny_models",
+    "fixtures.hub_stand_in",
+    "fixtures.script_runs",
+    "fixtures.parameter_counts",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,25 +8,17 @@ class `SanaTrigFlow`), written here from its formulas on diffusers' own `SanaTra
 
 import json
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+from fixtures.parameter_counts import hand_count_transformer
+from fixtures.script_runs import TEACHER_SCRIPT, base_args, read_log, run_script
 from PIL import Image
-from test_memory_model import hand_count_transformer
-from test_train_script import TEACHER_SCRIPT, base_args, read_log, run_script
-from tiny_components import make_text_encoder, make_tokenizer, make_vae, text_conditioning
 
 from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel
 from diffusers_sprint.training.teacher import build_student, flow_time_scale_of, prepare_sprint_teacher
-
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-
-import sana_configs  # noqa: E402
 
 
 PARITY_ATOL = 1e-5
@@ -35,11 +27,16 @@ PARITY_ATOL = 1e-5
 RESEARCH_SCRIPT_TIME_KEYS = [
     f"time_embed.emb.timestep_embedder.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")
 ]
-# Parameter counts of the released teachers (hand arithmetic of tests/test_memory_model.py agrees, see below).
+# Parameter counts of the released teachers (hand arithmetic of tests/fixtures/parameter_counts.py agrees, see below).
 TEACHER_PARAMETERS = {"0.6B": 591_876_896, "1.6B": 1_604_641_952}
 
 
-def _perturbed_stock_teacher(seed: int = 0) -> SanaTransformer2DModel:
+@pytest.fixture(scope="module")
+def sana_configs(load_module):
+    return load_module("benchmarks/sana_configs.py")
+
+
+def _perturbed_stock_teacher(sana_configs, seed: int = 0) -> SanaTransformer2DModel:
     """diffusers' `SanaTransformer2DModel` in the tiny released-teacher config, every weight moved off its init."""
     torch.manual_seed(seed)
     model = SanaTransformer2DModel(**sana_configs.tiny_config(sana_configs.sprint_teacher_config("0.6B")))
@@ -60,7 +57,7 @@ def research_script_trigflow(model: SanaTransformer2DModel, x_scaled, t, embeds,
     return ((1 - 2 * s4) * x_s + (1 - 2 * s4 + 2 * s4**2) * v) / norm
 
 
-def _inputs(batch_size: int = 3):
+def _inputs(text_conditioning, batch_size: int = 3):
     generator = torch.Generator().manual_seed(1)
     x_scaled = torch.randn(batch_size, 4, 8, 8, generator=generator)
     t = torch.tensor([0.2, 0.9, 1.5])[:batch_size]
@@ -69,12 +66,12 @@ def _inputs(batch_size: int = 3):
 
 
 @pytest.fixture(scope="module")
-def stock_teacher():
-    return _perturbed_stock_teacher()
+def stock_teacher(sana_configs):
+    return _perturbed_stock_teacher(sana_configs)
 
 
 @pytest.fixture(scope="module")
-def teacher_folder(stock_teacher, tmp_path_factory):
+def teacher_folder(stock_teacher, tmp_path_factory, make_text_encoder, make_tokenizer, make_vae):
     """A tiny pipeline folder laid out like the released teachers: a diffusers `SanaPipeline`, stock class names."""
     folder = tmp_path_factory.mktemp("released_teacher")
     SanaPipeline(
@@ -88,7 +85,7 @@ def teacher_folder(stock_teacher, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["0.6B", "1.6B"])
-def test_released_teacher_config_builds_at_full_size_on_meta(name):
+def test_released_teacher_config_builds_at_full_size_on_meta(name, sana_configs):
     config = sana_configs.sprint_teacher_config(name)
     assert config["qk_norm"] == "rms_norm_across_heads" and not config["guidance_embeds"]
     assert config["timestep_scale"] == sana_configs.DENSE_TIME_TIMESTEP_SCALE
@@ -109,7 +106,7 @@ def test_released_teacher_config_builds_at_full_size_on_meta(name):
     assert ours.effective_flow_time_scale == 1.0  # dense time read from the config alone
 
 
-def test_tiny_config_keeps_every_structural_switch():
+def test_tiny_config_keeps_every_structural_switch(sana_configs):
     config = sana_configs.sprint_teacher_config("1.6B")
     tiny = sana_configs.tiny_config(config)
     changed = {key for key in config if tiny[key] != config[key]}
@@ -130,9 +127,11 @@ def test_time_convention_is_dense_for_the_released_teacher(stock_teacher):
     assert SanaSprintTransformer2DModel.from_config(flow).effective_flow_time_scale == 1000.0
 
 
-def test_trigflow_forward_equals_the_research_script_on_the_same_weights(stock_teacher, teacher_folder):
+def test_trigflow_forward_equals_the_research_script_on_the_same_weights(
+    stock_teacher, teacher_folder, text_conditioning
+):
     ours = SanaSprintTransformer2DModel.from_pretrained(teacher_folder, subfolder="transformer").eval()
-    x_scaled, t, embeds, mask = _inputs()
+    x_scaled, t, embeds, mask = _inputs(text_conditioning)
     with torch.no_grad():
         reference = research_script_trigflow(stock_teacher, x_scaled, t, embeds, mask)
         got = ours.trigflow_forward(x_scaled, t, embeds, mask).sample

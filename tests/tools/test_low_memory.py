@@ -6,8 +6,6 @@ text encoder and 3-stage DC-AE) at 64 px, and `load_with_option` applies each op
 """
 
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -15,16 +13,10 @@ import torch
 from diffusers import SanaSprintPipeline as DiffusersSanaSprintPipeline
 from diffusers import SanaTransformer2DModel
 
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-
-import bench_low_memory  # noqa: E402
-from bench_low_memory import generate, load_with_option, parameter_bytes, write_pipeline  # noqa: E402
-
-from diffusers_sprint import (  # noqa: E402
+from diffusers_sprint import (
     SanaSprintControlNetPipeline,
     SanaSprintImg2ImgPipeline,
-    SanaSprintTransformer2DModel,  # noqa: E402
+    SanaSprintTransformer2DModel,
 )
 
 
@@ -33,16 +25,21 @@ STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def bench_low_memory(load_module):
+    return load_module("benchmarks/bench_low_memory.py")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, bench_low_memory):
     folder = tmp_path_factory.mktemp("low_memory") / "pipeline"
-    write_pipeline(str(folder), smoke=True, layers=2, size=SIZE)
+    bench_low_memory.write_pipeline(str(folder), smoke=True, layers=2, size=SIZE)
     return folder
 
 
 @pytest.fixture(scope="module")
-def plain(folder):
-    pipe = load_with_option(str(folder), "plain", SIZE)
-    return pipe, generate(pipe, SIZE, STEPS)
+def plain(folder, bench_low_memory):
+    pipe = bench_low_memory.load_with_option(str(folder), "plain", SIZE)
+    return pipe, bench_low_memory.generate(pipe, SIZE, STEPS)
 
 
 def _int8_config(**kwargs):
@@ -53,25 +50,27 @@ def _int8_config(**kwargs):
     return TorchAoConfig(Int8WeightOnlyConfig(), **kwargs)
 
 
-def test_torchao_int8_weights_quarter_the_linear_bytes_and_stay_close(folder, plain):
+def test_torchao_int8_weights_quarter_the_linear_bytes_and_stay_close(folder, plain, bench_low_memory):
     plain_pipe, plain_images = plain
     _int8_config()
-    pipe = load_with_option(str(folder), "torchao-int8", SIZE)
+    pipe = bench_low_memory.load_with_option(str(folder), "torchao-int8", SIZE)
     assert type(pipe.transformer) is SanaSprintTransformer2DModel
     assert type(pipe.transformer.transformer_blocks[0].attn1.to_q.weight).__name__ == "Int8Tensor"
     assert type(pipe.transformer.time_embed.linear.weight) is torch.nn.Parameter  # modules_to_not_convert
     linear = plain_pipe.transformer.transformer_blocks[0].attn1.to_q
     quantised = pipe.transformer.transformer_blocks[0].attn1.to_q
     # int8 data plus an fp32 scale and an int8 zero point per output row: 0.33 of fp32 at width 16, -> 0.25 wider.
-    assert parameter_bytes(quantised) == linear.weight.numel() + 5 * linear.out_features
-    assert parameter_bytes(linear) == 4 * linear.weight.numel()
-    ratio = parameter_bytes(pipe.transformer) / parameter_bytes(plain_pipe.transformer)
+    assert bench_low_memory.parameter_bytes(quantised) == linear.weight.numel() + 5 * linear.out_features
+    assert bench_low_memory.parameter_bytes(linear) == 4 * linear.weight.numel()
+    ratio = bench_low_memory.parameter_bytes(pipe.transformer) / bench_low_memory.parameter_bytes(
+        plain_pipe.transformer
+    )
     assert 0.75 < ratio < 0.85, ratio  # at tiny widths the unquantised convolutions, norms and time MLP dominate
-    images = generate(pipe, SIZE, STEPS)
+    images = bench_low_memory.generate(pipe, SIZE, STEPS)
     assert 0 < np.abs(images - plain_images).max() < 0.05
 
 
-def test_torchao_int8_matches_stock_diffusers_quantised_the_same_way(folder):
+def test_torchao_int8_matches_stock_diffusers_quantised_the_same_way(folder, bench_low_memory):
     """All linears int8 in both: our TrigFlow transform over the quantised model is diffusers' own."""
     config = _int8_config()
     kwargs = dict(subfolder="transformer", quantization_config=config, torch_dtype=torch.float32)
@@ -95,14 +94,14 @@ def test_torchao_int8_matches_stock_diffusers_quantised_the_same_way(folder):
         use_resolution_binning=False,
         complex_human_instruction=None,
     ).images
-    assert np.abs(generate(ours, SIZE, STEPS) - stock_images).max() <= 1e-5
+    assert np.abs(bench_low_memory.generate(ours, SIZE, STEPS) - stock_images).max() <= 1e-5
 
 
-def test_torchao_int8_pipeline_saves_in_the_stock_layout_and_reloads_quantised(folder, tmp_path):
+def test_torchao_int8_pipeline_saves_in_the_stock_layout_and_reloads_quantised(folder, tmp_path, bench_low_memory):
     """The stock-layout save (diffusers' transformer class) keeps the quantizer: safetensors through torchao."""
     _int8_config()
-    pipe = load_with_option(str(folder), "torchao-int8", SIZE)
-    images = generate(pipe, SIZE, STEPS)
+    pipe = bench_low_memory.load_with_option(str(folder), "torchao-int8", SIZE)
+    images = bench_low_memory.generate(pipe, SIZE, STEPS)
     pipe.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "transformer" / "config.json").read_text())
     assert (
@@ -115,36 +114,44 @@ def test_torchao_int8_pipeline_saves_in_the_stock_layout_and_reloads_quantised(f
         assert type(again.transformer.transformer_blocks[0].attn1.to_q.weight).__name__ == "Int8Tensor"
         if pipeline_class is bench_low_memory.SanaSprintPipeline:
             again.set_progress_bar_config(disable=True)
-            assert np.abs(generate(again, SIZE, STEPS) - images).max() == 0
+            assert np.abs(bench_low_memory.generate(again, SIZE, STEPS) - images).max() == 0
 
 
-def test_layerwise_fp8_storage_shrinks_the_blocks_and_stays_close(folder, plain):
+def test_layerwise_fp8_storage_shrinks_the_blocks_and_stays_close(folder, plain, bench_low_memory):
     plain_pipe, plain_images = plain
-    pipe = load_with_option(str(folder), "layerwise-fp8", SIZE)
+    pipe = bench_low_memory.load_with_option(str(folder), "layerwise-fp8", SIZE)
     block = pipe.transformer.transformer_blocks[0]
     assert block.attn1.to_q.weight.dtype == torch.float8_e4m3fn
     assert pipe.transformer.time_embed.linear.weight.dtype == torch.float32  # the time path is skipped
-    block_ratio = parameter_bytes(block) / parameter_bytes(plain_pipe.transformer.transformer_blocks[0])
+    block_ratio = bench_low_memory.parameter_bytes(block) / bench_low_memory.parameter_bytes(
+        plain_pipe.transformer.transformer_blocks[0]
+    )
     assert 0.25 < block_ratio < 0.3, block_ratio  # 1 byte per weight; the skipped `norm` gains keep 4
-    ratio = parameter_bytes(pipe.transformer) / parameter_bytes(plain_pipe.transformer)
+    ratio = bench_low_memory.parameter_bytes(pipe.transformer) / bench_low_memory.parameter_bytes(
+        plain_pipe.transformer
+    )
     assert 0.55 < ratio < 0.65, ratio
-    assert 0 < np.abs(generate(pipe, SIZE, STEPS) - plain_images).max() < 0.1
+    assert 0 < np.abs(bench_low_memory.generate(pipe, SIZE, STEPS) - plain_images).max() < 0.1
 
 
 @pytest.mark.parametrize("option", ["group-offload", "group-offload-disk"])
-def test_group_offload_with_the_cpu_as_onload_device_is_exact(folder, plain, option, tmp_path):
+def test_group_offload_with_the_cpu_as_onload_device_is_exact(folder, plain, option, tmp_path, bench_low_memory):
     """CPU onload runs diffusers' hooks without moving anything; the disk variant writes every weight to disk (one
     subfolder per component) and reads it back for each use (bit-exact up to float reassociation)."""
-    pipe = load_with_option(str(folder), option, SIZE, offload_dir=str(tmp_path))
-    assert np.abs(generate(pipe, SIZE, STEPS) - plain[1]).max() <= (0 if option == "group-offload" else 1e-6)
+    pipe = bench_low_memory.load_with_option(str(folder), option, SIZE, offload_dir=str(tmp_path))
+    assert np.abs(bench_low_memory.generate(pipe, SIZE, STEPS) - plain[1]).max() <= (
+        0 if option == "group-offload" else 1e-6
+    )
     if option == "group-offload-disk":
         assert sorted(path.name for path in tmp_path.iterdir()) == ["text_encoder", "transformer", "vae"]
         on_disk = sum(path.stat().st_size for path in tmp_path.rglob("*.safetensors"))
-        weights = sum(parameter_bytes(getattr(pipe, name)) for name in ("transformer", "vae", "text_encoder"))
+        weights = sum(
+            bench_low_memory.parameter_bytes(getattr(pipe, name)) for name in ("transformer", "vae", "text_encoder")
+        )
         assert weights < on_disk < 1.1 * weights
 
 
-def test_block_level_disk_offload_of_the_dc_ae_is_fixed(folder, plain, tmp_path):
+def test_block_level_disk_offload_of_the_dc_ae_is_fixed(folder, plain, tmp_path, bench_low_memory):
     """Stock diffusers hooks the whole DC-AE on `forward`, which `decode` bypasses: its disk-offloaded weights are
     never read back (diffusers #12319). Ours offloads the encoder and decoder as blocks."""
     kwargs = dict(offload_type="block_level", num_blocks_per_group=1, offload_to_disk_path=str(tmp_path / "stock"))
@@ -154,32 +161,32 @@ def test_block_level_disk_offload_of_the_dc_ae_is_fixed(folder, plain, tmp_path)
     with torch.no_grad():
         reference = plain[0].vae.decode(latents).sample
         assert not torch.allclose(stock.vae.decode(latents).sample, reference, atol=1e-3, equal_nan=True)
-        ours = load_with_option(str(folder), "plain", SIZE)
+        ours = bench_low_memory.load_with_option(str(folder), "plain", SIZE)
         ours.enable_group_offload(torch.device("cpu"), **dict(kwargs, offload_to_disk_path=str(tmp_path / "ours")))
         assert torch.equal(ours.vae.decode(latents).sample, reference)
 
 
-def _largest_decoder_input(pipe):
+def _largest_decoder_input(bench_low_memory, pipe):
     sides = []
     handle = pipe.vae.decoder.register_forward_pre_hook(lambda module, args: sides.append(args[0].shape[-1]))
     try:
-        images = generate(pipe, SIZE, STEPS)
+        images = bench_low_memory.generate(pipe, SIZE, STEPS)
     finally:
         handle.remove()
     return images, max(sides)
 
 
-def test_vae_tiling_decodes_tiles_smaller_than_the_image(folder, plain):
-    pipe = load_with_option(str(folder), "plain", SIZE)
-    plain_images, full = _largest_decoder_input(pipe)
-    pipe = load_with_option(str(folder), "vae-tiling", SIZE)
-    tiled_images, tile = _largest_decoder_input(pipe)
+def test_vae_tiling_decodes_tiles_smaller_than_the_image(folder, plain, bench_low_memory):
+    pipe = bench_low_memory.load_with_option(str(folder), "plain", SIZE)
+    plain_images, full = _largest_decoder_input(bench_low_memory, pipe)
+    pipe = bench_low_memory.load_with_option(str(folder), "vae-tiling", SIZE)
+    tiled_images, tile = _largest_decoder_input(bench_low_memory, pipe)
     assert full == SIZE // 4 and tile == SIZE // 8  # the decoder's activations are a quarter of the plain ones
     assert 0 < np.abs(tiled_images - plain_images).max() < 0.25  # blended seams: close, not equal
 
 
 @pytest.mark.parametrize("pipeline_class", [SanaSprintImg2ImgPipeline, SanaSprintControlNetPipeline])
-def test_img2img_and_controlnet_pipelines_take_the_same_options(folder, pipeline_class, tmp_path):
+def test_img2img_and_controlnet_pipelines_take_the_same_options(folder, pipeline_class, tmp_path, bench_low_memory):
     """Group offloading (exact, disk), VAE tiling (encode and decode tiled), layerwise casting (transformer and
     ControlNet) and torchao int8 through `image` / `control_image`; a ControlNet built from the transformer's config
     is offloaded, cast, with the rest."""
@@ -225,7 +232,7 @@ def test_img2img_and_controlnet_pipelines_take_the_same_options(folder, pipeline
     assert 0 < np.abs(run(int8) - plain).max() < 0.05
 
 
-def test_benchmark_reports_every_option_against_plain():
+def test_benchmark_reports_every_option_against_plain(bench_low_memory):
     rows = bench_low_memory.main(["--smoke", "--size", "64", "--repeats", "1", "--in_process"])
     by_option = {row["option"]: row for row in rows}
     assert list(by_option) == list(bench_low_memory.OPTIONS)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from fixtures.parameter_counts import hand_count_transformer
 
 from diffusers_sprint import SanaSprintTransformer2DModel
 from diffusers_sprint.training.teacher import build_student
@@ -23,29 +24,6 @@ def sana_configs(load_module):
 @pytest.fixture(scope="module")
 def tiny_config(sana_configs):
     return sana_configs.TINY_TRANSFORMER
-
-
-def hand_count_transformer(config: dict, guidance: bool, logvar: bool) -> int:
-    """Sana's parameters written out layer by layer (diffusers' SanaTransformer2DModel, QK-norm, no attention bias)."""
-    d = config["num_attention_heads"] * config["attention_head_dim"]
-    dc = config["num_cross_attention_heads"] * config["cross_attention_head_dim"]
-    c = config["cross_attention_dim"]
-    caption = config["caption_channels"]
-    p = config["patch_size"]
-    hidden = int(config["mlp_ratio"] * d)
-    self_attention = 3 * d * d + 2 * d + (d * d + d)  # q, k, v (no bias); RMSNorm q, k across heads; out + bias
-    cross_attention = (d * dc + dc) + 2 * (c * dc + dc) + 2 * dc + (dc * d + d)  # all with bias; norms; out
-    feed_forward = (d * 2 * hidden + 2 * hidden) + (2 * hidden * 9 + 2 * hidden) + hidden * d  # GLUMBConv
-    block = self_attention + cross_attention + feed_forward + 6 * d  # + scale_shift_table
-    mlp_256 = 256 * d + d + d * d + d  # TimestepEmbedding(256, d)
-    time = mlp_256 * (2 if guidance else 1) + d * 6 * d + 6 * d
-    patch_embedding = config["in_channels"] * d * p * p + d  # conv with bias
-    caption_projection = (caption * d + d) + (d * d + d)  # two linears with bias
-    caption_norm = d  # RMSNorm weight
-    output = 2 * d + (d * p * p * config["out_channels"] + p * p * config["out_channels"])  # scale_shift + proj_out
-    logvar_head = (d + 1) if logvar else 0
-    top = patch_embedding + time + caption_projection + caption_norm + output + logvar_head
-    return config["num_layers"] * block + top
 
 
 def hand_count_head(channels: int, kernel: int = 9) -> tuple[int, int]:

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tiny_components import make_sprint_transformer
 
 from diffusers_sprint.models import TrigFlowInputs, TrigFlowModel, unwrap_model, unwrap_transformer
 from diffusers_sprint.training import DistillationBatch
@@ -83,7 +82,7 @@ class DuckWrapper(torch.nn.Module):
         self.module = module
 
 
-def test_unwrap_model_peels_compile_and_ddp_like_wrappers_at_any_nesting():
+def test_unwrap_model_peels_compile_and_ddp_like_wrappers_at_any_nesting(make_sprint_transformer):
     transformer = make_sprint_transformer()
     model = TrigFlowModel(transformer)
     wrapped = torch.compile(DuckWrapper(torch.compile(DuckWrapper(model))))  # compile(DDP(compile(DDP(model))))
