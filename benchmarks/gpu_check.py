@@ -33,7 +33,7 @@ Checks (each one function, registered in `CHECKS`; more can be appended with `@r
 
 It prints one table and writes JSON (`--json`). `--smoke` runs the same code paths on tiny configs, on the CPU in
 a few seconds (`torch.compile` with the `eager` backend: Dynamo traces, no Inductor code generation; the training
-step under CPU bf16 autocast); `tests/test_gpu_check.py` runs it.
+step under CPU bf16 autocast); `tests/tools/test_gpu_check.py` runs it.
 
     bash benchmarks/gpu_check.sh                       # full check on one GPU, <= 8 minutes on an H100/H200
     python benchmarks/gpu_check.py --smoke             # tiny, CPU
