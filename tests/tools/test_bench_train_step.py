@@ -10,7 +10,7 @@ TINY = ["--layers", "2", "--dim", "32", "--latent", "4", "--batch", "4", "--seq-
 
 @pytest.fixture(scope="module")
 def bench_train_step(load_module):
-    return load_module("benchmarks/bench_train_step.py")
+    return load_module("benchmarks/bench_train_step.py", siblings=("distillation_inputs",))  # imported from beside it
 
 
 def test_tiny_run_times_the_selected_variants_and_accounts_for_the_g_step(tmp_path, bench_train_step):
