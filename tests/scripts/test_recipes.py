@@ -8,6 +8,7 @@ The official values come from NVlabs/Sana
 """
 
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -223,3 +224,15 @@ def test_bad_recipe_files_are_refused_naming_the_file_or_setting(tmp_path, capsy
     assert message in text, text
     if "unknown" in message or "mapping" in message or "read" in message:
         assert str(path) in text
+
+
+def test_a_json_recipe_reads_like_a_yaml_one(came_importable, tmp_path):
+    """`--config x.json`: the same settings as the YAML recipe; `null` keeps a default that is unset."""
+    values = yaml.safe_load((CONFIGS / "sana_sprint_0.6b_1024px.yaml").read_text())
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({**values, "discriminator_learning_rate": None}))
+    base = ["--pretrained_teacher_model_name_or_path", "t", "--dataset_name", "d"]
+    from_json = parse_recipe(DISTILLATION, ["--config", str(path), *base])
+    from_yaml = parse_recipe(DISTILLATION, ["--config", str(CONFIGS / "sana_sprint_0.6b_1024px.yaml"), *base])
+    assert vars(from_json) == {**vars(from_yaml), "config": str(path)}
+    assert from_json.discriminator_learning_rate is None and from_json.head_block_ids == [2, 8, 14, 19]
