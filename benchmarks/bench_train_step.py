@@ -70,7 +70,7 @@ import torch  # noqa: E402
 from distillation_inputs import random_distillation_inputs, update  # noqa: E402
 
 from diffusers_sprint import SanaSprintTransformer2DModel  # noqa: E402
-from diffusers_sprint.models import TrigFlowModel  # noqa: E402
+from diffusers_sprint.models import TrigFlowInputs, TrigFlowModel  # noqa: E402
 from diffusers_sprint.training import (  # noqa: E402
     DistillationBatch,
     DistillationConfig,
@@ -83,7 +83,7 @@ from diffusers_sprint.training import (  # noqa: E402
     generator_step,
     teacher_cfg_velocity,
 )
-from diffusers_sprint.training.scm import _shifted_velocity, trigflow_velocity_jvp  # noqa: E402
+from diffusers_sprint.training.tangent import _shifted_velocity, trigflow_velocity_jvp  # noqa: E402
 
 
 SIGMA_DATA = 0.5
@@ -311,17 +311,8 @@ def _jvp(s: Setup, compile: bool = False):
     b = s.batch
     cos_sin = torch.cos(s.t) * torch.sin(s.t)
     tangent_x = torch.ones_like(s.x_t_scaled) * cos_sin[:, None, None, None]
-    return trigflow_velocity_jvp(
-        s.student,
-        s.x_t_scaled,
-        s.t,
-        tangent_x,
-        cos_sin,
-        b.prompt_embeds,
-        b.prompt_attention_mask,
-        s.w,
-        compile=compile,
-    )
+    inputs = TrigFlowInputs(s.x_t_scaled, s.t, b.prompt_embeds, b.prompt_attention_mask, s.w)
+    return trigflow_velocity_jvp(s.student, inputs, tangent_x, cos_sin, compile=compile)
 
 
 def jvp_no_grad(s: Setup):
@@ -337,9 +328,8 @@ def finite_difference_tangent(s: Setup):
     b = s.batch
     cos_sin = torch.cos(s.t) * torch.sin(s.t)
     tangent_x = torch.ones_like(s.x_t_scaled) * cos_sin[:, None, None, None]
-    _shifted_velocity(
-        s.student, s.x_t_scaled, s.t, tangent_x, cos_sin, b.prompt_embeds, b.prompt_attention_mask, s.w, 3e-5
-    )
+    inputs = TrigFlowInputs(s.x_t_scaled, s.t, b.prompt_embeds, b.prompt_attention_mask, s.w)
+    _shifted_velocity(s.student, inputs, tangent_x, cos_sin, 3e-5)
 
 
 def discriminator_to_input(s: Setup):

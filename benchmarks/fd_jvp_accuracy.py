@@ -24,15 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from diffusers_sprint import SanaSprintTransformer2DModel  # noqa: E402
-from diffusers_sprint.models import TrigFlowModel  # noqa: E402
+from diffusers_sprint.models import TrigFlowInputs, TrigFlowModel  # noqa: E402
 from diffusers_sprint.toy import TOY_TEACHER_PATH  # noqa: E402
 from diffusers_sprint.training import build_student  # noqa: E402
-from diffusers_sprint.training.scm import (  # noqa: E402
-    pf_ode_tangents,
-    teacher_cfg_velocity,
-    trigflow_velocity_finite_difference,
-    trigflow_velocity_jvp,
-)
+from diffusers_sprint.training.scm import pf_ode_tangents, teacher_cfg_velocity  # noqa: E402
+from diffusers_sprint.training.tangent import trigflow_velocity_finite_difference, trigflow_velocity_jvp  # noqa: E402
 from diffusers_sprint.trigflow import add_trigflow_noise, append_dims  # noqa: E402
 
 
@@ -90,14 +86,18 @@ def main(argv=None) -> int:
         dxt_dt = teacher_cfg_velocity(teacher, x, t, embeds, mask, null, null_mask, w, SIGMA_DATA)
         v_x, v_t = pf_ode_tangents(x_t, t, dxt_dt, SIGMA_DATA)
         with torch.no_grad():
-            base, exact = trigflow_velocity_jvp(model, x, t, v_x, v_t, *conditioning)
+            base, exact = trigflow_velocity_jvp(model, TrigFlowInputs(x, t, *conditioning), v_x, v_t)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                _, exact_bf16 = trigflow_velocity_jvp(model, x, t, v_x, v_t, *conditioning)
+                _, exact_bf16 = trigflow_velocity_jvp(model, TrigFlowInputs(x, t, *conditioning), v_x, v_t)
             base = model(x, t, embeds, mask, guidance_scale=w)[0]
         row = {"t": time, "exact_jvp_bf16_autocast": relative_error(exact_bf16, exact), "fp32": {}, "bf16": {}}
         for step in STEPS:
-            one = trigflow_velocity_finite_difference(model, x, t, v_x, v_t, *conditioning, step=step, base=base)
-            central = trigflow_velocity_finite_difference(model, x, t, v_x, v_t, *conditioning, step=step)
+            one = trigflow_velocity_finite_difference(
+                model, TrigFlowInputs(x, t, *conditioning), v_x, v_t, step=step, base=base
+            )
+            central = trigflow_velocity_finite_difference(
+                model, TrigFlowInputs(x, t, *conditioning), v_x, v_t, step=step
+            )
             row["fp32"][step] = {"one_sided": relative_error(one, exact), "central": relative_error(central, exact)}
             row["bf16"][step] = {
                 "one_sided": relative_error(bf16_difference(model, x, t, v_x, v_t, conditioning, step, False), exact),

@@ -33,7 +33,7 @@ Checks (each one function, registered in `CHECKS`; more can be appended with `@r
 
 It prints one table and writes JSON (`--json`). `--smoke` runs the same code paths on tiny configs, on the CPU in
 a few seconds (`torch.compile` with the `eager` backend: Dynamo traces, no Inductor code generation; the training
-step under CPU bf16 autocast); `tests/test_gpu_check.py` runs it.
+step under CPU bf16 autocast); `tests/tools/test_gpu_check.py` runs it.
 
     bash benchmarks/gpu_check.sh                       # full check on one GPU, <= 8 minutes on an H100/H200
     python benchmarks/gpu_check.py --smoke             # tiny, CPU
@@ -71,7 +71,7 @@ from transformers import Gemma2Config, Gemma2Model  # noqa: E402
 
 import diffusers_sprint  # noqa: E402
 from diffusers_sprint import SanaSprintTransformer2DModel  # noqa: E402
-from diffusers_sprint.models import TrigFlowModel  # noqa: E402
+from diffusers_sprint.models import TrigFlowInputs, TrigFlowModel  # noqa: E402
 from diffusers_sprint.toy.tokenizer import train_gemma_layout_tokenizer  # noqa: E402
 from diffusers_sprint.training import (  # noqa: E402
     DistillationBatch,
@@ -84,8 +84,8 @@ from diffusers_sprint.training import (  # noqa: E402
     discriminator_step,
     generator_step,
 )
-from diffusers_sprint.training import scm as scm_module  # noqa: E402
-from diffusers_sprint.training.scm import (  # noqa: E402
+from diffusers_sprint.training import tangent as tangent_module  # noqa: E402
+from diffusers_sprint.training.tangent import (  # noqa: E402
     DEFAULT_FINITE_DIFFERENCE_STEP,
     trigflow_velocity_finite_difference,
 )
@@ -537,7 +537,7 @@ def check_jvp_math_kernel(context: CheckContext) -> list[Row]:
         # The training option `SCMLossConfig(jvp="finite_difference")`: one-sided, the plain forward as base point,
         # the default step (3e-5 rad along a tangent with v_t = 1), fp32 forwards on the default (fused) kernels.
         one_sided = trigflow_velocity_finite_difference(
-            TrigFlowModel(ours), sample, t, tangent_x, tangent_t, embeds, mask, guidance, base=plain
+            TrigFlowModel(ours), TrigFlowInputs(sample, t, embeds, mask, guidance), tangent_x, tangent_t, base=plain
         )
         one_sided_error = relative_error(one_sided, tangent)
         rows.append(
@@ -686,12 +686,12 @@ def _relative_difference(value: float, reference: float) -> float:
 
 @register_check("train_step")
 def check_train_step(context: CheckContext) -> list[Row]:
-    saved_backend = scm_module.JVP_COMPILE_BACKEND
-    scm_module.JVP_COMPILE_BACKEND = context.compile_backend
+    saved_backend = tangent_module.JVP_COMPILE_BACKEND
+    tangent_module.JVP_COMPILE_BACKEND = context.compile_backend
     try:
         return _train_step_rows(context)
     finally:
-        scm_module.JVP_COMPILE_BACKEND = saved_backend
+        tangent_module.JVP_COMPILE_BACKEND = saved_backend
 
 
 def _train_step_rows(context: CheckContext) -> list[Row]:

@@ -89,7 +89,8 @@ def fake_like(args, real: torch.Tensor, mean_latent: torch.Tensor, generator: to
 
 def judge(args, discriminator, real, fake, e, m):
     """(real logits, fake logits) with both re-noised at t_D, judged as `--calls` says."""
-    from diffusers_sprint.training.ladd import DiscriminatorInputs, renoise_for_discriminator
+    from diffusers_sprint.models import TrigFlowInputs
+    from diffusers_sprint.training.ladd import renoise_for_discriminator
 
     generator = args.generator
     inputs = renoise_for_discriminator(
@@ -109,7 +110,7 @@ def judge(args, discriminator, real, fake, e, m):
         )
         return logits.split([len(real), len(fake)])
     # the library's joint call: the real rows as `reference`, interleaved in every batch-norm group
-    reference = DiscriminatorInputs(inputs.real_x_t / 0.5, inputs.real_t, e, m)
+    reference = TrigFlowInputs(inputs.real_x_t / 0.5, inputs.real_t, e, m)
     fake_logits, real_logits = discriminator(inputs.fake_x_t / 0.5, inputs.fake_t, e, m, reference=reference).split(
         [len(fake), len(real)]
     )

@@ -35,8 +35,7 @@ from diffusers_sprint.training.publish import (
 )
 from diffusers_sprint.training.recipe import TEACHER_PREPARATION, parse_recipe
 from diffusers_sprint.training.run import (
-    after_update,
-    clip_and_step,
+    clip_and_update,
     end_iteration,
     end_run,
     learning_rate_scale,
@@ -171,8 +170,10 @@ def main(args):
                 accelerator.backward(loss)
                 step_logs.append(logs)
                 if accelerator.sync_gradients:
-                    skipped, grad_norm = clip_and_step(accelerator, optimizer, trainable, args.max_grad_norm)
-        after_update(skip_monitor, "finetune", skipped, global_step + 1, grad_norm, lr_scheduler, ema, trainable)
+                    skipped, grad_norm = clip_and_update(
+                        accelerator, skip_monitor, "finetune", global_step + 1, optimizer, trainable,
+                        args.max_grad_norm, lr_scheduler, ema,
+                    )  # fmt: skip
         global_step += 1
         progress["global_step"] = global_step
         logs = mean_logs(step_logs)

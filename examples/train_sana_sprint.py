@@ -24,7 +24,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from diffusers_sprint import SanaSprintPipeline, SanaSprintTransformer2DModel
-from diffusers_sprint.models import TrigFlowModel, set_fp32_linear_attention, unwrap_trigflow_controlnet
+from diffusers_sprint.models import TrigFlowModel, set_fp32_linear_attention, unwrap_model, unwrap_trigflow_controlnet
 from diffusers_sprint.training import (
     DistillationState,
     SanaDiscriminator,
@@ -54,8 +54,7 @@ from diffusers_sprint.training.publish import (
 )
 from diffusers_sprint.training.recipe import DISTILLATION, controlnet_training, distillation_config, parse_recipe
 from diffusers_sprint.training.run import (
-    after_update,
-    clip_and_step,
+    clip_and_update,
     compiled_graph_count,
     end_iteration,
     end_run,
@@ -298,8 +297,8 @@ def main(args):
 
     head_module = None  # the discriminator of the G phase: never through DDP (the heads take no update there)
     if discriminator is not None:
-        # Not `keep_torch_compile`: that returns the compiled wrapper, whose forward still calls DDP's.
-        head_module = accelerator.unwrap_model(discriminator_trained, keep_torch_compile=False)
+        # unwrap_model also strips torch.compile: a compiled wrapper's forward would still call DDP's.
+        head_module = unwrap_model(discriminator_trained)
         if compile_kwargs is not None:
             head_module = torch.compile(head_module, **compile_kwargs)
     progress_bar = steps_progress_bar(args, accelerator, global_step)
@@ -328,9 +327,11 @@ def main(args):
                 accelerator.backward(out.loss)
                 g_logs.append(out.logs)
                 if accelerator.sync_gradients:
-                    skipped, grad_norm = clip_and_step(accelerator, optimizer, trainable, args.max_grad_norm)
+                    skipped, grad_norm = clip_and_update(
+                        accelerator, skip_monitor, "generator", global_step + 1, optimizer, trainable,
+                        args.max_grad_norm, lr_scheduler, ema,
+                    )  # fmt: skip
         state.record("generator", skipped)
-        after_update(skip_monitor, "generator", skipped, global_step + 1, grad_norm, lr_scheduler, ema, trainable)
         logs = mean_logs(g_logs)
         logs.update(generator_grad_norm=grad_norm, generator_skipped=float(skipped), lr=lr_scheduler.get_last_lr()[0])
 
@@ -345,11 +346,11 @@ def main(args):
                     accelerator.backward(out.loss)
                     d_logs.append(out.logs)
                     if accelerator.sync_gradients:
-                        skipped_d, norm_d = clip_and_step(
-                            accelerator, optimizer_d, head_parameters, args.max_grad_norm
-                        )
+                        skipped_d, norm_d = clip_and_update(
+                            accelerator, skip_monitor, "discriminator", global_step + 1, optimizer_d,
+                            head_parameters, args.max_grad_norm, lr_scheduler_d,
+                        )  # fmt: skip
             state.record("discriminator", skipped_d)
-            after_update(skip_monitor, "discriminator", skipped_d, global_step + 1, norm_d, lr_scheduler_d)
             logs.update(mean_logs(d_logs))
             logs.update(
                 discriminator_grad_norm=norm_d,

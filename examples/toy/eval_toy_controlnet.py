@@ -11,7 +11,8 @@ imply, as in the ControlNet's training. For each seed, image `i` starts from
 `torch.Generator().manual_seed(seed * 100000 + i)`; the teacher without and with the ControlNet get the same noise.
 Sampling: 20 flow-Euler steps (shift 1), CFG 4.5, written as TrigFlow ODE steps over
 `trigflow_forward(..., controlnet=...)` (equal to diffusers' `SanaControlNetPipeline` to 1e-5, see
-tests/test_pipeline_controlnet.py; unlike it, the transformer's dense time `timestep_scale` is honoured). Scores:
+tests/unit/pipelines/test_pipeline_controlnet.py; unlike it, the transformer's dense time `timestep_scale` is
+honoured). Scores:
 edge F1 (tolerance 1 px; `f1_exact`: 0 px) / precision / recall / L1 of the samples' edges against the condition,
 and FID against the 1,024 (upright, centred) reference images. Also reported: the relaid real emoji (the FID floor of
 relaid images; their edge F1 is 1 by construction) and their VAE reconstructions (the edge F1 a perfect latent can

@@ -1,5 +1,6 @@
 """SanaSprintTransformer2DModel: diffusers' Sana transformer that speaks TrigFlow."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,11 +14,15 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.models.transformers.sana_transformer import SanaTransformer2DModel
 from diffusers.utils import BaseOutput
 from torch import nn
+from torch.distributed._composable import checkpoint as module_checkpoint
+from torch.distributed.fsdp import FSDPModule
+from torch.utils.checkpoint import checkpoint
 
 from ..lora_checks import check_lora_state_dict, lora_source
 from ..trigflow import flow_sample_from_trigflow, flow_time_from_trigflow, trigflow_velocity_from_flow
 from .attention_processor import jvp_safe_attention
 from .embeddings import Float32AdaLayerNormSingle, Float32TimestepGuidanceEmbeddings
+from .modeling_utils import unwrap_model
 
 
 # The file-locating arguments of diffusers' `load_lora_adapter` (those of `_fetch_state_dict`).
@@ -32,6 +37,31 @@ _LORA_FETCH_KWARGS = (
     "revision",
     "subfolder",
 )
+
+
+def checkpoint_block(block: nn.Module, *args) -> Any:
+    """
+    `block(*args)` under non-reentrant activation checkpointing: the default `gradient_checkpointing_func` of
+    [`SanaSprintTransformer2DModel`] (diffusers calls it per block while grad is enabled).
+
+    A plain block is recomputed through `torch.utils.checkpoint` as in diffusers. A block that is an FSDP2 unit
+    (`fully_shard`) is checkpointed inside its FSDP hooks instead, by torch's module-hook `checkpoint` (installed on
+    first use): FSDP's pre-forward hook re-views the block's inputs in the forward but is skipped in the backward's
+    recomputation (the pre-backward hook unshards). Recomputing `block.__call__` as diffusers does would then feed the
+    block its raw inputs, whose size-1 batch dim (one sample per process) can carry other strides; `matmul` picks
+    `mm` or `bmm` for a frozen weight by strides, so the recomputation saved other shapes and the backward failed
+    ("Recomputed values ... have different metadata", saved `[C, C]`, recomputed `[1, C, C]`).
+    """
+    if not isinstance(block, FSDPModule):
+        return checkpoint(block.__call__, *args, use_reentrant=False)
+    if module_checkpoint.state(block) is None:
+        module_checkpoint(block)
+    state = module_checkpoint.state(block)
+    state.enable_hook = True  # only for this call: diffusers does not checkpoint without grad
+    try:
+        return block(*args)
+    finally:
+        state.enable_hook = False
 
 
 @dataclass
@@ -181,6 +211,10 @@ class SanaSprintTransformer2DModel(SanaTransformer2DModel):
         return super().load_lora_adapter(
             pretrained_model_name_or_path_or_dict, prefix=prefix, hotswap=hotswap, **kwargs
         )
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Callable | None = None) -> None:
+        """diffusers' method; the default `gradient_checkpointing_func` is [`checkpoint_block`] (FSDP2-safe)."""
+        super().enable_gradient_checkpointing(gradient_checkpointing_func or checkpoint_block)
 
     @property
     def effective_flow_time_scale(self) -> float:
@@ -337,14 +371,7 @@ def unwrap_controlnet(controlnet: nn.Module) -> SanaControlNetModel:
     """The `SanaControlNetModel` inside `torch.compile` / `DistributedDataParallel` wrappers (or `controlnet` itself).
 
     Raises a `TypeError` when there is none."""
-    module = controlnet
-    for _ in range(8):  # compile(DDP(model)) and the like: a few levels at most
-        inner = getattr(module, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(module, "module", None)
-        if not isinstance(inner, nn.Module):
-            break
-        module = inner
+    module = unwrap_model(controlnet)
     if not isinstance(module, SanaControlNetModel):
         raise TypeError(
             f"`controlnet` must be a diffusers SanaControlNetModel (or a torch.compile/DDP wrapper of one), got "

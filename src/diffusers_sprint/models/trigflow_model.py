@@ -7,9 +7,12 @@ bare model goes around every such wrapper, so the training library calls the stu
 prepared object is this module.
 """
 
+from dataclasses import dataclass, fields, replace
+
 import torch
 from torch import nn
 
+from .modeling_utils import unwrap_model
 from .transformer_sana_sprint import unwrap_controlnet
 
 
@@ -114,22 +117,77 @@ def as_trigflow_model(model: nn.Module) -> nn.Module:
 
 def unwrap_transformer(model: nn.Module) -> nn.Module:
     """The transformer inside a [`TrigFlowModel`] (itself possibly wrapped by DDP or `torch.compile`)."""
-    while not isinstance(model, TrigFlowModel):
-        inner = model._modules.get("module") or model._modules.get("_orig_mod")  # DDP / DeepSpeed, torch.compile
-        if inner is None:
-            return model
-        model = inner
-    return model.transformer
+    model = unwrap_model(model)
+    return model.transformer if isinstance(model, TrigFlowModel) else model
 
 
 def unwrap_trigflow_controlnet(model: nn.Module) -> nn.Module | None:
     """The ControlNet inside a [`TrigFlowModel`] (itself possibly wrapped by DDP or `torch.compile`), or `None`."""
-    while not isinstance(model, TrigFlowModel):
-        inner = model._modules.get("module") or model._modules.get("_orig_mod")
-        if inner is None:
-            return None
-        model = inner
-    return model.controlnet
+    model = unwrap_model(model)
+    return model.controlnet if isinstance(model, TrigFlowModel) else None
 
 
-__all__ = ["TrigFlowModel", "as_trigflow_model", "unwrap_transformer", "unwrap_trigflow_controlnet"]
+@dataclass
+class TrigFlowInputs:
+    r"""
+    The inputs of one [`TrigFlowModel`] call, one row per sample: `inputs.call(model)` makes the call.
+
+    Args:
+        x_t_scaled (`torch.Tensor` of shape `(batch, C, H, W)`): `x_t / sigma_data`.
+        t (`torch.Tensor` of shape `(batch,)`): TrigFlow time in radians.
+        prompt_embeds (`torch.Tensor` of shape `(batch, seq_len, caption_channels)`): The prompt.
+        prompt_attention_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): 1 = attend, 0 = padding.
+        guidance (`torch.Tensor` of shape `(batch,)` or a float, *optional*): The CFG scale `w`, read by a model with
+            a guidance embedder only.
+        control (`torch.Tensor` of shape `(batch, C, H, W)`, *optional*): Control latents, for a model with a
+            ControlNet (its `controlnet_cond`).
+    """
+
+    x_t_scaled: torch.Tensor
+    t: torch.Tensor
+    prompt_embeds: torch.Tensor
+    prompt_attention_mask: torch.Tensor | None = None
+    guidance: torch.Tensor | float | None = None
+    control: torch.Tensor | None = None
+
+    def call(self, model: nn.Module, **options) -> tuple[torch.Tensor, ...]:
+        """`model(x_t_scaled, t, prompt_embeds, prompt_attention_mask, guidance_scale=guidance, **options)`, plus
+        `controlnet_cond=control` with control latents only (so a model without ControlNet keyword works too)."""
+        if self.control is not None:
+            options["controlnet_cond"] = self.control
+        return model(
+            self.x_t_scaled, self.t, self.prompt_embeds, self.prompt_attention_mask, guidance_scale=self.guidance,
+            **options,
+        )  # fmt: skip
+
+    def replace(self, **changes) -> "TrigFlowInputs":
+        """A copy with some fields changed (`dataclasses.replace`)."""
+        return replace(self, **changes)
+
+    def rows(self, index: torch.Tensor | slice) -> "TrigFlowInputs":
+        """The rows `index` of every per-row field (a float `guidance` is kept)."""
+        return TrigFlowInputs(*(_select_rows(getattr(self, f.name), index) for f in fields(self)))
+
+    def cat(self, other: "TrigFlowInputs") -> "TrigFlowInputs":
+        """This call's rows, then `other`'s (cast to this call's dtypes): one call for both."""
+        return TrigFlowInputs(
+            *(_cat_rows(f.name, getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
+        )
+
+
+def _select_rows(value, index):
+    return value[index] if isinstance(value, torch.Tensor) else value
+
+
+def _cat_rows(name: str, first, second):
+    if first is None and second is None:
+        return None
+    if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)):
+        raise ValueError(
+            f"`TrigFlowInputs.cat`: `{name}` must be a per-row tensor in both inputs or `None` in both, got "
+            f"{type(first).__name__} and {type(second).__name__}."
+        )
+    return torch.cat([first, second.to(device=first.device, dtype=first.dtype)])
+
+
+__all__ = ["TrigFlowInputs", "TrigFlowModel", "as_trigflow_model", "unwrap_transformer", "unwrap_trigflow_controlnet"]

@@ -18,6 +18,7 @@ from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscal
 from transformers import Gemma2PreTrainedModel, GemmaTokenizer, GemmaTokenizerFast
 
 from ..lora_checks import check_lora_state_dict, lora_source
+from ..models.modeling_utils import unwrap_model
 from ..models.transformer_sana_sprint import SanaSprintTransformer2DModel
 from ..schedulers.scheduling_trigflow import TrigFlowScheduler
 from .resolution_bins import aspect_ratio_bins
@@ -68,11 +69,6 @@ def _model_dtype(module: torch.nn.Module) -> torch.dtype:
         if parameter.is_floating_point() and not any(m in name for m in keep_in_fp32):
             return parameter.dtype
     return module.dtype
-
-
-def _unwrap(module):
-    """The module inside a `torch.compile` wrapper (`OptimizedModule`), else `module`."""
-    return getattr(module, "_orig_mod", module)
 
 
 def _resolve_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs: list[str]) -> list[str]:
@@ -135,7 +131,7 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         transformer: SanaSprintTransformer2DModel,
         scheduler: TrigFlowScheduler,
     ):
-        if transformer is not None and not isinstance(_unwrap(transformer), SanaSprintTransformer2DModel):
+        if transformer is not None and not isinstance(unwrap_model(transformer), SanaSprintTransformer2DModel):
             raise TypeError(
                 f"`transformer` must be a SanaSprintTransformer2DModel (or None), got {type(transformer).__name__}; "
                 "load it with `SanaSprintTransformer2DModel.from_pretrained(path, subfolder='transformer')`."
@@ -181,7 +177,7 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         the ODE sampler, unfused PEFT adapters) keep our class names, with a logged warning; so does
         `stock_diffusers_layout=False` (a checkpoint that keeps everything, e.g. the logvar head).
         """
-        blockers = stock_layout_blockers(_unwrap(self.transformer), self.scheduler)
+        blockers = stock_layout_blockers(unwrap_model(self.transformer), self.scheduler)
         if not stock_diffusers_layout or blockers:
             if stock_diffusers_layout:
                 logger.warning(
@@ -193,7 +189,7 @@ class SanaSprintPipeline(DiffusersSanaSprintPipeline):
         transformer, scheduler = self.transformer, self.scheduler
         released = {}
         if transformer is not None:
-            released["transformer"] = stock_transformer(_unwrap(transformer))
+            released["transformer"] = stock_transformer(unwrap_model(transformer))
         if scheduler is not None:
             released["scheduler"] = stock_scheduler(scheduler)
         self.register_modules(**released)

@@ -10,7 +10,6 @@ from .distill import (
     discriminator_step,
     frozen,
     generator_step,
-    step_if_finite,
 )
 from .fingerprint import compare_fingerprints, run_fingerprint
 from .ladd import (
@@ -23,9 +22,10 @@ from .ladd import (
     r1_penalty,
     renoise_for_discriminator,
 )
-from .monitoring import SkipMonitor, check_finite_state_dict
+from .monitoring import SkipMonitor, check_finite_state_dict, step_if_finite
 from .recipe import DISTILLATION, TEACHER_PREPARATION, parse_recipe, validate_training_args
 from .scm import SCMLossConfig, SCMLossOutput, sample_guidance_scales, scm_loss, teacher_cfg_velocity
+from .tangent import velocity_tangent
 from .teacher import build_student, prepare_sprint_teacher, teacher_finetune_loss
 
 
@@ -68,4 +68,5 @@ __all__ = [
     "teacher_cfg_velocity",
     "teacher_finetune_loss",
     "validate_training_args",
+    "velocity_tangent",
 ]

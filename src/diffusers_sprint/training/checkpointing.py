@@ -11,7 +11,7 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 
 from ..pipelines.pipeline_sana_sprint import SanaSprintPipeline
-from .checkpoints import save_checkpoint
+from .checkpoints import SHARDED_STATE_FOLDER, save_checkpoint
 from .fingerprint import write_fingerprint
 from .lora import lora_state_dict
 from .monitoring import check_finite_state_dict
@@ -193,7 +193,7 @@ def register_checkpoint_hooks(
     def save_model_hook(models, weights_list, output_dir):
         weights_list.clear()  # accelerate would pickle the prepared modules
         if sharded:
-            save_sharded_state(os.path.join(output_dir, "sharded"), *weights.sharded_state())
+            save_sharded_state(os.path.join(output_dir, SHARDED_STATE_FOLDER), *weights.sharded_state())
         elif accelerator.is_main_process:
             weights.save(output_dir)
         if accelerator.is_main_process:
@@ -204,7 +204,7 @@ def register_checkpoint_hooks(
         models.clear()  # loaded from our formats instead
         saved = read_training_state(input_dir, stage=stage)
         if sharded:
-            load_sharded_state(os.path.join(input_dir, "sharded"), *weights.sharded_state())
+            load_sharded_state(os.path.join(input_dir, SHARDED_STATE_FOLDER), *weights.sharded_state())
         else:
             weights.load(input_dir)
         progress["global_step"] = saved["global_step"]

@@ -17,13 +17,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..models.trigflow_model import as_trigflow_model
+from ..models.modeling_utils import unwrap_model
+from ..models.trigflow_model import TrigFlowInputs, as_trigflow_model
 from ..trigflow import add_trigflow_noise, denoise_trigflow, replace_with_max_time, sample_noise, sample_trigflow_time
+from .batch import DistillationBatch
 from .ladd import (
     ADVERSARIAL_LOSS_TYPES,
     DISCRIMINATOR_P_MEAN,
     DISCRIMINATOR_P_STD,
-    DiscriminatorInputs,
     SanaDiscriminator,
     discriminator_loss,
     generator_adversarial_loss,
@@ -33,6 +34,7 @@ from .ladd import (
 )
 from .scm import SCMLossConfig, sample_guidance_scales, scm_loss
 from .settings import PROBABILITY, at_least, check_settings, setting
+from .tangent import one_sided_finite_difference
 
 
 @dataclass
@@ -130,45 +132,6 @@ class DistillationConfig:
 
 
 @dataclass
-class DistillationBatch:
-    """
-    One training batch.
-
-    Args:
-        latents (`torch.Tensor` of shape `(batch, C, H, W)`): data `x0` in sigma_data units
-            (`vae_latent * scaling_factor * sigma_data`).
-        prompt_embeds (`torch.Tensor` of shape `(batch, seq_len, caption_channels)`), prompt_attention_mask
-            (`torch.Tensor` of shape `(batch, seq_len)`): the captions.
-        null_prompt_embeds, null_prompt_attention_mask: the empty prompt, `(1 or batch, seq_len, ...)`, for the
-            teacher's classifier-free guidance.
-        control_latents (`torch.Tensor` of shape `(batch, C, H, W)`, *optional*): ControlNet distillation: the VAE
-            latents of the control images times `scaling_factor` (unit scale, diffusers' `controlnet_cond`
-            convention; not multiplied by sigma_data). They go to every model call of the step: the teacher's CFG
-            velocity (both branches), the student's forward and JVP, the LADD fake and the discriminator's teacher
-            features (real and fake). Teacher and student must then be [`~models.TrigFlowModel`]s with a ControlNet.
-    """
-
-    latents: torch.Tensor
-    prompt_embeds: torch.Tensor
-    prompt_attention_mask: torch.Tensor
-    null_prompt_embeds: torch.Tensor
-    null_prompt_attention_mask: torch.Tensor
-    control_latents: torch.Tensor | None = None
-
-    def __post_init__(self):
-        if self.control_latents is not None and self.control_latents.shape[0] != self.latents.shape[0]:
-            raise ValueError(
-                f"`control_latents` has {self.control_latents.shape[0]} rows for {self.latents.shape[0]} latents."
-            )
-
-    def control(self, rows: torch.Tensor | None = None) -> dict:
-        """The model-call keyword for the control latents (of `rows`): `{}` in text-to-image distillation."""
-        if self.control_latents is None:
-            return {}
-        return {"controlnet_cond": self.control_latents if rows is None else self.control_latents[rows]}
-
-
-@dataclass
 class DistillationState:
     """Update counters; checkpointable by `state_dict`/`load_state_dict` (`accelerator.register_for_checkpointing`)."""
 
@@ -226,14 +189,6 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
             parameter.requires_grad_(True)
 
 
-def _student_x0(student, x_t, t, prompt_embeds, prompt_attention_mask, guidance_scale, sigma_data, control=None):
-    """`x0_hat = cos t x_t - sin t sigma_data F(x_t / sigma_data, t)` (`w` used by a student with an embedder)."""
-    (velocity,) = student(
-        x_t / sigma_data, t, prompt_embeds, prompt_attention_mask, guidance_scale=guidance_scale, **(control or {})
-    )
-    return denoise_trigflow(x_t, velocity, t, sigma_data)
-
-
 def _draw_generator_inputs(batch: DistillationBatch, config: DistillationConfig, generator):
     x0 = batch.latents
     device = x0.device
@@ -244,6 +199,55 @@ def _draw_generator_inputs(batch: DistillationBatch, config: DistillationConfig,
     z = sample_noise(x0, scm_config.sigma_data, generator)
     w = sample_guidance_scales(x0.shape[0], scm_config.guidance_scales, device=device, generator=generator)
     return t, z, w
+
+
+class _StudentForwardWithFakeRows:
+    """
+    [`scm_loss`]'s grad-enabled student forward that also runs the LADD fake's fresh rows `fake`: in the same call
+    (one forward and one backward of `B + k` rows), or, with `same_call=False`, in a call of their own right after
+    (the one-sided finite difference takes the sCM rows' `F` as its base point, which must come from a call laid out
+    like its shifted one: batching changes `F`'s rounding, which `/ h` amplifies). Their `F` (with grad) is kept
+    in `fake_velocity`.
+    """
+
+    def __init__(self, student, fake: TrigFlowInputs, same_call: bool):
+        self.student, self.fake, self.same_call = student, fake, same_call
+        self.fake_velocity = None
+
+    def __call__(self, inputs: TrigFlowInputs, **options) -> tuple[torch.Tensor, ...]:
+        if not self.same_call:
+            out = inputs.call(self.student, **options)
+            (self.fake_velocity,) = self.fake.call(self.student)
+            return out
+        out = inputs.cat(self.fake).call(self.student, **options)
+        batch_size = inputs.t.shape[0]
+        self.fake_velocity = out[0][batch_size:]
+        return tuple(o[:batch_size] for o in out)
+
+
+def _fresh_fake_rows(batch: DistillationBatch, t, z, w, config: DistillationConfig, generator):
+    """
+    The rows of the LADD fake that need a student forward of their own, `(rows, x_t, inputs)` (`x_t` in sigma_data
+    units), or `(None, None, None)`. The fake starts from `t` replaced by `pi/2` with `max_time_probability`; with
+    `fake_from_scm_forward` the rows that keep `t` (and `z`) reuse the sCM forward's `F` and only the `pi/2` rows run
+    again, else (official) every row runs from a fresh `t` and `z`.
+    """
+    reuse_scm_forward = config.scm_lambda > 0 and config.fake_from_scm_forward
+    t_fake, z_fake = t, z
+    if config.scm_lambda > 0 and not config.fake_from_scm_forward:  # official: fresh t and z for the fake
+        t_fake, z_fake, _ = _draw_generator_inputs(batch, config, generator)
+    t_fake = replace_with_max_time(t_fake, config.max_time_probability, generator=generator)
+    rows = (t_fake != t).nonzero().flatten() if reuse_scm_forward else torch.arange(t.shape[0], device=t.device)
+    if rows.numel() == 0:
+        return None, None, None
+    x_t = add_trigflow_noise(batch.latents[rows], z_fake[rows], t_fake[rows])
+    return rows, x_t, batch.model_inputs(x_t / config.scm.sigma_data, t_fake[rows], w[rows], rows)
+
+
+def _discriminate(discriminator, inputs: TrigFlowInputs, reference: TrigFlowInputs | None = None) -> torch.Tensor:
+    """The discriminator's logits on `inputs` (through its `__call__`, so a DDP wrapper sees the call)."""
+    x, t, embeds, mask = inputs.x_t_scaled, inputs.t, inputs.prompt_embeds, inputs.prompt_attention_mask
+    return discriminator(x, t, embeds, mask, controlnet_cond=inputs.control, reference=reference)
 
 
 def generator_step(
@@ -276,66 +280,35 @@ def generator_step(
     t, z, w = _draw_generator_inputs(batch, config, generator)
     logs = {"t_mean": t.mean().detach()}
 
-    # The LADD fake's inputs come first (scm_loss draws no random numbers, so the draw order is unchanged): its rows
-    # that need a fresh student forward can then join the sCM forward.
-    reuse_scm_forward = config.scm_lambda > 0 and config.fake_from_scm_forward
-    fresh_inputs = None
+    # 1. The LADD fake's fresh rows come first (scm_loss draws no random numbers, so the draw order is unchanged):
+    #    they can then join the sCM term's student forward.
+    rows = fresh_x_t = fresh_inputs = None
     if config.uses_discriminator:
-        t_fake, z_fake = t, z
-        if config.scm_lambda > 0 and not config.fake_from_scm_forward:  # official: fresh t and z for the fake
-            t_fake, z_fake, _ = _draw_generator_inputs(batch, config, generator)
-        t_fake = replace_with_max_time(t_fake, config.max_time_probability, generator=generator)
-        if reuse_scm_forward:  # rows that keep t reuse the sCM forward's F (same input, same graph)
-            rows = (t_fake != t).nonzero().flatten()
-        else:  # every fake needs its own forward
-            rows = torch.arange(t.shape[0], device=t.device)
-        if rows.numel() > 0:
-            fresh_x_t = add_trigflow_noise(batch.latents[rows], z_fake[rows], t_fake[rows])
-            mask = batch.prompt_attention_mask
-            fresh_inputs = (
-                fresh_x_t / sigma_data,
-                t_fake[rows],
-                batch.prompt_embeds[rows],
-                None if mask is None else mask[rows],
-                w[rows],
-                batch.control(rows).get("controlnet_cond"),
-            )
-    one_call = fresh_inputs is not None and config.scm_lambda > 0 and config.single_student_forward
-
-    scm_part = None
-    velocity = None
-    fresh_velocity = None
+        rows, fresh_x_t, fresh_inputs = _fresh_fake_rows(batch, t, z, w, config, generator)
+    fresh_velocity = scm_part = None
     if config.scm_lambda > 0:
-        scm_out = scm_loss(
-            student,
-            teacher,
-            batch.latents,
-            z,
-            t,
-            batch.prompt_embeds,
-            batch.prompt_attention_mask,
-            batch.null_prompt_embeds,
-            batch.null_prompt_attention_mask,
-            w,
-            state.generator_steps,
-            config.scm,
-            extra_inputs=fresh_inputs if one_call else None,
-            **batch.control(),
-        )
-        scm_part, velocity, fresh_velocity = scm_out.loss, scm_out.velocity, scm_out.extra_velocity
+        forward = None
+        if fresh_inputs is not None and config.single_student_forward:
+            same_call = not one_sided_finite_difference(config.scm, batch.latents.device.type)
+            forward = _StudentForwardWithFakeRows(student, fresh_inputs, same_call)
+        # 2. L_sCM.
+        scm_out = scm_loss(student, teacher, batch, z, t, w, state.generator_steps, config.scm, forward)
+        scm_part, fresh_velocity = scm_out.loss, forward.fake_velocity if forward is not None else None
         logs.update(scm_loss=scm_out.loss.detach(), **scm_out.logs)
 
     adversarial_part = None
     if config.uses_discriminator:
-        if reuse_scm_forward:
-            fake_x0 = denoise_trigflow(add_trigflow_noise(batch.latents, z, t), velocity, t, sigma_data)
+        # 3. The fake x0_hat: the sCM forward's rows, the fresh rows from their own F.
+        if config.scm_lambda > 0 and config.fake_from_scm_forward:
+            fake_x0 = denoise_trigflow(add_trigflow_noise(batch.latents, z, t), scm_out.velocity, t, sigma_data)
         else:
             fake_x0 = torch.zeros_like(batch.latents)
         if fresh_inputs is not None:
             if fresh_velocity is None:
-                (fresh_velocity,) = student(*fresh_inputs[:4], guidance_scale=fresh_inputs[4], **batch.control(rows))
-            fresh = denoise_trigflow(fresh_x_t, fresh_velocity, t_fake[rows], sigma_data)
-            fake_x0 = fake_x0.index_put((rows,), fresh.to(fake_x0.dtype))
+                (fresh_velocity,) = fresh_inputs.call(student)
+            fresh_x0 = denoise_trigflow(fresh_x_t, fresh_velocity, fresh_inputs.t, sigma_data)
+            fake_x0 = fake_x0.index_put((rows,), fresh_x0.to(fake_x0.dtype))
+        # 4. L_adv: the discriminator (frozen) judges the re-noised fake; with shared norm groups next to real rows.
         shared = config.discriminator_shared_norm_groups
         renoised = renoise_for_discriminator(
             real_x0=batch.latents if shared else None,
@@ -346,13 +319,10 @@ def generator_step(
             share_timesteps=shared and config.share_discriminator_timesteps,
             generator=generator,
         )
-        fake = (renoised.fake_x_t / sigma_data, renoised.fake_t, batch.prompt_embeds, batch.prompt_attention_mask)
-        reference = None
-        if shared:  # the real rows share the heads' batch-norm groups with the fakes (no graph through them)
-            control = batch.control().get("controlnet_cond")
-            reference = DiscriminatorInputs(renoised.real_x_t / sigma_data, renoised.real_t, *fake[2:], control)
+        fake = batch.model_inputs(renoised.fake_x_t / sigma_data, renoised.fake_t)
+        reference = batch.model_inputs(renoised.real_x_t / sigma_data, renoised.real_t) if shared else None
         with frozen(discriminator):
-            fake_logits = discriminator(*fake, **batch.control(), reference=reference)[: fake_x0.shape[0]]
+            fake_logits = _discriminate(discriminator, fake, reference)[: fake_x0.shape[0]]
         adversarial_part = generator_adversarial_loss(fake_logits, config.adversarial_loss)
         logs.update(adversarial_loss=adversarial_part.detach(), fake_logits_mean_g=fake_logits.detach().mean())
 
@@ -384,17 +354,15 @@ def discriminator_step(
     t = replace_with_max_time(t, config.max_time_probability, generator=generator)
     with torch.no_grad():
         x_t = add_trigflow_noise(batch.latents, z, t)
-        fake_x0 = _student_x0(
-            student, x_t, t, batch.prompt_embeds, batch.prompt_attention_mask, w, sigma_data, batch.control()
-        )
-    fake_embeds, fake_mask = batch.prompt_embeds, batch.prompt_attention_mask
-    real_control, fake_control = batch.control(), batch.control()
+        (velocity,) = batch.model_inputs(x_t / sigma_data, t, w).call(student)
+        fake_x0 = denoise_trigflow(x_t, velocity, t, sigma_data)
+    fake_embeds, fake_mask, fake_control = batch.prompt_embeds, batch.prompt_attention_mask, batch.control_latents
     if config.misaligned_pairs:
         # A misaligned pair keeps its image's own control (only the caption is wrong): the control latents ride
         # along as extra channels through the row selection.
         real = batch.latents
-        if fake_control:
-            real = torch.cat([real, batch.control_latents.to(real.dtype)], dim=1)
+        if fake_control is not None:
+            real = torch.cat([real, fake_control.to(real.dtype)], dim=1)
         pairs = misaligned_pairs(real, batch.prompt_embeds, batch.prompt_attention_mask)
         pair_latents, pair_control = pairs.latents.split(
             [batch.latents.shape[1], real.shape[1] - batch.latents.shape[1]], 1
@@ -402,9 +370,8 @@ def discriminator_step(
         fake_x0 = torch.cat([fake_x0, pair_latents.to(fake_x0.dtype)])
         fake_embeds = torch.cat([fake_embeds, pairs.encoder_hidden_states])
         fake_mask = torch.cat([fake_mask, pairs.encoder_attention_mask])
-        if fake_control:
-            control = batch.control_latents
-            fake_control = {"controlnet_cond": torch.cat([control, pair_control.to(control.dtype)])}
+        if fake_control is not None:
+            fake_control = torch.cat([fake_control, pair_control.to(fake_control.dtype)])
     renoised = renoise_for_discriminator(
         real_x0=batch.latents,
         fake_x0=fake_x0,
@@ -414,19 +381,15 @@ def discriminator_step(
         share_timesteps=config.share_discriminator_timesteps,
         generator=generator,
     )
-    real_inputs = renoised.real_x_t / sigma_data
-    real_control, fake_control = real_control.get("controlnet_cond"), fake_control.get("controlnet_cond")
-    real = DiscriminatorInputs(
-        real_inputs, renoised.real_t, batch.prompt_embeds, batch.prompt_attention_mask, real_control
-    )
-    fake = DiscriminatorInputs(renoised.fake_x_t / sigma_data, renoised.fake_t, fake_embeds, fake_mask, fake_control)
+    real = batch.model_inputs(renoised.real_x_t / sigma_data, renoised.real_t)
+    fake = TrigFlowInputs(renoised.fake_x_t / sigma_data, renoised.fake_t, fake_embeds, fake_mask, None, fake_control)
     if config.discriminator_shared_norm_groups:
         # One call, real rows as the reference: every local batch-norm group of the heads holds real and fake rows.
-        logits = discriminator(*fake[:4], controlnet_cond=fake_control, reference=real)
-        fake_logits, real_logits = logits.split([fake.x_t_scaled.shape[0], real_inputs.shape[0]])
+        logits = _discriminate(discriminator, fake, reference=real)
+        fake_logits, real_logits = logits.split([fake.t.shape[0], real.t.shape[0]])
     else:  # official: real and fake judged in separate calls
-        real_logits = discriminator(*real[:4], controlnet_cond=real_control)
-        fake_logits = discriminator(*fake[:4], controlnet_cond=fake_control)
+        real_logits = _discriminate(discriminator, real)
+        fake_logits = _discriminate(discriminator, fake)
     loss = discriminator_loss(real_logits, fake_logits, config.adversarial_loss)
     logs = {
         "discriminator_loss": loss.detach(),
@@ -435,33 +398,12 @@ def discriminator_step(
         "max_time_fraction": (t == torch.pi / 2).float().mean(),
     }
     if config.r1_gamma > 0:
-        r1 = r1_penalty(
-            getattr(discriminator, "module", discriminator),  # DDP: the heads' graph is armed by the calls above
-            real_inputs,
-            renoised.real_t,
-            batch.prompt_embeds,
-            batch.prompt_attention_mask,
-            controlnet_cond=real_control,
-        )
+        # DDP: the heads' graph is armed by the calls above; the penalty's own calls go to the bare module.
+        x, t_real, embeds, mask = real.x_t_scaled, real.t, real.prompt_embeds, real.prompt_attention_mask
+        r1 = r1_penalty(unwrap_model(discriminator), x, t_real, embeds, mask, controlnet_cond=real.control)
         loss = loss + config.r1_gamma / 2 * r1
         logs["r1"] = r1.detach()
     return DiscriminatorStepOutput(loss=loss, logs=logs)
-
-
-def step_if_finite(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor | float) -> bool:
-    """
-    `optimizer.step()` unless `grad_norm` (e.g. from `accelerator.clip_grad_norm_`) is NaN/Inf, then zero the
-    gradients either way. Returns `True` when the update was skipped. Under DDP / FSDP2 the clipped norm is the
-    global one, so every process takes the same decision.
-    """
-    grad_norm = torch.as_tensor(grad_norm)
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm
-        grad_norm = grad_norm.full_tensor()
-    skipped = not bool(torch.isfinite(grad_norm).all())
-    if not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return skipped
 
 
 __all__ = [
@@ -473,5 +415,4 @@ __all__ = [
     "discriminator_step",
     "frozen",
     "generator_step",
-    "step_if_finite",
 ]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from ..models.trigflow_model import TrigFlowModel, as_trigflow_model
+from ..models.trigflow_model import TrigFlowInputs, TrigFlowModel, as_trigflow_model
 from ..trigflow import add_trigflow_noise, sample_noise, sample_trigflow_time
 
 
@@ -173,16 +173,6 @@ def interleave_order(num_first: int, num_second: int, device: torch.device | str
         return (torch.arange(count, device=device, dtype=torch.float64) + 0.5) / max(count, 1)
 
     return torch.sort(torch.cat([keys(num_first), keys(num_second)]), stable=True).indices
-
-
-class DiscriminatorInputs(NamedTuple):
-    """One branch of discriminator inputs: `x_t / sigma_data`, the time `t` (radians), the caption, the control."""
-
-    x_t_scaled: torch.Tensor
-    t: torch.Tensor
-    encoder_hidden_states: torch.Tensor
-    encoder_attention_mask: torch.Tensor | None = None
-    controlnet_cond: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -383,12 +373,11 @@ class SanaDiscriminator(nn.Module):
         try:
             for block_id in self.head_block_ids:
                 handles.append(blocks[block_id].register_forward_hook(make_hook(block_id)))
-            control = {} if controlnet_cond is None else {"controlnet_cond": controlnet_cond}
+            inputs = TrigFlowInputs(
+                x_t_scaled, t, encoder_hidden_states, encoder_attention_mask, guidance_scale, controlnet_cond
+            )
             with _blocks_up_to(self.teacher.transformer, max(self.head_block_ids)):
-                self.teacher(
-                    x_t_scaled, t, encoder_hidden_states, encoder_attention_mask, guidance_scale=guidance_scale,
-                    **control,
-                )  # fmt: skip
+                inputs.call(self.teacher)
         finally:
             for handle in handles:
                 handle.remove()
@@ -421,18 +410,18 @@ class SanaDiscriminator(nn.Module):
         encoder_attention_mask: torch.Tensor | None = None,
         guidance_scale: torch.Tensor | float | None = None,
         controlnet_cond: torch.Tensor | None = None,
-        reference: DiscriminatorInputs | None = None,
+        reference: TrigFlowInputs | None = None,
     ) -> torch.Tensor:
         r"""
         Per-token logits of all heads.
 
         Args: as in [`extract_features`], and
-            reference ([`DiscriminatorInputs`], *optional*): Rows judged together with `x_t_scaled` (the real
+            reference ([`~models.TrigFlowInputs`], *optional*): Rows judged together with `x_t_scaled` (the real
                 branch, when `x_t_scaled` holds fakes). They run through the teacher in a forward of their own (no
                 graph when they do not require grad), and the heads normalise both sets together, rows interleaved by
                 [`interleave_order`], so that no local batch-norm group holds only one kind. Without it a batch of
                 only fakes is normalised on its own, which divides out what tells it from real data (module
-                docstring). `guidance_scale` applies to both.
+                docstring). `guidance_scale` applies to both (the reference's own `guidance` is not read).
 
         Returns:
             `torch.Tensor` of shape `(batch_size [+ reference batch_size], len(head_block_ids) * num_tokens)`: the
@@ -440,16 +429,20 @@ class SanaDiscriminator(nn.Module):
             `k * num_tokens : (k + 1) * num_tokens`. An empty batch (e.g. [`misaligned_pairs`] at batch size 1)
             returns an empty `(0, ...)` tensor without running the teacher.
         """
-        branches = [DiscriminatorInputs(x_t_scaled, t, encoder_hidden_states, encoder_attention_mask, controlnet_cond)]
+        branches = [
+            TrigFlowInputs(x_t_scaled, t, encoder_hidden_states, encoder_attention_mask, None, controlnet_cond)
+        ]
         if reference is not None:
-            branches.append(tuple(reference))
-        branches = [branch for branch in branches if branch[0].shape[0] > 0]
+            branches.append(reference)
+        branches = [branch for branch in branches if branch.x_t_scaled.shape[0] > 0]
         if not branches:
             num_tokens = self.num_tokens(*x_t_scaled.shape[-2:])
             return x_t_scaled.new_zeros(0, len(self.heads) * num_tokens, dtype=self.heads[0].norm_in.weight.dtype)
         features = [
-            self.extract_features(*branch[:4], guidance_scale=guidance_scale, controlnet_cond=branch[4])
-            for branch in branches
+            self.extract_features(
+                b.x_t_scaled, b.t, b.prompt_embeds, b.prompt_attention_mask, guidance_scale, controlnet_cond=b.control
+            )
+            for b in branches
         ]
         if len(features) == 1:
             return self.forward_heads(features[0])
@@ -668,7 +661,6 @@ __all__ = [
     "DISCRIMINATOR_P_STD",
     "BatchNormLocal",
     "DiscriminatorHead",
-    "DiscriminatorInputs",
     "MisalignedPairs",
     "RenoisedInputs",
     "SanaDiscriminator",

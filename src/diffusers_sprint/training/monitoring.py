@@ -1,8 +1,9 @@
-"""Divergence guards: counting skipped (NaN/Inf) updates, and refusing non-finite weights in checkpoints.
+"""Divergence guards: skipping and counting non-finite (NaN/Inf) updates, refusing non-finite weights in checkpoints.
 
-[`~distill.step_if_finite`] skips an update whose gradient norm is NaN/Inf and changes no parameter. A run that
-skips every update therefore "succeeds" with untouched weights; [`SkipMonitor`] makes that visible (rate-limited
-warnings, an end-of-run summary) and stops it after `max_consecutive_skips` skips in a row. Every process sees the same
+[`step_if_finite`] is the one place that decides: an update whose gradient norm is NaN/Inf is skipped and changes no
+parameter, learning-rate schedule or EMA. A run that skips every update therefore "succeeds" with untouched weights;
+[`SkipMonitor`] makes that visible (rate-limited warnings, an end-of-run summary) and stops it after
+`max_consecutive_skips` skips in a row; [`SkipMonitor.update`] does both for one update. Every process sees the same
 gradient norm (gradients are averaged before clipping), so all processes stop at the same update.
 """
 
@@ -16,6 +17,40 @@ import torch
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 20
+
+
+def grad_norm_value(grad_norm: torch.Tensor | float) -> torch.Tensor:
+    """The gradient norm (e.g. from `accelerator.clip_grad_norm_`) as a plain tensor: an FSDP2 DTensor gathered."""
+    grad_norm = torch.as_tensor(grad_norm)
+    return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+
+
+def step_if_finite(
+    optimizer: torch.optim.Optimizer,
+    grad_norm: torch.Tensor | float,
+    lr_scheduler=None,
+    ema=None,
+    parameters=None,
+    scaler=None,
+) -> bool:
+    """
+    `optimizer.step()` unless `grad_norm` (e.g. from `accelerator.clip_grad_norm_`) is NaN/Inf, then zero the
+    gradients either way. After an applied step, `lr_scheduler.step()` and `ema.step(parameters)` (when given);
+    after a skipped one, `scaler.update()` (fp16: lower the loss scale; `optimizer.step()` did not run). Returns `True`
+    when the update was skipped. Under DDP / FSDP2 the clipped norm is the global one, so every process takes the same
+    decision.
+    """
+    skipped = not bool(torch.isfinite(grad_norm_value(grad_norm)).all())
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if skipped and scaler is not None:
+        scaler.update()
+    if not skipped and lr_scheduler is not None:
+        lr_scheduler.step()
+    if not skipped and ema is not None:
+        ema.step(parameters)
+    return skipped
 
 
 class SkipMonitor:
@@ -84,6 +119,24 @@ class SkipMonitor:
                 f"{self.consecutive[phase]} in a row, {self.skipped[phase]} of {self.updates[phase]} so far "
                 f"(warnings every {self.warn_every} skips; the run stops after {self.max_consecutive_skips} in a row)."
             )
+
+    def update(
+        self,
+        phase: str,
+        step: int,
+        optimizer: torch.optim.Optimizer,
+        grad_norm: torch.Tensor | float,
+        lr_scheduler=None,
+        ema=None,
+        parameters=None,
+        scaler=None,
+    ) -> tuple[bool, float]:
+        """One update of `phase` at training step `step`: [`step_if_finite`] (the arguments after `step`), then
+        [`record`]. Returns `(skipped, grad_norm)`, the norm as a float."""
+        skipped = step_if_finite(optimizer, grad_norm, lr_scheduler, ema, parameters, scaler)
+        grad_norm = float(grad_norm_value(grad_norm))
+        self.record(phase, skipped, step, grad_norm)
+        return skipped, grad_norm
 
     def summary(self) -> str:
         """E.g. `"Skipped updates: generator 3 of 100 (longest streak 2), discriminator 0 of 100."`"""
@@ -164,4 +217,11 @@ def loss_gradient_norms(losses: Mapping[str, torch.Tensor | None], parameters) -
     return norms
 
 
-__all__ = ["DEFAULT_MAX_CONSECUTIVE_SKIPS", "SkipMonitor", "check_finite_state_dict", "loss_gradient_norms"]
+__all__ = [
+    "DEFAULT_MAX_CONSECUTIVE_SKIPS",
+    "SkipMonitor",
+    "check_finite_state_dict",
+    "grad_norm_value",
+    "loss_gradient_norms",
+    "step_if_finite",
+]

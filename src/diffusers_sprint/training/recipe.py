@@ -29,6 +29,7 @@ from .settings import (
     greater_than,
     setting,
     setting_errors,
+    values_of,
 )
 
 
@@ -685,8 +686,6 @@ def distillation_config(args, sharded: bool, student_has_guidance_embedder: bool
     """The library recipe from parsed settings. A student without guidance embedder distils the CFG teacher unless
     --no-teacher_cfg_without_guidance_embeds (the official loop's choice: the plain conditional teacher); under FSDP2
     the LADD fake is always drawn afresh (every rank must run the same forwards)."""
-    from .settings import values_of
-
     scm = SCMLossConfig(
         **values_of(args, SCMLossConfig),
         sigma_data=args.sigma_data,

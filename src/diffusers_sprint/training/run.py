@@ -27,11 +27,13 @@ from .checkpointing import (
     save_state,
 )
 from .checkpoints import (
+    check_checkpoint_layout,
     latest_checkpoint,
     list_checkpoints,
     remove_incomplete_checkpoints,
 )
 from .fingerprint import compare_fingerprints, read_fingerprint, run_fingerprint
+from .sharding import ensure_process_group
 
 
 TRAINING_LOG = "training_log.jsonl"
@@ -45,7 +47,7 @@ def tracker_config(args) -> dict:
 @dataclass
 class Run:
     accelerator: Accelerator
-    sharded: bool  # FSDP2 through training.sharding (--fsdp or an accelerate FSDP2 config, several processes)
+    sharded: bool  # FSDP2 through training.sharding (--fsdp or an accelerate FSDP2 config, any process count)
     resume_path: str | None
     seed: int
     repo_id: str | None
@@ -85,6 +87,9 @@ def start_run(args, logger) -> Run:
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     fingerprint = run_fingerprint(args, accelerator.num_processes)
+    sharded = args.fsdp or accelerator.is_fsdp2  # the checkpoint layout, whatever the number of processes
+    if sharded:
+        ensure_process_group(accelerator.device)  # accelerate starts none for one process
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -103,6 +108,7 @@ def start_run(args, logger) -> Run:
             raise ValueError(
                 f"Checkpoint {resume_path} belongs to a run with other settings:\n  " + "\n  ".join(differences)
             )
+        check_checkpoint_layout(resume_path, sharded)
     elif list_checkpoints(args.output_dir):
         logger.warning(
             f"{args.output_dir} already holds checkpoints of another run; this new run will write its own, and "
@@ -117,7 +123,7 @@ def start_run(args, logger) -> Run:
         ).repo_id
     return Run(
         accelerator=accelerator,
-        sharded=(args.fsdp or accelerator.is_fsdp2) and accelerator.num_processes > 1,
+        sharded=sharded,
         resume_path=resume_path,
         seed=seed,
         repo_id=repo_id,
@@ -266,32 +272,6 @@ def end_run(accelerator) -> None:
     accelerator.end_training()
 
 
-def after_update(
-    skip_monitor, phase: str, skipped: bool, step: int, grad_norm, lr_scheduler, ema=None, parameters=None
-):
-    """Record the update of `phase` at `step`; unless it was skipped, advance the lr schedule (and the EMA)."""
-    skip_monitor.record(phase, skipped, step, grad_norm)
-    if not skipped:
-        lr_scheduler.step()
-        if ema is not None:
-            ema.step(parameters)
-
-
-def clip_and_step(accelerator, optimizer, parameters, max_grad_norm: float) -> tuple[bool, float]:
-    """
-    At a sync step: unscale (fp16), clip to `max_grad_norm`, step unless the norm is NaN/Inf, zero the gradients.
-    Returns `(skipped, grad_norm)`; every process sees the same all-reduced norm, so they all decide alike.
-    """
-    from diffusers_sprint.training import step_if_finite
-
-    grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
-    skipped = step_if_finite(optimizer, grad_norm)
-    if skipped and accelerator.scaler is not None:
-        accelerator.scaler.update()  # lower the fp16 loss scale; step() did not run
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    return skipped, float(grad_norm)
-
-
 def start_training(args, run: Run, weights: TrainedWeights, progress: dict, logger):
     """
     Registers the checkpoint hooks (`checkpointing.register_checkpoint_hooks`), resumes from `run.resume_path` (if
@@ -305,3 +285,18 @@ def start_training(args, run: Run, weights: TrainedWeights, progress: dict, logg
     log = TrainingLog(args.output_dir, global_step if run.resume_path else None, accelerator.is_main_process)
     accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
     return global_step, log
+
+
+def clip_and_update(
+    accelerator, skip_monitor, phase: str, step: int, optimizer, parameters, max_grad_norm, lr_scheduler, ema=None
+) -> tuple[bool, float]:
+    """
+    At a sync step of `phase`: unscale (fp16) and clip the gradients of `parameters` to `max_grad_norm`, then one
+    `SkipMonitor.update` (the update, the lr schedule and the EMA unless the norm is NaN/Inf; the skip counters).
+    Returns `(skipped, grad_norm)`; every process sees the same all-reduced norm, so they all decide alike.
+    """
+    grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    ema_parameters = parameters if ema is not None else None
+    return skip_monitor.update(
+        phase, step, optimizer, grad_norm, lr_scheduler, ema, ema_parameters, scaler=accelerator.scaler
+    )

@@ -7,10 +7,12 @@ diverges, rcm#10), and the [`~models.TrigFlowModel`] is the root, whose `forward
 
 States: [`full_model_state_dict`] gathers a diffusers-format state dict on rank 0 (final save, validation);
 [`save_sharded_state`] / [`load_sharded_state`] write and read each rank's shards of models and optimizers with
-`torch.distributed.checkpoint` (resumable checkpoints, no gather).
+`torch.distributed.checkpoint` (resumable checkpoints, no gather). DCP reshards on load, so a checkpoint written by
+N processes resumes on any number: on one process FSDP2 needs the one-rank group of [`ensure_process_group`].
 """
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -23,6 +25,18 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from ..models.trigflow_model import TrigFlowModel
+
+
+def ensure_process_group(device: torch.device | str) -> None:
+    """
+    Start a one-process group (in-memory store, `device`'s default backend: gloo on CPU, NCCL on CUDA) unless one
+    exists: `fully_shard` and DCP then run on a single process, which accelerate starts no group for. A no-op in a
+    multi-process launch.
+    """
+    if dist.is_initialized():
+        return
+    device = torch.device(device)
+    dist.init_process_group(dist.get_default_backend_for_device(device), store=dist.HashStore(), rank=0, world_size=1)
 
 
 def _policy(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
@@ -106,13 +120,28 @@ def load_sharded_state(
     optimizers: dict[str, tuple[nn.Module, torch.optim.Optimizer]],
     tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Read what [`save_sharded_state`] wrote, with the same names, into the same objects (`tensors` in place)."""
+    """
+    Read what [`save_sharded_state`] wrote, with the same names, into the same kind of objects (`tensors` in place).
+
+    DCP reshards on load: the objects may be sharded over another number of processes than the writer's, or not be
+    sharded at all (one process, no process group needed). A parameter that had no optimizer state when saved (no
+    gradient yet) has none after loading either.
+    """
     state = _sharded_state(models, optimizers, tensors)
+    saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    for name in optimizers:
+        # A fresh optimizer's target holds a state for every parameter (DCP initialises them with a zero step);
+        # DCP's load is strict, so drop those the writer had none for (the load then leaves them without state).
+        states = state[name]["state"]
+        for fqn in [
+            fqn for fqn, values in states.items() if not any(f"{name}.state.{fqn}.{k}" in saved for k in values)
+        ]:
+            del states[fqn]
     dcp.load(state, checkpoint_id=folder)
     for name, module in models.items():
         set_model_state_dict(module, state[name])
     for name, (module, optimizer) in optimizers.items():
-        set_optimizer_state_dict(module, optimizer, state[name])
+        set_optimizer_state_dict(module, optimizer, state[name], options=StateDictOptions(strict=False))
     for name, values in (tensors or {}).items():
         for key, tensor in values.items():
             if state[name][key] is not tensor:  # DCP loads in place; copy if it handed back a new tensor
@@ -120,6 +149,7 @@ def load_sharded_state(
 
 
 __all__ = [
+    "ensure_process_group",
     "full_model_state_dict",
     "is_sharded",
     "load_sharded_state",

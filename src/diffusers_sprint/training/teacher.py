@@ -202,8 +202,8 @@ def build_student(
         warnings.warn(
             f"The teacher's time embedding sees {flow_time_scale_of(teacher):g} s (flow time s in [0, 1]): sCM "
             "distillation is unstable with such a time scale (its tangent carries dF/dt, which grows with it; the "
-            "1-step error of tests/test_distill.py rises instead of falling). Distil a dense-time teacher: "
-            "`prepare_sprint_teacher` (examples/prepare_sana_sprint_teacher.py) or a teacher trained with "
+            "1-step error of tests/unit/training/test_distill.py rises instead of falling). Distil a dense-time "
+            "teacher: `prepare_sprint_teacher` (examples/prepare_sana_sprint_teacher.py) or a teacher trained with "
             "timestep_scale=0.001.",
             UserWarning,
             stacklevel=2,
