@@ -568,6 +568,11 @@ def recipe_errors(args: argparse.Namespace) -> list[str]:
     """Every problem of a parsed command line, one line each: the ranges and choices of each setting, then the
     rules that involve several settings. Settings the namespace lacks (or holds as `None`) are skipped."""
     errors = setting_errors(vars(args), ALL_SECTIONS)
+    if _given(args, "teacher_lora_scale") not in (None, 1.0) and _given(args, "teacher_lora") is None:
+        errors.append(
+            f"--teacher_lora_scale applies only with --teacher_lora (got --teacher_lora_scale "
+            f"{args.teacher_lora_scale!r} alone)."
+        )
     if _given(args, "lora_alpha") is not None and _given(args, "lora_rank") is None:
         errors.append(f"--lora_alpha applies only with --lora_rank (got --lora_alpha {args.lora_alpha!r} alone).")
     if _given(args, "compile_jvp") and _given(args, "jvp") not in (None, "exact"):

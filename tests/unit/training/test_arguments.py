@@ -52,6 +52,7 @@ BAD = [
     (dict(lora_rank=4, lora_alpha=0.0), "--lora_alpha must be > 0 (the LoRA scale is alpha / rank) (got 0.0)"),
     (dict(lora_rank=4, lora_alpha=-8.0), "--lora_alpha must be > 0"),
     (dict(lora_alpha=4.0), "--lora_alpha applies only with --lora_rank"),
+    (dict(teacher_lora_scale=0.5), "--teacher_lora_scale applies only with --teacher_lora"),
     (dict(compile_jvp=True, jvp="finite_difference"), "--compile_jvp applies only with --jvp exact"),
     (dict(lora_rank=0), "--lora_rank must be >= 1 (got 0)"),
     (dict(learning_rate=0.0), "--learning_rate must be > 0 (got 0.0)"),
