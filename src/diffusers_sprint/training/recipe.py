@@ -79,6 +79,7 @@ class ModelArguments:
         range=greater_than(0),
         fingerprint=_TEACHER_LORA,
         recorded_unless=1.0,
+        advanced=True,
     )
 
 
@@ -314,7 +315,9 @@ class OutputArguments:
     )
     tracker_project_name: str = setting("sana-sprint", help="Project name passed to the tracker.", fingerprint=False)
     push_to_hub: bool = setting(False, help="Upload the result to the Hub at the end.", fingerprint=False)
-    hub_token: str | None = setting(None, help="Hub token (default: the stored login).", fingerprint=False)
+    hub_token: str | None = setting(
+        None, help="Hub token (default: the stored login, which is safer).", fingerprint=False, advanced=True
+    )
     hub_model_id: str | None = setting(
         None, help="Hub repository (default: the --output_dir folder name).", fingerprint=False
     )
