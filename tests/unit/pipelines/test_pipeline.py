@@ -23,21 +23,6 @@ FAST = dict(complex_human_instruction=None, output_type="np", height=32, width=3
 
 
 @pytest.fixture(scope="module")
-def diffusers_dir(tmp_path_factory, make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae):
-    """A folder written by diffusers' own SanaSprintPipeline.save_pretrained (diffusers class names inside)."""
-    reference = DiffusersSanaSprintPipeline(
-        tokenizer=make_tokenizer(),
-        text_encoder=make_text_encoder(),
-        vae=make_vae(),
-        transformer=make_diffusers_transformer(student=True),
-        scheduler=SCMScheduler(),
-    )
-    folder = tmp_path_factory.mktemp("diffusers_sprint_pipeline")
-    reference.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def reference(diffusers_dir):
     pipe = DiffusersSanaSprintPipeline.from_pretrained(diffusers_dir)
     pipe.set_progress_bar_config(disable=True)

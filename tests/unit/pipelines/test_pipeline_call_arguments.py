@@ -6,34 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_sprint import (
-    SanaSprintControlNetPipeline,
-    SanaSprintImg2ImgPipeline,
-    SanaSprintPipeline,
-    TrigFlowScheduler,
-)
-
 
 PIPELINES = ["text2img", "img2img", "controlnet"]
 
 
 @pytest.fixture(scope="module")
-def pipes(make_controlnet, make_sprint_transformer, make_text_encoder, make_tokenizer, make_vae):
-    parts = dict(
-        tokenizer=make_tokenizer(),
-        text_encoder=make_text_encoder(),
-        vae=make_vae(),
-        transformer=make_sprint_transformer(),
-        scheduler=TrigFlowScheduler(),
-    )
-    pipes = {
-        "text2img": SanaSprintPipeline(**parts),
-        "img2img": SanaSprintImg2ImgPipeline(**parts),
-        "controlnet": SanaSprintControlNetPipeline(**parts, controlnet=make_controlnet()),
-    }
-    for pipe in pipes.values():
-        pipe.set_progress_bar_config(disable=True)
-    return pipes
+def pipes(make_sprint_pipelines):
+    return make_sprint_pipelines()
 
 
 def _call(pipes, name, **kwargs):

@@ -8,7 +8,6 @@ import pytest
 import torch
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from diffusers import SanaSprintPipeline as DiffusersSanaSprintPipeline
-from diffusers import SCMScheduler
 from diffusers.hooks import apply_group_offloading
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from peft import LoraConfig
@@ -23,20 +22,6 @@ FAST = dict(complex_human_instruction=None, output_type="np", height=32, width=3
 
 def _seeded(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(scope="module")
-def diffusers_dir(tmp_path_factory, make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae):
-    reference = DiffusersSanaSprintPipeline(
-        tokenizer=make_tokenizer(),
-        text_encoder=make_text_encoder(),
-        vae=make_vae(),
-        transformer=make_diffusers_transformer(student=True),
-        scheduler=SCMScheduler(),
-    )
-    folder = tmp_path_factory.mktemp("conventions")
-    reference.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

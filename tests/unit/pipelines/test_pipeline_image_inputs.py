@@ -6,7 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_sprint import SanaSprintControlNetPipeline, SanaSprintImg2ImgPipeline, TrigFlowScheduler
 from diffusers_sprint.pipelines.image_input import normalize_image_input
 from diffusers_sprint.training.data import image_to_rgb
 
@@ -16,22 +15,10 @@ FAST = dict(complex_human_instruction=None, output_type="np", use_resolution_bin
 
 
 @pytest.fixture(scope="module")
-def pipes(make_controlnet, make_sprint_transformer, make_text_encoder, make_tokenizer, make_vae):
+def pipes(make_sprint_pipelines):
     """`{argument: pipeline}`: image-to-image and ControlNet pipelines on the same tiny components."""
-    parts = dict(
-        tokenizer=make_tokenizer(),
-        text_encoder=make_text_encoder(),
-        vae=make_vae(),
-        transformer=make_sprint_transformer(),
-        scheduler=TrigFlowScheduler(),
-    )
-    pipes = {
-        "image": SanaSprintImg2ImgPipeline(**parts),
-        "control_image": SanaSprintControlNetPipeline(**parts, controlnet=make_controlnet()),
-    }
-    for pipe in pipes.values():
-        pipe.set_progress_bar_config(disable=True)
-    return pipes
+    pipes = make_sprint_pipelines()
+    return {"image": pipes["img2img"], "control_image": pipes["controlnet"]}
 
 
 def _run(pipes, argument, value, prompt="a red cat", **kwargs):
