@@ -101,14 +101,6 @@ def settings_of(section) -> list[tuple[dataclasses.Field, Setting]]:
     return [(f, f.metadata[_KEY]) for f in dataclasses.fields(section) if _KEY in f.metadata]
 
 
-def default_of(section, name: str):
-    """The declared default of `section.name` (a fresh list for list settings)."""
-    for field in dataclasses.fields(section):
-        if field.name == name:
-            return field.default_factory() if field.default is dataclasses.MISSING else field.default
-    raise KeyError(f"{section.__name__} has no setting {name!r}.")
-
-
 def values_of(args, section, **overrides) -> dict:
     """`{name: value}` of `section`'s settings read from `args` (any object with those attributes), then `overrides`;
     for building a section from a parsed command line: `SCMLossConfig(**values_of(args, SCMLossConfig))`."""
