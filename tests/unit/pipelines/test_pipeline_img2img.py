@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import SanaSprintImg2ImgPipeline as DiffusersImg2ImgPipeline
-from diffusers import SCMScheduler
 from PIL import Image
 
 from diffusers_sprint import (
@@ -38,18 +37,9 @@ def _picture(seed=0, height=32, width=32) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def diffusers_dir(tmp_path_factory, make_diffusers_transformer, make_text_encoder, make_tokenizer, make_vae):
+def diffusers_dir(save_diffusers_pipeline):
     """A folder written by diffusers' own SanaSprintImg2ImgPipeline."""
-    reference = DiffusersImg2ImgPipeline(
-        tokenizer=make_tokenizer(),
-        text_encoder=make_text_encoder(),
-        vae=make_vae(),
-        transformer=make_diffusers_transformer(student=True),
-        scheduler=SCMScheduler(),
-    )
-    folder = tmp_path_factory.mktemp("diffusers_img2img")
-    reference.save_pretrained(folder)
-    return folder
+    return save_diffusers_pipeline(DiffusersImg2ImgPipeline)
 
 
 @pytest.fixture(scope="module")
